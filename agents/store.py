@@ -1,0 +1,383 @@
+"""The built-in shard store: one SQLite file per shard replica.
+
+Each key holds one row ``(key, value, lsn, tombstone)``. A delete is a tombstone row, so a
+delete replicates, streams and digests like any other write. Rows are applied
+last-writer-wins by LSN: a row replaces the stored one only if its LSN is higher, which
+makes re-applying a row, or applying rows out of order, harmless. That is what lets a
+bootstrap stream and forwarded writes interleave on a new replica.
+
+A small ``meta`` table keeps the replica's progress markers, so they survive a crash:
+
+- ``bootstrap_cursor``: the highest source LSN copied so far; a restarted bootstrap
+  resumes after it instead of from 0.
+- ``sync_lsn``: the replica matches its primary's stream up to this LSN; the primary
+  sends the next forward with ``prev_lsn`` and a replica that disagrees reports a gap.
+- ``promotion_lsn``: this replica's ``max_lsn`` when it was promoted to primary; replicas
+  repair their rows after that point against it.
+
+LSNs are ``(generation << 32) | seq``: a primary promoted at plan generation ``g`` issues
+LSNs above ``g << 32``, hence above every LSN of a primary of an older generation.
+
+Durability: WAL mode with ``synchronous=NORMAL`` survives a process crash (SIGKILL) without
+losing a committed transaction; a power loss may lose the last ones. Replication to R
+replicas, not fsync, is what protects acknowledged writes.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+MAX_KEY_BYTES = 1024
+MAX_VALUE_BYTES = 1 << 20
+GENERATION_SHIFT = 32
+SEQ_MASK = (1 << GENERATION_SHIFT) - 1
+
+META_BOOTSTRAP_CURSOR = "bootstrap_cursor"
+META_SYNC_LSN = "sync_lsn"
+META_PROMOTION_LSN = "promotion_lsn"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rows (
+    key BLOB PRIMARY KEY,
+    value BLOB,
+    lsn INTEGER NOT NULL,
+    tombstone INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rows_by_lsn ON rows (lsn);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+_UPSERT_NEWER = """
+INSERT INTO rows (key, value, lsn, tombstone) VALUES (?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET
+    value = excluded.value, lsn = excluded.lsn, tombstone = excluded.tombstone
+WHERE excluded.lsn > rows.lsn
+"""
+
+_UPSERT_ANY = """
+INSERT INTO rows (key, value, lsn, tombstone) VALUES (?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET
+    value = excluded.value, lsn = excluded.lsn, tombstone = excluded.tombstone
+"""
+
+
+class StoreError(Exception):
+    """A shard store could not do what was asked."""
+
+
+class OversizedError(StoreError, ValueError):
+    """A key or value is larger than the store accepts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One stored version of a key; ``value is None`` marks a tombstone (a delete)."""
+
+    key: bytes
+    value: bytes | None
+    lsn: int
+
+    @property
+    def tombstone(self) -> bool:
+        return self.value is None
+
+
+def make_lsn(generation: int, seq: int) -> int:
+    """The LSN of write number ``seq`` of a primary promoted at ``generation``."""
+    return (generation << GENERATION_SHIFT) | (seq & SEQ_MASK)
+
+
+def lsn_generation(lsn: int) -> int:
+    """The primary generation that issued ``lsn``."""
+    return lsn >> GENERATION_SHIFT
+
+
+def next_lsn(generation: int, max_lsn: int) -> int:
+    """The next LSN a primary of ``generation`` issues, given the shard's local ``max_lsn``.
+
+    It exceeds ``max_lsn`` (monotonic on this replica) and every LSN of older generations.
+    """
+    return max(max_lsn + 1, make_lsn(generation, 1))
+
+
+def check_key(key: bytes) -> None:
+    if not isinstance(key, bytes) or not key:
+        raise StoreError("key must be non-empty bytes")
+    if len(key) > MAX_KEY_BYTES:
+        raise OversizedError(f"key is {len(key)} bytes, the limit is {MAX_KEY_BYTES}")
+
+
+def check_value(value: bytes | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, bytes):
+        raise StoreError("value must be bytes")
+    if len(value) > MAX_VALUE_BYTES:
+        raise OversizedError(f"value is {len(value)} bytes, the limit is {MAX_VALUE_BYTES}")
+
+
+def check_row(row: Row) -> None:
+    check_key(row.key)
+    check_value(row.value)
+    if row.lsn <= 0:
+        raise StoreError(f"row LSN must be positive, got {row.lsn}")
+
+
+def _params(row: Row) -> tuple[bytes, bytes | None, int, int]:
+    return (row.key, row.value, row.lsn, 1 if row.tombstone else 0)
+
+
+def _row_from_db(key: bytes, value: bytes | None, lsn: int, tombstone: int) -> Row:
+    return Row(bytes(key), None if tombstone else bytes(value or b""), lsn)
+
+
+def _digest_bytes(row: Row) -> bytes:
+    # Length prefixes keep ("ab","c") and ("a","bc") from hashing alike.
+    value = row.value or b""
+    return b"".join(
+        (
+            len(row.key).to_bytes(4, "big"),
+            row.key,
+            row.lsn.to_bytes(8, "big"),
+            b"\x01" if row.tombstone else b"\x00",
+            len(value).to_bytes(4, "big"),
+            value,
+        )
+    )
+
+
+def digest_rows(rows: Iterable[Row]) -> str:
+    """A stable hash of rows given in key order (tombstones included)."""
+    h = xxhash.xxh3_128()
+    for row in rows:
+        h.update(_digest_bytes(row))
+    return h.hexdigest()
+
+
+class ShardStore:
+    """One shard replica's rows in one SQLite file. Thread-safe (one connection, one lock)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db, self._lock)
+
+    # -- rows ----------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> Row | None:
+        """The stored row for ``key`` (possibly a tombstone), or None if never written."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT key, value, lsn, tombstone FROM rows WHERE key = ?", (key,)
+            ).fetchone()
+        return _row_from_db(*found) if found else None
+
+    def get_many(self, keys: Iterable[bytes]) -> dict[bytes, Row]:
+        with self._lock:
+            return {key: row for key in keys if (row := self.get(key)) is not None}
+
+    def apply(self, rows: Iterable[Row]) -> int:
+        """Apply rows last-writer-wins by LSN, atomically; returns how many replaced data."""
+        with self._transaction():
+            return self._apply_newer(rows)
+
+    def apply_page(self, rows: Iterable[Row], cursor: int) -> int:
+        """Apply a bootstrap page and persist its cursor in the same transaction."""
+        with self._transaction():
+            applied = self._apply_newer(rows)
+            self._set_meta(META_BOOTSTRAP_CURSOR, cursor)
+            return applied
+
+    def apply_forward(self, rows: Iterable[Row], sync_lsn: int | None) -> int:
+        """Apply forwarded rows and, for an in-sync forward, advance ``sync_lsn`` atomically."""
+        with self._transaction():
+            applied = self._apply_newer(rows)
+            if sync_lsn is not None:
+                self._set_meta(META_SYNC_LSN, sync_lsn)
+            return applied
+
+    def replace_if_unchanged(self, expected_lsn: int, key: bytes, row: Row | None) -> bool:
+        """Overwrite ``key`` with ``row`` (None: remove it) if it still has ``expected_lsn``.
+
+        Used by failover repair: the primary's version wins even with a lower LSN, but a
+        newer write forwarded meanwhile must not be clobbered.
+        """
+        with self._transaction():
+            current = self._db.execute("SELECT lsn FROM rows WHERE key = ?", (key,)).fetchone()
+            if current is None or current[0] != expected_lsn:
+                return False
+            if row is None:
+                self._db.execute("DELETE FROM rows WHERE key = ?", (key,))
+            else:
+                self._db.execute(_UPSERT_ANY, _params(row))
+            return True
+
+    def _apply_newer(self, rows: Iterable[Row]) -> int:
+        before = self._db.total_changes
+        self._db.executemany(_UPSERT_NEWER, (_params(row) for row in rows))
+        return self._db.total_changes - before
+
+    def max_lsn(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+
+    def rows_after(self, lsn: int, limit: int) -> list[Row]:
+        """Up to ``limit`` rows with LSN above ``lsn``, in LSN order (for paged streaming)."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ? ORDER BY lsn LIMIT ?",
+                (lsn, limit),
+            ).fetchall()
+        return [_row_from_db(*r) for r in found]
+
+    def page_after(self, lsn: int, limit: int) -> tuple[list[Row], int]:
+        """``rows_after`` plus ``max_lsn`` read consistently under one lock."""
+        with self._lock:
+            return self.rows_after(lsn, limit), self.max_lsn()
+
+    def count(self) -> int:
+        """Number of rows, tombstones included."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+
+    def iter_by_key(self) -> Iterator[Row]:
+        """All rows in key order; materialised under the lock so writers are not blocked long."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT key, value, lsn, tombstone FROM rows ORDER BY key"
+            ).fetchall()
+        return (_row_from_db(*r) for r in found)
+
+    def digest(self) -> str:
+        """A stable hash of the live state, tombstones and LSNs included, in key order."""
+        return digest_rows(self.iter_by_key())
+
+    # -- meta ----------------------------------------------------------------------------
+
+    def get_meta(self, name: str, default: int = 0) -> int:
+        with self._lock:
+            found = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return found[0] if found else default
+
+    def set_meta(self, name: str, value: int) -> None:
+        with self._transaction():
+            self._set_meta(name, value)
+
+    def _set_meta(self, name: str, value: int) -> None:
+        self._db.execute(
+            "INSERT INTO meta (name, value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+    def bootstrap_cursor(self) -> int:
+        return self.get_meta(META_BOOTSTRAP_CURSOR)
+
+    def sync_lsn(self) -> int:
+        return self.get_meta(META_SYNC_LSN)
+
+    def promotion_lsn(self) -> int:
+        return self.get_meta(META_PROMOTION_LSN)
+
+    def mark_promoted(self) -> int:
+        """Record the promotion point (this replica's ``max_lsn`` now) and return it."""
+        with self._transaction():
+            point = self._db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+            self._set_meta(META_PROMOTION_LSN, point)
+            self._set_meta(META_SYNC_LSN, point)
+            return point
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` .. ``COMMIT`` under the store lock; rolls back on error."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
+        self._db = db
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def __exit__(self, exc_type: object, *_rest: object) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()
+
+
+class StoreSet:
+    """The shard stores of one agent, one file each under ``data_dir``. Thread-safe."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._open: dict[int, ShardStore] = {}
+
+    def path_for(self, shard: int) -> Path:
+        return self.data_dir / f"shard-{shard:06d}.sqlite3"
+
+    def on_disk(self) -> set[int]:
+        """Shards with a store file, open or not (what survives an agent restart)."""
+        found = set()
+        for path in self.data_dir.glob("shard-*.sqlite3"):
+            digits = path.stem.removeprefix("shard-")
+            if digits.isdigit():
+                found.add(int(digits))
+        return found
+
+    def open(self, shard: int) -> ShardStore:
+        """The shard's store, created empty if it has none yet."""
+        with self._lock:
+            store = self._open.get(shard)
+            if store is None:
+                store = self._open[shard] = ShardStore(self.path_for(shard))
+            return store
+
+    def get(self, shard: int) -> ShardStore | None:
+        """The shard's store if it is open, else None (the shard is not held here)."""
+        with self._lock:
+            return self._open.get(shard)
+
+    def drop(self, shard: int) -> None:
+        """Close the shard's store and delete its files."""
+        with self._lock:
+            store = self._open.pop(shard, None)
+        if store is not None:
+            store.close()
+        base = self.path_for(shard)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{base}{suffix}").unlink(missing_ok=True)
+
+    def close_all(self) -> None:
+        with self._lock:
+            stores, self._open = list(self._open.values()), {}
+        for store in stores:
+            store.close()

@@ -1,0 +1,144 @@
+"""The built-in shard store: LWW by LSN, tombstones, paging, digests, persisted markers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from agents.store import (
+    MAX_KEY_BYTES,
+    MAX_VALUE_BYTES,
+    OversizedError,
+    Row,
+    ShardStore,
+    StoreError,
+    StoreSet,
+    check_row,
+    lsn_generation,
+    make_lsn,
+    next_lsn,
+)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ShardStore(tmp_path / "shard.sqlite3")
+    yield s
+    s.close()
+
+
+def test_apply_keeps_the_highest_lsn(store):
+    store.apply([Row(b"k", b"new", 5)])
+    store.apply([Row(b"k", b"old", 3)])
+    assert store.get(b"k") == Row(b"k", b"new", 5)
+    assert store.apply([Row(b"k", b"newer", 6)]) == 1
+    assert store.get(b"k").value == b"newer"
+
+
+def test_reapplying_is_idempotent_and_order_insensitive(tmp_path):
+    rng = random.Random(7)
+    rows = [Row(f"k{rng.randrange(50)}".encode(), rng.randbytes(8), lsn) for lsn in range(1, 400)]
+    rows += [Row(f"k{rng.randrange(50)}".encode(), None, lsn) for lsn in range(400, 450)]
+    a = ShardStore(tmp_path / "a.sqlite3")
+    b = ShardStore(tmp_path / "b.sqlite3")
+    a.apply(rows)
+    shuffled = rows * 2
+    rng.shuffle(shuffled)
+    for row in shuffled:
+        b.apply([row])
+    assert a.digest() == b.digest()
+    assert a.max_lsn() == b.max_lsn() == 449
+
+
+def test_delete_is_a_tombstone_that_streams_and_digests(store):
+    store.apply([Row(b"k", b"v", 1)])
+    before = store.digest()
+    store.apply([Row(b"k", None, 2)])
+    row = store.get(b"k")
+    assert row.tombstone and row.lsn == 2
+    assert store.rows_after(1, 10) == [Row(b"k", None, 2)]
+    assert store.digest() != before
+    assert store.count() == 1
+
+
+def test_rows_after_pages_in_lsn_order(store):
+    store.apply([Row(f"k{i:03d}".encode(), b"v", 1000 - i) for i in range(100)])
+    seen, cursor = [], 0
+    while page := store.rows_after(cursor, 7):
+        seen.extend(page)
+        cursor = page[-1].lsn
+    assert [r.lsn for r in seen] == sorted(r.lsn for r in seen)
+    assert len(seen) == 100
+    rows, max_lsn = store.page_after(0, 1)
+    assert len(rows) == 1 and max_lsn == 1000
+
+
+def test_digest_depends_on_content_not_history(tmp_path):
+    a = ShardStore(tmp_path / "a.sqlite3")
+    b = ShardStore(tmp_path / "b.sqlite3")
+    a.apply([Row(b"x", b"1", 1), Row(b"y", b"2", 2)])
+    b.apply([Row(b"y", b"2", 2)])
+    assert a.digest() != b.digest()
+    b.apply([Row(b"x", b"1", 1)])
+    assert a.digest() == b.digest()
+    b.apply([Row(b"x", b"1", 3)])
+    assert a.digest() != b.digest(), "LSNs are part of the digest"
+
+
+def test_markers_survive_reopen(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    s = ShardStore(path)
+    s.apply_page([Row(b"a", b"1", 10)], cursor=10)
+    s.apply_forward([Row(b"b", b"2", 11)], sync_lsn=11)
+    assert s.mark_promoted() == 11
+    s.close()
+    s = ShardStore(path)
+    assert (s.bootstrap_cursor(), s.sync_lsn(), s.promotion_lsn()) == (10, 11, 11)
+    assert s.get(b"b").value == b"2"
+    s.close()
+
+
+def test_replace_if_unchanged_is_a_compare_and_swap(store):
+    store.apply([Row(b"k", b"old-primary", 9)])
+    assert store.replace_if_unchanged(9, b"k", Row(b"k", b"new-primary", 4))
+    assert store.get(b"k") == Row(b"k", b"new-primary", 4)
+    assert not store.replace_if_unchanged(9, b"k", None), "changed meanwhile: keep it"
+    assert store.replace_if_unchanged(4, b"k", None)
+    assert store.get(b"k") is None
+
+
+def test_a_failed_transaction_changes_nothing(store):
+    store.apply([Row(b"a", b"1", 1)])
+    with pytest.raises(Exception):  # noqa: B017 - whatever sqlite raises for a NULL key
+        store.apply([Row(b"b", b"2", 2), Row(None, b"x", 3)])  # type: ignore[arg-type]
+    assert store.get(b"b") is None and store.max_lsn() == 1
+
+
+def test_size_bounds():
+    check_row(Row(b"k" * MAX_KEY_BYTES, b"v" * MAX_VALUE_BYTES, 1))
+    with pytest.raises(OversizedError):
+        check_row(Row(b"k" * (MAX_KEY_BYTES + 1), b"v", 1))
+    with pytest.raises(OversizedError):
+        check_row(Row(b"k", b"v" * (MAX_VALUE_BYTES + 1), 1))
+    with pytest.raises(StoreError):
+        check_row(Row(b"", b"v", 1))
+
+
+def test_lsn_encoding_orders_generations():
+    old_max = make_lsn(3, 999_999)
+    assert next_lsn(4, old_max) == make_lsn(4, 1) > old_max
+    assert next_lsn(4, make_lsn(4, 7)) == make_lsn(4, 8)
+    assert next_lsn(3, make_lsn(4, 7)) == make_lsn(4, 8), "never below the local max"
+    assert lsn_generation(make_lsn(12, 5)) == 12
+
+
+def test_store_set_opens_lists_and_drops(tmp_path):
+    stores = StoreSet(tmp_path / "data")
+    stores.open(3).apply([Row(b"k", b"v", 1)])
+    stores.open(17)
+    assert stores.on_disk() == {3, 17}
+    assert stores.get(3) is stores.open(3)
+    stores.drop(3)
+    assert stores.get(3) is None and stores.on_disk() == {17}
+    stores.close_all()
