@@ -1,0 +1,523 @@
+"""The agent's shard state machine: pure decisions, no I/O, no clock, no threads.
+
+Each shard replica on an agent moves through::
+
+    OFFLINE -> BOOTSTRAPPING -> REPLICA <-> PRIMARY -> DROPPING -> OFFLINE
+    (OFFLINE -> REPLICA / PRIMARY directly for a new, empty shard; ERROR after failed copies)
+
+``reconcile`` takes the agent's current records, the latest plan it has read (its own
+targets), local events and the ZooKeeper session state, and returns the new records plus the
+actions the I/O shell must carry out, in order. Given the same input it returns the same
+output. The shell never decides policy: it performs actions and feeds back events.
+
+Rules it enforces:
+
+- a plan older than the applied one is ignored (a late watch or a deposed leader's write);
+- at most ``Limits.max_bootstraps`` shards copy at once on this agent; the rest wait in
+  OFFLINE, in shard order, and start as slots free up;
+- a failed copy is retried (resuming from its cursor) up to ``Limits.max_copy_retries`` times,
+  then the shard goes to ERROR until the plan re-issues it at a newer generation;
+- SUSPENDED fences the agent (primaries stop acknowledging writes) and LOST stops all
+  serving; the plan is not acted on while LOST, because it cannot be trusted then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+
+class ShardState(StrEnum):
+    OFFLINE = "OFFLINE"
+    BOOTSTRAPPING = "BOOTSTRAPPING"
+    REPLICA = "REPLICA"
+    PRIMARY = "PRIMARY"
+    DROPPING = "DROPPING"
+    ERROR = "ERROR"
+
+
+class Role(StrEnum):
+    PRIMARY = "primary"
+    REPLICA = "replica"
+
+
+class Session(StrEnum):
+    CONNECTED = "CONNECTED"
+    SUSPENDED = "SUSPENDED"
+    LOST = "LOST"
+
+
+# Every single-step transition the machine may take; tests hold it to this table.
+LEGAL_TRANSITIONS: Mapping[ShardState, frozenset[ShardState]] = {
+    ShardState.OFFLINE: frozenset(
+        {ShardState.BOOTSTRAPPING, ShardState.REPLICA, ShardState.PRIMARY}
+    ),
+    ShardState.BOOTSTRAPPING: frozenset(
+        {ShardState.REPLICA, ShardState.PRIMARY, ShardState.DROPPING, ShardState.ERROR}
+    ),
+    ShardState.REPLICA: frozenset({ShardState.PRIMARY, ShardState.DROPPING}),
+    ShardState.PRIMARY: frozenset({ShardState.REPLICA, ShardState.DROPPING}),
+    ShardState.DROPPING: frozenset({ShardState.OFFLINE}),
+    ShardState.ERROR: frozenset({ShardState.OFFLINE, ShardState.DROPPING}),
+}
+
+
+# -- inputs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the plan wants this agent to hold for one shard."""
+
+    role: Role
+    source: str | None = None  # bootstrap source address; None: a new, empty shard
+    primary: str | None = None  # the shard's primary address, for replicas to follow
+
+
+@dataclass(frozen=True)
+class Plan:
+    """This agent's slice of plan ``generation``: shard -> target. Treat as read-only."""
+
+    generation: int
+    targets: Mapping[int, Target] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bootstraps: int = 2
+    max_copy_retries: int = 3
+
+
+@dataclass(frozen=True)
+class CopyDone:
+    shard: int
+    lsn: int
+
+
+@dataclass(frozen=True)
+class CopyFailed:
+    shard: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class DropDone:
+    shard: int
+
+
+@dataclass(frozen=True)
+class PeerLost:
+    """A peer agent vanished; copies from it cannot finish."""
+
+    address: str
+
+
+Event = CopyDone | CopyFailed | DropDone | PeerLost
+
+
+# -- state -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What the agent knows about one local shard replica."""
+
+    state: ShardState = ShardState.OFFLINE
+    generation: int = 0  # plan generation of the last role change (fences LSNs and forwards)
+    source: str | None = None  # bootstrap source in use
+    primary: str | None = None  # primary this replica follows
+    attempts: int = 0  # failed copies in a row
+    failed_at: int = 0  # plan generation that saw the shard enter ERROR
+    lsn: int = 0  # LSN at the last copy completion, for status
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """All local shard records plus the applied plan and the last session state.
+
+    A fresh agent starts as LOST: it serves nothing until its first connected reconcile.
+    """
+
+    shards: Mapping[int, ShardRecord] = field(default_factory=dict)
+    plan: Plan | None = None
+    session: Session = Session.LOST
+
+    @property
+    def applied_generation(self) -> int:
+        return self.plan.generation if self.plan else 0
+
+
+# -- outputs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartBootstrap:
+    """Copy the shard from ``source`` (resuming from the stored cursor); report CopyDone/Failed.
+
+    ``attempt`` > 0 is a retry: the shell backs off before it.
+    """
+
+    shard: int
+    source: str
+    generation: int
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class BecomeReplica:
+    """Serve the shard as a replica of ``primary`` (open an empty store if there is none)."""
+
+    shard: int
+    generation: int
+    primary: str | None
+
+
+@dataclass(frozen=True)
+class Promote:
+    """Become the shard's primary at ``generation``: record the promotion point, take writes."""
+
+    shard: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Demote:
+    """Stop taking writes; serve as a replica of ``primary`` after repairing against it."""
+
+    shard: int
+    generation: int
+    primary: str | None
+
+
+@dataclass(frozen=True)
+class Repair:
+    """The shard has a new primary: repair rows after its promotion point, then catch up."""
+
+    shard: int
+    primary: str
+
+
+@dataclass(frozen=True)
+class StartDrop:
+    """Stop serving the shard, cancel any copy, delete its data; report DropDone."""
+
+    shard: int
+
+
+@dataclass(frozen=True)
+class SetWritable:
+    """Global fence: False while the session is not CONNECTED (primaries refuse writes)."""
+
+    writable: bool
+
+
+@dataclass(frozen=True)
+class SetServing:
+    """Global switch: False after LOST (the data plane answers nothing)."""
+
+    serving: bool
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    shard: int
+    state: ShardState
+    lsn: int
+
+
+@dataclass(frozen=True)
+class ReportStatus:
+    """Write ``status/<agent>``: the applied generation and every shard's state."""
+
+    generation: int
+    shards: tuple[ShardStatus, ...]
+
+
+Action = (
+    StartBootstrap
+    | BecomeReplica
+    | Promote
+    | Demote
+    | Repair
+    | StartDrop
+    | SetWritable
+    | SetServing
+    | ReportStatus
+)
+
+
+@dataclass(frozen=True)
+class Transition:
+    shard: int
+    before: ShardState
+    after: ShardState
+
+
+@dataclass(frozen=True)
+class Decision:
+    agent: AgentState
+    actions: tuple[Action, ...]
+    transitions: tuple[Transition, ...]
+
+
+# -- the machine -------------------------------------------------------------------------
+
+
+class _Step:
+    """Accumulates one reconcile's records, actions and transitions."""
+
+    def __init__(self, shards: Mapping[int, ShardRecord]):
+        self.shards = dict(shards)
+        self.actions: list[Action] = []
+        self.transitions: list[Transition] = []
+
+    def record(self, shard: int) -> ShardRecord:
+        return self.shards.get(shard, ShardRecord())
+
+    def move(self, shard: int, record: ShardRecord, *actions: Action) -> None:
+        before = self.record(shard).state
+        if record.state != before:
+            self.transitions.append(Transition(shard, before, record.state))
+        self.shards[shard] = record
+        self.actions.extend(actions)
+
+    def bootstrapping(self) -> int:
+        return sum(1 for r in self.shards.values() if r.state == ShardState.BOOTSTRAPPING)
+
+
+def reconcile(
+    agent: AgentState,
+    *,
+    plan: Plan | None = None,
+    events: Sequence[Event] = (),
+    session: Session = Session.CONNECTED,
+    limits: Limits = Limits(),  # noqa: B008 - frozen, safe as a default
+) -> Decision:
+    """Decide the next step for every local shard. Pure and deterministic."""
+    applied = choose_plan(agent.plan, plan, session)
+    generation = applied.generation if applied else 0
+    targets: Mapping[int, Target] = applied.targets if applied else {}
+    step = _Step(agent.shards)
+    fence_actions, unfence_actions = session_actions(agent.session, session)
+    step.actions.extend(fence_actions)
+
+    for event in events:
+        apply_event(step, event, targets, generation, limits)
+    if session != Session.LOST:
+        for shard in sorted(set(step.shards) | set(targets)):
+            follow_target(step, shard, targets.get(shard), generation)
+        start_waiting_bootstraps(step, targets, generation, limits)
+
+    forget_idle(step, targets)
+    prune_superseded_copies(step)
+    step.actions.extend(unfence_actions)
+    if step.transitions or generation != agent.applied_generation:
+        step.actions.append(status_report(step.shards, generation))
+    new_agent = AgentState(shards=step.shards, plan=applied, session=session)
+    return Decision(new_agent, tuple(step.actions), tuple(step.transitions))
+
+
+def choose_plan(applied: Plan | None, offered: Plan | None, session: Session) -> Plan | None:
+    """The plan to act on: the offered one unless it is older than the applied one."""
+    if offered is None or session == Session.LOST:
+        return applied
+    if applied is not None and offered.generation < applied.generation:
+        return applied
+    return offered
+
+
+def session_actions(
+    before: Session, after: Session
+) -> tuple[list[SetWritable | SetServing], list[SetWritable | SetServing]]:
+    """(fencing actions to run first, unfencing actions to run last) for a session change."""
+    fence: list[SetWritable | SetServing] = []
+    unfence: list[SetWritable | SetServing] = []
+    was_writable, now_writable = before == Session.CONNECTED, after == Session.CONNECTED
+    was_serving, now_serving = before != Session.LOST, after != Session.LOST
+    if was_writable and not now_writable:
+        fence.append(SetWritable(False))
+    if was_serving and not now_serving:
+        fence.append(SetServing(False))
+    # Serve again only after the shard actions, so the table is current before requests.
+    if now_serving and not was_serving:
+        unfence.append(SetServing(True))
+    if now_writable and not was_writable:
+        unfence.append(SetWritable(True))
+    return fence, unfence
+
+
+def apply_event(
+    step: _Step, event: Event, targets: Mapping[int, Target], generation: int, limits: Limits
+) -> None:
+    """Fold one local event in; events for a shard in another state are stale and ignored."""
+    if isinstance(event, PeerLost):
+        for shard in sorted(step.shards):
+            record = step.shards[shard]
+            if record.state == ShardState.BOOTSTRAPPING and record.source == event.address:
+                copy_failed(step, shard, f"source {event.address} lost", generation, limits)
+        return
+    record = step.shards.get(event.shard)
+    if record is None:
+        return
+    if isinstance(event, CopyDone) and record.state == ShardState.BOOTSTRAPPING:
+        copy_done(step, event, targets.get(event.shard), generation)
+    elif isinstance(event, CopyFailed) and record.state == ShardState.BOOTSTRAPPING:
+        copy_failed(step, event.shard, event.reason, generation, limits)
+    elif isinstance(event, DropDone) and record.state == ShardState.DROPPING:
+        step.move(event.shard, ShardRecord())
+
+
+def copy_done(step: _Step, event: CopyDone, target: Target | None, generation: int) -> None:
+    if target is None:
+        return  # the plan dropped the shard meanwhile; follow_target drops it
+    record = replace(step.record(event.shard), lsn=event.lsn, attempts=0, reason=None)
+    if target.role == Role.PRIMARY:
+        promoted = replace(record, state=ShardState.PRIMARY, generation=generation)
+        step.move(event.shard, promoted, Promote(event.shard, generation))
+        return
+    online = replace(record, state=ShardState.REPLICA, primary=target.primary)
+    step.move(event.shard, online, BecomeReplica(event.shard, generation, target.primary))
+
+
+def copy_failed(step: _Step, shard: int, reason: str, generation: int, limits: Limits) -> None:
+    record = step.record(shard)
+    attempts = record.attempts + 1
+    if attempts > limits.max_copy_retries:
+        failed = replace(
+            record, state=ShardState.ERROR, attempts=attempts, failed_at=generation, reason=reason
+        )
+        step.move(shard, failed)
+        return
+    retry = replace(record, attempts=attempts, reason=reason)
+    assert record.source is not None  # a BOOTSTRAPPING record always has its source
+    step.move(shard, retry, StartBootstrap(shard, record.source, generation, attempts))
+
+
+def follow_target(step: _Step, shard: int, target: Target | None, generation: int) -> None:
+    """Move one shard toward its target, except starting copies (that is rationed later)."""
+    record = step.record(shard)
+    state = record.state
+    if target is None:
+        if state not in (ShardState.OFFLINE, ShardState.DROPPING):
+            step.move(shard, ShardRecord(state=ShardState.DROPPING), StartDrop(shard))
+        return
+    if state == ShardState.ERROR and generation > record.failed_at:
+        step.move(shard, ShardRecord())  # re-issued by a newer plan: try afresh
+        state = ShardState.OFFLINE
+    if state == ShardState.OFFLINE and target.source is None:
+        open_empty(step, shard, target, generation)
+    elif state == ShardState.BOOTSTRAPPING:
+        follow_new_source(step, shard, record, target, generation)
+    elif state == ShardState.REPLICA:
+        follow_as_replica(step, shard, record, target, generation)
+    elif state == ShardState.PRIMARY and target.role == Role.REPLICA:
+        demoted = replace(
+            record, state=ShardState.REPLICA, generation=generation, primary=target.primary
+        )
+        step.move(shard, demoted, Demote(shard, generation, target.primary))
+
+
+def open_empty(step: _Step, shard: int, target: Target, generation: int) -> None:
+    """A shard with no source is new: it starts empty, no copy needed."""
+    if target.role == Role.PRIMARY:
+        record = ShardRecord(state=ShardState.PRIMARY, generation=generation)
+        step.move(shard, record, Promote(shard, generation))
+        return
+    record = ShardRecord(state=ShardState.REPLICA, generation=generation, primary=target.primary)
+    step.move(shard, record, BecomeReplica(shard, generation, target.primary))
+
+
+def follow_new_source(
+    step: _Step, shard: int, record: ShardRecord, target: Target, generation: int
+) -> None:
+    """The plan named another source (the old one left): restart the copy from it."""
+    if target.source is None or target.source == record.source:
+        return
+    restarted = replace(record, source=target.source, attempts=0, reason=None)
+    step.move(shard, restarted, StartBootstrap(shard, target.source, generation))
+
+
+def follow_as_replica(
+    step: _Step, shard: int, record: ShardRecord, target: Target, generation: int
+) -> None:
+    if target.role == Role.PRIMARY:
+        promoted = replace(record, state=ShardState.PRIMARY, generation=generation)
+        step.move(shard, promoted, Promote(shard, generation))
+    elif target.primary is not None and target.primary != record.primary:
+        step.move(shard, replace(record, primary=target.primary), Repair(shard, target.primary))
+
+
+def start_waiting_bootstraps(
+    step: _Step, targets: Mapping[int, Target], generation: int, limits: Limits
+) -> None:
+    """Start copies for OFFLINE shards with a source, in shard order, while slots remain."""
+    free = limits.max_bootstraps - step.bootstrapping()
+    for shard in sorted(targets):
+        if free <= 0:
+            return
+        target = targets[shard]
+        if step.record(shard).state != ShardState.OFFLINE or target.source is None:
+            continue
+        record = ShardRecord(
+            state=ShardState.BOOTSTRAPPING, generation=generation, source=target.source
+        )
+        step.move(shard, record, StartBootstrap(shard, target.source, generation))
+        free -= 1
+
+
+def prune_superseded_copies(step: _Step) -> None:
+    """Keep only the last StartBootstrap of a shard, and only if it is still copying.
+
+    Several events in one batch (a retry, then a drop) must not leave the shell a copy to
+    start that the same decision already made pointless.
+    """
+    last: dict[int, int] = {}
+    for index, action in enumerate(step.actions):
+        if isinstance(action, StartBootstrap):
+            last[action.shard] = index
+    step.actions = [
+        action
+        for index, action in enumerate(step.actions)
+        if not isinstance(action, StartBootstrap)
+        or (
+            last[action.shard] == index
+            and step.record(action.shard).state == ShardState.BOOTSTRAPPING
+        )
+    ]
+
+
+def forget_idle(step: _Step, targets: Mapping[int, Target]) -> None:
+    """OFFLINE shards the plan does not want hold nothing: drop their records."""
+    for shard in [s for s, r in step.shards.items() if r.state == ShardState.OFFLINE]:
+        if shard not in targets:
+            del step.shards[shard]
+
+
+def status_report(shards: Mapping[int, ShardRecord], generation: int) -> ReportStatus:
+    entries = tuple(
+        ShardStatus(shard, record.state, record.lsn) for shard, record in sorted(shards.items())
+    )
+    return ReportStatus(generation, entries)
+
+
+def waiting_shards(agent: AgentState) -> list[int]:
+    """Shards the plan wants copied here that wait for a bootstrap slot."""
+    targets: Mapping[int, Target] = agent.plan.targets if agent.plan else {}
+    return [
+        shard
+        for shard, target in sorted(targets.items())
+        if target.source is not None
+        and agent.shards.get(shard, ShardRecord()).state == ShardState.OFFLINE
+    ]
+
+
+def states(agent: AgentState) -> dict[int, ShardState]:
+    """shard -> state, for status and logs."""
+    return {shard: record.state for shard, record in agent.shards.items()}
+
+
+def plan_from(generation: int, targets: Iterable[tuple[int, Target]]) -> Plan:
+    """Build a Plan from (shard, target) pairs (convenience for the shell and tests)."""
+    return Plan(generation, dict(targets))
