@@ -1,0 +1,128 @@
+"""Reading a cluster's state from ZooKeeper (shared by the leader and the admin CLI).
+
+Reads of many znodes are issued asynchronously and collected, so that reading 1,000
+members costs one round trip's latency, not 1,000. A znode that vanishes between the
+listing and the read (an agent leaving) is skipped; a corrupt one raises CorruptZnode
+unless the caller asks for it to be skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
+
+from coordinator.config import ClusterConfig
+from coordinator.layout import (
+    AgentPlan,
+    AgentStatus,
+    CorruptZnode,
+    MemberInfo,
+    Paths,
+    PlanMeta,
+    RoutingChunk,
+    decode_epoch,
+)
+from coordinator.plan import PlanState
+from coordinator.zk import ShardkeeperError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class NoConfig(ShardkeeperError):
+    pass
+
+
+def read_config(client: KazooClient, paths: Paths) -> ClusterConfig:
+    try:
+        data, _ = client.get(paths.config)
+    except NoNodeError:
+        raise NoConfig(
+            f"cluster {paths.cluster!r} has no config: run `shardkeeper init --cluster"
+            f" {paths.cluster} --shards S --replicas R`"
+        ) from None
+    return ClusterConfig.decode(paths.config, data)
+
+
+def read_many(
+    client: KazooClient,
+    parent: str,
+    decode: Callable[[str, bytes], T],
+    skip_corrupt: bool = False,
+) -> dict[str, T]:
+    """Decode every child of ``parent``; missing parent or children read as absent."""
+    try:
+        names = client.get_children(parent)
+    except NoNodeError:
+        return {}
+    pending = {n: client.get_async(f"{parent}/{n}") for n in sorted(names)}
+    out: dict[str, T] = {}
+    for name, result in pending.items():
+        path = f"{parent}/{name}"
+        try:
+            data, _ = result.get()
+        except NoNodeError:
+            continue
+        try:
+            out[name] = decode(path, data)
+        except CorruptZnode as e:
+            if not skip_corrupt:
+                raise
+            log.error("ignoring corrupt znode: %s", e)
+    return out
+
+
+def read_members(
+    client: KazooClient, paths: Paths, skip_corrupt: bool = False
+) -> dict[str, MemberInfo]:
+    return read_many(client, paths.members, MemberInfo.decode, skip_corrupt)
+
+
+def read_statuses(client: KazooClient, paths: Paths) -> dict[str, AgentStatus]:
+    return read_many(client, paths.status, AgentStatus.decode, skip_corrupt=True)
+
+
+def read_plan_meta(client: KazooClient, paths: Paths) -> PlanMeta | None:
+    try:
+        data, _ = client.get(paths.plan_meta)
+    except NoNodeError:
+        return None
+    return PlanMeta.decode(paths.plan_meta, data)
+
+
+def read_plan(client: KazooClient, paths: Paths) -> PlanState:
+    """The stored plan: meta, every agent's znode, and the routing table in shard order."""
+    meta = read_plan_meta(client, paths)
+    if meta is None:
+        return PlanState()
+    agents = read_many(client, paths.plan_agents, AgentPlan.decode)
+    chunks = read_many(client, paths.routing, RoutingChunk.decode)
+    rows: list[tuple[str, ...]] = []
+    for name in sorted(chunks):
+        chunk = chunks[name]
+        if chunk.first != len(rows):
+            raise CorruptZnode(
+                f"{paths.routing_chunk(int(name))}: starts at shard {chunk.first},"
+                f" expected {len(rows)}"
+            )
+        rows.extend(chunk.replicas)
+    return PlanState(meta=meta, agents=agents, routing=tuple(rows))
+
+
+def read_leader(client: KazooClient, paths: Paths) -> tuple[str | None, int]:
+    """(leader id, epoch): the id written by the last leader, and the fencing version."""
+    try:
+        data, stat = client.get(paths.epoch)
+    except NoNodeError:
+        return None, 0
+    return decode_epoch(paths.epoch, data), stat.version
+
+
+def current_leader(client: KazooClient, paths: Paths) -> str | None:
+    """The candidate that holds the election lock now, or None."""
+    contenders = client.Election(paths.election).contenders()
+    return contenders[0] if contenders else None

@@ -1,0 +1,348 @@
+"""`shardkeeper dev`: a local cluster in the background, for trying the product.
+
+`dev up` starts ZooKeeper (unless --zk names one), writes the config, and starts the
+coordinator candidates and agents as detached processes. Their pids, logs and data live
+under the state directory (default `.shardkeeper-dev/`), so that `dev status`, `dev kill`
+and `dev down` work from any later shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from kazoo.exceptions import NodeExistsError
+
+from coordinator import cluster as clusterstate
+from coordinator.cliutil import DEFAULT_CLUSTER, operator_errors
+from coordinator.config import ClusterConfig, ConfigError
+from coordinator.layout import Paths
+from coordinator.process import cli_command, spawn
+from coordinator.summary import under_replicated
+from coordinator.zk import ShardkeeperError, close, connect, ensure_layout
+from coordinator.zkserver import ZkServer, free_port
+
+DEFAULT_DIR = Path(".shardkeeper-dev")
+STATE_FILE = "state.json"
+
+
+@dataclass
+class Proc:
+    name: str
+    role: str  # zookeeper, coordinator or agent
+    pid: int
+    log: str
+    address: str = ""
+
+
+@dataclass
+class DevState:
+    zk: str
+    cluster: str
+    session_timeout: float
+    processes: list[Proc] = field(default_factory=list)
+
+    def save(self, root: Path) -> None:
+        (root / STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, root: Path) -> DevState:
+        try:
+            obj = json.loads((root / STATE_FILE).read_text())
+        except FileNotFoundError:
+            raise ShardkeeperError(
+                f"no dev cluster in {root}: start one with `shardkeeper dev up`"
+            ) from None
+        obj["processes"] = [Proc(**p) for p in obj["processes"]]
+        return cls(**obj)
+
+    def proc(self, name: str) -> Proc:
+        for p in self.processes:
+            if p.name == name:
+                return p
+        names = ", ".join(p.name for p in self.processes)
+        raise ShardkeeperError(f"no process {name!r} in the dev cluster (have: {names})")
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def wait_until(condition: Any, timeout: float, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns a truthy value, or raise after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise ShardkeeperError(f"timed out after {timeout:g}s waiting for {condition.__doc__}")
+        time.sleep(interval)
+
+
+def port_in_use(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_agent(root: Path, state: DevState, name: str) -> Proc:
+    port = free_port()
+    log = root / "logs" / f"{name}.log"
+    argv = cli_command(
+        "agent", "run", "--zk", state.zk, "--cluster", state.cluster, "--id", name,
+        "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / "data" / name),
+        "--session-timeout", str(state.session_timeout),
+    )
+    p = spawn(argv, log, detach=True)
+    return Proc(name, "agent", p.pid, str(log), f"127.0.0.1:{port}")
+
+
+def start_coordinator(root: Path, state: DevState, name: str) -> Proc:
+    log = root / "logs" / f"{name}.log"
+    argv = cli_command(
+        "coordinator", "run", "--zk", state.zk, "--cluster", state.cluster, "--id", name,
+        "--session-timeout", str(state.session_timeout),
+    )
+    p = spawn(argv, log, detach=True)
+    return Proc(name, "coordinator", p.pid, str(log))
+
+
+def settled(client: Any, paths: Paths, agents: set[str]) -> bool:
+    """every agent is a member and holds what its plan says"""
+    plan = clusterstate.read_plan(client, paths)
+    members = clusterstate.read_members(client, paths, skip_corrupt=True)
+    if plan.meta is None or set(members) != agents or set(plan.meta.members) != agents:
+        return False
+    statuses = clusterstate.read_statuses(client, paths)
+    return all(
+        a in statuses and set(statuses[a].shards) == set(plan.agents.get(a).replicas)
+        for a in agents
+        if plan.agents.get(a) is not None
+    )
+
+
+def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int,
+       zk: str | None, zk_port: int, cluster: str, session_timeout: float) -> DevState:
+    if (root / STATE_FILE).exists():
+        old = DevState.load(root)
+        if any(alive(p.pid) for p in old.processes):
+            raise ShardkeeperError(
+                f"a dev cluster is already running from {root}: `shardkeeper dev down` first"
+            )
+    config = ClusterConfig(shards=shards, replicas=replicas)
+    root.mkdir(parents=True, exist_ok=True)
+    state = DevState(zk=zk or f"127.0.0.1:{zk_port}", cluster=cluster,
+                     session_timeout=session_timeout)
+    if zk is None:
+        server = ZkServer(data_dir=(root / "zookeeper").resolve(), client_port=zk_port,
+                          tick_ms=250)
+        if port_in_use(zk_port):
+            raise ShardkeeperError(
+                f"port {zk_port} is in use: pass --zk-port, or --zk to use that ZooKeeper"
+            )
+        server.start(detach=True)
+        state.processes.append(Proc("zookeeper", "zookeeper", server.process.pid,
+                                    str(server.data_dir / "zookeeper.log"), server.address))
+        state.save(root)
+        server.wait_ready()
+    paths = Paths(cluster)
+    client = connect(state.zk)
+    try:
+        ensure_layout(client, paths)
+        try:
+            client.create(paths.config, config.encode())
+        except NodeExistsError:
+            client.set(paths.config, config.encode())
+        for i in range(1, coordinators + 1):
+            state.processes.append(start_coordinator(root, state, f"coordinator-{i}"))
+        names = {f"agent-{i}" for i in range(1, agents + 1)}
+        for name in sorted(names):
+            state.processes.append(start_agent(root, state, name))
+        state.save(root)
+        wait_until(lambda: settled(client, paths, names), timeout=60)
+    finally:
+        close(client)
+    return state
+
+
+def down(root: Path, timeout: float = 10.0) -> list[str]:
+    """SIGTERM agents, then coordinators, then ZooKeeper; SIGKILL what lingers.
+
+    Data (ZooKeeper's and the agents') is removed; logs stay in ``<root>/logs``.
+    """
+    state = DevState.load(root)
+    order = {"agent": 0, "coordinator": 1, "zookeeper": 2}
+    stopped = []
+    for p in sorted(state.processes, key=lambda p: order[p.role]):
+        if not alive(p.pid):
+            continue
+        os.kill(p.pid, signal.SIGTERM)
+        try:
+            wait_until(lambda p=p: not alive(p.pid), timeout)
+        except ShardkeeperError:
+            os.kill(p.pid, signal.SIGKILL)
+        stopped.append(p.name)
+    (root / STATE_FILE).unlink()
+    # A dev cluster is throw-away: the next `dev up` starts from an empty ZooKeeper.
+    for sub in ("zookeeper", "data"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+    return stopped
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    member_gone_s: float
+    plan_s: float
+    replicated_s: float
+    generation: int
+    moved: int
+
+
+def kill_and_watch(root: Path, name: str, sig: signal.Signals, timeout: float = 60.0) -> Rebalance:
+    """Signal an agent, then time the member's departure, the new plan and re-replication."""
+    state = DevState.load(root)
+    proc = state.proc(name)
+    paths = Paths(state.cluster)
+    client = connect(state.zk)
+    try:
+        config = clusterstate.read_config(client, paths)
+        before = clusterstate.read_plan(client, paths)
+        os.kill(proc.pid, sig)
+        t0 = time.monotonic()
+
+        def member_gone() -> bool:
+            """the member znode to vanish"""
+            return not client.exists(paths.member(name))
+
+        wait_until(member_gone, timeout)
+        t_member = time.monotonic() - t0
+
+        def new_plan() -> Any:
+            """a plan without the agent"""
+            plan = clusterstate.read_plan(client, paths)
+            return plan if plan.meta and name not in plan.meta.members else None
+
+        plan = wait_until(new_plan, timeout)
+        t_plan = time.monotonic() - t0
+
+        def replicated() -> bool:
+            """every shard to be fully replicated again"""
+            members = clusterstate.read_members(client, paths, skip_corrupt=True)
+            want = min(config.replicas, len(members))
+            statuses = clusterstate.read_statuses(client, paths)
+            return under_replicated(plan.routing, want, members, statuses) == 0
+
+        wait_until(replicated, timeout)
+        t_repl = time.monotonic() - t0
+    finally:
+        close(client)
+    old = {(s, a) for s, r in enumerate(before.routing) for a in r}
+    moved = sum(1 for s, r in enumerate(plan.routing) for a in r if (s, a) not in old)
+    return Rebalance(t_member, t_plan, t_repl, plan.generation, moved)
+
+
+# -- CLI ------------------------------------------------------------------------------
+dir_option = click.option(
+    "--dir", "root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DIR,
+    show_default=True, envvar="SHARDKEEPER_DEV_DIR", help="State, logs and data of the cluster.",
+)
+
+
+@click.group()
+def dev() -> None:
+    """A local cluster in the background: ZooKeeper, coordinators and agents."""
+
+
+@dev.command("up")
+@dir_option
+@click.option("--agents", type=click.IntRange(min=1, max=50), default=3, show_default=True)
+@click.option("--coordinators", type=click.IntRange(min=1, max=5), default=2, show_default=True)
+@click.option("--shards", type=int, default=64, show_default=True)
+@click.option("--replicas", type=int, default=2, show_default=True)
+@click.option("--zk", default=None, envvar="SHARDKEEPER_ZK",
+              help="Use this ZooKeeper instead of starting one.")
+@click.option("--zk-port", type=int, default=2181, show_default=True,
+              help="Client port of the ZooKeeper that dev up starts.")
+@click.option("--cluster", default=DEFAULT_CLUSTER, envvar="SHARDKEEPER_CLUSTER",
+              show_default=True)
+@click.option("--session-timeout", type=click.FloatRange(min=0.5), default=2.0,
+              show_default=True, help="Session timeout of agents and coordinators (s).")
+@operator_errors
+def dev_up(root: Path, agents: int, coordinators: int, shards: int, replicas: int,
+           zk: str | None, zk_port: int, cluster: str, session_timeout: float) -> None:
+    """Start a local cluster and wait until every agent holds its plan."""
+    try:
+        ClusterConfig(shards=shards, replicas=replicas)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    t0 = time.monotonic()
+    state = up(root, agents=agents, shards=shards, replicas=replicas, coordinators=coordinators,
+               zk=zk, zk_port=zk_port, cluster=cluster, session_timeout=session_timeout)
+    click.echo(
+        f"dev cluster {cluster!r} up in {time.monotonic() - t0:.1f}s: ZooKeeper {state.zk},"
+        f" {coordinators} coordinators, {agents} agents; logs in {root}/logs"
+    )
+
+
+@dev.command("down")
+@dir_option
+@operator_errors
+def dev_down(root: Path) -> None:
+    """Stop everything `dev up` started."""
+    stopped = down(root)
+    click.echo(f"stopped {len(stopped)} processes: {', '.join(stopped) or 'none were running'}")
+
+
+@dev.command("status")
+@dir_option
+@operator_errors
+def dev_status(root: Path) -> None:
+    """The dev cluster's processes, and whether each is running."""
+    state = DevState.load(root)
+    click.echo(f"ZooKeeper {state.zk}  cluster {state.cluster}")
+    for p in state.processes:
+        running = "running" if alive(p.pid) else "stopped"
+        click.echo(f"{p.name:<16} {p.role:<12} pid {p.pid:<8} {running:<8} {p.address}")
+
+
+@dev.command("kill")
+@dir_option
+@click.argument("name")
+@click.option("--signal", "sig", type=click.Choice(["KILL", "TERM", "STOP", "CONT"]),
+              default="KILL", show_default=True)
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait for, and print, the rebalance that follows (agents only).")
+@operator_errors
+def dev_kill(root: Path, name: str, sig: str, wait: bool) -> None:
+    """Send a signal to one process of the dev cluster (an agent by default: SIGKILL)."""
+    signum = signal.Signals[f"SIG{sig}"]
+    state = DevState.load(root)
+    proc = state.proc(name)
+    if not alive(proc.pid):
+        raise ShardkeeperError(f"{name} (pid {proc.pid}) is not running")
+    if not wait or proc.role != "agent" or signum in (signal.SIGCONT,):
+        os.kill(proc.pid, signum)
+        click.echo(f"sent SIG{sig} to {name} (pid {proc.pid})")
+        return
+    r = kill_and_watch(root, name, signum)
+    click.echo(f"sent SIG{sig} to {name} (pid {proc.pid})")
+    click.echo(f"  member znode gone          after {r.member_gone_s:6.2f} s")
+    click.echo(f"  new plan (generation {r.generation:>3}) after {r.plan_s:6.2f} s:"
+               f" {r.moved} replicas re-homed")
+    click.echo(f"  fully replicated again     after {r.replicated_s:6.2f} s")

@@ -1,0 +1,80 @@
+"""The cluster summary shown by `shardkeeper status` (pure: built from data already read)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from coordinator.layout import AgentStatus, MemberInfo
+from coordinator.plan import PlanState, assignments
+
+HOLDING_STATES = frozenset({"PRIMARY", "REPLICA"})
+
+
+def under_replicated(
+    routing: tuple[tuple[str, ...], ...],
+    replicas: int,
+    members: Mapping[str, MemberInfo],
+    statuses: Mapping[str, AgentStatus],
+) -> int:
+    """Shards held (as reported in status) by fewer than R live members."""
+    holders = [0] * len(routing)
+    for agent, status in statuses.items():
+        if agent not in members:
+            continue
+        for shard, st in status.shards.items():
+            if shard < len(holders) and st.state in HOLDING_STATES:
+                holders[shard] += 1
+    return sum(1 for n in holders if n < replicas)
+
+
+def balance(counts: list[int]) -> float:
+    """max/mean replicas per member; 1.0 is perfect, 0.0 when nothing is placed."""
+    if not counts or sum(counts) == 0:
+        return 0.0
+    return max(counts) / (sum(counts) / len(counts))
+
+
+def summarize(
+    *,
+    cluster: str,
+    leader: str | None,
+    epoch: int,
+    shards: int,
+    replicas: int,
+    plan: PlanState,
+    members: Mapping[str, MemberInfo],
+    statuses: Mapping[str, AgentStatus],
+) -> dict[str, Any]:
+    held = assignments(plan.routing)
+    rows = []
+    for agent in sorted(members):
+        info = members[agent]
+        mine = held.get(agent, {})
+        status = statuses.get(agent)
+        rows.append(
+            {
+                "id": agent,
+                "address": info.address,
+                "zone": info.zone,
+                "weight": info.weight,
+                "replicas": len(mine),
+                "primaries": sum(1 for r in mine.values() if r == "primary"),
+                "applied_generation": status.generation if status else None,
+                "held": len(status.shards) if status else 0,
+            }
+        )
+    return {
+        "cluster": cluster,
+        "leader": leader,
+        "epoch": epoch,
+        "generation": plan.generation,
+        "shards": shards,
+        "replicas": replicas,
+        "members": rows,
+        "under_replicated": under_replicated(plan.routing, replicas, members, statuses)
+        if plan.routing
+        else shards,
+        "shortfall": plan.meta.shortfall if plan.meta else 0,
+        "balance": round(balance([r["replicas"] for r in rows]), 4),
+    }

@@ -1,0 +1,106 @@
+"""The admin CLI against a real ZooKeeper: output, JSON shapes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from coordinator.zkserver import free_port
+from tests.harness import Cluster, wait_for
+
+
+def one_line_error(r) -> str:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_init_refuses_zero_replicas(cluster: Cluster) -> None:
+    line = one_line_error(cluster.cli("init", "--shards", "8", "--replicas", "0"))
+    assert "replicas must be between 1 and" in line
+
+
+def test_init_refuses_to_overwrite_without_force(cluster: Cluster) -> None:
+    cluster.init(8, 2)
+    line = one_line_error(cluster.cli("init", "--shards", "16", "--replicas", "2"))
+    assert "already has a config" in line and "--force" in line
+    r = cluster.cli("init", "--shards", "16", "--replicas", "3", "--force")
+    assert r.returncode == 0, r.stderr
+    status = json.loads(cluster.cli("status", "--json").stdout)
+    assert (status["shards"], status["replicas"]) == (16, 3)
+
+
+@pytest.mark.parametrize("command", [["status"], ["shards"], ["status", "--json"]])
+def test_cluster_without_config_says_run_init(cluster: Cluster, command: list[str]) -> None:
+    line = one_line_error(cluster.cli(*command))
+    assert f"cluster '{cluster.name}' has no config" in line
+    assert "shardkeeper init" in line
+
+
+def test_unreachable_zookeeper_is_one_clear_line(tmp_path) -> None:
+    c = Cluster(f"127.0.0.1:{free_port()}", tmp_path)
+    line = one_line_error(c.cli("status", timeout=30))
+    assert "cannot reach ZooKeeper at 127.0.0.1:" in line
+
+
+def test_bad_cluster_name_is_a_usage_error(cluster: Cluster) -> None:
+    import subprocess
+
+    from coordinator.process import cli_command
+
+    r = subprocess.run(cli_command("status", "--zk", cluster.hosts, "--cluster", "../etc"),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid cluster name" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_env_vars_select_zookeeper_and_cluster(cluster: Cluster) -> None:
+    import os
+    import subprocess
+
+    from coordinator.process import cli_command
+
+    cluster.init(4, 1)
+    env = dict(os.environ, SHARDKEEPER_ZK=cluster.hosts, SHARDKEEPER_CLUSTER=cluster.name)
+    r = subprocess.run(cli_command("status", "--json"), capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["shards"] == 4
+
+
+def test_status_and_shards_show_the_running_cluster(cluster: Cluster) -> None:
+    cluster.init(12, 2)
+    cluster.start_coordinator("coord-1")
+    for a in ("agent-1", "agent-2", "agent-3"):
+        cluster.start_agent(a, zone=f"z{a[-1]}")
+    wait_for(lambda: cluster.converged({"agent-1", "agent-2", "agent-3"}), timeout=15)
+    s = json.loads(cluster.cli("status", "--json").stdout)
+    for key in ("leader", "epoch", "generation", "shards", "replicas", "members",
+                "under_replicated", "balance"):
+        assert key in s
+    assert s["leader"] == "coord-1" and s["epoch"] >= 1 and s["generation"] >= 1
+    assert s["under_replicated"] == 0 and s["balance"] == 1.0
+    assert [m["id"] for m in s["members"]] == ["agent-1", "agent-2", "agent-3"]
+    assert all(m["replicas"] == 8 and m["primaries"] == 4 for m in s["members"])
+    assert {m["zone"] for m in s["members"]} == {"z1", "z2", "z3"}
+    text = cluster.cli("status").stdout
+    assert "leader coord-1" in text and "under-replicated 0" in text and "agent-2" in text
+
+    shards = json.loads(cluster.cli("shards", "--json").stdout)
+    assert len(shards["shards"]) == 12
+    mine = json.loads(cluster.cli("shards", "--agent", "agent-1", "--json").stdout)["shards"]
+    assert len(mine) == 8 and all("agent-1" in r["replicas"] for r in mine)
+    lines = cluster.cli("shards").stdout.splitlines()
+    assert lines[0].startswith("generation") and len(lines) == 13
+
+
+def test_help_lists_every_command() -> None:
+    import subprocess
+
+    from coordinator.process import cli_command
+
+    r = subprocess.run(cli_command("--help"), capture_output=True, text=True)
+    for command in ("init", "status", "shards", "agent", "coordinator", "dev"):
+        assert command in r.stdout

@@ -1,0 +1,136 @@
+"""The operator's day on a real ZooKeeper with real agent and coordinator processes."""
+
+from __future__ import annotations
+
+import time
+
+from kazoo.exceptions import BadVersionError
+
+from coordinator.layout import AgentPlan, PlanMeta, encode_epoch
+from tests.harness import Cluster, wait_for
+
+AGENTS = {"agent-1", "agent-2", "agent-3"}
+
+
+def start(cluster: Cluster, shards: int = 64, replicas: int = 2, session_timeout: float = 1.0):
+    cluster.init(shards, replicas)
+    for name in ("coord-1", "coord-2"):
+        cluster.start_coordinator(name, session_timeout=session_timeout)
+    for name in sorted(AGENTS):
+        cluster.start_agent(name, session_timeout=session_timeout)
+
+
+def test_every_shard_gets_distinct_agents_and_status_matches_plan(cluster: Cluster) -> None:
+    start(cluster)
+    wait_for(lambda: cluster.converged(AGENTS), timeout=15, message="initial convergence")
+    plan = cluster.plan()
+    assert len(plan.routing) == 64
+    assert all(len(set(r)) == len(r) == 2 for r in plan.routing)
+    assert {a for r in plan.routing for a in r} == AGENTS
+    # Each agent holds exactly one directory per assigned replica.
+    for agent in AGENTS:
+        held = {int(p.name) for p in (cluster.workdir / agent / "shards").iterdir()}
+        assert held == set(plan.agents[agent].replicas)
+
+
+def test_status_matches_plan_within_five_seconds_of_a_new_plan(cluster: Cluster) -> None:
+    start(cluster)
+    wait_for(lambda: cluster.converged(AGENTS), timeout=15, message="initial convergence")
+    cluster.start_agent("agent-4")
+    wait_for(lambda: cluster.plan().meta.members == tuple(sorted(AGENTS | {"agent-4"})),
+             timeout=15, message="plan with agent-4")
+    wait_for(lambda: cluster.converged(AGENTS | {"agent-4"}), timeout=5,
+             message="status matches the new plan within 5 s")
+
+
+def test_sigkill_agent_replans_and_survivors_hold_every_shard_twice(cluster: Cluster) -> None:
+    start(cluster, session_timeout=1.0)
+    wait_for(lambda: cluster.converged(AGENTS), timeout=15, message="initial convergence")
+    before = cluster.plan()
+    t0 = time.time()
+    cluster.procs["agent-2"].kill()
+    survivors = AGENTS - {"agent-2"}
+    wait_for(lambda: cluster.plan().meta.members == tuple(sorted(survivors)), timeout=10,
+             message="a plan without agent-2")
+    plan = cluster.plan()
+    print(f"\nkill-to-new-plan: {plan.meta.created - t0:.3f}s (session timeout 1.0s)")
+    assert plan.generation > before.generation
+    assert all(len(set(r)) == 2 and "agent-2" not in r for r in plan.routing)
+    # Survivors kept what they held: only agent-2's replicas moved.
+    moved = sum(1 for s, r in enumerate(plan.routing) for a in r if a not in before.routing[s])
+    held = sum(1 for r in before.routing if "agent-2" in r)
+    assert moved == held
+    wait_for(lambda: cluster.converged(survivors), timeout=5, message="survivors converge")
+
+
+def test_sigterm_agent_leaves_at_once(cluster: Cluster) -> None:
+    cluster.init(16, 2)
+    cluster.start_coordinator("coord-1", session_timeout=1.0)
+    for name in ("agent-1", "agent-2"):
+        cluster.start_agent(name, session_timeout=20.0)
+    wait_for(lambda: cluster.converged({"agent-1", "agent-2"}), timeout=15)
+    t0 = time.monotonic()
+    assert cluster.procs["agent-1"].term() == 0
+    wait_for(lambda: "agent-1" not in cluster.members(), timeout=5,
+             message="member znode gone well before the 20 s session timeout")
+    assert time.monotonic() - t0 < 5
+    wait_for(lambda: cluster.converged({"agent-2"}), timeout=10)
+
+
+def test_agent_registers_again_after_session_expiry(cluster: Cluster) -> None:
+    cluster.init(8, 1)
+    cluster.start_coordinator("coord-1", session_timeout=1.0)
+    agent = cluster.start_agent("agent-1", session_timeout=1.0)
+    wait_for(lambda: cluster.converged({"agent-1"}), timeout=15)
+    agent.stop()
+    wait_for(lambda: "agent-1" not in cluster.members(), timeout=10,
+             message="the stopped agent's session expires")
+    agent.cont()
+    wait_for(lambda: cluster.converged({"agent-1"}), timeout=15,
+             message="agent registers again and re-applies its plan")
+    assert "session lost" in agent.output()
+
+
+def test_sigkill_leader_fails_over_and_old_epoch_is_fenced(cluster: Cluster) -> None:
+    start(cluster, session_timeout=1.0)
+    wait_for(lambda: cluster.converged(AGENTS), timeout=15)
+    leader = wait_for(cluster.leader, timeout=5)
+    old_epoch = cluster.epoch()
+    old_generation = cluster.plan().generation
+    cluster.procs[leader].kill()
+    standby = ({"coord-1", "coord-2"} - {leader}).pop()
+    wait_for(lambda: cluster.leader() == standby and cluster.epoch() > old_epoch, timeout=10,
+             message="standby leads with a bumped epoch")
+    # The new leader plans: stop an agent and see a generation it wrote.
+    cluster.procs["agent-3"].kill()
+    wait_for(lambda: cluster.plan().meta.members == ("agent-1", "agent-2"), timeout=10)
+    meta = cluster.plan().meta
+    assert meta.leader == standby and meta.epoch == cluster.epoch()
+    assert meta.generation > old_generation
+    # A write fenced with the deposed leader's epoch version fails as a whole.
+    stale = PlanMeta(meta.generation + 1, old_epoch, leader, 64, 2, (), 1)
+    tx = cluster.client.transaction()
+    tx.check(cluster.paths.epoch, old_epoch)
+    tx.set_data(cluster.paths.plan_meta, stale.encode())
+    tx.set_data(cluster.paths.plan_agent("agent-1"), AgentPlan(999, old_epoch).encode())
+    results = tx.commit()
+    assert isinstance(results[0], BadVersionError)
+    assert cluster.plan().meta == meta
+    assert cluster.plan().agents["agent-1"].generation != 999
+    # And the epoch znode names the new leader.
+    data, _ = cluster.client.get(cluster.paths.epoch)
+    assert data == encode_epoch(standby)
+
+
+def test_ensemble_survives_losing_one_zookeeper_server(ensemble_cluster: Cluster,
+                                                       zk_ensemble) -> None:
+    c = ensemble_cluster
+    start(c, shards=32, replicas=2, session_timeout=2.0)
+    wait_for(lambda: c.converged(AGENTS), timeout=20)
+    zk_ensemble[0].process.kill()
+    zk_ensemble[0].process.wait()
+    c.procs["agent-1"].kill()
+    survivors = AGENTS - {"agent-1"}
+    wait_for(lambda: c.converged(survivors), timeout=20,
+             message="a new plan without agent-1 while one ZooKeeper server is down")
+    assert all(len(set(r)) == 2 for r in c.plan().routing)
