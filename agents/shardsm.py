@@ -193,10 +193,12 @@ class Demote:
 
 @dataclass(frozen=True)
 class Repair:
-    """The shard has a new primary: repair rows after its promotion point, then catch up."""
+    """The shard has a new primary, promoted at ``generation``: fence older primaries,
+    repair rows after its promotion point, then catch up."""
 
     shard: int
     primary: str
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -446,7 +448,9 @@ def follow_as_replica(
         promoted = replace(record, state=ShardState.PRIMARY, generation=generation)
         step.move(shard, promoted, Promote(shard, generation))
     elif target.primary is not None and target.primary != record.primary:
-        step.move(shard, replace(record, primary=target.primary), Repair(shard, target.primary))
+        # The plan that names a new primary is the one that promoted it.
+        followed = replace(record, primary=target.primary)
+        step.move(shard, followed, Repair(shard, target.primary, generation))
 
 
 def start_waiting_bootstraps(

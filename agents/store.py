@@ -14,6 +14,7 @@ A small ``meta`` table keeps the replica's progress markers, so they survive a c
   sends the next forward with ``prev_lsn`` and a replica that disagrees reports a gap.
 - ``promotion_lsn``: this replica's ``max_lsn`` when it was promoted to primary; replicas
   repair their rows after that point against it.
+- ``is_primary``: 1 from promotion until demotion; a demoted primary must repair first.
 
 LSNs are ``(generation << 32) | seq``: a primary promoted at plan generation ``g`` issues
 LSNs above ``g << 32``, hence above every LSN of a primary of an older generation.
@@ -42,6 +43,7 @@ SEQ_MASK = (1 << GENERATION_SHIFT) - 1
 META_BOOTSTRAP_CURSOR = "bootstrap_cursor"
 META_SYNC_LSN = "sync_lsn"
 META_PROMOTION_LSN = "promotion_lsn"
+META_IS_PRIMARY = "is_primary"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rows (
@@ -257,6 +259,21 @@ class ShardStore:
         with self._lock:
             return self.rows_after(lsn, limit), self.max_lsn()
 
+    def synced_page(self, lsn: int, limit: int) -> tuple[list[Row], int]:
+        """Rows in ``(lsn, sync_lsn]`` in LSN order, plus ``sync_lsn``: what a source streams.
+
+        A replica may hold best-effort forwards beyond a gap; streaming only the synced
+        prefix keeps a copier's cursor a point it can truly resume from.
+        """
+        with self._lock:
+            upto = self.sync_lsn()
+            found = self._db.execute(
+                "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ? AND lsn <= ?"
+                " ORDER BY lsn LIMIT ?",
+                (lsn, upto, limit),
+            ).fetchall()
+        return [_row_from_db(*r) for r in found], upto
+
     def count(self) -> int:
         """Number of rows, tombstones included."""
         with self._lock:
@@ -307,7 +324,15 @@ class ShardStore:
             point = self._db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
             self._set_meta(META_PROMOTION_LSN, point)
             self._set_meta(META_SYNC_LSN, point)
+            self._set_meta(META_IS_PRIMARY, 1)
             return point
+
+    def was_primary(self) -> bool:
+        """Promoted and not yet demoted: may hold writes no replica acknowledged."""
+        return self.get_meta(META_IS_PRIMARY) == 1
+
+    def mark_demoted(self) -> None:
+        self.set_meta(META_IS_PRIMARY, 0)
 
 
 class _Transaction:

@@ -95,7 +95,7 @@ def test_copy_done_goes_straight_to_primary_when_the_target_says_so():
 def test_replica_repairs_when_its_primary_changes():
     d = connected(plan=Plan(1, {0: Target(R, primary="a:1")}))
     d = reconcile(d.agent, plan=Plan(2, {0: Target(R, primary="b:1")}))
-    assert shard_actions(d) == [Repair(0, "b:1")]
+    assert shard_actions(d) == [Repair(0, "b:1", 2)]
     assert reconcile(d.agent, plan=Plan(3, {0: Target(R, primary="b:1")})).actions == (
         ReportStatus(3, d.actions[-1].shards),
     )

@@ -74,6 +74,13 @@ def test_rows_after_pages_in_lsn_order(store):
     assert len(rows) == 1 and max_lsn == 1000
 
 
+def test_synced_page_stops_at_sync_lsn(store):
+    store.apply_forward([Row(b"a", b"1", 1), Row(b"b", b"2", 2)], sync_lsn=2)
+    store.apply_forward([Row(b"c", b"3", 4)], sync_lsn=None)  # best effort, after a gap
+    assert store.synced_page(0, 10) == ([Row(b"a", b"1", 1), Row(b"b", b"2", 2)], 2)
+    assert store.synced_page(2, 10) == ([], 2)
+
+
 def test_digest_depends_on_content_not_history(tmp_path):
     a = ShardStore(tmp_path / "a.sqlite3")
     b = ShardStore(tmp_path / "b.sqlite3")

@@ -1,0 +1,145 @@
+"""The shard handler: the extension point that gives shards their data.
+
+The agent runtime runs the shard state machine (``agents.shardsm``) and, for each action it
+returns, calls one handler callback (``perform`` does the mapping). The built-in
+``KVShardHandler`` keeps a replicated key-value store per shard; another application can
+hold its own data instead by implementing ``ShardHandler``::
+
+    class FileShards(ShardHandler):
+        '''Each shard is a directory of files, copied from a peer over rsync.'''
+
+        def __init__(self, root: Path):
+            self.root = root
+
+        def on_bootstrap(self, shard, source_address, stop):
+            rsync(f"{source_address}:shards/{shard}/", self.root / str(shard), stop=stop)
+            return 0  # no LSNs here: report 0
+
+        def on_become_replica(self, shard, generation, primary_address):
+            (self.root / str(shard)).mkdir(exist_ok=True)
+
+        def on_become_primary(self, shard, generation):
+            return 0
+
+        def on_new_primary(self, shard, primary_address, generation):
+            pass  # files are immutable here: nothing to repair
+
+        def on_drop(self, shard):
+            shutil.rmtree(self.root / str(shard), ignore_errors=True)
+
+Callbacks run on the runtime's worker threads, one at a time per shard; they may block.
+``on_bootstrap`` must watch ``stop`` (set when the shard is dropped mid-copy) and raise on
+failure; the state machine retries a bounded number of times, then marks the shard ERROR.
+Routing and fencing (the data plane's ``ShardTable``) stay the runtime's job.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+
+from agents.dataplane import PeerClient, copy_shard, repair_shard
+from agents.shardsm import (
+    Action,
+    BecomeReplica,
+    CopyDone,
+    CopyFailed,
+    Demote,
+    DropDone,
+    Event,
+    Promote,
+    Repair,
+    StartBootstrap,
+    StartDrop,
+)
+from agents.store import StoreSet
+
+
+class ShardHandler(ABC):
+    """One callback per shard transition. Implementations own the shard's local data."""
+
+    @abstractmethod
+    def on_bootstrap(self, shard: int, source_address: str, stop: threading.Event) -> int:
+        """Copy the shard from the agent at ``source_address``; return the caught-up LSN.
+
+        Called again after a failure or restart: resume rather than start over if you can.
+        """
+
+    @abstractmethod
+    def on_become_replica(self, shard: int, generation: int, primary_address: str | None) -> None:
+        """Serve the shard as a replica (after a copy, after a demotion, or new and empty)."""
+
+    @abstractmethod
+    def on_become_primary(self, shard: int, generation: int) -> int:
+        """Take writes for the shard from now on; return the promotion point (an LSN)."""
+
+    @abstractmethod
+    def on_new_primary(self, shard: int, primary_address: str, generation: int) -> None:
+        """Another agent became the shard's primary: reconcile local data with it."""
+
+    @abstractmethod
+    def on_drop(self, shard: int) -> None:
+        """The plan no longer places the shard here: delete its local data."""
+
+    def held(self) -> set[int]:
+        """Shards with local data (found again after a restart). Default: none."""
+        return set()
+
+
+class KVShardHandler(ShardHandler):
+    """The built-in handler: one SQLite store per shard, replicated by the data plane."""
+
+    def __init__(self, stores: StoreSet, client: PeerClient, *, page_size: int = 1000):
+        self.stores = stores
+        self.client = client
+        self.page_size = page_size
+
+    def on_bootstrap(self, shard: int, source_address: str, stop: threading.Event) -> int:
+        store = self.stores.open(shard)
+        result = copy_shard(
+            store, shard, source_address, self.client, page_size=self.page_size, stop=stop
+        )
+        return result.lsn
+
+    def on_become_replica(self, shard: int, generation: int, primary_address: str | None) -> None:
+        store = self.stores.open(shard)
+        # A demoted primary may hold writes it never got acknowledged: repair them away.
+        if primary_address is not None and store.was_primary():
+            repair_shard(store, shard, primary_address, self.client)
+            store.mark_demoted()
+
+    def on_become_primary(self, shard: int, generation: int) -> int:
+        return self.stores.open(shard).mark_promoted()
+
+    def on_new_primary(self, shard: int, primary_address: str, generation: int) -> None:
+        repair_shard(self.stores.open(shard), shard, primary_address, self.client)
+
+    def on_drop(self, shard: int) -> None:
+        self.stores.drop(shard)
+
+    def held(self) -> set[int]:
+        return self.stores.on_disk()
+
+
+def perform(handler: ShardHandler, action: Action, stop: threading.Event) -> Event | None:
+    """Carry out one shard action through ``handler``; return the event to feed back, if any.
+
+    Global actions (SetWritable, SetServing, ReportStatus) are the runtime's, not the
+    handler's, and return None here. ``stop`` is the shard's cancel flag for copies.
+    """
+    if isinstance(action, StartBootstrap):
+        try:
+            return CopyDone(action.shard, handler.on_bootstrap(action.shard, action.source, stop))
+        except Exception as exc:  # any failure is a failed copy; the machine bounds retries
+            return CopyFailed(action.shard, f"{type(exc).__name__}: {exc}")
+    if isinstance(action, BecomeReplica | Demote):
+        handler.on_become_replica(action.shard, action.generation, action.primary)
+    elif isinstance(action, Promote):
+        handler.on_become_primary(action.shard, action.generation)
+    elif isinstance(action, Repair):
+        handler.on_new_primary(action.shard, action.primary, action.generation)
+    elif isinstance(action, StartDrop):
+        stop.set()
+        handler.on_drop(action.shard)
+        return DropDone(action.shard)
+    return None

@@ -1,0 +1,471 @@
+"""The data plane over real HTTP on 127.0.0.1 with real SQLite files: a primary and replicas
+in one process, driven through the shard table the way the agent runtime will drive it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from agents.dataplane import (
+    CopyCancelled,
+    DataPlane,
+    PeerClient,
+    PeerError,
+    PeerUnavailable,
+    ShardRoute,
+    ShardTable,
+    b64,
+    copy_shard,
+    key_path,
+    repair_shard,
+)
+from agents.handler import KVShardHandler, perform
+from agents.shardsm import BecomeReplica, CopyDone, Demote, Promote, ShardState, StartBootstrap
+from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, Row, StoreSet
+
+TOKEN = "test-cluster-token"
+SHARD = 7
+
+
+@dataclass
+class Node:
+    name: str
+    stores: StoreSet
+    table: ShardTable
+    plane: DataPlane
+
+    @property
+    def address(self) -> str:
+        return self.plane.address
+
+    @property
+    def store(self):
+        return self.stores.open(SHARD)
+
+
+class Cluster:
+    """Agents on free ports; ``restart`` brings a stopped agent back on a new port."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.nodes: list[Node] = []
+        self.client = PeerClient(TOKEN, timeout=2.0, attempts=3)
+
+    def start(self, name: str, stores: StoreSet | None = None, table: ShardTable | None = None):
+        stores = stores or StoreSet(self.tmp_path / name)
+        table = table or ShardTable()
+        plane = DataPlane(stores, table, TOKEN, forward_timeout=1.0).start()
+        node = Node(name, stores, table, plane)
+        self.nodes.append(node)
+        return node
+
+    def restart(self, node: Node) -> Node:
+        return self.start(node.name, node.stores, node.table)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.plane.stop()
+        for node in self.nodes:
+            node.stores.close_all()
+
+
+def lead(primary: Node, generation: int, in_sync=(), catching_up=()):
+    primary.table.set_route(
+        SHARD,
+        ShardRoute(
+            ShardState.PRIMARY,
+            generation=generation,
+            primary=primary.address,
+            primary_generation=generation,
+            in_sync=tuple(n.address for n in in_sync),
+            catching_up=tuple(n.address for n in catching_up),
+        ),
+    )
+
+
+def follow(replica: Node, primary: Node, generation: int, state=ShardState.REPLICA):
+    replica.table.set_route(
+        SHARD,
+        ShardRoute(
+            state, generation=generation, primary=primary.address, primary_generation=generation
+        ),
+    )
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def trio(cluster):
+    """A primary and two in-sync replicas of SHARD at generation 1."""
+    p, r1, r2 = cluster.start("p"), cluster.start("r1"), cluster.start("r2")
+    p.store.mark_promoted()
+    r1.store, r2.store  # noqa: B018 - open the replicas' stores
+    lead(p, 1, in_sync=(r1, r2))
+    follow(r1, p, 1)
+    follow(r2, p, 1)
+    return p, r1, r2
+
+
+def digests(*nodes: Node) -> set[str]:
+    return {n.store.digest() for n in nodes}
+
+
+def raw(address: str, method: str, path: str, body=None, token: str | None = TOKEN):
+    """One HTTP request with full control of headers and body."""
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    payload = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    conn.request(method, path, body=payload, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, json.loads(data) if data else {}, dict(resp.getheaders())
+
+
+def wait_until(condition, timeout=10.0, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        time.sleep(interval)
+
+
+def load(client: PeerClient, node: Node, count: int, prefix: str = "k", batch: int = 1000):
+    for start in range(0, count, batch):
+        items = [
+            (f"{prefix}{i:06d}".encode(), f"v{i}".encode()) for i in range(start, start + batch)
+        ]
+        client.batch_put(node.address, SHARD, items[: count - start])
+
+
+# -- the write path ----------------------------------------------------------------------
+
+
+def test_write_is_acknowledged_only_after_every_in_sync_replica_applied(cluster, trio):
+    p, r1, r2 = trio
+    lsn = cluster.client.put(p.address, SHARD, b"user:1", b"\x00\xffbinary")
+    # No waiting: the acknowledgement itself promises the replicas hold the row.
+    for node in trio:
+        assert node.store.get(b"user:1") == Row(b"user:1", b"\x00\xffbinary", lsn)
+    lsns = cluster.client.batch_put(p.address, SHARD, [(b"a", b"1"), (b"b", b"2")])
+    assert lsns == [lsn + 1, lsn + 2]
+    cluster.client.delete(p.address, SHARD, b"a")
+    assert cluster.client.get(p.address, SHARD, b"a") is None
+    assert cluster.client.get(p.address, SHARD, b"b").value == b"2"
+    assert all(n.store.get(b"a").tombstone for n in trio)
+    assert len(digests(*trio)) == 1
+    assert lsn >> 32 == 1, "LSNs carry the primary's generation"
+
+
+def test_dead_in_sync_replica_means_no_acknowledgement(cluster, trio):
+    p, r1, r2 = trio
+    cluster.client.put(p.address, SHARD, b"before", b"1")
+    r2.plane.stop()
+    with pytest.raises(PeerUnavailable) as failed:
+        cluster.client.put(p.address, SHARD, b"during", b"2")
+    assert failed.value.status == 503
+    assert failed.value.body == {"error": "replication_failed", "replicas": [r2.address]}
+    # The coordinator drops the dead replica from the in-sync set: writes flow again.
+    lead(p, 1, in_sync=(r1,))
+    cluster.client.put(p.address, SHARD, b"after", b"3")
+    assert r1.store.get(b"after").value == b"3"
+
+
+def test_lagging_in_sync_replica_is_pushed_what_it_missed(cluster, trio):
+    p, r1, r2 = trio
+    lead(p, 1, in_sync=(r1,))
+    load(cluster.client, p, 300, batch=100)
+    assert r2.store.count() == 0
+    lead(p, 1, in_sync=(r1, r2))
+    cluster.client.put(p.address, SHARD, b"next", b"x")
+    assert len(digests(*trio)) == 1
+    assert r2.store.sync_lsn() == p.store.max_lsn()
+
+
+def test_replica_rejects_a_primary_of_an_older_generation(cluster, trio):
+    p, r1, _ = trio
+    r1.table.update(SHARD, primary_generation=2)  # it learned of a generation-2 primary
+    before = r1.store.digest()
+    reply = cluster.client.replicate(
+        r1.address, SHARD, generation=1, prev_lsn=0, rows=[Row(b"k", b"v", 5)], sync=True
+    )
+    assert reply.status == 409 and reply.body["error"] == "stale_generation"
+    assert r1.store.digest() == before
+    with pytest.raises(PeerError) as failed:
+        cluster.client.put(p.address, SHARD, b"k", b"v")
+    assert failed.value.status == 503 and r1.store.get(b"k") is None
+
+
+def test_newer_primary_raises_the_fence(cluster, trio):
+    _, r1, _ = trio
+    ok = cluster.client.replicate(
+        r1.address, SHARD, generation=3, prev_lsn=0, rows=[Row(b"k", b"v", 3 << 32 | 1)], sync=True
+    )
+    assert ok.status == 200 and r1.table.route(SHARD).primary_generation == 3
+    stale = cluster.client.replicate(
+        r1.address, SHARD, generation=2, prev_lsn=0, rows=[Row(b"j", b"v", 2 << 32 | 1)], sync=False
+    )
+    assert stale.status == 409
+
+
+def test_non_primary_redirects_to_the_primary(cluster, trio):
+    p, r1, _ = trio
+    status, body, headers = raw(r1.address, "PUT", key_path(SHARD, b"k"), {"value": "dg=="})
+    assert status == 307
+    assert body == {"error": "not_primary", "primary": p.address}
+    assert headers["Location"] == f"http://{p.address}{key_path(SHARD, b'k')}"
+    assert raw(r1.address, "GET", key_path(SHARD, b"k"))[0] == 307
+    # The client library follows the redirect.
+    cluster.client.put(r1.address, SHARD, b"k", b"v")
+    assert cluster.client.get(r1.address, SHARD, b"k").value == b"v"
+
+
+def test_wrong_or_missing_token_gets_401_and_changes_nothing(cluster, trio):
+    p, *_ = trio
+    intruder = PeerClient("not-the-token", attempts=1)
+    for path, method, body in [
+        (key_path(SHARD, b"k"), "PUT", {"value": "dg=="}),
+        (key_path(SHARD, b"k"), "GET", None),
+        (f"/v1/shards/{SHARD}/rows?after=0", "GET", None),
+        ("/healthz", "GET", None),
+    ]:
+        assert intruder.call(p.address, method, path, body).status == 401
+        assert raw(p.address, method, path, body, token=None)[0] == 401
+    assert all(n.store.count() == 0 for n in trio)
+    assert cluster.client.healthz(p.address).status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("PUT", key_path(SHARD, b"k"), b"{not json", 400),
+        ("PUT", key_path(SHARD, b"k"), {"val": "dg=="}, 400),
+        ("PUT", key_path(SHARD, b"k"), {"value": "***"}, 400),
+        ("PUT", key_path(SHARD, b"k"), [1, 2], 400),
+        ("PUT", key_path(99, b"k"), {"value": "dg=="}, 404),
+        ("PUT", "/v1/shards/abc/keys/k", {"value": "dg=="}, 400),
+        ("PUT", key_path(SHARD, b"x" * (MAX_KEY_BYTES + 1)), {"value": "dg=="}, 413),
+        ("PUT", key_path(SHARD, b"k"), {"value": b64(b"v" * (MAX_VALUE_BYTES + 1))}, 413),
+        ("POST", f"/v1/shards/{SHARD}/batch", {"puts": []}, 400),
+        (
+            "POST",
+            f"/v1/shards/{SHARD}/batch",
+            {"puts": [{"key": "aw==", "value": "dg=="}, {}]},
+            400,
+        ),
+        (
+            "POST",
+            f"/v1/shards/{SHARD}/batch",
+            {"puts": [{"key": "aw==", "value": "dg=="}, {"key": "A" * 2000, "value": "dg=="}]},
+            413,
+        ),
+        ("POST", f"/v1/shards/{SHARD}/replicate", {"generation": 1, "rows": "x"}, 400),
+        ("GET", f"/v1/shards/{SHARD}/rows?after=-1", None, 400),
+        ("PATCH", key_path(SHARD, b"k"), None, 405),
+        ("POST", key_path(SHARD, b"k"), None, 405),
+        ("GET", "/v2/nothing/here", None, 404),
+    ],
+)
+def test_bad_requests_get_4xx_and_change_nothing(cluster, trio, method, path, body, status):
+    p, *_ = trio
+    cluster.client.put(p.address, SHARD, b"k", b"original")
+    before = digests(*trio)
+    got, answer, _ = raw(p.address, method, path, body)
+    assert got == status, answer
+    assert digests(*trio) == before and len(before) == 1
+    assert cluster.client.get(p.address, SHARD, b"k").value == b"original"
+
+
+def test_suspended_primary_refuses_writes_and_lost_serves_nothing(cluster, trio):
+    p, *_ = trio
+    cluster.client.put(p.address, SHARD, b"k", b"1")
+    p.table.set_writable(False)
+    status, body, _ = raw(p.address, "PUT", key_path(SHARD, b"k"), {"value": "Mg=="})
+    assert (status, body["error"]) == (503, "not_writable")
+    assert cluster.client.get(p.address, SHARD, b"k").value == b"1", "reads still served"
+    assert len(digests(*trio)) == 1 and p.store.get(b"k").value == b"1"
+    p.table.set_serving(False)
+    assert raw(p.address, "GET", key_path(SHARD, b"k"))[0] == 503
+    assert raw(p.address, "GET", "/healthz")[0] == 503
+    p.table.set_serving(True)
+    p.table.set_writable(True)
+    cluster.client.put(p.address, SHARD, b"k", b"2")
+    assert {n.store.get(b"k").value for n in trio} == {b"2"}
+
+
+# -- bootstrap ---------------------------------------------------------------------------
+
+
+class WritesWhilePagesAreInFlight(PeerClient):
+    """Overwrites and deletes keys of each page after the source read it, before it lands."""
+
+    def __init__(self, primary: Node):
+        super().__init__(TOKEN, attempts=3)
+        self.primary = primary
+
+    def rows_after(self, address, shard, after, limit):
+        page = super().rows_after(address, shard, after, limit)
+        for row in page.rows[:3]:
+            self.put(self.primary.address, shard, row.key, b"changed while in flight")
+        for row in page.rows[3:5]:
+            self.delete(self.primary.address, shard, row.key)
+        return page
+
+
+def test_bootstrap_copies_20000_rows_while_writes_continue(cluster, trio):
+    p, r1, r2 = trio
+    load(cluster.client, p, 20_000)
+    new = cluster.start("r3")
+    follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
+    lead(p, 1, in_sync=(r1, r2), catching_up=(new,))
+
+    stop_writing = threading.Event()
+    written = []
+
+    def writer():
+        rng, client = random.Random(1), PeerClient(TOKEN, attempts=3)
+        while not stop_writing.is_set():
+            key = f"k{rng.randrange(25_000):06d}".encode()
+            if rng.random() < 0.1:
+                client.delete(p.address, SHARD, key)
+            else:
+                client.put(p.address, SHARD, key, rng.randbytes(16))
+            written.append(key)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        wait_until(lambda: len(written) > 20)
+
+        def let_writes_interleave(_cursor, _fetched):
+            seen = len(written)
+            wait_until(lambda: len(written) >= seen + 5)
+
+        result = copy_shard(
+            new.store, SHARD, p.address, WritesWhilePagesAreInFlight(p),
+            page_size=1000, progress=let_writes_interleave,
+        )  # fmt: skip
+        # Online: the replica joins the in-sync set while writes still flow.
+        follow(new, p, 1)
+        lead(p, 1, in_sync=(r1, r2, new))
+        count = len(written)
+        wait_until(lambda: len(written) > count + 20)
+    finally:
+        stop_writing.set()
+        thread.join()
+    assert result.rows_fetched >= 20_000 and result.pages >= 20
+    assert len(written) > 20 + 5 * result.pages
+    assert len(digests(p, r1, r2, new)) == 1
+    assert new.store.count() == p.store.count() >= 20_000
+
+
+def test_interrupted_bootstrap_resumes_from_its_cursor(cluster, trio):
+    p, *_ = trio
+    load(cluster.client, p, 5_000)
+    path = cluster.tmp_path / "r3" / "shard.sqlite3"
+    stores = StoreSet(path.parent)
+    stop = threading.Event()
+
+    def stop_after_three_pages(cursor, fetched):
+        if fetched >= 1_500:
+            stop.set()
+
+    with pytest.raises(CopyCancelled):
+        copy_shard(
+            stores.open(SHARD), SHARD, p.address, cluster.client,
+            page_size=500, stop=stop, progress=stop_after_three_pages,
+        )  # fmt: skip
+    stores.close_all()  # the agent restarts
+    stores = StoreSet(path.parent)
+    store = stores.open(SHARD)
+    assert store.bootstrap_cursor() > 0
+    result = copy_shard(store, SHARD, p.address, cluster.client, page_size=500)
+    assert result.rows_fetched == 3_500, "resumed after the first 1,500 rows, not from 0"
+    assert store.digest() == p.store.digest()
+    stores.close_all()
+
+
+def test_bootstrap_through_the_handler_reports_copy_done(cluster, trio):
+    p, *_ = trio
+    load(cluster.client, p, 1_200, batch=400)
+    new = cluster.start("r3")
+    follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
+    handler = KVShardHandler(new.stores, cluster.client, page_size=500)
+    event = perform(handler, StartBootstrap(SHARD, p.address, 1), threading.Event())
+    assert event == CopyDone(SHARD, p.store.max_lsn())
+    assert new.store.digest() == p.store.digest()
+    assert perform(handler, BecomeReplica(SHARD, 1, p.address), threading.Event()) is None
+    failed = perform(handler, StartBootstrap(SHARD, "127.0.0.1:1", 1), threading.Event())
+    assert type(failed).__name__ == "CopyFailed"
+
+
+# -- failover ----------------------------------------------------------------------------
+
+
+def unacknowledged_write_on_r1_only(cluster, trio):
+    """Old primary p applies a write, r1 gets it, r2 is down: no ack, then p dies."""
+    p, r1, r2 = trio
+    load(cluster.client, p, 500, batch=250)
+    cluster.client.put(p.address, SHARD, b"k000001", b"overwritten-unacked")
+    r2.plane.stop()
+    with pytest.raises(PeerUnavailable):
+        cluster.client.put(p.address, SHARD, b"k000002", b"unacked")
+    with pytest.raises(PeerUnavailable):
+        cluster.client.delete(p.address, SHARD, b"k000003")
+    p.plane.stop()
+    r2 = cluster.restart(r2)
+    assert r1.store.get(b"k000002").value == b"unacked" and r2.store.get(b"k000002").value == b"v2"
+    return p, r1, r2
+
+
+def test_failover_repair_drops_writes_the_new_primary_never_saw(cluster, trio):
+    old, r1, r2 = unacknowledged_write_on_r1_only(cluster, trio)
+    # Plan generation 2 promotes r2, which lacks the unacknowledged writes.
+    point = KVShardHandler(r2.stores, cluster.client).on_become_primary(SHARD, 2)
+    lead(r2, 2, in_sync=(r1,))
+    follow(r1, r2, 2)
+    assert r1.store.digest() != r2.store.digest()
+    with pytest.raises(PeerError):
+        cluster.client.put(r2.address, SHARD, b"blocked", b"until repaired")
+    result = repair_shard(r1.store, SHARD, r2.address, cluster.client)
+    assert result.promotion_lsn == point and result.replaced >= 2
+    assert r1.store.get(b"k000002").value == b"v2" and not r1.store.get(b"k000003").tombstone
+    assert len(digests(r1, r2)) == 1
+    lsn = cluster.client.put(r2.address, SHARD, b"new", b"gen2")
+    assert lsn >> 32 == 2 and lsn > old.store.max_lsn()
+    assert len(digests(r1, r2)) == 1
+
+    # The old primary comes back and the plan makes it a replica: it repairs too.
+    old = cluster.restart(old)
+    follow(old, r2, 2)
+    handler = KVShardHandler(old.stores, cluster.client)
+    perform(handler, Demote(SHARD, 2, r2.address), threading.Event())
+    lead(r2, 2, in_sync=(r1, old))
+    cluster.client.put(r2.address, SHARD, b"after", b"rejoin")
+    assert len(digests(old, r1, r2)) == 1
+    assert not old.store.was_primary()
+
+
+def test_failover_repair_catches_up_a_replica_that_missed_the_last_write(cluster, trio):
+    old, r1, r2 = unacknowledged_write_on_r1_only(cluster, trio)
+    # Plan generation 2 promotes r1, which holds the unacknowledged writes: they survive.
+    perform(KVShardHandler(r1.stores, cluster.client), Promote(SHARD, 2), threading.Event())
+    lead(r1, 2, in_sync=(r2,))
+    follow(r2, r1, 2)
+    repair_shard(r2.store, SHARD, r1.address, cluster.client)
+    assert r2.store.get(b"k000002").value == b"unacked"
+    assert len(digests(r1, r2)) == 1
+    cluster.client.batch_put(r1.address, SHARD, [(b"x", b"1"), (b"y", b"2")])
+    assert len(digests(r1, r2)) == 1
