@@ -73,6 +73,8 @@ from agents.store import (
     check_key,
     check_row,
     check_value,
+    lsn_generation,
+    make_lsn,
     next_lsn,
 )
 
@@ -631,7 +633,7 @@ class DataPlane:
             raise HttpError(503, "shard_not_open", shard=shard)
         return store
 
-    def _primary_route(self, request: Request, shard: int) -> ShardRoute:
+    def _primary_route(self, shard: int) -> ShardRoute:
         """This shard's route if we are its primary; else a redirect to the one we know."""
         route = self._route_of(shard)
         if route.state == ShardState.PRIMARY:
@@ -652,7 +654,7 @@ class DataPlane:
         return Response(200 if self.table.serving else 503, body)
 
     def get(self, request: Request, shard: int, key: bytes) -> Response:
-        self._primary_route(request, shard)
+        self._primary_route(shard)
         row = self._store_of(shard).get(key)
         if row is None or row.tombstone:
             raise HttpError(404, "not_found")
@@ -671,11 +673,11 @@ class DataPlane:
         self, request: Request, shard: int, changes: list[tuple[bytes, bytes | None]]
     ) -> list[int]:
         """The primary's write path; returns the LSNs once every in-sync replica applied."""
-        self._primary_route(request, shard)
+        self._primary_route(shard)
         store = self._store_of(shard)
         with self._lock_for(self._write_locks, shard):
             # Re-read under the lock: a demotion or fence may have landed while we waited.
-            route = self._primary_route(request, shard)
+            route = self._primary_route(shard)
             self._require_writable()
             prev = store.max_lsn()
             first = next_lsn(route.generation, prev)
@@ -806,7 +808,7 @@ class DataPlane:
         return Response(200, body)
 
     def repair(self, request: Request, shard: int) -> Response:
-        self._primary_route(request, shard)
+        self._primary_route(shard)
         keys = body_field(request, "keys")
         if not isinstance(keys, list) or len(keys) > MAX_BATCH_KEYS:
             raise HttpError(400, "malformed", detail=f"keys must be a list of <= {MAX_BATCH_KEYS}")
@@ -1043,7 +1045,7 @@ def repair_shard(
     replica streams everything after that point from the primary.
     """
     info = client.shard_info(primary, shard)
-    start = min(info.promotion_lsn, store.sync_lsn())
+    start = repair_start(info.promotion_lsn, store.sync_lsn())
     suspects = list(_all_rows_after(store, start))
     replaced = 0
     for chunk in _chunks(suspects, batch):
@@ -1055,6 +1057,20 @@ def repair_shard(
     store.set_meta(META_BOOTSTRAP_CURSOR, start)
     caught_up = copy_shard(store, shard, primary, client)
     return RepairResult(shard, info.promotion_lsn, start, len(suspects), replaced, caught_up)
+
+
+def repair_start(promotion_lsn: int, sync_lsn: int) -> int:
+    """The LSN after which a replica's rows may disagree with a newly promoted primary.
+
+    The new primary holds every LSN up to its promotion point, and the replica every LSN up
+    to its ``sync_lsn``, of the stream they both followed. If the promotion point is from a
+    later generation than the replica's last one, the replica missed a whole primary and
+    anything it got from its last one may be that primary's unacknowledged tail.
+    """
+    start = min(promotion_lsn, sync_lsn)
+    if lsn_generation(sync_lsn) < lsn_generation(promotion_lsn):
+        start = min(start, make_lsn(lsn_generation(sync_lsn), 0))
+    return start
 
 
 def _all_rows_after(store: ShardStore, lsn: int) -> Iterator[Row]:
@@ -1086,6 +1102,7 @@ __all__ = [
     "copy_shard",
     "key_path",
     "repair_shard",
+    "repair_start",
     "row_from_json",
     "row_to_json",
 ]

@@ -434,7 +434,14 @@ def open_empty(step: _Step, shard: int, target: Target, generation: int) -> None
 def follow_new_source(
     step: _Step, shard: int, record: ShardRecord, target: Target, generation: int
 ) -> None:
-    """The plan named another source (the old one left): restart the copy from it."""
+    """Restart the copy from a new source; start over if the shard's primary changed.
+
+    Forwards from a primary that then failed may be writes nobody acknowledged; a copy
+    cannot tell them apart, so it drops what it has and copies afresh from the new primary.
+    """
+    if record.primary is not None and target.primary not in (None, record.primary):
+        step.move(shard, ShardRecord(state=ShardState.DROPPING), StartDrop(shard))
+        return
     if target.source is None or target.source == record.source:
         return
     restarted = replace(record, source=target.source, attempts=0, reason=None)
@@ -465,7 +472,10 @@ def start_waiting_bootstraps(
         if step.record(shard).state != ShardState.OFFLINE or target.source is None:
             continue
         record = ShardRecord(
-            state=ShardState.BOOTSTRAPPING, generation=generation, source=target.source
+            state=ShardState.BOOTSTRAPPING,
+            generation=generation,
+            source=target.source,
+            primary=target.primary,
         )
         step.move(shard, record, StartBootstrap(shard, target.source, generation))
         free -= 1

@@ -24,10 +24,19 @@ from agents.dataplane import (
     copy_shard,
     key_path,
     repair_shard,
+    repair_start,
 )
 from agents.handler import KVShardHandler, perform
-from agents.shardsm import BecomeReplica, CopyDone, Demote, Promote, ShardState, StartBootstrap
-from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, Row, StoreSet
+from agents.shardsm import (
+    BecomeReplica,
+    CopyDone,
+    Demote,
+    Promote,
+    Repair,
+    ShardState,
+    StartBootstrap,
+)
+from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, Row, StoreSet, make_lsn
 
 TOKEN = "test-cluster-token"
 SHARD = 7
@@ -469,3 +478,39 @@ def test_failover_repair_catches_up_a_replica_that_missed_the_last_write(cluster
     assert len(digests(r1, r2)) == 1
     cluster.client.batch_put(r1.address, SHARD, [(b"x", b"1"), (b"y", b"2")])
     assert len(digests(r1, r2)) == 1
+
+
+def test_repair_start_covers_the_unacknowledged_tail():
+    # Same stream: whichever of the two saw less bounds the disagreement.
+    assert repair_start(make_lsn(5, 9), make_lsn(5, 10)) == make_lsn(5, 9)
+    assert repair_start(make_lsn(5, 12), make_lsn(5, 10)) == make_lsn(5, 10)
+    # The replica missed generation 6 entirely: its whole generation-5 tail is suspect.
+    assert repair_start(make_lsn(6, 20), make_lsn(5, 10)) == make_lsn(5, 0)
+    # A new cluster: nothing to compare.
+    assert repair_start(0, 0) == 0
+
+
+def test_repair_after_missing_a_whole_primary_generation(cluster, trio):
+    old, r1, r2 = unacknowledged_write_on_r1_only(cluster, trio)
+    # Generation 2: r2 leads alone while r1 is partitioned away, then a copy r3 joins.
+    KVShardHandler(r2.stores, cluster.client).on_become_primary(SHARD, 2)
+    lead(r2, 2)
+    cluster.client.put(r2.address, SHARD, b"gen2", b"written")
+    r3 = cluster.start("r3")
+    follow(r3, r2, 2, state=ShardState.BOOTSTRAPPING)
+    copy_shard(r3.store, SHARD, r2.address, cluster.client)
+    follow(r3, r2, 2)
+    lead(r2, 2, in_sync=(r3,))
+    cluster.client.put(r2.address, SHARD, b"gen2", b"acknowledged by r3")
+    # Generation 3: r2 dies, r3 is promoted; r1 finally hears of it and repairs.
+    r2.plane.stop()
+    KVShardHandler(r3.stores, cluster.client).on_become_primary(SHARD, 3)
+    lead(r3, 3, in_sync=(r1,))
+    follow(r1, r3, 3)
+    perform(
+        KVShardHandler(r1.stores, cluster.client), Repair(SHARD, r3.address, 3), threading.Event()
+    )
+    assert r1.store.get(b"k000002").value == b"v2", "generation 1's unacked tail is gone"
+    assert len(digests(r1, r3)) == 1
+    cluster.client.put(r3.address, SHARD, b"gen3", b"ok")
+    assert len(digests(r1, r3)) == 1

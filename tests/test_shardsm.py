@@ -117,6 +117,14 @@ def test_failed_copies_retry_then_error_then_recover_on_a_newer_plan():
     assert shard_actions(d) == [StartBootstrap(0, "b:1", 2)]
 
 
+def test_primary_change_during_a_copy_starts_it_over():
+    d = connected(plan=Plan(1, {0: Target(R, source="a:1", primary="a:1")}))
+    d = reconcile(d.agent, plan=Plan(2, {0: Target(R, source="b:1", primary="b:1")}))
+    assert shard_actions(d) == [StartDrop(0)]
+    d = reconcile(d.agent, events=[DropDone(0)])
+    assert shard_actions(d) == [StartBootstrap(0, "b:1", 2)]
+
+
 def test_new_source_restarts_the_copy():
     d = connected(plan=Plan(1, {0: Target(R, source="a:1")}))
     d = reconcile(d.agent, plan=Plan(2, {0: Target(R, source="b:1")}))
