@@ -34,6 +34,7 @@ from coordinator.layout import (
     ROLE_PRIMARY,
     AgentPlan,
     AgentStatus,
+    Assignment,
     CorruptZnode,
     MemberInfo,
     Paths,
@@ -60,7 +61,7 @@ class LocalChanges:
     drop: tuple[int, ...]
 
 
-def local_changes(target: dict[int, str], held: set[int]) -> LocalChanges:
+def local_changes(target: dict[int, Assignment], held: set[int]) -> LocalChanges:
     """Pure: the replica directories to create and to drop for ``target``."""
     return LocalChanges(
         create=tuple(sorted(set(target) - held)),
@@ -68,10 +69,11 @@ def local_changes(target: dict[int, str], held: set[int]) -> LocalChanges:
     )
 
 
-def shard_states(target: dict[int, str]) -> dict[int, ShardStatus]:
+def shard_states(target: dict[int, Assignment]) -> dict[int, ShardStatus]:
+    # The skeleton holds no data, so a replica asked to copy is caught up at once.
     return {
-        s: ShardStatus(STATE_PRIMARY if role == ROLE_PRIMARY else STATE_REPLICA)
-        for s, role in target.items()
+        s: ShardStatus(STATE_PRIMARY if a.role == ROLE_PRIMARY else STATE_REPLICA)
+        for s, a in target.items()
     }
 
 

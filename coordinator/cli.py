@@ -6,19 +6,23 @@ meant for the operator are printed on one line and exit non-zero, without a trac
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 from kazoo.exceptions import NodeExistsError
 
+from coordinator import admin
 from coordinator import cluster as clusterstate
-from coordinator.cliutil import emit_json, operator_errors, zk_options
-from coordinator.config import ClusterConfig, ConfigError
+from coordinator.cliutil import emit_json, operator_errors, zk_options, zk_session
+from coordinator.config import KNOBS, ClusterConfig, ConfigError
 from coordinator.devcluster import dev
-from coordinator.layout import Paths, validate_name
+from coordinator.layout import Event, MoveRequest, Paths, validate_name
 from coordinator.summary import summarize
 from coordinator.zk import ShardkeeperError, close, connect, ensure_layout
 
@@ -86,6 +90,8 @@ def read_summary(zk_hosts: str, paths: Paths) -> dict[str, Any]:
             plan=clusterstate.read_plan(client, paths),
             members=clusterstate.read_members(client, paths, skip_corrupt=True),
             statuses=clusterstate.read_statuses(client, paths),
+            maintenance=admin.maintenance(client, paths),
+            draining=admin.draining(client, paths),
         )
     finally:
         close(client)
@@ -100,11 +106,23 @@ def render_status(s: dict[str, Any]) -> str:
     ]
     if s["shortfall"]:
         lines.append(f"shortfall {s['shortfall']} replicas: fewer members than replicas")
-    header = ("MEMBER", "ZONE", "WEIGHT", "REPLICAS", "PRIMARIES", "APPLIED", "ADDRESS")
+    if s["moves"]["in_flight"] or s["moves"]["deferred"]:
+        lines.append(f"moves: {s['moves']['in_flight']} copying, {s['moves']['deferred']}"
+                     " waiting for the throttle")
+    if s["unavailable"]:
+        lines.append(f"UNAVAILABLE: {s['unavailable']} shards have no live in-sync replica")
+    m = s["maintenance"]
+    if m:
+        lines.append(f"MAINTENANCE ({m['reason']}) since"
+                     f" {time.strftime('%H:%M:%S', time.localtime(m['since']))}:"
+                     f" {m['note'] or 'no note'}; no moves until `shardkeeper resume`")
+    header = ("MEMBER", "ZONE", "WEIGHT", "REPLICAS", "PRIMARIES", "COPYING", "APPLIED",
+              "STATE", "ADDRESS")
     rows = [header] + [
         (m["id"], m["zone"] or "-", f"{m['weight']:g}", str(m["replicas"]), str(m["primaries"]),
+         str(m["copying"]),
          str(m["applied_generation"] if m["applied_generation"] is not None else "-"),
-         m["address"])
+         m["state"], m["address"])
         for m in s["members"]
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -154,6 +172,158 @@ def shards(zk_hosts: str, paths: Paths, agent: str | None, as_json: bool) -> Non
     click.echo(f"generation {plan.generation}")
     for r in rows:
         click.echo(f"{r['shard']:>6}  {' '.join(r['replicas']) or '(unplaced)'}")
+
+
+def check_agent_name(agent_id: str) -> str:
+    try:
+        return validate_name("agent id", agent_id)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="AGENT") from None
+
+
+@main.command()
+@zk_options
+@click.argument("agent_id", metavar="AGENT")
+@operator_errors
+def drain(zk_hosts: str, paths: Paths, agent_id: str) -> None:
+    """Move every replica off AGENT, make-before-break, then report it drained."""
+    check_agent_name(agent_id)
+    with zk_session(zk_hosts) as client:
+        clusterstate.read_config(client, paths)
+        members = clusterstate.read_members(client, paths, skip_corrupt=True)
+        new = admin.drain(client, paths, agent_id)
+    note = "" if agent_id in members else f" (note: {agent_id} is not a member now)"
+    click.echo(f"{agent_id} {'is now' if new else 'was already'} draining{note};"
+               " `shardkeeper status` shows its replicas leave, `shardkeeper events` when done")
+
+
+@main.command()
+@zk_options
+@click.argument("agent_id", metavar="AGENT")
+@operator_errors
+def undrain(zk_hosts: str, paths: Paths, agent_id: str) -> None:
+    """Let AGENT receive replicas again."""
+    check_agent_name(agent_id)
+    with zk_session(zk_hosts) as client:
+        removed = admin.undrain(client, paths, agent_id)
+    click.echo(f"{agent_id} {'is no longer' if removed else 'was not'} draining")
+
+
+@main.command()
+@zk_options
+@click.option("--note", default="", help="Why: shown by `shardkeeper status`.")
+@operator_errors
+def pause(zk_hosts: str, paths: Paths, note: str) -> None:
+    """Enter maintenance mode: no moves; primaries of departed agents still fail over."""
+    with zk_session(zk_hosts) as client:
+        clusterstate.read_config(client, paths)
+        current = admin.pause(client, paths, note)
+    if current is None:
+        click.echo("maintenance mode on: no moves until `shardkeeper resume`")
+    else:
+        click.echo(f"already in maintenance ({current.reason}: {current.note or 'no note'})")
+
+
+@main.command()
+@zk_options
+@operator_errors
+def resume(zk_hosts: str, paths: Paths) -> None:
+    """Leave maintenance mode (manual or automatic): moves resume."""
+    with zk_session(zk_hosts) as client:
+        left = admin.resume(client, paths)
+    click.echo("maintenance mode off: moves resume" if left else "not in maintenance mode")
+
+
+@main.command()
+@zk_options
+@operator_errors
+def rebalance(zk_hosts: str, paths: Paths) -> None:
+    """Re-plan now: re-replicate departed agents' replicas without waiting out the delay."""
+    with zk_session(zk_hosts) as client:
+        clusterstate.read_config(client, paths)
+        admin.request_rebalance(client, paths)
+    click.echo("rebalance requested")
+
+
+@main.command()
+@zk_options
+@click.argument("shard", type=click.IntRange(min=0))
+@click.option("--from", "source", required=True, help="Agent that holds the replica now.")
+@click.option("--to", "dest", required=True, help="Agent that should hold it.")
+@operator_errors
+def move(zk_hosts: str, paths: Paths, shard: int, source: str, dest: str) -> None:
+    """Move one replica of SHARD from one agent to another (make-before-break)."""
+    check_agent_name(source)
+    check_agent_name(dest)
+    with zk_session(zk_hosts) as client:
+        name = admin.request_move(client, paths, MoveRequest(shard, source, dest))
+    click.echo(f"requested {name.rsplit('/', 1)[-1]}: move shard {shard} from {source} to"
+               f" {dest}; the leader logs the outcome in `shardkeeper events`")
+
+
+@main.group()
+def config() -> None:
+    """Show or change the cluster's config and policies."""
+
+
+@config.command("show")
+@zk_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@operator_errors
+def config_show(zk_hosts: str, paths: Paths, as_json: bool) -> None:
+    """Every setting with its value and meaning."""
+    with zk_session(zk_hosts) as client:
+        cfg = clusterstate.read_config(client, paths)
+    if as_json:
+        emit_json(dataclasses.asdict(cfg))
+        return
+    for key, (_, _, _, meaning) in KNOBS.items():
+        click.echo(f"{key:<26} {getattr(cfg, key)!s:<8} {meaning}")
+
+
+@config.command("set")
+@zk_options
+@click.argument("settings", nargs=-1, required=True, metavar="KEY=VALUE...")
+@operator_errors
+def config_set(zk_hosts: str, paths: Paths, settings: tuple[str, ...]) -> None:
+    """Change settings, e.g. `config set rebalance_delay=60 max_moves_total=32`."""
+    parsed = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="SETTINGS")
+        parsed[key.strip()] = value.strip()
+    with zk_session(zk_hosts) as client:
+        new = admin.set_config(client, paths, parsed)
+    click.echo(", ".join(f"{k}={getattr(new, k)}" for k in parsed))
+
+
+def render_event(e: Event) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+    return f"{stamp}  {e.kind:<20} {e.message}"
+
+
+@main.command()
+@zk_options
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="How many of the latest events to show first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@operator_errors
+def events(zk_hosts: str, paths: Paths, follow: bool, limit: int, as_json: bool) -> None:
+    """The leader's audit log: joins, departures, plans, drains, maintenance."""
+
+    def show(entries) -> str:
+        for _, e in entries:
+            click.echo(json.dumps(dataclasses.asdict(e)) if as_json else render_event(e))
+        return entries[-1][0] if entries else ""
+
+    with zk_session(zk_hosts) as client:
+        clusterstate.read_config(client, paths)
+        last = show(admin.events(client, paths)[-limit:])
+        while follow:
+            time.sleep(0.5)
+            last = show(admin.events(client, paths, after=last)) or last
 
 
 @main.group()

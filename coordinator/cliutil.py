@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
+from kazoo.client import KazooClient
 
 from coordinator.config import ConfigError
 from coordinator.layout import CorruptZnode, Paths
-from coordinator.zk import ShardkeeperError
+from coordinator.zk import ShardkeeperError, close, connect
 
 DEFAULT_ZK = "127.0.0.1:2181"
 DEFAULT_CLUSTER = "default"
@@ -51,3 +53,13 @@ def operator_errors(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def zk_session(hosts: str) -> Iterator[KazooClient]:
+    """A ZooKeeper session for one admin command, closed when the command ends."""
+    client = connect(hosts)
+    try:
+        yield client
+    finally:
+        close(client)

@@ -27,6 +27,7 @@ from coordinator.layout import (
     decode_epoch,
 )
 from coordinator.plan import PlanState
+from coordinator.reconcile import ShardPlan
 from coordinator.zk import ShardkeeperError
 
 log = logging.getLogger(__name__)
@@ -101,16 +102,20 @@ def read_plan(client: KazooClient, paths: Paths) -> PlanState:
         return PlanState()
     agents = read_many(client, paths.plan_agents, AgentPlan.decode)
     chunks = read_many(client, paths.routing, RoutingChunk.decode)
-    rows: list[tuple[str, ...]] = []
+    shards: list[ShardPlan] = []
+    targets: list[tuple[str, ...]] = []
     for name in sorted(chunks):
         chunk = chunks[name]
-        if chunk.first != len(rows):
+        if chunk.first != len(shards):
             raise CorruptZnode(
                 f"{paths.routing_chunk(int(name))}: starts at shard {chunk.first},"
-                f" expected {len(rows)}"
+                f" expected {len(shards)}"
             )
-        rows.extend(chunk.replicas)
-    return PlanState(meta=meta, agents=agents, routing=tuple(rows))
+        for i, replicas in enumerate(chunk.replicas):
+            shard = chunk.first + i
+            shards.append(ShardPlan(replicas, chunk.bootstrapping.get(shard, ())))
+            targets.append(chunk.targets.get(shard, replicas))
+    return PlanState(meta=meta, agents=agents, shards=tuple(shards), targets=tuple(targets))
 
 
 def read_leader(client: KazooClient, paths: Paths) -> tuple[str | None, int]:

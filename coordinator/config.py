@@ -1,8 +1,12 @@
-"""Cluster configuration: the one place that validates it."""
+"""Cluster configuration: the one place that validates it.
+
+``shards`` and ``replicas`` are set by `shardkeeper init`; the policy knobs have defaults
+and are changed at run time with `shardkeeper config set KEY=VALUE`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from coordinator.layout import CorruptZnode, decode_object, encode
@@ -15,33 +19,82 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and why."""
 
 
+# name -> (kind, low, high, help). Bounds are inclusive.
+KNOBS: dict[str, tuple[type, float, float, str]] = {
+    "shards": (int, 1, MAX_SHARDS, "number of shards S (fixed after init)"),
+    "replicas": (int, 1, MAX_REPLICAS, "replicas per shard R"),
+    "rebalance_delay": (
+        float, 0, 86_400,
+        "seconds to wait before re-replicating a departed agent's replicas"
+        " (its primaries fail over at once)",
+    ),
+    "max_moves_per_agent": (int, 1, 1_000, "concurrent copies into or out of one agent"),
+    "max_moves_total": (int, 1, 100_000, "concurrent copies in the whole cluster"),
+    "auto_maintenance_fraction": (
+        float, 0, 1,
+        "enter maintenance when more than this fraction of members vanish within"
+        " auto_maintenance_window (0 disables)",
+    ),
+    "auto_maintenance_window": (float, 1, 3_600, "seconds over which departures are counted"),
+}
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     shards: int
     replicas: int
+    rebalance_delay: float = 0.0
+    max_moves_per_agent: int = 4
+    max_moves_total: int = 64
+    auto_maintenance_fraction: float = 0.5
+    auto_maintenance_window: float = 30.0
 
     def __post_init__(self) -> None:
-        for name, value, top in (
-            ("shards", self.shards, MAX_SHARDS),
-            ("replicas", self.replicas, MAX_REPLICAS),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
-            if not 1 <= value <= top:
-                raise ConfigError(f"{name} must be between 1 and {top}, got {value}")
+        for f in fields(self):
+            kind, low, high, _ = KNOBS[f.name]
+            value = getattr(self, f.name)
+            wrong = isinstance(value, bool) or not isinstance(value, kind if kind is int else (
+                int, float))
+            if wrong:
+                expected = "an integer" if kind is int else "a number"
+                raise ConfigError(f"{f.name} must be {expected}, got {value!r}")
+            if not low <= value <= high:
+                raise ConfigError(f"{f.name} must be between {low:g} and {high:g}, got {value}")
 
     def encode(self) -> bytes:
         return encode(asdict(self))
 
+    def with_settings(self, settings: dict[str, str]) -> ClusterConfig:
+        """Apply `KEY=VALUE` strings from the CLI; shards cannot change after init."""
+        changes: dict[str, Any] = {}
+        for key, text in settings.items():
+            if key not in KNOBS:
+                raise ConfigError(f"unknown config key {key!r}; known: {', '.join(KNOBS)}")
+            if key == "shards" and text != str(self.shards):
+                raise ConfigError(
+                    "shards cannot change after init: keys would map to other shards"
+                )
+            kind = KNOBS[key][0]
+            try:
+                changes[key] = kind(text)
+            except ValueError:
+                raise ConfigError(f"{key} must be {kind.__name__}, got {text!r}") from None
+        return replace(self, **changes)
+
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> ClusterConfig:
-        unknown = set(obj) - {"shards", "replicas"}
+        unknown = set(obj) - set(KNOBS)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        try:
-            return cls(shards=obj["shards"], replicas=obj["replicas"])
-        except KeyError as e:
-            raise ConfigError(f"config is missing {e.args[0]!r}") from None
+        for required in ("shards", "replicas"):
+            if required not in obj:
+                raise ConfigError(f"config is missing {required!r}")
+        values = dict(obj)
+        for key, value in values.items():
+            # JSON has one number type: accept 2.0 for a float knob written as 2.
+            if KNOBS[key][0] is float and isinstance(value, int) and not isinstance(value, bool):
+                values[key] = float(value)
+        return cls(**values)
 
     @classmethod
     def decode(cls, path: str, data: bytes | None) -> ClusterConfig:

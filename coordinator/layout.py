@@ -118,8 +118,35 @@ class Paths:
         return f"{self.root}/admin"
 
     @property
+    def maintenance(self) -> str:
+        return f"{self.admin}/maintenance"
+
+    @property
+    def drains(self) -> str:
+        return f"{self.admin}/drain"
+
+    def drain(self, agent: str) -> str:
+        return f"{self.drains}/{agent}"
+
+    @property
+    def rebalance(self) -> str:
+        return f"{self.admin}/rebalance"
+
+    @property
+    def moves(self) -> str:
+        return f"{self.admin}/moves"
+
+    @property
+    def move_prefix(self) -> str:
+        return f"{self.moves}/move-"
+
+    @property
     def events(self) -> str:
         return f"{self.root}/events"
+
+    @property
+    def event_prefix(self) -> str:
+        return f"{self.events}/event-"
 
     def persistent_dirs(self) -> list[str]:
         """Containers that must exist before agents and leaders use the cluster."""
@@ -130,6 +157,8 @@ class Paths:
             self.routing,
             self.status,
             self.admin,
+            self.drains,
+            self.moves,
             self.events,
         ]
 
@@ -202,8 +231,42 @@ class MemberInfo:
 
 
 @dataclass(frozen=True)
+class Assignment:
+    """What the plan asks of one agent for one shard.
+
+    A primary learns its in-sync ``peers`` (which must ack every write) and the replicas
+    ``catching_up`` (which receive forwarded writes while they copy). A replica learns its
+    ``primary`` and, while it must copy the shard, the ``source`` to copy from.
+    Encoded compactly, since an agent may hold thousands of shards:
+    ``["P", [peers...], [catching_up...]]`` or ``["R", primary]`` / ``["R", primary, source]``.
+    """
+
+    role: str
+    primary: str | None = None
+    source: str | None = None
+    peers: tuple[str, ...] = ()
+    catching_up: tuple[str, ...] = ()
+
+    def to_json(self) -> list[Any]:
+        if self.role == ROLE_PRIMARY:
+            return ["P", list(self.peers), list(self.catching_up)]
+        return ["R", self.primary] + ([self.source] if self.source else [])
+
+    @classmethod
+    def from_json(cls, path: str, shard: str, raw: Any) -> Assignment:
+        bad = CorruptZnode(f"{path}: bad assignment for shard {shard}: {raw!r}")
+        if not isinstance(raw, list) or not raw:
+            raise bad
+        if raw[0] == "P" and len(raw) == 3 and all(isinstance(x, list) for x in raw[1:]):
+            return cls(ROLE_PRIMARY, peers=tuple(raw[1]), catching_up=tuple(raw[2]))
+        if raw[0] == "R" and len(raw) in (2, 3) and all(isinstance(x, str) for x in raw[1:]):
+            return cls(ROLE_REPLICA, primary=raw[1], source=raw[2] if len(raw) == 3 else None)
+        raise bad
+
+
+@dataclass(frozen=True)
 class AgentPlan:
-    """One agent's target replicas: shard -> role, written by the leader.
+    """One agent's target replicas: shard -> Assignment, written by the leader.
 
     ``generation`` is the plan generation in which this agent's assignment last changed;
     agents ignore an AgentPlan older than the one they applied.
@@ -211,14 +274,14 @@ class AgentPlan:
 
     generation: int
     epoch: int
-    replicas: dict[int, str] = field(default_factory=dict)
+    replicas: dict[int, Assignment] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return encode(
             {
                 "generation": self.generation,
                 "epoch": self.epoch,
-                "replicas": {str(s): role for s, role in sorted(self.replicas.items())},
+                "replicas": {str(s): a.to_json() for s, a in sorted(self.replicas.items())},
             }
         )
 
@@ -226,11 +289,11 @@ class AgentPlan:
     def decode(cls, path: str, data: bytes | None) -> AgentPlan:
         obj = decode_object(path, data)
         raw = _field(path, obj, "replicas", dict)
-        replicas: dict[int, str] = {}
-        for key, role in raw.items():
-            if not key.isdigit() or role not in ROLES:
-                raise CorruptZnode(f"{path}: bad replica entry {key!r}: {role!r}")
-            replicas[int(key)] = role
+        replicas: dict[int, Assignment] = {}
+        for key, entry in raw.items():
+            if not key.isdigit():
+                raise CorruptZnode(f"{path}: bad shard number {key!r}")
+            replicas[int(key)] = Assignment.from_json(path, key, entry)
         return cls(
             generation=_field(path, obj, "generation", int),
             epoch=_field(path, obj, "epoch", int),
@@ -249,10 +312,12 @@ class PlanMeta:
     chunks: int
     shortfall: int = 0
     created: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return encode(
             {
+                "summary": self.summary,
                 "generation": self.generation,
                 "epoch": self.epoch,
                 "leader": self.leader,
@@ -278,16 +343,25 @@ class PlanMeta:
             chunks=_field(path, obj, "chunks", int),
             shortfall=int(obj.get("shortfall", 0)),
             created=float(obj.get("created", 0.0)),
+            summary=obj.get("summary") if isinstance(obj.get("summary"), dict) else {},
         )
 
 
 @dataclass(frozen=True)
 class RoutingChunk:
-    """Replica lists (primary first) of shards ``first .. first + len(replicas) - 1``."""
+    """The plan of shards ``first .. first + len(replicas) - 1``.
+
+    ``replicas``: each shard's in-sync replicas, primary first (what clients route by).
+    ``bootstrapping``: shard -> (agent, source) pairs still copying (sparse).
+    ``targets``: shard -> the placement target, where it differs from ``replicas``
+    (sparse), so that a new leader continues the moves in flight instead of re-deciding.
+    """
 
     generation: int
     first: int
     replicas: tuple[tuple[str, ...], ...]
+    bootstrapping: dict[int, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    targets: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return encode(
@@ -295,6 +369,11 @@ class RoutingChunk:
                 "generation": self.generation,
                 "first": self.first,
                 "replicas": [list(r) for r in self.replicas],
+                "bootstrapping": {
+                    str(s): [list(p) for p in pairs]
+                    for s, pairs in sorted(self.bootstrapping.items())
+                },
+                "targets": {str(s): list(t) for s, t in sorted(self.targets.items())},
             }
         )
 
@@ -304,18 +383,26 @@ class RoutingChunk:
         rows = _field(path, obj, "replicas", list)
         if not all(isinstance(r, list) and all(isinstance(a, str) for a in r) for r in rows):
             raise CorruptZnode(f"{path}: replicas must be lists of agent ids")
+        boot: dict[int, tuple[tuple[str, str], ...]] = {}
+        for key, pairs in (obj.get("bootstrapping") or {}).items():
+            if not key.isdigit() or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                for p in pairs
+            ):
+                raise CorruptZnode(f"{path}: bad bootstrapping entry for shard {key!r}")
+            boot[int(key)] = tuple((a, src) for a, src in pairs)
+        targets: dict[int, tuple[str, ...]] = {}
+        for key, agents in (obj.get("targets") or {}).items():
+            if not key.isdigit() or not all(isinstance(a, str) for a in agents):
+                raise CorruptZnode(f"{path}: bad target for shard {key!r}")
+            targets[int(key)] = tuple(agents)
         return cls(
             generation=_field(path, obj, "generation", int),
             first=_field(path, obj, "first", int),
             replicas=tuple(tuple(r) for r in rows),
+            bootstrapping=boot,
+            targets=targets,
         )
-
-
-def chunk_routing(
-    replicas: tuple[tuple[str, ...], ...],
-) -> list[tuple[tuple[str, ...], ...]]:
-    """Split a routing table into ROUTING_CHUNK-sized slices: returns each chunk's rows."""
-    return [replicas[i : i + ROUTING_CHUNK] for i in range(0, len(replicas), ROUTING_CHUNK)]
 
 
 @dataclass(frozen=True)
@@ -366,3 +453,74 @@ def encode_epoch(leader: str) -> bytes:
 
 def decode_epoch(path: str, data: bytes | None) -> str:
     return _field(path, decode_object(path, data), "leader", str)
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    """Maintenance mode: no moves, primaries still fail over. ``reason`` is "manual" or
+    "auto" (entered by the mass-departure guard, which also leaves it on its own when
+    enough of the ``missing`` members return)."""
+
+    reason: str
+    since: float
+    note: str = ""
+    missing: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        return encode({"reason": self.reason, "since": self.since, "note": self.note,
+                       "missing": list(self.missing)})
+
+    @classmethod
+    def decode(cls, path: str, data: bytes | None) -> Maintenance:
+        obj = decode_object(path, data)
+        return cls(
+            reason=_field(path, obj, "reason", str),
+            since=float(_field(path, obj, "since", (int, float))),
+            note=str(obj.get("note", "")),
+            missing=tuple(str(a) for a in obj.get("missing", [])),
+        )
+
+
+@dataclass(frozen=True)
+class MoveRequest:
+    """`shardkeeper move SHARD --from A --to B`, carried out (or refused) by the leader."""
+
+    shard: int
+    source: str
+    dest: str
+
+    def encode(self) -> bytes:
+        return encode({"shard": self.shard, "from": self.source, "to": self.dest})
+
+    @classmethod
+    def decode(cls, path: str, data: bytes | None) -> MoveRequest:
+        obj = decode_object(path, data)
+        return cls(
+            shard=_field(path, obj, "shard", int),
+            source=_field(path, obj, "from", str),
+            dest=_field(path, obj, "to", str),
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the audit log under events/."""
+
+    time: float
+    kind: str
+    message: str
+    generation: int = 0
+
+    def encode(self) -> bytes:
+        return encode({"time": self.time, "kind": self.kind, "message": self.message,
+                       "generation": self.generation})
+
+    @classmethod
+    def decode(cls, path: str, data: bytes | None) -> Event:
+        obj = decode_object(path, data)
+        return cls(
+            time=float(_field(path, obj, "time", (int, float))),
+            kind=_field(path, obj, "kind", str),
+            message=_field(path, obj, "message", str),
+            generation=int(obj.get("generation", 0)),
+        )

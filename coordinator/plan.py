@@ -16,11 +16,12 @@ from coordinator.layout import (
     ROLE_REPLICA,
     ROUTING_CHUNK,
     AgentPlan,
+    Assignment,
     Paths,
     PlanMeta,
     RoutingChunk,
-    chunk_routing,
 )
+from coordinator.reconcile import ShardPlan
 
 Routing = tuple[tuple[str, ...], ...]
 
@@ -36,40 +37,79 @@ class Write:
 
 @dataclass(frozen=True)
 class PlanState:
-    """The plan as stored in ZooKeeper: meta, every plan/agents znode, and the routing rows."""
+    """The plan as stored in ZooKeeper: meta, every plan/agents znode, every shard's plan,
+    and the placement target it is moving toward."""
 
     meta: PlanMeta | None = None
     agents: dict[str, AgentPlan] = field(default_factory=dict)
-    routing: Routing = ()
+    shards: tuple[ShardPlan, ...] = ()
+    targets: Routing = ()
 
     @property
     def generation(self) -> int:
         return self.meta.generation if self.meta else 0
 
+    @property
+    def routing(self) -> Routing:
+        """In-sync replicas per shard, primary first: what clients route by."""
+        return tuple(p.replicas for p in self.shards)
 
-def assignments(routing: Routing) -> dict[str, dict[int, str]]:
-    """Invert shard -> replicas into agent -> {shard: role}; the first replica is primary."""
-    out: dict[str, dict[int, str]] = {}
-    for shard, replicas in enumerate(routing):
-        for i, agent in enumerate(replicas):
-            out.setdefault(agent, {})[shard] = ROLE_PRIMARY if i == 0 else ROLE_REPLICA
+
+def shard_assignments(shard: ShardPlan) -> dict[str, Assignment]:
+    primary = shard.primary
+    copying = tuple(a for a, _ in shard.bootstrapping)
+    out: dict[str, Assignment] = {}
+    for i, agent in enumerate(shard.replicas):
+        if i == 0:
+            out[agent] = Assignment(ROLE_PRIMARY, peers=shard.replicas[1:], catching_up=copying)
+        else:
+            out[agent] = Assignment(ROLE_REPLICA, primary=primary)
+    for agent, source in shard.bootstrapping:
+        out[agent] = Assignment(ROLE_REPLICA, primary=primary, source=source)
     return out
 
 
-def changed_chunks(old: Routing, new: Routing) -> list[int]:
-    n_chunks = (len(new) + ROUTING_CHUNK - 1) // ROUTING_CHUNK
-    return [
-        c
-        for c in range(n_chunks)
-        if old[c * ROUTING_CHUNK : (c + 1) * ROUTING_CHUNK]
-        != new[c * ROUTING_CHUNK : (c + 1) * ROUTING_CHUNK]
-    ]
+def assignments(shards: Sequence[ShardPlan]) -> dict[str, dict[int, Assignment]]:
+    """Invert shard -> plan into agent -> {shard: Assignment}."""
+    out: dict[str, dict[int, Assignment]] = {}
+    for s, shard in enumerate(shards):
+        for agent, assignment in shard_assignments(shard).items():
+            out.setdefault(agent, {})[s] = assignment
+    return out
+
+
+def chunk_of(shards: Sequence[ShardPlan], targets: Routing, c: int, generation: int
+             ) -> RoutingChunk:
+    first = c * ROUTING_CHUNK
+    rows = shards[first : first + ROUTING_CHUNK]
+    return RoutingChunk(
+        generation=generation,
+        first=first,
+        replicas=tuple(p.replicas for p in rows),
+        bootstrapping={first + i: p.bootstrapping for i, p in enumerate(rows) if p.bootstrapping},
+        targets={
+            first + i: tuple(targets[first + i])
+            for i, p in enumerate(rows)
+            if first + i < len(targets) and tuple(targets[first + i]) != p.replicas
+        },
+    )
+
+
+def changed_chunks(prev: PlanState, shards: Sequence[ShardPlan], targets: Routing) -> list[int]:
+    n_chunks = (len(shards) + ROUTING_CHUNK - 1) // ROUTING_CHUNK
+    out = []
+    for c in range(n_chunks):
+        window = slice(c * ROUTING_CHUNK, (c + 1) * ROUTING_CHUNK)
+        if prev.shards[window] != tuple(shards[window]) or prev.targets[window] != targets[window]:
+            out.append(c)
+    return out
 
 
 def plan_writes(
     paths: Paths,
     prev: PlanState,
-    routing: Routing,
+    shards: Sequence[ShardPlan],
+    targets: Routing,
     members: Iterable[str],
     *,
     epoch: int,
@@ -77,56 +117,63 @@ def plan_writes(
     replicas: int,
     shortfall: int,
     now: float,
+    summary: dict | None = None,
 ) -> tuple[list[Write], PlanState]:
-    """The writes that take the stored plan from ``prev`` to ``routing``, and the new state.
+    """The writes that take the stored plan from ``prev`` to ``shards``, and the new state.
 
-    Returns no writes when neither the routing nor the member list changed. A departed
-    agent's plan znode is deleted; a live agent that lost all replicas gets an empty plan,
-    so that it drops what it holds.
+    Returns no writes when neither the plan, the target nor the member list changed. A
+    departed agent's plan znode is deleted; a live agent without replicas gets an empty
+    plan, so that it drops what it holds.
     """
+    shards = tuple(shards)
+    targets = tuple(tuple(t) for t in targets)
     members = tuple(sorted(members))
-    if prev.meta is not None and prev.routing == routing and prev.meta.members == members:
+    if (
+        prev.meta is not None
+        and prev.shards == shards
+        and prev.targets == targets
+        and prev.meta.members == members
+    ):
         return [], prev
     generation = prev.generation + 1
     writes: list[Write] = []
     new_agents: dict[str, AgentPlan] = {}
-    target = assignments(routing)
+    wanted = assignments(shards)
     live = set(members)
-    for agent in sorted(set(target) | set(prev.agents) | live):
-        shards = target.get(agent, {})
+    for agent in sorted(set(wanted) | set(prev.agents) | live):
+        mine = wanted.get(agent, {})
         old = prev.agents.get(agent)
         path = paths.plan_agent(agent)
-        if not shards and agent not in live:
+        if not mine and agent not in live:
             if old is not None:
                 writes.append(Write("delete", path))
             continue
-        if old is not None and old.replicas == shards:
+        if old is not None and old.replicas == mine:
             new_agents[agent] = old
             continue
-        plan = AgentPlan(generation=generation, epoch=epoch, replicas=shards)
+        plan = AgentPlan(generation=generation, epoch=epoch, replicas=mine)
         new_agents[agent] = plan
         writes.append(Write("create" if old is None else "set", path, plan.encode()))
-    old_chunks = (len(prev.routing) + ROUTING_CHUNK - 1) // ROUTING_CHUNK
-    chunks = chunk_routing(routing)
-    for c in changed_chunks(prev.routing, routing):
-        data = RoutingChunk(generation, c * ROUTING_CHUNK, chunks[c]).encode()
+    old_chunks = (len(prev.shards) + ROUTING_CHUNK - 1) // ROUTING_CHUNK
+    n_chunks = (len(shards) + ROUTING_CHUNK - 1) // ROUTING_CHUNK
+    for c in changed_chunks(prev, shards, targets):
+        data = chunk_of(shards, targets, c, generation).encode()
         writes.append(Write("create" if c >= old_chunks else "set", paths.routing_chunk(c), data))
-    writes += [Write("delete", paths.routing_chunk(c)) for c in range(len(chunks), old_chunks)]
+    writes += [Write("delete", paths.routing_chunk(c)) for c in range(n_chunks, old_chunks)]
     meta = PlanMeta(
         generation=generation,
         epoch=epoch,
         leader=leader,
-        shards=len(routing),
+        shards=len(shards),
         replicas=replicas,
         members=members,
-        chunks=len(chunks),
+        chunks=n_chunks,
         shortfall=shortfall,
         created=now,
+        summary=summary or {},
     )
     writes.append(Write("create" if prev.meta is None else "set", paths.plan_meta, meta.encode()))
-    return writes, PlanState(meta=meta, agents=new_agents, routing=routing)
-
-
+    return writes, PlanState(meta=meta, agents=new_agents, shards=shards, targets=targets)
 def batches(writes: Sequence[Write], max_bytes: int = 512 * 1024) -> list[list[Write]]:
     """Split writes into multi() batches that stay well under jute.maxbuffer (1 MiB)."""
     out: list[list[Write]] = [[]]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Collection, Mapping
 from typing import Any
 
-from coordinator.layout import AgentStatus, MemberInfo
+from coordinator.layout import AgentStatus, Maintenance, MemberInfo
 from coordinator.plan import PlanState, assignments
 
 HOLDING_STATES = frozenset({"PRIMARY", "REPLICA"})
@@ -45,8 +46,10 @@ def summarize(
     plan: PlanState,
     members: Mapping[str, MemberInfo],
     statuses: Mapping[str, AgentStatus],
+    maintenance: Maintenance | None = None,
+    draining: Collection[str] = (),
 ) -> dict[str, Any]:
-    held = assignments(plan.routing)
+    held = assignments(plan.shards)
     rows = []
     for agent in sorted(members):
         info = members[agent]
@@ -59,7 +62,10 @@ def summarize(
                 "zone": info.zone,
                 "weight": info.weight,
                 "replicas": len(mine),
-                "primaries": sum(1 for r in mine.values() if r == "primary"),
+                "primaries": sum(1 for a in mine.values() if a.role == "primary"),
+                "copying": sum(1 for a in mine.values() if a.source is not None),
+                "state": ("drained" if not mine else "draining") if agent in draining
+                else "active",
                 "applied_generation": status.generation if status else None,
                 "held": len(status.shards) if status else 0,
             }
@@ -76,5 +82,12 @@ def summarize(
         if plan.routing
         else shards,
         "shortfall": plan.meta.shortfall if plan.meta else 0,
+        "moves": {
+            "in_flight": sum(len(p.bootstrapping) for p in plan.shards),
+            "deferred": int(plan.meta.summary.get("deferred", 0)) if plan.meta else 0,
+        },
+        "unavailable": int(plan.meta.summary.get("unavailable", 0)) if plan.meta else 0,
+        "maintenance": dataclasses.asdict(maintenance) if maintenance else None,
+        "draining": sorted(draining),
         "balance": round(balance([r["replicas"] for r in rows]), 4),
     }

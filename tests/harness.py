@@ -134,9 +134,12 @@ class Cluster:
         return clusterstate.read_leader(self.client, self.paths)[1]
 
     def converged(self, agents: set[str]) -> bool:
-        """The plan names exactly ``agents`` and each agent's status matches its plan."""
+        """The plan names exactly ``agents``, nothing is copying, and each agent's status
+        matches its plan."""
         plan = self.plan()
         if plan.meta is None or set(plan.meta.members) != agents:
+            return False
+        if any(p.bootstrapping for p in plan.shards):
             return False
         statuses = self.statuses()
         for agent in agents:

@@ -9,8 +9,12 @@ from coordinator.layout import (
     ROUTING_CHUNK,
     AgentPlan,
     AgentStatus,
+    Assignment,
     CorruptZnode,
+    Event,
+    Maintenance,
     MemberInfo,
+    MoveRequest,
     Paths,
     PlanMeta,
     RoutingChunk,
@@ -37,12 +41,25 @@ def test_bad_names_are_refused(name: str) -> None:
 def test_codecs_round_trip() -> None:
     m = MemberInfo("a1", "127.0.0.1:7000", zone="z1", weight=2.0, version="0.1", started=5.0)
     assert MemberInfo.decode("p", m.encode()) == m
-    plan = AgentPlan(generation=4, epoch=2, replicas={0: "primary", 17: "replica"})
+    plan = AgentPlan(
+        generation=4,
+        epoch=2,
+        replicas={
+            0: Assignment("primary", peers=("a2",), catching_up=("a3",)),
+            17: Assignment("replica", primary="a2"),
+            18: Assignment("replica", primary="a2", source="a4"),
+        },
+    )
     assert AgentPlan.decode("p", plan.encode()) == plan
-    meta = PlanMeta(4, 2, "c1", 64, 2, ("a1", "a2"), 1, 0, 1.5)
+    meta = PlanMeta(4, 2, "c1", 64, 2, ("a1", "a2"), 1, 0, 1.5, {"in_flight": 3})
     assert PlanMeta.decode("p", meta.encode()) == meta
-    chunk = RoutingChunk(4, ROUTING_CHUNK, (("a1", "a2"), ("a2",)))
+    chunk = RoutingChunk(4, ROUTING_CHUNK, (("a1", "a2"), ("a2",)),
+                         bootstrapping={ROUTING_CHUNK + 1: (("a3", "a2"),)},
+                         targets={ROUTING_CHUNK + 1: ("a2", "a3")})
     assert RoutingChunk.decode("p", chunk.encode()) == chunk
+    assert Maintenance.decode("p", Maintenance("auto", 3.0, "x", ("a",)).encode()).missing == ("a",)
+    assert MoveRequest.decode("p", MoveRequest(3, "a", "b").encode()) == MoveRequest(3, "a", "b")
+    assert Event.decode("p", Event(1.0, "plan", "m", 2).encode()) == Event(1.0, "plan", "m", 2)
     st = AgentStatus("a1", 4, {3: ShardStatus("PRIMARY", 9)})
     assert AgentStatus.decode("p", st.encode()) == st
     cfg = ClusterConfig(shards=64, replicas=3)
@@ -60,8 +77,10 @@ def test_codecs_round_trip() -> None:
         (encode({"generation": 1, "epoch": 1}), "missing field 'replicas'"),
         (encode({"generation": "1", "epoch": 1, "replicas": {}}), "wrong type"),
         (encode({"generation": True, "epoch": 1, "replicas": {}}), "must be a number"),
-        (encode({"generation": 1, "epoch": 1, "replicas": {"x": "primary"}}), "bad replica"),
-        (encode({"generation": 1, "epoch": 1, "replicas": {"1": "boss"}}), "bad replica"),
+        (encode({"generation": 1, "epoch": 1, "replicas": {"x": ["P", [], []]}}), "bad shard"),
+        (encode({"generation": 1, "epoch": 1, "replicas": {"1": "primary"}}), "bad assignment"),
+        (encode({"generation": 1, "epoch": 1, "replicas": {"1": ["R"]}}), "bad assignment"),
+        (encode({"generation": 1, "epoch": 1, "replicas": {"1": ["P", "a"]}}), "bad assignment"),
     ],
 )
 def test_corrupt_agent_plans_name_the_path_and_reason(data: bytes | None, reason: str) -> None:
@@ -94,3 +113,18 @@ def test_config_rejects_unknown_and_missing_keys() -> None:
         ClusterConfig.from_dict({"shards": 1})
     with pytest.raises(CorruptZnode, match="/cfg: shards must be"):
         ClusterConfig.decode("/cfg", encode({"shards": -1, "replicas": 1}))
+
+
+def test_config_set_parses_types_and_refuses_bad_keys_and_shard_changes() -> None:
+    cfg = ClusterConfig(shards=64, replicas=2)
+    new = cfg.with_settings({"rebalance_delay": "30", "max_moves_total": "8", "replicas": "3"})
+    assert (new.rebalance_delay, new.max_moves_total, new.replicas) == (30.0, 8, 3)
+    with pytest.raises(ConfigError, match="unknown config key 'colour'"):
+        cfg.with_settings({"colour": "red"})
+    with pytest.raises(ConfigError, match="shards cannot change"):
+        cfg.with_settings({"shards": "128"})
+    with pytest.raises(ConfigError, match="max_moves_total must be int"):
+        cfg.with_settings({"max_moves_total": "many"})
+    with pytest.raises(ConfigError, match="auto_maintenance_fraction must be between 0 and 1"):
+        cfg.with_settings({"auto_maintenance_fraction": "1.5"})
+    assert ClusterConfig.decode("c", new.encode()) == new

@@ -1,0 +1,118 @@
+"""Admin requests: what `shardkeeper drain/pause/move/config/...` write under admin/.
+
+The CLI never writes a plan; it records a request and the leader carries it out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
+
+from coordinator import cluster
+from coordinator.config import ClusterConfig
+from coordinator.layout import CorruptZnode, Event, Maintenance, MoveRequest, Paths
+from coordinator.zk import ShardkeeperError
+
+
+def drain(client: KazooClient, paths: Paths, agent: str) -> bool:
+    """Mark ``agent`` draining; False if it already was."""
+    try:
+        client.create(paths.drain(agent), b"{}", makepath=True)
+        return True
+    except NodeExistsError:
+        return False
+
+
+def undrain(client: KazooClient, paths: Paths, agent: str) -> bool:
+    try:
+        client.delete(paths.drain(agent))
+        return True
+    except NoNodeError:
+        return False
+
+
+def draining(client: KazooClient, paths: Paths) -> set[str]:
+    try:
+        return set(client.get_children(paths.drains))
+    except NoNodeError:
+        return set()
+
+
+def maintenance(client: KazooClient, paths: Paths) -> Maintenance | None:
+    try:
+        data, _ = client.get(paths.maintenance)
+    except NoNodeError:
+        return None
+    return Maintenance.decode(paths.maintenance, data)
+
+
+def pause(client: KazooClient, paths: Paths, note: str) -> Maintenance | None:
+    """Enter manual maintenance; returns the maintenance already in force, if any."""
+    try:
+        client.create(paths.maintenance, Maintenance("manual", time.time(), note).encode(),
+                      makepath=True)
+        return None
+    except NodeExistsError:
+        return maintenance(client, paths)
+
+
+def resume(client: KazooClient, paths: Paths) -> bool:
+    try:
+        client.delete(paths.maintenance)
+        return True
+    except NoNodeError:
+        return False
+
+
+def request_rebalance(client: KazooClient, paths: Paths) -> None:
+    """Bump admin/rebalance's version: the leader re-plans at once, ignoring the delay."""
+    with contextlib.suppress(NodeExistsError):
+        client.create(paths.rebalance, b"{}", makepath=True)
+    client.set(paths.rebalance, b"{}")
+
+
+def request_move(client: KazooClient, paths: Paths, move: MoveRequest) -> str:
+    config = cluster.read_config(client, paths)
+    if not 0 <= move.shard < config.shards:
+        raise ShardkeeperError(f"no shard {move.shard}: shards are 0..{config.shards - 1}")
+    if move.source == move.dest:
+        raise ShardkeeperError("--from and --to name the same agent")
+    return client.create(paths.move_prefix, move.encode(), sequence=True, makepath=True)
+
+
+def set_config(client: KazooClient, paths: Paths, settings: dict[str, str]) -> ClusterConfig:
+    """Apply KEY=VALUE settings with a version check, so that concurrent edits don't mix."""
+    for _ in range(5):
+        try:
+            data, stat = client.get(paths.config)
+        except NoNodeError:
+            raise cluster.NoConfig(
+                f"cluster {paths.cluster!r} has no config: run `shardkeeper init`"
+            ) from None
+        new = ClusterConfig.decode(paths.config, data).with_settings(settings)
+        try:
+            client.set(paths.config, new.encode(), version=stat.version)
+            return new
+        except BadVersionError:
+            continue
+    raise ShardkeeperError("config keeps changing under us: try again")
+
+
+def events(client: KazooClient, paths: Paths, after: str = "") -> list[tuple[str, Event]]:
+    """Audit log entries in order, optionally only those after the entry named ``after``."""
+    try:
+        names = sorted(n for n in client.get_children(paths.events) if n > after)
+    except NoNodeError:
+        return []
+    out = []
+    pending = [(n, client.get_async(f"{paths.events}/{n}")) for n in names]
+    for name, result in pending:
+        try:
+            data, _ = result.get()
+            out.append((name, Event.decode(f"{paths.events}/{name}", data)))
+        except (NoNodeError, CorruptZnode):
+            continue  # trimmed meanwhile, or damaged: skip it
+    return out

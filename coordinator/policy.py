@@ -1,0 +1,134 @@
+"""The leader's policies, pure: departures and rebalance delay, the mass-departure guard,
+drains and manual moves. The leader shell feeds them what it read and writes what they
+decide; they take ``now`` as an argument and read no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from coordinator.config import ClusterConfig
+from coordinator.layout import Maintenance, MemberInfo, MoveRequest
+from coordinator.placement import Member
+
+
+def track_departures(
+    departed_at: Mapping[str, float], before: Collection[str], live: Collection[str], now: float
+) -> dict[str, float]:
+    """Agents that left since ``before`` start their clock now; returning ones stop it."""
+    out = {a: t for a, t in departed_at.items() if a not in live}
+    for agent in before:
+        if agent not in live and agent not in out:
+            out[agent] = now
+    return out
+
+
+def delayed(departed_at: Mapping[str, float], delay: float, now: float) -> set[str]:
+    """Departed agents whose replicas still wait out the rebalance delay."""
+    return {a for a, t in departed_at.items() if now - t < delay}
+
+
+def next_deadline(departed_at: Mapping[str, float], delay: float, now: float) -> float | None:
+    """When the next delayed agent's replicas become due for re-replication."""
+    due = [t + delay for t in departed_at.values() if t + delay > now]
+    return min(due) if due else None
+
+
+def placement_members(
+    live: Mapping[str, MemberInfo],
+    known: Mapping[str, MemberInfo],
+    waiting: Collection[str],
+    draining: Collection[str],
+) -> list[Member]:
+    """Members placement plans for: live ones, plus departed ones still inside the rebalance
+    delay (so their replicas are not re-homed yet), draining ones flagged."""
+    infos = dict(live)
+    for agent in waiting:
+        if agent not in infos and agent in known:
+            infos[agent] = known[agent]
+    return [
+        Member(a, zone=i.zone, weight=i.weight, draining=a in draining)
+        for a, i in sorted(infos.items())
+    ]
+
+
+def guard(
+    current: Maintenance | None,
+    live: Collection[str],
+    departed_at: Mapping[str, float],
+    config: ClusterConfig,
+    now: float,
+) -> Maintenance | None:
+    """The mass-departure guard: the maintenance state the cluster should be in.
+
+    Enters automatic maintenance when more than ``auto_maintenance_fraction`` of the
+    members vanished within ``auto_maintenance_window``, so that a ZooKeeper hiccup or a
+    rack outage does not reshuffle the whole cluster. Leaves automatic maintenance on
+    its own once enough of those members are back. Manual maintenance is left alone.
+    """
+    fraction = config.auto_maintenance_fraction
+    if current is not None and current.reason != "auto":
+        return current
+    if current is not None:
+        missing = [a for a in current.missing if a not in live]
+        if len(missing) <= fraction * (len(live) + len(missing)):
+            return None
+        return current
+    if fraction <= 0:
+        return None
+    recent = sorted(a for a, t in departed_at.items() if now - t <= config.auto_maintenance_window)
+    population = len(live) + len(recent)
+    if population >= 2 and len(recent) > fraction * population:
+        return Maintenance(
+            reason="auto",
+            since=now,
+            note=f"{len(recent)} of {population} members vanished within"
+            f" {config.auto_maintenance_window:g}s",
+            missing=tuple(recent),
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class MoveOutcome:
+    name: str
+    request: MoveRequest | None
+    accepted: bool
+    reason: str
+
+
+def apply_moves(
+    target: Sequence[tuple[str, ...]],
+    requests: Sequence[tuple[str, MoveRequest | None]],
+    live: Collection[str],
+    draining: Collection[str],
+) -> tuple[list[tuple[str, ...]], list[MoveOutcome]]:
+    """Apply `shardkeeper move` requests to the target, in request order.
+
+    A move replaces ``source`` by ``dest`` in the shard's target, in the same position (so
+    a primary stays primary once the new replica is in sync); the reconciler then carries
+    it out make-before-break. A request that cannot be honoured is refused with a reason.
+    """
+    out = list(target)
+    outcomes = []
+    for name, req in requests:
+        reason = ""
+        if req is None:
+            reason = "unreadable request"
+        elif not 0 <= req.shard < len(out):
+            reason = f"no shard {req.shard} (shards are 0..{len(out) - 1})"
+        elif req.source not in out[req.shard]:
+            reason = f"{req.source} holds no replica of shard {req.shard}"
+        elif req.dest not in live:
+            reason = f"{req.dest} is not a live member"
+        elif req.dest in draining:
+            reason = f"{req.dest} is draining"
+        elif req.dest in out[req.shard]:
+            reason = f"{req.dest} already holds shard {req.shard}"
+        if reason:
+            outcomes.append(MoveOutcome(name, req, False, reason))
+            continue
+        out[req.shard] = tuple(req.dest if a == req.source else a for a in out[req.shard])
+        outcomes.append(MoveOutcome(name, req, True, ""))
+    return out, outcomes

@@ -1,0 +1,243 @@
+"""Reconciliation: one make-before-break step from the current plan toward the target.
+
+Pure: plain data in, plain data out; no ZooKeeper, no clock. The leader calls
+:func:`next_step` whenever members, status, config or admin requests change, writes the
+plan it returns, and calls again when agents report progress.
+
+Per shard the plan keeps the in-sync replicas (primary first) apart from the replicas
+still copying (bootstrapping, each from a named in-sync source). One step:
+
+1. **Failover, at once and even when paused**: replicas on departed agents leave the
+   in-sync set; if the primary departed, the first surviving in-sync replica becomes
+   primary. A bootstrap whose source departed is re-pointed at a surviving replica.
+2. **Join**: a bootstrapping replica that reports caught up joins the in-sync set.
+3. **Start copies** for target replicas the shard lacks, within the per-agent and
+   cluster throttles; shards below their replica count go before moves made for balance.
+4. **Promote** the target's primary once it is in sync.
+5. **Drop (break) last**: a replica outside the target leaves only while the shard keeps
+   at least as many in-sync replicas as the target asks for, so a move never lowers
+   redundancy.
+
+A shard with no live in-sync replica is left exactly as it is and reported
+``unavailable``: its agents may come back with their data (a ZooKeeper hiccup, a
+reboot), and re-creating it empty elsewhere would turn an outage into data loss. Only a
+shard that was never placed is created empty on its target.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    replicas: tuple[str, ...] = ()  # in sync, primary first
+    bootstrapping: tuple[tuple[str, str], ...] = ()  # (agent, source agent)
+
+    @property
+    def primary(self) -> str | None:
+        return self.replicas[0] if self.replicas else None
+
+    @property
+    def holders(self) -> tuple[str, ...]:
+        return self.replicas + tuple(a for a, _ in self.bootstrapping)
+
+
+Plan = tuple[ShardPlan, ...]
+
+
+@dataclass(frozen=True)
+class Throttle:
+    max_moves_per_agent: int = 4  # concurrent copies into, or out of, one agent
+    max_moves_total: int = 64  # concurrent copies in the cluster
+    paused: bool = False  # maintenance: no copies, no drops; failover still happens
+
+
+@dataclass(frozen=True)
+class Step:
+    plan: Plan
+    started: int = 0  # copies started in this step
+    joined: int = 0  # copies that finished and joined the in-sync set
+    dropped: int = 0  # replicas removed after their replacement joined
+    failovers: int = 0  # primaries replaced because their agent departed
+    promotions: int = 0  # primaries moved to a caught-up replica for balance
+    deferred: int = 0  # copies the target wants but the throttle (or pause) holds back
+    unavailable: tuple[int, ...] = ()  # shards with no live in-sync replica
+    in_flight: int = 0  # copies running after this step
+
+
+@dataclass
+class _Tally:
+    """Counters shared by the per-shard decisions of one step."""
+
+    throttle: Throttle
+    copies_in: Counter = field(default_factory=Counter)
+    copies_out: Counter = field(default_factory=Counter)
+    total: int = 0
+    started: int = 0
+    joined: int = 0
+    dropped: int = 0
+    failovers: int = 0
+    promotions: int = 0
+    deferred: int = 0
+
+    def count(self, agent: str, source: str) -> None:
+        self.copies_in[agent] += 1
+        self.copies_out[source] += 1
+        self.total += 1
+
+    def allows(self, agent: str) -> bool:
+        t = self.throttle
+        return (
+            not t.paused
+            and self.total < t.max_moves_total
+            and self.copies_in[agent] < t.max_moves_per_agent
+        )
+
+    def pick_source(self, in_sync: Sequence[str]) -> str | None:
+        """The in-sync replica with the fewest outgoing copies (in-sync order breaks ties)."""
+        candidates = [a for a in in_sync if self.copies_out[a] < self.throttle.max_moves_per_agent]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda a: (self.copies_out[a], in_sync.index(a)))
+
+
+def fail_over(
+    shard: ShardPlan, target: Sequence[str], live: Collection[str],
+    caught_up: Collection[str], tally: _Tally,
+) -> tuple[list[str], list[tuple[str, str]]] | None:
+    """Steps 1 and 2: drop departed replicas, re-point or join bootstraps.
+
+    Returns (in_sync, bootstrapping), or None when no live in-sync replica is left.
+    """
+    if not shard.replicas:
+        # Never placed (a new cluster, or more shards): there is no data to copy.
+        return [a for a in target if a in live], []
+    in_sync = [a for a in shard.replicas if a in live]
+    if not in_sync:
+        return None
+    if shard.replicas[0] not in live:
+        tally.failovers += 1
+    boot: list[tuple[str, str]] = []
+    for agent, source in shard.bootstrapping:
+        if agent not in live:
+            continue
+        if agent in caught_up:
+            in_sync.append(agent)
+            tally.joined += 1
+        else:
+            boot.append((agent, source))
+    repointed = []
+    for agent, source in boot:
+        if source not in in_sync:
+            source = tally.pick_source(in_sync) or in_sync[0]
+        repointed.append((agent, source))
+        tally.count(agent, source)
+    return in_sync, repointed
+
+
+def start_copies(
+    in_sync: list[str], boot: list[tuple[str, str]], target: Sequence[str],
+    live: Collection[str], tally: _Tally,
+) -> None:
+    """Step 3: bootstrap target replicas the shard lacks, as the throttle allows."""
+    holding = set(in_sync) | {a for a, _ in boot}
+    for agent in target:
+        if agent in holding or agent not in live:
+            continue
+        source = tally.pick_source(in_sync) if tally.allows(agent) else None
+        if source is None:
+            tally.deferred += 1
+            continue
+        boot.append((agent, source))
+        tally.count(agent, source)
+        tally.started += 1
+
+
+def settle(
+    in_sync: list[str], boot: list[tuple[str, str]], target: Sequence[str],
+    paused: bool, tally: _Tally,
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Steps 4 and 5: promote the target's primary, then drop what the target no longer has."""
+    wanted = set(target)
+    if not paused:
+        # Copies for replicas the target no longer wants are cancelled: they hold nothing
+        # that the shard relies on.
+        boot = [(a, s) for a, s in boot if a in wanted]
+        if target and target[0] in in_sync and in_sync[0] != target[0]:
+            in_sync.remove(target[0])
+            in_sync.insert(0, target[0])
+            tally.promotions += 1
+        keep = len(target)
+        for agent in [a for a in reversed(in_sync) if a not in wanted]:
+            if len(in_sync) - 1 < keep:
+                break
+            if any(source == agent for _, source in boot):
+                continue
+            in_sync.remove(agent)
+            tally.dropped += 1
+    return in_sync, boot
+
+
+DEFAULT_THROTTLE = Throttle()
+
+
+def next_step(
+    current: Sequence[ShardPlan],
+    target: Sequence[Sequence[str]],
+    live: Collection[str],
+    caught_up: Collection[tuple[str, int]],
+    throttle: Throttle = DEFAULT_THROTTLE,
+) -> Step:
+    """One step toward ``target`` (shard -> agents, primary first, as placement returns).
+
+    ``live`` are the current members; ``caught_up`` the (agent, shard) pairs whose status
+    reports the replica online and caught up with the plan that asked for it.
+    """
+    live = set(live)
+    caught = set(caught_up)
+    n = len(target)
+    shards = list(current[:n]) + [ShardPlan()] * (n - len(current))
+    tally = _Tally(throttle)
+    staged: dict[int, tuple[list[str], list[tuple[str, str]]]] = {}
+    unavailable: list[int] = []
+    for s, shard in enumerate(shards):
+        joined = {a for a, _ in shard.bootstrapping if (a, s) in caught}
+        result = fail_over(shard, target[s], live, joined, tally)
+        if result is None:
+            unavailable.append(s)
+        else:
+            staged[s] = result
+    # Shards short of their replica count copy first; moves for balance wait their turn.
+    order = sorted(staged, key=lambda s: (len(staged[s][0]) >= len(target[s]), s))
+    for s in order:
+        start_copies(staged[s][0], staged[s][1], target[s], live, tally)
+    plan = list(shards)
+    for s, (in_sync, boot) in staged.items():
+        in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally)
+        plan[s] = ShardPlan(tuple(in_sync), tuple(boot))
+    in_flight = sum(len(p.bootstrapping) for p in plan)
+    return Step(
+        plan=tuple(plan),
+        started=tally.started,
+        joined=tally.joined,
+        dropped=tally.dropped,
+        failovers=tally.failovers,
+        promotions=tally.promotions,
+        deferred=tally.deferred,
+        unavailable=tuple(unavailable),
+        in_flight=in_flight,
+    )
+
+
+def converged(plan: Sequence[ShardPlan], target: Sequence[Sequence[str]]) -> bool:
+    """True when every shard holds exactly its target's agents in sync, with the target's
+    primary first and nothing copying (the order of the other replicas does not matter)."""
+    return len(plan) == len(target) and all(
+        not p.bootstrapping
+        and set(p.replicas) == set(t)
+        and p.replicas[:1] == tuple(t[:1])
+        for p, t in zip(plan, target, strict=True)
+    )

@@ -1,0 +1,173 @@
+"""The reconciler (pure): make-before-break, throttles, pause, failover, convergence."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.reconcile import ShardPlan, Throttle, converged, next_step
+
+AGENTS = [f"a{i}" for i in range(8)]
+
+
+def caught_up_all(plan) -> set[tuple[str, int]]:
+    """Agents that copy instantly: every bootstrap reports caught up at the next step."""
+    return {(a, s) for s, p in enumerate(plan) for a, _ in p.bootstrapping}
+
+
+DEFAULT = Throttle()
+
+
+def drive(plan, target, live, throttle=DEFAULT, steps=200):
+    """Step until converged; check the invariants of every step on the way."""
+    for _ in range(steps):
+        step = next_step(plan, target, live, caught_up_all(plan), throttle)
+        check_step(plan, step, target, live, throttle)
+        plan = step.plan
+        if converged(plan, target):
+            return plan
+    raise AssertionError("did not converge")
+
+
+def check_step(before, step, target, live, throttle) -> None:
+    before = tuple(before) + (ShardPlan(),) * (len(step.plan) - len(before))
+    for s, (old, new) in enumerate(zip(before, step.plan, strict=True)):
+        holders = new.holders
+        assert len(holders) == len(set(holders)), f"shard {s}: duplicate agent {holders}"
+        old_live = [a for a in old.replicas if a in live]
+        if old.replicas and not old_live:
+            assert new == old, "an unavailable shard is left alone"
+            continue
+        # Make-before-break: in-sync replicas only shrink by departures, or by drops that
+        # keep at least the target's count.
+        assert len(new.replicas) >= min(len(old_live), len(target[s])), (s, old, new)
+        assert all(a in live for a in new.replicas) or not old.replicas
+        for _, source in new.bootstrapping:
+            assert source in new.replicas, "copies come from an in-sync replica"
+    copies_in: dict[str, int] = {}
+    for p in step.plan:
+        for a, _ in p.bootstrapping:
+            copies_in[a] = copies_in.get(a, 0) + 1
+    started_total = sum(len(p.bootstrapping) for p in step.plan)
+    before_total = sum(len(p.bootstrapping) for p in before)
+    assert started_total <= max(throttle.max_moves_total, before_total)
+    if throttle.paused:
+        assert step.started == 0 and step.dropped == 0
+
+
+def random_target(rnd: random.Random, agents, shards: int, r: int):
+    return [tuple(rnd.sample(sorted(agents), min(r, len(agents)))) for _ in range(shards)]
+
+
+def test_new_cluster_is_seeded_directly_without_copies() -> None:
+    target = [("a0", "a1"), ("a1", "a2")]
+    step = next_step([], target, {"a0", "a1", "a2"}, set())
+    assert [p.replicas for p in step.plan] == target
+    assert step.started == 0 and step.in_flight == 0
+
+
+def test_a_move_copies_first_and_drops_the_old_replica_only_after_it_joined() -> None:
+    plan = (ShardPlan(("a0", "a1")),)
+    target = [("a0", "a2")]
+    live = {"a0", "a1", "a2"}
+    s1 = next_step(plan, target, live, set())
+    assert s1.plan[0] == ShardPlan(("a0", "a1"), (("a2", "a0"),))
+    s2 = next_step(s1.plan, target, live, set())  # not caught up yet: nothing changes
+    assert s2.plan == s1.plan
+    s3 = next_step(s2.plan, target, live, {("a2", 0)})
+    assert s3.plan[0] == ShardPlan(("a0", "a2"))
+    assert (s3.joined, s3.dropped) == (1, 1)
+
+
+def test_primary_moves_to_a_caught_up_replica() -> None:
+    plan = (ShardPlan(("a0", "a1")),)
+    step = next_step(plan, [("a1", "a0")], {"a0", "a1"}, set())
+    assert step.plan[0].replicas == ("a1", "a0") and step.promotions == 1
+
+
+def test_dead_primary_fails_over_at_once_even_when_paused() -> None:
+    plan = (ShardPlan(("a0", "a1", "a2")),)
+    live = {"a1", "a2", "a3"}
+    step = next_step(plan, [("a1", "a2", "a3")], live, set(), Throttle(paused=True))
+    assert step.plan[0] == ShardPlan(("a1", "a2"))
+    assert step.failovers == 1 and step.started == 0 and step.deferred == 1
+    resumed = next_step(step.plan, [("a1", "a2", "a3")], live, set())
+    assert resumed.plan[0].bootstrapping == (("a3", "a1"),)
+
+
+def test_shard_with_no_live_in_sync_replica_is_left_alone() -> None:
+    plan = (ShardPlan(("a0", "a1"), (("a2", "a0"),)), ShardPlan(("a2", "a3")))
+    step = next_step(plan, [("a2", "a3"), ("a2", "a3")], {"a2", "a3"}, set())
+    assert step.plan[0] == plan[0] and step.unavailable == (0,)
+    assert step.plan[1] == plan[1]
+
+
+def test_bootstrap_from_a_departed_source_is_repointed() -> None:
+    plan = (ShardPlan(("a0", "a1"), (("a2", "a1"),)),)
+    step = next_step(plan, [("a0", "a2")], {"a0", "a2"}, set())
+    assert step.plan[0] == ShardPlan(("a0",), (("a2", "a0"),))
+
+
+def test_throttle_bounds_copies_and_restores_redundancy_first() -> None:
+    # Shards 0-3 move for balance; shard 4 lost a replica: it must copy first.
+    plan = tuple(ShardPlan(("a0", "a1")) for _ in range(4)) + (ShardPlan(("a0",)),)
+    target = [("a0", "a2")] * 4 + [("a0", "a3")]
+    step = next_step(plan, target, {"a0", "a1", "a2", "a3"}, set(),
+                     Throttle(max_moves_per_agent=10, max_moves_total=2))
+    assert step.plan[4].bootstrapping == (("a3", "a0"),)
+    assert step.started == 2 and step.deferred == 3
+    per_agent = next_step(plan, target, {"a0", "a1", "a2", "a3"}, set(),
+                          Throttle(max_moves_per_agent=1, max_moves_total=100))
+    copies_into_a2 = sum(1 for p in per_agent.plan for a, _ in p.bootstrapping if a == "a2")
+    assert copies_into_a2 == 1
+
+
+def test_drain_keeps_redundancy_until_the_replacement_joins() -> None:
+    plan = (ShardPlan(("a0", "a1", "a2")),)
+    target = [("a0", "a1", "a3")]  # a2 is draining
+    live = {"a0", "a1", "a2", "a3"}
+    s1 = next_step(plan, target, live, set())
+    assert s1.plan[0].replicas == ("a0", "a1", "a2")
+    s2 = next_step(s1.plan, target, live, {("a3", 0)})
+    assert s2.plan[0] == ShardPlan(("a0", "a1", "a3"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    shards=st.integers(1, 24),
+    r=st.integers(1, 3),
+    kill=st.integers(0, 2),
+    per_agent=st.integers(1, 4),
+    total=st.integers(1, 16),
+)
+def test_random_histories_converge_without_losing_redundancy(seed, shards, r, kill, per_agent,
+                                                             total) -> None:
+    rnd = random.Random(seed)
+    live = set(AGENTS[:6])
+    target = random_target(rnd, live, shards, r)
+    plan = drive((), target, live)
+    # Crash some agents, add others, and re-target: converge again, step by step.
+    for victim in rnd.sample(sorted(live), kill):
+        live.discard(victim)
+    live |= set(rnd.sample(AGENTS[6:], rnd.randint(0, 2)))
+    target = random_target(rnd, live, shards, r)
+    throttle = Throttle(max_moves_per_agent=per_agent, max_moves_total=total)
+    survivors = [p for p in plan if any(a in live for a in p.replicas)]
+    if len(survivors) == len(plan):
+        drive(plan, target, live, throttle, steps=500)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32))
+def test_determinism(seed) -> None:
+    rnd = random.Random(seed)
+    live = set(AGENTS)
+    plan = tuple(ShardPlan(t) for t in random_target(rnd, live, 12, 2))
+    target = random_target(rnd, live, 12, 2)
+    caught = {(a, s) for s in range(12) for a in rnd.sample(AGENTS, 2)}
+    one = next_step(plan, target, live, caught, Throttle(2, 5))
+    two = next_step(plan, target, set(reversed(sorted(live))), set(caught), Throttle(2, 5))
+    assert one == two
