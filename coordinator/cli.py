@@ -6,9 +6,11 @@ meant for the operator are printed on one line and exit non-zero, without a trac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from coordinator import admin
 from coordinator import cluster as clusterstate
 from coordinator.cliutil import emit_json, operator_errors, zk_options, zk_session
 from coordinator.config import KNOBS, ClusterConfig, ConfigError
+from coordinator.datacli import register as register_data_commands
 from coordinator.devcluster import dev
 from coordinator.layout import Event, MoveRequest, Paths, validate_name
 from coordinator.summary import summarize
@@ -62,6 +65,9 @@ def init(zk_hosts: str, paths: Paths, shards: int, replicas: int, force: bool) -
     client = connect(zk_hosts)
     try:
         ensure_layout(client, paths)
+        with contextlib.suppress(NodeExistsError):
+            # The data plane's shared secret; SHARDKEEPER_TOKEN on a host overrides it.
+            client.create(paths.token, secrets.token_urlsafe(32).encode())
         try:
             client.create(paths.config, config.encode())
         except NodeExistsError:
@@ -397,6 +403,7 @@ def coordinator_run(zk_hosts: str, paths: Paths, candidate_id: str | None,
 
 
 main.add_command(dev)
+register_data_commands(main)
 
 if __name__ == "__main__":
     main()

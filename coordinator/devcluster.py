@@ -8,8 +8,10 @@ and `dev down` work from any later shell.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -165,6 +167,8 @@ def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int
     client = connect(state.zk)
     try:
         ensure_layout(client, paths)
+        with contextlib.suppress(NodeExistsError):
+            client.create(paths.token, secrets.token_urlsafe(32).encode())
         try:
             client.create(paths.config, config.encode())
         except NodeExistsError:

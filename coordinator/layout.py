@@ -8,6 +8,7 @@ damaged znode produces a clear error instead of a crash loop.
 Layout under ``/shardkeeper/<cluster>`` (see ARCHITECTURE.md):
 
     config                  persistent  admin        ClusterConfig
+    token                   persistent  init         the data plane's cluster token
     members/<agent>         ephemeral   agent        MemberInfo
     election/...            recipe      candidates   kazoo Election
     epoch                   persistent  new leader   leader id; its zk version is the fencing token
@@ -68,6 +69,12 @@ class Paths:
     @property
     def config(self) -> str:
         return f"{self.root}/config"
+
+    @property
+    def token(self) -> str:
+        """The cluster token for the data plane (raw bytes; protect it with a ZooKeeper ACL
+        in production, or set SHARDKEEPER_TOKEN on every host instead)."""
+        return f"{self.root}/token"
 
     @property
     def members(self) -> str:
