@@ -143,6 +143,7 @@ class LeaderTerm:
         self.events_kept = 0
         self.drained_reported: set[str] = set()
         self._unavailable_reported: tuple[int, ...] = ()
+        self.pins: list[MoveRequest] = []  # moves carried out this term, kept in place
 
     # -- fenced writes -----------------------------------------------------------------
     def claim_epoch(self) -> int:
@@ -293,8 +294,9 @@ class LeaderTerm:
             config.shards,
             config.replicas,
         )
-        target, outcomes = policy.apply_moves(
-            list(placement.replicas), self.read_moves(), live, draining)
+        target, self.pins = policy.hold_moves(placement.replicas, self.pins, live, draining)
+        target, outcomes = policy.apply_moves(target, self.read_moves(), live, draining)
+        self.pins += [o.request for o in outcomes if o.accepted]
         for o in outcomes:
             writes.append(Write("delete", f"{self.paths.moves}/{o.name}"))
             if o.accepted:

@@ -132,3 +132,29 @@ def apply_moves(
         out[req.shard] = tuple(req.dest if a == req.source else a for a in out[req.shard])
         outcomes.append(MoveOutcome(name, req, True, ""))
     return out, outcomes
+
+
+def hold_moves(
+    target: Sequence[tuple[str, ...]],
+    pins: Sequence[MoveRequest],
+    live: Collection[str],
+    draining: Collection[str],
+) -> tuple[list[tuple[str, ...]], list[MoveRequest]]:
+    """Keep carried-out moves in place against later leveling.
+
+    Placement levels load, and may pick the very replica an operator moved to move back.
+    A pin keeps ``dest`` in, and ``source`` out of, the shard's target while both still
+    make sense; it lapses when ``dest`` leaves or drains, or the shard no longer fits it.
+    """
+    out = list(target)
+    kept = []
+    for pin in pins:
+        if pin.shard >= len(out) or pin.dest not in live or pin.dest in draining:
+            continue
+        row = out[pin.shard]
+        if pin.dest in row and pin.source not in row:
+            kept.append(pin)
+        elif pin.source in row and pin.dest not in row:
+            out[pin.shard] = tuple(pin.dest if a == pin.source else a for a in row)
+            kept.append(pin)
+    return out, kept

@@ -1,0 +1,227 @@
+"""The leader's policies on a real ZooKeeper with real processes: drain, pause, the
+mass-departure guard, rebalance delay, manual moves, fencing of a stopped leader."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from coordinator import cluster as clusterstate
+from coordinator.layout import Paths
+from coordinator.summary import HOLDING_STATES
+from coordinator.zk import close, connect
+from tests.harness import Cluster, wait_for
+
+
+def start(c: Cluster, agents: int, shards: int = 32, replicas: int = 2,
+          coordinators: int = 1, timeout: float = 1.0) -> set[str]:
+    c.init(shards, replicas)
+    for i in range(1, coordinators + 1):
+        c.start_coordinator(f"coord-{i}", session_timeout=timeout)
+    names = {f"agent-{i}" for i in range(1, agents + 1)}
+    for name in sorted(names):
+        c.start_agent(name, session_timeout=timeout)
+    wait_for(lambda: c.converged(names), timeout=20, message="initial convergence")
+    return names
+
+
+def config_set(c: Cluster, *settings: str) -> None:
+    r = c.cli("config", "set", *settings)
+    assert r.returncode == 0, r.stderr
+
+
+def event_kinds(c: Cluster) -> list[str]:
+    r = c.cli("events", "--json", "--limit", "1000")
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line)["kind"] for line in r.stdout.splitlines()]
+
+
+class History:
+    """Samples every shard's holders (from status) and in-sync set (from the plan)."""
+
+    def __init__(self, hosts: str, paths: Paths, replicas: int):
+        self.client = connect(hosts)
+        self.paths = paths
+        self.min_held: dict[int, int] = {}
+        self.min_in_sync: dict[int, int] = {}
+        self.samples = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            plan = clusterstate.read_plan(self.client, self.paths)
+            members = clusterstate.read_members(self.client, self.paths)
+            statuses = clusterstate.read_statuses(self.client, self.paths)
+            held: dict[int, int] = {}
+            for agent, status in statuses.items():
+                if agent in members:
+                    for shard, st in status.shards.items():
+                        held[shard] = held.get(shard, 0) + (st.state in HOLDING_STATES)
+            for shard, replicas in enumerate(plan.routing):
+                self.min_in_sync[shard] = min(self.min_in_sync.get(shard, 99), len(replicas))
+                self.min_held[shard] = min(self.min_held.get(shard, 99), held.get(shard, 0))
+            self.samples += 1
+            self.stop.wait(0.01)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        close(self.client)
+
+
+def test_drain_moves_everything_off_without_an_under_replicated_moment(cluster: Cluster) -> None:
+    agents = start(cluster, agents=4, shards=32, replicas=2)
+    config_set(cluster, "max_moves_total=2", "max_moves_per_agent=1")
+    history = History(cluster.hosts, cluster.paths, 2)
+    try:
+        held_before = sum(1 for r in cluster.plan().routing if "agent-4" in r)
+        assert held_before > 0
+        r = cluster.cli("drain", "agent-4")
+        assert r.returncode == 0 and "draining" in r.stdout
+        wait_for(lambda: "drain-done" in event_kinds(cluster), timeout=30, message="drain done")
+        wait_for(lambda: cluster.converged(agents), timeout=10)
+    finally:
+        history.close()
+    assert history.samples > 10
+    assert all("agent-4" not in r for r in cluster.plan().routing)
+    assert min(history.min_in_sync.values()) == 2, "a shard's in-sync set fell below R"
+    assert min(history.min_held.values()) == 2, "a shard was held by fewer than R agents"
+    status = json.loads(cluster.cli("status", "--json").stdout)
+    row = next(m for m in status["members"] if m["id"] == "agent-4")
+    assert row["state"] == "drained" and row["replicas"] == 0
+    # undrain: the agent receives replicas again.
+    assert cluster.cli("undrain", "agent-4").returncode == 0
+    wait_for(lambda: any("agent-4" in r for r in cluster.plan().routing), timeout=15)
+
+
+def test_pause_stops_moves_and_resume_restarts_them(cluster: Cluster) -> None:
+    agents = start(cluster, agents=3, shards=24, replicas=2)
+    r = cluster.cli("pause", "--note", "kernel upgrade")
+    assert r.returncode == 0 and "maintenance mode on" in r.stdout
+    generation = cluster.plan().generation
+    cluster.start_agent("agent-4")
+    wait_for(lambda: "agent-4" in cluster.plan().meta.members, timeout=10)
+    plan = cluster.plan()
+    assert plan.generation > generation
+    assert not any(p.bootstrapping for p in plan.shards), "no copies while paused"
+    assert all("agent-4" not in r for r in plan.routing)
+    text = cluster.cli("status").stdout
+    assert "MAINTENANCE (manual)" in text and "kernel upgrade" in text
+    assert cluster.cli("resume").returncode == 0
+    wait_for(lambda: cluster.converged(agents | {"agent-4"}) and any(
+        "agent-4" in r for r in cluster.plan().routing), timeout=20, message="moves resume")
+
+
+def test_mass_departure_enters_maintenance_and_leaves_when_members_return(
+        cluster: Cluster) -> None:
+    agents = start(cluster, agents=5, shards=30, replicas=3)
+    before = cluster.plan()
+    victims = ["agent-3", "agent-4", "agent-5"]
+    for v in victims:
+        cluster.procs[v].kill()
+    survivors = agents - set(victims)
+    wait_for(lambda: cluster.client.exists(cluster.paths.maintenance), timeout=10,
+             message="automatic maintenance")
+    # Sessions expire a tick or two apart, so a copy may start before the guard trips;
+    # once in maintenance the plan settles with nothing copying.
+    wait_for(lambda: set(cluster.plan().meta.members) == survivors
+             and not any(p.bootstrapping for p in cluster.plan().shards), timeout=10)
+    plan = cluster.plan()
+    unavailable = 0
+    for replicas in plan.routing:
+        if set(replicas) <= set(victims):
+            # Every replica vanished: the shard waits for its agents instead of being
+            # re-created empty elsewhere.
+            unavailable += 1
+        else:
+            # Primaries failed over to a surviving in-sync replica; dead ones left the set.
+            assert set(replicas) <= survivors
+    assert plan.meta.summary["unavailable"] == unavailable
+    moved = sum(1 for s, r in enumerate(plan.routing) for a in r if a not in before.routing[s])
+    assert moved < len(plan.routing), "the guard stopped a reshuffle"
+    assert "MAINTENANCE (auto)" in cluster.cli("status").stdout
+    for v in victims:
+        wait_for(lambda v=v: v not in cluster.members(), timeout=10)
+        cluster.start_agent(v)
+    wait_for(lambda: not cluster.client.exists(cluster.paths.maintenance), timeout=15,
+             message="automatic maintenance ends when the members return")
+    wait_for(lambda: cluster.converged(agents), timeout=20)
+    kinds = event_kinds(cluster)
+    assert "maintenance-entered" in kinds and "maintenance-left" in kinds
+
+
+def test_rebalance_delay_defers_re_replication_but_not_failover(cluster: Cluster) -> None:
+    agents = start(cluster, agents=3, shards=24, replicas=2)
+    config_set(cluster, "rebalance_delay=600")
+    before = cluster.plan()
+    cluster.procs["agent-1"].kill()
+    survivors = agents - {"agent-1"}
+    wait_for(lambda: set(cluster.plan().meta.members) == survivors, timeout=10)
+    plan = cluster.plan()
+    assert all(r and r[0] != "agent-1" and "agent-1" not in r for r in plan.routing), \
+        "every primary failed over at once"
+    lost = [s for s, r in enumerate(before.routing) if "agent-1" in r]
+    assert all(len(plan.routing[s]) == 1 for s in lost)
+    assert not any(p.bootstrapping for p in plan.shards), "re-replication waits for the delay"
+    assert plan.meta.summary["waiting"] == ["agent-1"]
+    r = cluster.cli("rebalance")
+    assert r.returncode == 0
+    wait_for(lambda: cluster.converged(survivors) and all(
+        len(r) == 2 for r in cluster.plan().routing), timeout=20,
+        message="rebalance re-replicates at once")
+
+
+def test_manual_move_is_carried_out_or_refused(cluster: Cluster) -> None:
+    agents = start(cluster, agents=3, shards=12, replicas=2)
+    routing = cluster.plan().routing
+    shard = 0
+    source = routing[shard][1]
+    dest = (agents - set(routing[shard])).pop()
+    r = cluster.cli("move", str(shard), "--from", source, "--to", dest)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: dest in cluster.plan().routing[shard]
+             and source not in cluster.plan().routing[shard], timeout=15)
+    assert cluster.cli("move", "99", "--from", source, "--to", dest).returncode == 1
+    r = cluster.cli("move", "1", "--from", "agent-9", "--to", dest)
+    assert r.returncode == 0
+    wait_for(lambda: "move-refused" in event_kinds(cluster), timeout=10)
+    assert "move-accepted" in event_kinds(cluster)
+
+
+def test_stopped_leader_is_deposed_and_cannot_write_after_resuming(cluster: Cluster) -> None:
+    agents = start(cluster, agents=3, shards=16, replicas=2, coordinators=2)
+    leader = wait_for(cluster.leader, timeout=5)
+    standby = ({"coord-1", "coord-2"} - {leader}).pop()
+    epoch = cluster.epoch()
+    cluster.procs[leader].stop()
+    wait_for(lambda: cluster.leader() == standby and cluster.epoch() > epoch, timeout=15,
+             message="standby elected after the stopped leader's session expired")
+    # Give the stopped leader something to act on, then wake it up.
+    cluster.procs["agent-3"].kill()
+    wait_for(lambda: set(cluster.plan().meta.members) == agents - {"agent-3"}, timeout=10)
+    cluster.procs[leader].cont()
+    wait_for(lambda: "gives up leadership" in cluster.procs[leader].output(), timeout=15,
+             message="the resumed leader notices it lost its session and steps down")
+    cluster.start_agent("agent-4")
+    wait_for(lambda: "agent-4" in cluster.plan().meta.members, timeout=10)
+    meta = cluster.plan().meta
+    assert meta.leader == standby and meta.epoch == cluster.epoch()
+    wait_for(lambda: leader in cluster.client.Election(cluster.paths.election).contenders(),
+             timeout=15, message="the old leader campaigns again as a standby")
+    assert cluster.leader() == standby
+
+
+def test_config_show_set_and_events(cluster: Cluster) -> None:
+    start(cluster, agents=2, shards=8, replicas=2)
+    shown = json.loads(cluster.cli("config", "show", "--json").stdout)
+    assert shown["shards"] == 8 and shown["max_moves_total"] == 64
+    r = cluster.cli("config", "set", "shards=16")
+    assert r.returncode == 1 and "shards cannot change" in r.stderr
+    r = cluster.cli("config", "set", "nonsense")
+    assert r.returncode == 2 and "expected KEY=VALUE" in r.stderr
+    config_set(cluster, "max_moves_total=5")
+    assert "max_moves_total            5" in cluster.cli("config", "show").stdout
+    text = cluster.cli("events").stdout
+    assert "member-joined" in text and "plan" in text
