@@ -78,6 +78,40 @@ def assignments(shards: Sequence[ShardPlan]) -> dict[str, dict[int, Assignment]]
     return out
 
 
+def agent_targets(prev: PlanState, shards: tuple[ShardPlan, ...]
+                  ) -> dict[str, dict[int, Assignment]]:
+    """The assignments of every agent that holds, or held, a shard whose plan changed.
+
+    Agents not in the result keep their stored assignment: at 100,000 shards a membership
+    change touches a few hundred shards, so only those are re-derived.
+    """
+    if prev.meta is None:
+        return assignments(shards)
+    empty = ShardPlan()
+    n = max(len(prev.shards), len(shards))
+    changed = [
+        s for s in range(n)
+        if (prev.shards[s] if s < len(prev.shards) else empty)
+        != (shards[s] if s < len(shards) else empty)
+    ]
+    out: dict[str, dict[int, Assignment]] = {}
+    for s in changed:
+        for shard_plan in (prev.shards[s] if s < len(prev.shards) else empty,
+                           shards[s] if s < len(shards) else empty):
+            for agent in shard_plan.holders:
+                if agent not in out:
+                    old = prev.agents.get(agent)
+                    out[agent] = dict(old.replicas) if old is not None else {}
+    for s in changed:
+        if s < len(prev.shards):
+            for agent in prev.shards[s].holders:
+                out[agent].pop(s, None)
+        if s < len(shards):
+            for agent, assignment in shard_assignments(shards[s]).items():
+                out[agent][s] = assignment
+    return out
+
+
 def chunk_of(shards: Sequence[ShardPlan], targets: Routing, c: int, generation: int
              ) -> RoutingChunk:
     first = c * ROUTING_CHUNK
@@ -138,11 +172,11 @@ def plan_writes(
     generation = prev.generation + 1
     writes: list[Write] = []
     new_agents: dict[str, AgentPlan] = {}
-    wanted = assignments(shards)
+    wanted = agent_targets(prev, shards)
     live = set(members)
     for agent in sorted(set(wanted) | set(prev.agents) | live):
-        mine = wanted.get(agent, {})
         old = prev.agents.get(agent)
+        mine = wanted.get(agent, old.replicas if old is not None else {})
         path = paths.plan_agent(agent)
         if not mine and agent not in live:
             if old is not None:

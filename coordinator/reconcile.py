@@ -204,6 +204,10 @@ def next_step(
     staged: dict[int, tuple[list[str], list[tuple[str, str]]]] = {}
     unavailable: list[int] = []
     for s, shard in enumerate(shards):
+        if shard.replicas == tuple(target[s]) and not shard.bootstrapping and all(
+            a in live for a in shard.replicas
+        ):
+            continue  # already at its target: the common case, kept cheap at 100k shards
         joined = {a for a, _ in shard.bootstrapping if (a, s) in caught}
         result = fail_over(shard, target[s], live, joined, tally)
         if result is None:

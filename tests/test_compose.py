@@ -24,12 +24,18 @@ def parse(argv: list[str]) -> click.Command:
     """Parse argv exactly as `shardkeeper` would; raises click errors on unknown options."""
     command: click.Command = main
     ctx = main.make_context("shardkeeper", list(argv))
-    args = ctx.protected_args + ctx.args
+    args = unparsed(ctx)
     while isinstance(command, click.Group) and args:
         _, command, args = command.resolve_command(ctx, args)
         ctx = command.make_context(command.name, args, parent=ctx)
-        args = ctx.protected_args + ctx.args if isinstance(command, click.Group) else []
+        args = unparsed(ctx) if isinstance(command, click.Group) else []
     return command
+
+
+def unparsed(ctx: click.Context) -> list[str]:
+    """A group's subcommand and its arguments (click 8.2 moved them to _protected_args)."""
+    protected = vars(ctx).get("_protected_args", vars(ctx).get("protected_args", []))
+    return [*protected, *ctx.args]
 
 
 def test_compose_has_an_ensemble_coordinators_and_agents() -> None:

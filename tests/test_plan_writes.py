@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from coordinator.layout import ROUTING_CHUNK, AgentPlan, Assignment, Paths, PlanMeta, RoutingChunk
 from coordinator.plan import PlanState, Write, assignments, batches, plan_writes
 from coordinator.reconcile import ShardPlan
@@ -97,3 +100,25 @@ def test_batches_respect_the_byte_budget_and_keep_order() -> None:
     assert [w for b in out for w in b] == writes
     assert all(sum(len(w.data) for w in b) <= 10_000 for b in out)
     assert len(out) > 1
+
+
+agent_ids = st.sampled_from(["a", "b", "c", "d", "e"])
+shard_plans = st.builds(
+    lambda replicas, copying: ShardPlan(
+        tuple(replicas), tuple((a, replicas[0]) for a in copying if a not in replicas)
+        if replicas else ()),
+    st.lists(agent_ids, max_size=3, unique=True),
+    st.lists(agent_ids, max_size=2, unique=True),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(shard_plans, min_size=1, max_size=12), min_size=2, max_size=5))
+def test_incremental_agent_plans_equal_a_full_recomputation(history) -> None:
+    state = PlanState()
+    members = ["a", "b", "c", "d", "e"]
+    for rows in history:
+        _, state = write(state, tuple(rows), members)
+        full = assignments(tuple(rows))
+        for agent in members:
+            assert state.agents[agent].replicas == full.get(agent, {})
