@@ -542,6 +542,13 @@ class DataPlane:
         self._server = _Server((host, port), _Handler, self)
         self._thread: threading.Thread | None = None
 
+    def set_token(self, token: str) -> None:
+        """Switch to the cluster token (the agent learns it after binding its port)."""
+        if not token:
+            raise ValueError("the data plane needs a cluster token")
+        self.client = PeerClient(token, timeout=self.forward_timeout, attempts=1)
+        self.token = token
+
     @property
     def address(self) -> str:
         host, port = self._server.server_address[:2]
@@ -1073,6 +1080,40 @@ def repair_start(promotion_lsn: int, sync_lsn: int) -> int:
     return start
 
 
+def catch_up_from_peers(
+    store: ShardStore,
+    shard: int,
+    peers: Sequence[str],
+    client: PeerClient,
+    *,
+    page_size: int = DEFAULT_PAGE_ROWS,
+) -> int:
+    """Pull, last-writer-wins, every synced row after this replica's ``sync_lsn`` from each
+    reachable peer; returns the rows fetched. Used by a replica about to become primary.
+
+    A replica that joined the in-sync set got the writes acknowledged during its last
+    moments of catching up only as best-effort forwards; every such write is on every
+    in-sync peer, so pulling from the peers closes that gap. A peer that fails is skipped:
+    the plan names the live ones, and any one of them holds every acknowledged write.
+    """
+    start = store.sync_lsn()
+    fetched = 0
+    for peer in peers:
+        cursor = start
+        try:
+            while True:
+                page = client.rows_after(peer, shard, cursor, page_size)
+                if page.rows:
+                    store.apply(page.rows)
+                    cursor = page.rows[-1].lsn
+                    fetched += len(page.rows)
+                if len(page.rows) < page_size:
+                    break
+        except PeerError as exc:
+            log.info("shard %s: catch-up from %s skipped: %s", shard, peer, exc)
+    return fetched
+
+
 def _all_rows_after(store: ShardStore, lsn: int) -> Iterator[Row]:
     while page := store.rows_after(lsn, DEFAULT_PAGE_ROWS):
         yield from page
@@ -1099,6 +1140,7 @@ __all__ = [
     "ShardInfo",
     "ShardRoute",
     "ShardTable",
+    "catch_up_from_peers",
     "copy_shard",
     "key_path",
     "repair_shard",

@@ -38,7 +38,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 
-from agents.dataplane import PeerClient, copy_shard, repair_shard
+from agents.dataplane import PeerClient, catch_up_from_peers, copy_shard, repair_shard
 from agents.shardsm import (
     Action,
     BecomeReplica,
@@ -85,14 +85,27 @@ class ShardHandler(ABC):
         """Shards with local data (found again after a restart). Default: none."""
         return set()
 
+    def catch_up(self, shard: int, peer_addresses: tuple[str, ...]) -> None:  # noqa: B027
+        """Called just before ``on_become_primary``: take from the in-sync peers whatever
+        they hold that this replica may have missed. Best effort; default: nothing."""
+
 
 class KVShardHandler(ShardHandler):
     """The built-in handler: one SQLite store per shard, replicated by the data plane."""
 
-    def __init__(self, stores: StoreSet, client: PeerClient, *, page_size: int = 1000):
+    def __init__(
+        self,
+        stores: StoreSet,
+        client: PeerClient,
+        *,
+        page_size: int = 1000,
+        quick_client: PeerClient | None = None,
+    ):
         self.stores = stores
         self.client = client
         self.page_size = page_size
+        # Catch-up before a promotion must not wait long on a peer that just died.
+        self.quick_client = quick_client or client
 
     def on_bootstrap(self, shard: int, source_address: str, stop: threading.Event) -> int:
         store = self.stores.open(shard)
@@ -116,6 +129,9 @@ class KVShardHandler(ShardHandler):
 
     def on_drop(self, shard: int) -> None:
         self.stores.drop(shard)
+
+    def catch_up(self, shard: int, peer_addresses: tuple[str, ...]) -> None:
+        catch_up_from_peers(self.stores.open(shard), shard, peer_addresses, self.quick_client)
 
     def held(self) -> set[int]:
         return self.stores.on_disk()

@@ -1,35 +1,77 @@
-"""The agent's I/O shell: membership, its plan watch, local replicas and status reports.
+"""The agent's I/O shell: membership, its plan watch, the shard state machine, the data plane.
+
+The shell decides nothing about shards itself: it turns its plan znode into
+``agents.shardsm`` targets, calls ``shardsm.reconcile`` and carries out the actions it
+returns (shard work through the ``ShardHandler`` on worker threads, one action at a time
+per shard), feeds the results back as events, keeps the data plane's ``ShardTable`` in
+line with what has actually been done, and reports ``status/<id>``.
 
 What it does on each ZooKeeper event:
 
 * CONNECTED (first time): register ``members/<id>`` and ``status/<id>`` (ephemeral),
-  watch only ``plan/agents/<id>``.
-* SUSPENDED: keep serving what it holds; the data plane (issue 5) stops acknowledging
-  writes as primary here.
-* LOST: kazoo opens a new session on its own; when it is CONNECTED again the agent
-  registers again and re-applies its plan (its ephemeral znodes died with the session).
+  watch only ``plan/agents/<id>``; the data plane starts serving.
+* SUSPENDED: primaries stop acknowledging writes (``SetWritable(False)``): the session may
+  be gone, and with it this agent's right to be primary.
+* LOST: the data plane answers nothing (``SetServing(False)``). kazoo opens a new session
+  on its own; when it is CONNECTED again the agent registers again, reads its plan and
+  reconciles (dropping shards it no longer owns, repairing shards it now follows).
 * A member znode left by an earlier incarnation of this agent (killed before its session
   expired): wait, bounded, for the server to expire it, then register.
 * A corrupt or stale plan znode: keep what is applied, log the reason, wait for the next.
+* A failed ZooKeeper read or status write: retried from the main loop after a short delay.
 * SIGTERM: close the session, so that the member znode vanishes at once.
+
+Other agents are known by id in the plan; their data-plane addresses are read from their
+``members/<id>`` znodes (read, never watched) each time the plan is read.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import queue
-import shutil
+import secrets
 import threading
 import time
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
+from agents import shardsm
+from agents.dataplane import DataPlane, PeerClient, ShardRoute, ShardTable
+from agents.handler import KVShardHandler, ShardHandler, perform
+from agents.shardsm import (
+    Action,
+    AgentState,
+    BecomeReplica,
+    Demote,
+    Event,
+    Limits,
+    Promote,
+    Repair,
+    ReportStatus,
+    Role,
+    Session,
+    SetServing,
+    SetWritable,
+    ShardState,
+    StartBootstrap,
+    StartDrop,
+    Target,
+)
+from agents.store import StoreSet
 from coordinator.layout import (
     ROLE_PRIMARY,
     AgentPlan,
@@ -43,55 +85,69 @@ from coordinator.layout import (
 from coordinator.zk import ShardkeeperError, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 
-STATE_PRIMARY = "PRIMARY"
-STATE_REPLICA = "REPLICA"
+TOKEN_ENV = "SHARDKEEPER_TOKEN"
+# An address that refuses connections at once: stands in for a member whose znode is gone,
+# so that a copy from it fails (and is retried) instead of looking like a new, empty shard.
+UNREACHABLE = "127.0.0.1:1"
+RETRY_DELAY = 0.2  # before re-trying a failed ZooKeeper read or status write
+HANDLER_RETRY_SECONDS = 30.0  # a repair or promotion keeps trying this long, then logs
+
+_SESSIONS = {
+    KazooState.CONNECTED: Session.CONNECTED,
+    KazooState.SUSPENDED: Session.SUSPENDED,
+    KazooState.LOST: Session.LOST,
+}
 
 
 class StillRegistered(ShardkeeperError):
     pass
 
 
+class NoToken(ShardkeeperError):
+    pass
+
+
 @dataclass(frozen=True)
-class LocalChanges:
-    """What the shell must do to make the local replicas match a target."""
+class _Job:
+    """One shard action queued for a worker; ``seq`` tells stale copy results apart."""
 
-    create: tuple[int, ...]
-    drop: tuple[int, ...]
+    action: Action
+    seq: int
+    stop: threading.Event
+    peers: tuple[str, ...] = ()  # for Promote: in-sync peer addresses to catch up from
 
 
-def local_changes(target: dict[int, Assignment], held: set[int]) -> LocalChanges:
-    """Pure: the replica directories to create and to drop for ``target``."""
-    return LocalChanges(
-        create=tuple(sorted(set(target) - held)),
-        drop=tuple(sorted(held - set(target))),
+@dataclass
+class _Inputs:
+    """What one turn of the main loop collected from its inbox."""
+
+    events: list[Event] = field(default_factory=list)
+    plan: bool = False
+    status: bool = False
+    stop: bool = False
+
+
+def target_of(assignment: Assignment, address_of: Any) -> Target:
+    """Pure: the state machine's target for one plan assignment (agent ids -> addresses)."""
+    if assignment.role == ROLE_PRIMARY:
+        return Target(Role.PRIMARY)
+    return Target(
+        Role.REPLICA,
+        source=address_of(assignment.source) if assignment.source else None,
+        primary=address_of(assignment.primary) if assignment.primary else None,
     )
 
 
-def shard_states(target: dict[int, Assignment]) -> dict[int, ShardStatus]:
-    # The skeleton holds no data, so a replica asked to copy is caught up at once.
-    return {
-        s: ShardStatus(STATE_PRIMARY if a.role == ROLE_PRIMARY else STATE_REPLICA)
-        for s, a in target.items()
-    }
-
-
-class LocalReplicas:
-    """One directory per shard replica under ``<data-dir>/shards``."""
-
-    def __init__(self, data_dir: Path):
-        self.root = data_dir / "shards"
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def held(self) -> set[int]:
-        return {int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit()}
-
-    def apply(self, changes: LocalChanges) -> None:
-        for shard in changes.create:
-            (self.root / str(shard)).mkdir(exist_ok=True)
-        for shard in changes.drop:
-            shutil.rmtree(self.root / str(shard), ignore_errors=True)
+def referenced_agents(replicas: dict[int, Assignment]) -> set[str]:
+    """Every agent id an AgentPlan names (whose address the shell needs)."""
+    ids: set[str] = set()
+    for a in replicas.values():
+        ids.update(x for x in (a.primary, a.source) if x)
+        ids.update(a.peers)
+        ids.update(a.catching_up)
+    return ids
 
 
 class Agent:
@@ -106,10 +162,13 @@ class Agent:
         weight: float = 1.0,
         data_dir: Path,
         session_timeout: float = 10.0,
+        limits: Limits = Limits(max_bootstraps=4),  # noqa: B008 - frozen
+        handler: ShardHandler | None = None,
     ):
         self.hosts = hosts
         self.paths = Paths(cluster)
         self.id = agent_id
+        self.address = address
         self.info = MemberInfo(
             id=agent_id,
             address=address,
@@ -119,64 +178,197 @@ class Agent:
             started=time.time(),
         )
         self.session_timeout = session_timeout
-        self.replicas = LocalReplicas(data_dir)
-        self.events: queue.Queue[str] = queue.Queue()
+        self.limits = limits
+        self.stores = StoreSet(Path(data_dir) / "shards")
+        # Nothing is served until the first connected reconcile says so.
+        self.table = ShardTable(writable=False, serving=False)
+        self.plane: DataPlane | None = None
+        self.peer_client: PeerClient | None = None
+        self.catch_up_client: PeerClient | None = None
+        self._custom_handler = handler
+        self.handler: ShardHandler | None = handler
+        self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.stop_event = threading.Event()
-        self.applied = AgentPlan(generation=0, epoch=0)
+        self.state = AgentState()
+        self.assignments: dict[int, Assignment] = {}
+        self.addresses: dict[str, str] = {}
         self.client: KazooClient | None = None
-        self._lost = False
+        self._plan_replicas: dict[int, Assignment] = {}
+        self._session = Session.CONNECTED
+        self._must_register = False
+        self._pruned = False
+        # shard work: one action at a time per shard
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="shard")
+        self._queues: dict[int, deque[_Job]] = {}
+        self._running: dict[int, _Job] = {}
+        self._copy_seq: dict[int, int] = {}
+        self._seq = 0
+        # what the data plane may serve: advanced when the handler finished the work
+        self._served: dict[int, ShardState] = {}
+        self._fence: dict[int, int] = {}
 
-    # -- ZooKeeper callbacks: never block, hand work to the main loop -----------------
+    # -- the data plane -------------------------------------------------------------------
+    def attach_plane(self, host: str, port: int) -> DataPlane:
+        """Bind the data plane on host:port now (so a bad --listen fails at once).
+
+        Until the cluster token is known it holds a random one, so it answers 401.
+        """
+        self.plane = DataPlane(
+            self.stores, self.table, secrets.token_urlsafe(32), host=host, port=port
+        )
+        return self.plane
+
+    @property
+    def applied_generation(self) -> int:
+        return self.state.applied_generation
+
+    def _use_token(self, token: str) -> None:
+        self.peer_client = PeerClient(token, timeout=5.0, attempts=4)
+        self.catch_up_client = PeerClient(token, timeout=1.0, attempts=1)
+        if self.handler is None:
+            self.handler = KVShardHandler(self.stores, self.peer_client, page_size=2000)
+        if self.plane is not None:
+            self.plane.set_token(token)
+
+    def read_token(self) -> str:
+        """SHARDKEEPER_TOKEN, else the cluster's token znode (waits for `init` to create it)."""
+        if os.environ.get(TOKEN_ENV):
+            return os.environ[TOKEN_ENV]
+        created = threading.Event()
+        warned = False
+        while not self.stop_event.is_set():
+            if self.client.exists(self.paths.token, watch=lambda _e: created.set()):
+                data, _ = self.client.get(self.paths.token)
+                if data:
+                    return data.decode()
+            if not warned:
+                log.warning("cluster %r has no token yet: run `shardkeeper init` or set %s",
+                            self.paths.cluster, TOKEN_ENV)
+                warned = True
+            created.wait(1.0)
+            created.clear()
+        raise NoToken(f"cluster {self.paths.cluster!r} has no token")
+
+    # -- ZooKeeper callbacks: never block, hand work to the main loop -------------------
     def _on_state(self, state: str) -> None:
         if state == KazooState.LOST:
-            self._lost = True
             log.warning("session lost: will register again")
         elif state == KazooState.SUSPENDED:
-            log.warning("session suspended")
-        elif state == KazooState.CONNECTED and self._lost:
-            self._lost = False
-            self.events.put("register")
+            log.warning("session suspended: refusing writes")
+        self.inbox.put(("session", _SESSIONS[state]))
 
     def _on_plan(self, _data: bytes | None, _stat: object) -> bool:
-        self.events.put("plan")
+        self.inbox.put(("plan",))
         return not self.stop_event.is_set()
 
-    # -- main loop ---------------------------------------------------------------------
+    def _later(self, *item: Any) -> None:
+        timer = threading.Timer(RETRY_DELAY, self.inbox.put, args=(item,))
+        timer.daemon = True
+        timer.start()
+
+    # -- main loop ----------------------------------------------------------------------
     def stop(self) -> None:
         self.stop_event.set()
-        self.events.put("stop")
+        self.inbox.put(("stop",))
 
     def run(self) -> None:
         self.client = connect(self.hosts, self.session_timeout)
         self.client.add_listener(self._on_state)
         try:
             ensure_layout(self.client, self.paths)
+            self._use_token(self.read_token())
             self.register()
             self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
+            self.inbox.put(("session", Session.CONNECTED))
             while not self.stop_event.is_set():
-                event = self.events.get()
-                if event == "stop":
+                inputs = self._collect(self.inbox.get())
+                if inputs.stop:
                     break
-                try:
-                    if event == "register":
-                        self.register()
-                        self.events.put("plan")
-                    elif event == "plan":
-                        self.apply_plan()
-                except KazooException as e:
-                    log.warning("%s failed (%s); retrying", event, type(e).__name__)
-                    self.stop_event.wait(0.2)
-                    self.events.put(event)
+                self._turn(inputs)
         finally:
+            for job in self._running.values():
+                job.stop.set()
+            self._pool.shutdown(wait=False, cancel_futures=True)
             close(self.client)
             log.info("agent %s stopped; session closed", self.id)
 
-    # -- registration ----------------------------------------------------------------
-    def register(self) -> None:
+    def _collect(self, first: tuple[Any, ...]) -> _Inputs:
+        """Fold the first inbox item and everything else already queued into one turn."""
+        inputs = _Inputs()
+        item: tuple[Any, ...] | None = first
+        while item is not None:
+            self._fold(item, inputs)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+        return inputs
+
+    def _fold(self, item: tuple[Any, ...], inputs: _Inputs) -> None:
+        kind = item[0]
+        if kind == "stop":
+            inputs.stop = True
+        elif kind == "plan":
+            inputs.plan = True
+        elif kind == "status":
+            inputs.status = True
+        elif kind == "session":
+            session = item[1]
+            if session == Session.LOST:
+                self._must_register = True
+            if session == Session.CONNECTED:
+                inputs.plan = True  # the plan may have changed while we were away
+            self._session = session
+        elif kind == "done":
+            self._finished(item[1], item[2], item[3], inputs)
+
+    def _turn(self, inputs: _Inputs) -> None:
+        plan = None
+        session = self._session
+        if session == Session.CONNECTED and self._must_register:
+            if not self._try(self.register, "register"):
+                session = Session.SUSPENDED  # not registered yet: do not take writes
+                inputs.plan = False
+            else:
+                self._must_register = False
+        if inputs.plan and session == Session.CONNECTED:
+            plan = self._try(self.read_plan, "plan")
+        decision = shardsm.reconcile(
+            self.state, plan=plan, events=inputs.events, session=session, limits=self.limits
+        )
+        applied = decision.agent.plan
+        if plan is not None and applied is not None and applied.generation == plan.generation:
+            self.assignments = self._plan_replicas
+        self.state = decision.agent
+        for t in decision.transitions:
+            log.info("shard %d: %s -> %s", t.shard, t.before, t.after)
+        reported = False
+        for action in decision.actions:
+            if isinstance(action, ReportStatus):
+                reported = True
+            self._carry_out(action)
+        if inputs.status and not reported:
+            self.report()
+        if plan is not None and not self._pruned:
+            self._prune_unowned()
+        self._refresh_table()
+
+    def _try(self, fn: Any, what: str) -> Any:
+        """A ZooKeeper step of the main loop; on failure, another turn comes shortly."""
+        try:
+            return fn()
+        except KazooException as e:
+            log.warning("%s failed (%s); retrying", what, type(e).__name__)
+            self._later("plan")
+            return None
+
+    # -- registration -------------------------------------------------------------------
+    def register(self) -> bool:
         """Create our ephemeral member and status znodes for the current session."""
         self._create_ephemeral(self.paths.member(self.id), self.info.encode())
         self.report()
         log.info("registered as %s at %s", self.id, self.info.address)
+        return True
 
     def _create_ephemeral(self, path: str, data: bytes) -> None:
         @retry(
@@ -202,75 +394,233 @@ class Agent:
                 f"{path} is held by another live session: is agent {self.id!r} already running?"
             ) from None
 
-    # -- plan ------------------------------------------------------------------------
-    def read_plan(self) -> AgentPlan | None:
+    # -- plan ---------------------------------------------------------------------------
+    def read_plan(self) -> shardsm.Plan | None:
+        """Our plan znode as state-machine targets, with the addresses of the agents named."""
         path = self.paths.plan_agent(self.id)
         try:
             data, _ = self.client.get(path)
         except NoNodeError:
             return None
         try:
-            return AgentPlan.decode(path, data)
+            plan = AgentPlan.decode(path, data)
         except CorruptZnode as e:
-            log.error("keeping generation %d: %s", self.applied.generation, e)
+            log.error("keeping generation %d: %s", self.applied_generation, e)
             return None
-
-    def apply_plan(self) -> None:
-        plan = self.read_plan()
-        if plan is None:
-            return
-        if plan.generation < self.applied.generation:
+        if plan.generation < self.applied_generation:
             log.warning("ignoring plan generation %d: generation %d is applied",
-                        plan.generation, self.applied.generation)
-            return
-        changes = local_changes(plan.replicas, self.replicas.held())
-        self.replicas.apply(changes)
-        self.applied = plan
-        self.report()
-        log.info("applied plan generation %d: %d replicas (+%d -%d)", plan.generation,
-                 len(plan.replicas), len(changes.create), len(changes.drop))
+                        plan.generation, self.applied_generation)
+            return None
+        self._read_addresses(referenced_agents(plan.replicas))
+        self._plan_replicas = plan.replicas
+        targets = {s: target_of(a, self.address_of) for s, a in plan.replicas.items()}
+        log.info("read plan generation %d: %d replicas", plan.generation, len(targets))
+        return shardsm.Plan(plan.generation, targets)
 
+    def _read_addresses(self, ids: Iterable[str]) -> None:
+        pending = {
+            i: self.client.get_async(self.paths.member(i)) for i in sorted(ids) if i != self.id
+        }
+        for agent, result in pending.items():
+            try:
+                data, _ = result.get()
+                self.addresses[agent] = MemberInfo.decode(self.paths.member(agent), data).address
+            except NoNodeError:
+                continue  # departed: keep the last known address, the plan will move on
+            except CorruptZnode as e:
+                log.error("ignoring member: %s", e)
+
+    def address_of(self, agent: str) -> str:
+        if agent == self.id:
+            return self.address
+        return self.addresses.get(agent, UNREACHABLE)
+
+    def _prune_unowned(self) -> None:
+        """Delete store files left from an earlier run for shards the plan does not place here."""
+        self._pruned = True
+        wanted = set(self.assignments) | set(self.state.shards)
+        for shard in sorted(self.stores.on_disk() - wanted):
+            log.info("shard %d: not in the plan; deleting its old store", shard)
+            self.stores.drop(shard)
+
+    # -- shard actions ------------------------------------------------------------------
+    def _carry_out(self, action: Action) -> None:
+        if isinstance(action, SetWritable):
+            self.table.set_writable(action.writable)
+        elif isinstance(action, SetServing):
+            self.table.set_serving(action.serving)
+        elif isinstance(action, ReportStatus):
+            self.report()
+        else:
+            self._enqueue(action)
+
+    def _enqueue(self, action: Action) -> None:
+        shard = action.shard
+        jobs = self._queues.setdefault(shard, deque())
+        if isinstance(action, StartBootstrap | StartDrop):
+            # A newer copy or a drop makes any copy running or waiting for this shard moot.
+            running = self._running.get(shard)
+            if running is not None and isinstance(running.action, StartBootstrap):
+                running.stop.set()
+            for job in [j for j in jobs if isinstance(j.action, StartBootstrap)]:
+                jobs.remove(job)
+        self._seq += 1
+        if isinstance(action, StartBootstrap):
+            self._copy_seq[shard] = self._seq
+            self.stores.open(shard)
+            self._served[shard] = ShardState.BOOTSTRAPPING  # takes forwards while copying
+        elif isinstance(action, Demote):
+            self._served[shard] = ShardState.REPLICA  # refuse writes before repairing
+            self._raise_fence(shard, action.generation)
+        elif isinstance(action, Repair):
+            self._raise_fence(shard, action.generation)  # refuse the old primary's forwards
+        elif isinstance(action, StartDrop):
+            self._served.pop(shard, None)
+        peers: tuple[str, ...] = ()
+        if isinstance(action, Promote):
+            assignment = self.assignments.get(shard)
+            peers = tuple(self.address_of(p) for p in assignment.peers) if assignment else ()
+        jobs.append(_Job(action, self._seq, threading.Event(), peers))
+        self._kick(shard)
+
+    def _raise_fence(self, shard: int, generation: int) -> None:
+        self._fence[shard] = max(self._fence.get(shard, 0), generation)
+
+    def _kick(self, shard: int) -> None:
+        jobs = self._queues.get(shard)
+        if shard in self._running or not jobs:
+            return
+        job = jobs.popleft()
+        self._running[shard] = job
+        self._pool.submit(self._work, job)
+
+    def _work(self, job: _Job) -> None:
+        """Worker thread: carry out one shard action, report back to the main loop."""
+        action = job.action
+        event = None
+        ok = False
+        try:
+            if isinstance(action, StartBootstrap) and action.attempt:
+                job.stop.wait(min(0.25 * 2**action.attempt, 3.0))
+            if isinstance(action, Promote):
+                # Writes acknowledged while this replica was joining may have reached it
+                # only best effort: take them from the in-sync peers before taking writes.
+                self.handler.catch_up(action.shard, job.peers)
+            if isinstance(action, StartBootstrap | StartDrop):
+                event = perform(self.handler, action, job.stop)
+            else:
+                self._handler_call(lambda: perform(self.handler, action, job.stop), job)
+            ok = True
+        except Exception:
+            log.exception("shard %d: %s failed", action.shard, type(action).__name__)
+        self.inbox.put(("done", job, event, ok))
+
+    def _handler_call(self, fn: Any, job: _Job) -> None:
+        """Repairs and promotions wait on peers that may be mid-transition: retry, bounded."""
+
+        def log_retry(state: Any) -> None:
+            log.warning("shard %d: %s failed (%s); retrying", job.action.shard,
+                        type(job.action).__name__, state.outcome.exception())
+
+        policy = retry(
+            stop=stop_after_delay(HANDLER_RETRY_SECONDS),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            retry=lambda state: state.outcome.failed and not job.stop.is_set(),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        policy(fn)()
+
+    def _finished(self, job: _Job, event: Event | None, ok: bool, inputs: _Inputs) -> None:
+        action = job.action
+        shard = action.shard
+        if self._running.get(shard) is job:
+            del self._running[shard]
+        record = self.state.shards.get(shard)
+        now = record.state if record is not None else None
+        # Serve the new role only once the handler has done its part, and only if the
+        # machine still wants that role.
+        if ok and isinstance(action, BecomeReplica) and now == ShardState.REPLICA:
+            self._served[shard] = ShardState.REPLICA
+        elif ok and isinstance(action, Promote) and now == ShardState.PRIMARY:
+            self._served[shard] = ShardState.PRIMARY
+        if event is not None:
+            stale_copy = isinstance(action, StartBootstrap) and self._copy_seq.get(shard) != job.seq
+            if not stale_copy:
+                inputs.events.append(event)
+        if isinstance(action, StartDrop):
+            self._fence.pop(shard, None)
+        self._kick(shard)
+
+    # -- the data plane's table ---------------------------------------------------------
+    def _refresh_table(self) -> None:
+        for shard in set(self.table.routes()) - set(self._served):
+            self.table.remove(shard)
+        for shard, served in self._served.items():
+            route = self._route_for(shard, served)
+            current = self.table.route(shard)
+            if current is not None:
+                # The data plane raises the fence itself when a newer primary forwards.
+                fence = max(route.primary_generation, current.primary_generation)
+                route = ShardRoute(route.state, route.generation, route.primary, fence,
+                                   route.in_sync, route.catching_up)
+            if route != current:
+                self.table.set_route(shard, route)
+
+    def _route_for(self, shard: int, served: ShardState) -> ShardRoute:
+        record = self.state.shards.get(shard, shardsm.ShardRecord())
+        assignment = self.assignments.get(shard)
+        fence = self._fence.get(shard, 0)
+        if served == ShardState.PRIMARY:
+            peers: tuple[str, ...] = ()
+            copying: tuple[str, ...] = ()
+            if assignment is not None and assignment.role == ROLE_PRIMARY:
+                peers = tuple(self.address_of(a) for a in assignment.peers)
+                copying = tuple(self.address_of(a) for a in assignment.catching_up)
+            return ShardRoute(ShardState.PRIMARY, record.generation, self.address, fence,
+                              peers, copying)
+        primary = None
+        if assignment is not None and assignment.primary:
+            primary = self.address_of(assignment.primary)
+        return ShardRoute(served, record.generation, primary, fence)
+
+    # -- status -------------------------------------------------------------------------
     def status(self) -> AgentStatus:
-        return AgentStatus(self.id, self.applied.generation, shard_states(self.applied.replicas))
+        shards = {}
+        for shard, record in self.state.shards.items():
+            store = self.stores.get(shard)
+            lsn = store.sync_lsn() if store is not None else record.lsn
+            shards[shard] = ShardStatus(str(record.state), lsn)
+        return AgentStatus(self.id, self.applied_generation, shards)
 
     def report(self) -> None:
+        """Write status/<id>; if ZooKeeper is unavailable, try again shortly."""
         path = self.paths.agent_status(self.id)
         data = self.status().encode()
         try:
-            self.client.set(path, data)
-        except NoNodeError:
-            self._create_ephemeral(path, data)
+            try:
+                self.client.set(path, data)
+            except NoNodeError:
+                self._create_ephemeral(path, data)
+        except KazooException as e:
+            log.warning("status write failed (%s); retrying", type(e).__name__)
+            self._later("status")
 
 
 class HealthServer:
-    """Serves GET /healthz on the agent's --listen address (JSON: id and generation)."""
+    """The agent's data plane (client and replication API, and GET /healthz) on --listen.
+
+    Kept under this name for `shardkeeper agent run`: it binds at construction (so a bad
+    --listen fails before the agent registers) and serves once the agent knows the token.
+    """
 
     def __init__(self, agent: Agent, host: str, port: int):
-        agent_ref = agent
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path != "/healthz":
-                    self.send_error(404)
-                    return
-                body = json.dumps(
-                    {"id": agent_ref.id, "generation": agent_ref.applied.generation}
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.agent = agent
+        self.plane = agent.attach_plane(host, port)
 
     def start(self) -> None:
-        self.thread.start()
+        self.plane.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.plane.stop()
+        self.agent.stores.close_all()

@@ -6,6 +6,7 @@ import time
 
 from kazoo.exceptions import BadVersionError
 
+from agents.store import StoreSet
 from coordinator.layout import AgentPlan, PlanMeta, encode_epoch
 from tests.harness import Cluster, wait_for
 
@@ -27,9 +28,9 @@ def test_every_shard_gets_distinct_agents_and_status_matches_plan(cluster: Clust
     assert len(plan.routing) == 64
     assert all(len(set(r)) == len(r) == 2 for r in plan.routing)
     assert {a for r in plan.routing for a in r} == AGENTS
-    # Each agent holds exactly one directory per assigned replica.
+    # Each agent holds exactly one store file per assigned replica.
     for agent in AGENTS:
-        held = {int(p.name) for p in (cluster.workdir / agent / "shards").iterdir()}
+        held = StoreSet(cluster.workdir / agent / "shards").on_disk()
         assert held == set(plan.agents[agent].replicas)
 
 
