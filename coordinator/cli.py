@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -327,8 +328,13 @@ def events(zk_hosts: str, paths: Paths, follow: bool, limit: int, as_json: bool)
     with zk_session(zk_hosts) as client:
         clusterstate.read_config(client, paths)
         last = show(admin.events(client, paths)[-limit:])
-        while follow:
-            time.sleep(0.5)
+        if not follow:
+            return
+        appended = threading.Event()
+        client.ChildrenWatch(paths.events, lambda _children: appended.set())
+        while True:
+            appended.wait()
+            appended.clear()
             last = show(admin.events(client, paths, after=last)) or last
 
 

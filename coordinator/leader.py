@@ -314,6 +314,7 @@ class LeaderTerm:
             self.caught_up(statuses),
             Throttle(config.max_moves_per_agent, config.max_moves_total,
                      paused=maintenance is not None),
+            min_in_sync=config.replicas,
         )
         summary = {
             "in_flight": step.in_flight,

@@ -158,7 +158,7 @@ def start_copies(
 
 def settle(
     in_sync: list[str], boot: list[tuple[str, str]], target: Sequence[str],
-    paused: bool, tally: _Tally,
+    paused: bool, tally: _Tally, min_in_sync: int = 0,
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Steps 4 and 5: promote the target's primary, then drop what the target no longer has."""
     wanted = set(target)
@@ -170,7 +170,9 @@ def settle(
             in_sync.remove(target[0])
             in_sync.insert(0, target[0])
             tally.promotions += 1
-        keep = len(target)
+        # A drain or move must not cost redundancy, even when the target is short of R
+        # (too few eligible agents): then the old replica stays until there is room.
+        keep = max(len(target), min_in_sync)
         for agent in [a for a in reversed(in_sync) if a not in wanted]:
             if len(in_sync) - 1 < keep:
                 break
@@ -190,11 +192,13 @@ def next_step(
     live: Collection[str],
     caught_up: Collection[tuple[str, int]],
     throttle: Throttle = DEFAULT_THROTTLE,
+    min_in_sync: int = 0,
 ) -> Step:
     """One step toward ``target`` (shard -> agents, primary first, as placement returns).
 
     ``live`` are the current members; ``caught_up`` the (agent, shard) pairs whose status
-    reports the replica online and caught up with the plan that asked for it.
+    reports the replica online and caught up with the plan that asked for it. Replicas
+    outside the target are dropped only while at least ``min_in_sync`` (R) stay in sync.
     """
     live = set(live)
     caught = set(caught_up)
@@ -220,7 +224,7 @@ def next_step(
         start_copies(staged[s][0], staged[s][1], target[s], live, tally)
     plan = list(shards)
     for s, (in_sync, boot) in staged.items():
-        in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally)
+        in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync)
         plan[s] = ShardPlan(tuple(in_sync), tuple(boot))
     in_flight = sum(len(p.bootstrapping) for p in plan)
     return Step(

@@ -8,9 +8,10 @@ import threading
 
 from coordinator import cluster as clusterstate
 from coordinator.layout import Paths
+from coordinator.process import cli_command
 from coordinator.summary import HOLDING_STATES
 from coordinator.zk import close, connect
-from tests.harness import Cluster, wait_for
+from tests.harness import Cluster, RoleProcess, wait_for
 
 
 def start(c: Cluster, agents: int, shards: int = 32, replicas: int = 2,
@@ -214,7 +215,7 @@ def test_stopped_leader_is_deposed_and_cannot_write_after_resuming(cluster: Clus
 
 
 def test_config_show_set_and_events(cluster: Cluster) -> None:
-    start(cluster, agents=2, shards=8, replicas=2)
+    start(cluster, agents=3, shards=8, replicas=2)
     shown = json.loads(cluster.cli("config", "show", "--json").stdout)
     assert shown["shards"] == 8 and shown["max_moves_total"] == 64
     r = cluster.cli("config", "set", "shards=16")
@@ -225,3 +226,13 @@ def test_config_show_set_and_events(cluster: Cluster) -> None:
     assert "max_moves_total            5" in cluster.cli("config", "show").stdout
     text = cluster.cli("events").stdout
     assert "member-joined" in text and "plan" in text
+    follower = RoleProcess(
+        "events", cli_command("events", "--follow", "--zk", cluster.hosts,
+                              "--cluster", cluster.name), cluster.workdir / "events.log")
+    try:
+        wait_for(lambda: "member-joined" in follower.output(), timeout=10)
+        cluster.cli("drain", "agent-2")
+        wait_for(lambda: "drain-done" in follower.output(), timeout=15,
+                 message="events --follow prints new events as they are logged")
+    finally:
+        follower.kill()

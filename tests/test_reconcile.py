@@ -171,3 +171,13 @@ def test_determinism(seed) -> None:
     one = next_step(plan, target, live, caught, Throttle(2, 5))
     two = next_step(plan, target, set(reversed(sorted(live))), set(caught), Throttle(2, 5))
     assert one == two
+
+
+def test_drain_never_costs_redundancy_when_there_is_no_room() -> None:
+    # Two agents, R=2, one draining: the target can hold only one replica.
+    plan = (ShardPlan(("a0", "a1")),)
+    step = next_step(plan, [("a0",)], {"a0", "a1"}, set(), min_in_sync=2)
+    assert step.plan[0] == ShardPlan(("a0", "a1")) and step.dropped == 0
+    # Lowering R lets it go.
+    step = next_step(plan, [("a0",)], {"a0", "a1"}, set(), min_in_sync=1)
+    assert step.plan[0] == ShardPlan(("a0",)) and step.dropped == 1
