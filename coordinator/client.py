@@ -1,0 +1,254 @@
+"""The client library: keys to shards to primaries, with the routing table cached behind a watch.
+
+::
+
+    with DataClient.connect("127.0.0.1:2181", "prod") as kv:
+        kv.put(b"user:1", b"alice")
+        kv.get(b"user:1")            # b"alice"; None when absent
+
+Routing: a key maps to a shard with ``placement.shard_for_key`` (xxhash64 ring); the shard's
+in-sync replicas, primary first, come from ``plan/routing``; agent ids become data-plane
+addresses through ``members/<id>``. The table is read once and cached; a ZooKeeper watch on
+``plan/meta`` (the plan's commit point) marks it stale, and it is read again on next use.
+
+Failures: requests go to the primary; a redirect is followed (bounded, by ``PeerClient``).
+No answer, 503 (fenced, failing over), a shard the agent does not hold, or no primary at
+all: the cached table is marked stale and the call is retried with exponential backoff
+until ``deadline`` seconds have passed (a bounded tenacity policy), then raises
+``Unavailable``. A 4xx answer (bad token, malformed or oversized request) is not retried:
+it raises ``RequestError`` at once. A write that timed out may still have been applied; a
+retried put writes the same value again, which is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
+from tenacity import (
+    RetryError,
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from agents.dataplane import NotPrimary, PeerClient, PeerError, PeerUnavailable, ShardInfo
+from coordinator import cluster as clusterstate
+from coordinator.layout import Paths, RoutingChunk
+from coordinator.placement import shard_for_key
+from coordinator.zk import ShardkeeperError, close, connect
+
+T = TypeVar("T")
+TOKEN_ENV = "SHARDKEEPER_TOKEN"
+Item = tuple[bytes, bytes]
+
+
+class DataError(ShardkeeperError):
+    """A data operation failed; the message says why."""
+
+
+class Unavailable(DataError):
+    """The shard could not be reached within the deadline."""
+
+
+class RequestError(DataError):
+    """The cluster refused the request itself (4xx): retrying would not help."""
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way a fresh routing table may fix."""
+
+
+def cluster_token(client: KazooClient, paths: Paths) -> str:
+    """SHARDKEEPER_TOKEN, else the token znode written by `shardkeeper init`."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    try:
+        data, _ = client.get(paths.token)
+    except NoNodeError:
+        data = b""
+    if not data:
+        raise DataError(
+            f"cluster {paths.cluster!r} has no token: run `shardkeeper init` or set {TOKEN_ENV}"
+        )
+    return data.decode()
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One consistent read of the routing table."""
+
+    generation: int
+    replicas: tuple[tuple[str, ...], ...]  # shard -> in-sync agent ids, primary first
+    addresses: dict[str, str] = field(default_factory=dict)  # agent id -> data-plane address
+
+    @property
+    def shards(self) -> int:
+        return len(self.replicas)
+
+    def primary_address(self, shard: int) -> str | None:
+        agents = self.replicas[shard] if shard < len(self.replicas) else ()
+        return self.addresses.get(agents[0]) if agents else None
+
+
+def read_routing(client: KazooClient, paths: Paths) -> Routing:
+    meta = clusterstate.read_plan_meta(client, paths)
+    if meta is None:
+        raise DataError(f"cluster {paths.cluster!r} has no plan yet: start a coordinator")
+    chunks = clusterstate.read_many(client, paths.routing, RoutingChunk.decode)
+    rows: list[tuple[str, ...]] = []
+    for name in sorted(chunks):
+        rows.extend(chunks[name].replicas)
+    members = clusterstate.read_members(client, paths, skip_corrupt=True)
+    return Routing(meta.generation, tuple(rows), {m: i.address for m, i in members.items()})
+
+
+class DataClient:
+    """Get, put and delete keys in a running cluster. Thread-safe."""
+
+    def __init__(
+        self,
+        zk: KazooClient,
+        paths: Paths,
+        token: str | None = None,
+        *,
+        timeout: float = 2.0,
+        deadline: float = 20.0,
+    ):
+        self.zk = zk
+        self.paths = paths
+        self.token = token or cluster_token(zk, paths)
+        self.deadline = deadline
+        self.peers = PeerClient(self.token, timeout=timeout, attempts=2)
+        self._lock = threading.Lock()
+        self._routing: Routing | None = None
+        self._stale = True
+        zk.DataWatch(paths.plan_meta, self._on_meta)
+
+    @classmethod
+    @contextmanager
+    def connect(cls, hosts: str, cluster: str, **kwargs: Any) -> Iterator[DataClient]:
+        zk = connect(hosts)
+        try:
+            yield cls(zk, Paths(cluster), **kwargs)
+        finally:
+            close(zk)
+
+    def _on_meta(self, _data: bytes | None, _stat: object) -> None:
+        self._stale = True
+
+    # -- routing ------------------------------------------------------------------------
+    def routing(self) -> Routing:
+        """The cached routing table, read again if the plan changed since."""
+        with self._lock:
+            if self._stale or self._routing is None:
+                self._stale = False
+                self._routing = read_routing(self.zk, self.paths)
+            return self._routing
+
+    def invalidate(self) -> None:
+        self._stale = True
+
+    def shard_of(self, key: bytes) -> int:
+        return shard_for_key(key, self.routing().shards)
+
+    def _primary(self, shard: int) -> str:
+        address = self.routing().primary_address(shard)
+        if address is None:
+            raise _Retry(f"shard {shard} has no primary now")
+        return address
+
+    def _attempts(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``, refreshing the routing table and retrying on routing-type failures."""
+
+        def once() -> T:
+            try:
+                return fn()
+            except (PeerUnavailable, NotPrimary) as exc:
+                self.invalidate()
+                raise _Retry(str(exc)) from exc
+            except PeerError as exc:
+                if exc.status == 404 and exc.body.get("error") == "unknown_shard":
+                    self.invalidate()  # the shard moved away from that agent
+                    raise _Retry(str(exc)) from exc
+                if exc.status is not None and 400 <= exc.status < 500:
+                    detail = exc.body.get("detail") or exc.body.get("error") or exc.status
+                    raise RequestError(f"{what}: refused ({exc.status}): {detail}") from None
+                self.invalidate()
+                raise _Retry(str(exc)) from exc
+
+        policy = retry(
+            retry=retry_if_exception_type(_Retry),
+            stop=stop_after_delay(self.deadline),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+        )
+        try:
+            return policy(once)()
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            raise Unavailable(f"{what}: gave up after {self.deadline:g}s: {last}") from None
+
+    # -- operations ---------------------------------------------------------------------
+    def get(self, key: bytes) -> bytes | None:
+        """The key's value, or None if it is absent."""
+
+        def once() -> bytes | None:
+            shard = self.shard_of(key)
+            row = self.peers.get(self._primary(shard), shard, key)
+            return None if row is None else row.value
+
+        return self._attempts(f"get {key!r}", once)
+
+    def put(self, key: bytes, value: bytes) -> int:
+        """Store ``value``; returns its LSN once every in-sync replica applied it."""
+
+        def once() -> int:
+            shard = self.shard_of(key)
+            return self.peers.put(self._primary(shard), shard, key, value)
+
+        return self._attempts(f"put {key!r}", once)
+
+    def delete(self, key: bytes) -> int:
+        def once() -> int:
+            shard = self.shard_of(key)
+            return self.peers.delete(self._primary(shard), shard, key)
+
+        return self._attempts(f"delete {key!r}", once)
+
+    def put_batch(self, shard: int, items: Sequence[tuple[bytes, bytes]]) -> list[int]:
+        """Store items that all belong to ``shard`` in one request (one LSN each)."""
+        return self._attempts(
+            f"batch of {len(items)} to shard {shard}",
+            lambda: self.peers.batch_put(self._primary(shard), shard, items),
+        )
+
+    def by_shard(self, items: Iterable[Item]) -> dict[int, list[Item]]:
+        """Group (key, value) items by the shard that owns each key."""
+        groups: dict[int, list[Item]] = defaultdict(list)
+        shards = self.routing().shards
+        for key, value in items:
+            groups[shard_for_key(key, shards)].append((key, value))
+        return dict(groups)
+
+    def shard_infos(self, shard: int) -> dict[str, ShardInfo | str]:
+        """Each in-sync replica's digest info (or the error that prevented reading it)."""
+        routing = self.routing()
+        out: dict[str, ShardInfo | str] = {}
+        for agent in routing.replicas[shard]:
+            address = routing.addresses.get(agent)
+            if address is None:
+                out[agent] = "not a member"
+                continue
+            try:
+                out[agent] = self.peers.shard_info(address, shard)
+            except PeerError as exc:
+                out[agent] = str(exc)
+        return out
