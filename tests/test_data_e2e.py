@@ -1,0 +1,292 @@
+"""Issue 5's acceptance, as the operator lives it: real ZooKeeper, a real coordinator and real
+agent processes holding real data. Load keys, kill and freeze agents under a write load,
+add an agent, send garbage; nothing acknowledged is lost and the replicas converge."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+from agents.dataplane import b64, key_path
+from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, StoreSet
+from coordinator.client import DataClient, DataError
+from coordinator.datacli import load_key, load_value
+from tests.harness import Cluster, wait_for
+
+AGENTS = ("agent-1", "agent-2", "agent-3", "agent-4")
+ONLINE = {"REPLICA", "PRIMARY"}
+SESSION = 1.0
+
+
+def start(cluster: Cluster, agents=AGENTS, shards: int = 16, replicas: int = 3) -> DataClient:
+    """A converged cluster, and a client of it."""
+    cluster.init(shards, replicas)
+    cluster.start_coordinator("coord-1", session_timeout=SESSION)
+    for name in agents:
+        cluster.start_agent(name, session_timeout=SESSION)
+    wait_for(lambda: cluster.converged(set(agents)), timeout=30, message="initial convergence")
+    return DataClient(cluster.client, cluster.paths, deadline=20.0)
+
+
+class Writer(threading.Thread):
+    """Puts unique keys as fast as one client can; remembers what was acknowledged."""
+
+    def __init__(self, kv: DataClient, prefix: str, keys: Iterator[bytes] | None = None):
+        super().__init__(daemon=True)
+        self.kv = kv
+        self.prefix = prefix
+        self.keys = keys
+        self.acked: dict[bytes, bytes] = {}
+        self.failed = 0
+        self.longest_gap = 0.0  # longest time without an acknowledged write
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        last_ack = time.monotonic()
+        i = 0
+        while not self.halt.is_set():
+            key = next(self.keys) if self.keys else f"{self.prefix}{i:07d}".encode()
+            value = f"v{i}".encode()
+            i += 1
+            try:
+                self.kv.put(key, value)
+            except DataError:
+                self.failed += 1
+                continue
+            now = time.monotonic()
+            self.longest_gap = max(self.longest_gap, now - last_ack)
+            last_ack = now
+            self.acked[key] = value
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(30)
+
+    def wait_acks(self, n: int, timeout: float = 20) -> None:
+        wait_for(lambda: len(self.acked) >= n, timeout=timeout, message=f"{n} acked writes")
+
+
+def cli_ok(cluster: Cluster, *args: str) -> str:
+    r = cluster.cli(*args, timeout=120)
+    assert r.returncode == 0, f"{args}: {r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def assert_all_readable(kv: DataClient, expected: dict[bytes, bytes]) -> None:
+    wrong = {k: v for k, v in expected.items() if kv.get(k) != v}
+    assert not wrong, f"{len(wrong)} acknowledged writes lost or changed, e.g. {list(wrong)[:5]}"
+
+
+def rows_held(kv: DataClient) -> int:
+    """Rows on the primaries (tombstones included), summed over shards."""
+    total = 0
+    for shard in range(kv.routing().shards):
+        info = kv.shard_infos(shard)[kv.routing().replicas[shard][0]]
+        total += info.rows
+    return total
+
+
+def primary_of(cluster: Cluster, shard: int) -> str:
+    return cluster.plan().routing[shard][0]
+
+
+def every_shard_fully_in_sync(cluster: Cluster, agents: set[str], replicas: int) -> bool:
+    plan = cluster.plan()
+    statuses = cluster.statuses()
+    for shard, holders in enumerate(plan.routing):
+        if len(holders) != replicas or not set(holders) <= agents:
+            return False
+        for agent in holders:
+            status = statuses.get(agent)
+            if status is None or status.shards.get(shard) is None:
+                return False
+            if status.shards[shard].state not in ONLINE:
+                return False
+    return True
+
+
+def test_sigkill_agent_under_write_load_loses_no_acknowledged_write(cluster) -> None:
+    kv = start(cluster)
+    cli_ok(cluster, "load", "--keys", "20000", "--value-size", "64")
+    writer = Writer(kv, "live-")
+    writer.start()
+    writer.wait_acks(200)
+    cluster.procs["agent-2"].kill()
+    survivors = set(AGENTS) - {"agent-2"}
+    wait_for(lambda: cluster.plan().meta.members == tuple(sorted(survivors)), timeout=15,
+             message="a plan without agent-2")
+    writer.wait_acks(len(writer.acked) + 200)
+    writer.stop()
+    wait_for(lambda: cluster.converged(survivors), timeout=60, message="survivors converge")
+    # The replicas agent-2 held were rebuilt: every shard is on all three survivors again.
+    assert every_shard_fully_in_sync(cluster, survivors, 3)
+    assert "every replica's digest is equal" in cli_ok(cluster, "verify")
+    assert_all_readable(kv, writer.acked)
+    sample = [load_key(i) for i in range(0, 20000, 37)]
+    assert_all_readable(kv, {k: load_value(k, 64) for k in sample})
+    assert rows_held(kv) >= 20000 + len(writer.acked)
+
+
+def test_sigkill_primary_mid_write_costs_only_seconds(cluster) -> None:
+    kv = start(cluster, shards=8)
+    shard = 3
+    victim = primary_of(cluster, shard)
+    routing = kv.routing()
+    keys = (k for k in (f"hot-{i:07d}".encode() for i in range(10**7))
+            if kv.shard_of(k) == shard)
+    assert routing.primary_address(shard)
+    writer = Writer(kv, "hot-", keys)
+    writer.start()
+    writer.wait_acks(200)
+    t0 = time.monotonic()
+    cluster.procs[victim].kill()
+    wait_for(lambda: primary_of(cluster, shard) != victim, timeout=15,
+             message="a new primary for the shard")
+    writer.wait_acks(len(writer.acked) + 200)
+    writer.stop()
+    print(f"\nlongest gap between acknowledged writes: {writer.longest_gap:.2f}s"
+          f" (kill at +0, {time.monotonic() - t0:.1f}s of writes after)")
+    assert writer.longest_gap < 6.0
+    survivors = set(AGENTS) - {victim}
+    wait_for(lambda: cluster.converged(survivors), timeout=60, message="survivors converge")
+    assert_all_readable(kv, writer.acked)
+    assert "every replica's digest is equal" in cli_ok(cluster, "verify")
+
+
+def test_fifth_agent_takes_shards_with_data_make_before_break(cluster) -> None:
+    kv = start(cluster)
+    cli_ok(cluster, "load", "--keys", "4000", "--value-size", "64")
+    snapshots: list[tuple] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            plan = cluster.plan()
+            snapshots.append((plan.routing, cluster.statuses()))
+            time.sleep(0.05)  # a sampling period, not a wait for a condition
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    everyone = set(AGENTS) | {"agent-5"}
+    cluster.start_agent("agent-5", session_timeout=SESSION)
+    wait_for(lambda: cluster.converged(everyone), timeout=60, message="agent-5 takes its share")
+    watching.set()
+    watcher.join(10)
+    plan = cluster.plan()
+    mine = set(plan.agents["agent-5"].replicas)
+    assert mine, "agent-5 got no replicas"
+    # Never fewer than R in-sync replicas, and agent-5 joins a shard only once ONLINE there.
+    joined = [r for r, _ in snapshots if any("agent-5" in holders for holders in r)]
+    assert joined and len(joined) < len(snapshots), "the watch saw no migration"
+    for routing, statuses in snapshots:
+        assert all(len(r) >= 3 for r in routing)
+        for shard, holders in enumerate(routing):
+            if "agent-5" in holders:
+                assert statuses["agent-5"].shards[shard].state in ONLINE
+    # Its shards came with their data, and replicas that moved away were deleted.
+    infos = {s: kv.shard_infos(s) for s in mine}
+    assert sum(i["agent-5"].rows for i in infos.values()) > 0
+    for agent in everyone:
+        held = StoreSet(cluster.workdir / agent / "shards").on_disk()
+        assert held == set(plan.agents[agent].replicas), agent
+    assert "every replica's digest is equal" in cli_ok(cluster, "verify")
+    sample = [load_key(i) for i in range(0, 4000, 7)]
+    assert_all_readable(kv, {k: load_value(k, 64) for k in sample})
+
+
+def raw(address: str, method: str, path: str, body=None, token: str | None = None,
+        timeout: float = 10) -> tuple[int, dict]:
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    payload = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    try:
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(data)
+    except ValueError:
+        return response.status, {}
+
+
+def test_frozen_primary_is_fenced_and_repaired_without_divergence(cluster) -> None:
+    kv = start(cluster, shards=8)
+    shard = 5
+    key = next(k for k in (f"frozen-{i}".encode() for i in range(10**6))
+               if kv.shard_of(k) == shard)
+    kv.put(key, b"before")
+    victim = primary_of(cluster, shard)
+    address = kv.routing().addresses[victim]
+    token = kv.token
+    cluster.procs[victim].stop()
+    # A write that reaches the frozen primary is handled the moment it wakes up.
+    answers: list[int] = []
+    late = threading.Thread(target=lambda: answers.append(raw(
+        address, "PUT", key_path(shard, key), {"value": b64(b"stale")}, token, timeout=60)[0]))
+    late.start()
+    survivors = set(AGENTS) - {victim}
+    wait_for(lambda: cluster.converged(survivors), timeout=60,
+             message="the cluster fails over and re-replicates without the frozen agent")
+    kv.put(key, b"after")
+    cluster.procs[victim].cont()
+    late.join(30)
+    print(f"\nthe write held by the frozen primary got {answers}")
+    assert answers and answers[0] != 200, f"the deposed primary acknowledged a write: {answers}"
+    status, _ = raw(address, "PUT", key_path(shard, key), {"value": b64(b"stale2")}, token)
+    assert status != 200
+    wait_for(lambda: cluster.converged(set(AGENTS)), timeout=60,
+             message="the thawed agent registers again and the cluster rebalances")
+    assert kv.get(key) == b"after"
+    assert "every replica's digest is equal" in cli_ok(cluster, "verify")
+    assert "session lost" in cluster.procs[victim].output()
+
+
+BAD_REQUESTS = [
+    # (what, method, path, body, token, expected status)
+    ("wrong token", "PUT", key_path(0, b"k"), {"value": b64(b"x")}, "wrong", 401),
+    ("no token", "PUT", key_path(0, b"k"), {"value": b64(b"x")}, None, 401),
+    ("not JSON", "PUT", key_path(0, b"k"), b"{nope", "TOKEN", 400),
+    ("value not base64", "PUT", key_path(0, b"k"), {"value": "%%%"}, "TOKEN", 400),
+    ("no value", "PUT", key_path(0, b"k"), {"v": "eA=="}, "TOKEN", 400),
+    ("unknown shard", "PUT", key_path(999, b"k"), {"value": b64(b"x")}, "TOKEN", 404),
+    ("oversized key", "PUT", key_path(0, b"k" * (MAX_KEY_BYTES + 1)), {"value": b64(b"x")},
+     "TOKEN", 413),
+    ("oversized value", "PUT", key_path(0, b"k"), {"value": b64(b"x" * (MAX_VALUE_BYTES + 1))},
+     "TOKEN", 413),
+    ("bad batch", "POST", "/v1/shards/0/batch", {"puts": [{"key": 1}]}, "TOKEN", 400),
+    ("bad replicate", "POST", "/v1/shards/0/replicate", {"rows": "x"}, "TOKEN", 400),
+]
+
+
+def test_bad_requests_get_4xx_and_change_nothing(cluster) -> None:
+    kv = start(cluster, agents=AGENTS[:2], shards=1, replicas=2)
+    kv.put(b"k", b"original")
+    routing = kv.routing()
+    addresses = [routing.addresses[a] for a in routing.replicas[0]]
+    before = {a: i.digest for a, i in kv.shard_infos(0).items()}
+    for what, method, path, body, token, expected in BAD_REQUESTS:
+        token = kv.token if token == "TOKEN" else token
+        for address in addresses:
+            status, answer = raw(address, method, path, body, token)
+            assert status == expected, f"{what} to {address}: {status} {answer}"
+    assert {a: i.digest for a, i in kv.shard_infos(0).items()} == before
+    assert kv.get(b"k") == b"original"
+
+
+def test_cli_put_get_delete_verify(cluster) -> None:
+    start(cluster, agents=AGENTS[:2], shards=4, replicas=2)
+    cli_ok(cluster, "put", "greeting", "hello world")
+    assert cli_ok(cluster, "get", "greeting") == "hello world\n"
+    cli_ok(cluster, "delete", "greeting")
+    missing = cluster.cli("get", "greeting")
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert "not found" in missing.stderr
+    assert "4 shards verified" in cli_ok(cluster, "verify")
+    wrong = cluster.cli("get", "greeting", env={"SHARDKEEPER_TOKEN": "wrong", "PATH": ""})
+    assert wrong.returncode == 1 and "401" in wrong.stderr
