@@ -1,0 +1,179 @@
+"""`python -m bench.dataplane [--json]`: the data plane's throughput and latency, in one process.
+
+Real HTTP on 127.0.0.1, real SQLite files, the same DataPlane the agents run; no ZooKeeper
+(the shard table is set by hand, as the runtime would). Measured in one run:
+
+* bootstrap: a fresh replica copies one shard (``--rows`` rows of ``--value-size`` bytes)
+  from its primary with ``copy_shard``; MB/s is the source's SQLite file size over the
+  copy time. Next to it, ``shutil.copyfile`` of that same file (checkpointed, hot in the
+  page cache): the raw local copy, and the ratio of the two.
+* acknowledged puts/s from one client, one key per request, with a primary and two in-sync
+  replicas (R=3) and with a primary alone (R=1); and keys/s with batches of ``--batch``.
+* read latency (GET from the primary), p50 and p99 over ``--reads`` sequential reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import click
+
+from agents.dataplane import DataPlane, PeerClient, ShardRoute, ShardTable, copy_shard
+from agents.shardsm import ShardState
+from agents.store import Row, StoreSet, make_lsn
+
+TOKEN = "bench-token"
+SHARD = 1
+MB = 1 << 20
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+class Node:
+    def __init__(self, root: Path, name: str):
+        self.stores = StoreSet(root / name)
+        self.table = ShardTable()
+        self.plane = DataPlane(self.stores, self.table, TOKEN, forward_timeout=5.0).start()
+        self.store = self.stores.open(SHARD)
+
+    @property
+    def address(self) -> str:
+        return self.plane.address
+
+    def lead(self, replicas: Sequence[Node] = ()) -> None:
+        self.store.mark_promoted()
+        self.table.set_route(SHARD, ShardRoute(
+            ShardState.PRIMARY, generation=1, primary=self.address, primary_generation=1,
+            in_sync=tuple(r.address for r in replicas)))
+        for r in replicas:
+            r.table.set_route(SHARD, ShardRoute(
+                ShardState.REPLICA, generation=1, primary=self.address, primary_generation=1))
+
+    def close(self) -> None:
+        self.plane.stop()
+        self.stores.close_all()
+
+
+def rate(seconds: float, op: Callable[[int], int]) -> float:
+    """Calls ``op(i)`` (which returns items done) for ``seconds``; items per second."""
+    done, i = 0, 0
+    t0 = time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        done += op(i)
+        i += 1
+    return done / elapsed
+
+
+def checkpoint(path: Path) -> None:
+    db = sqlite3.connect(str(path))
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+
+
+def bench_bootstrap(root: Path, rows: int, value_size: int, page: int) -> dict[str, float]:
+    source, target = Node(root, "source"), Node(root, "target")
+    try:
+        value = b"v" * value_size
+        for start in range(0, rows, 5000):
+            batch = [Row(f"key-{i:09d}".encode(), value, make_lsn(1, i + 1))
+                     for i in range(start, min(rows, start + 5000))]
+            source.store.apply_forward(batch, sync_lsn=batch[-1].lsn)
+        source.lead()
+        target.table.set_route(SHARD, ShardRoute(ShardState.BOOTSTRAPPING,
+                                                 primary=source.address))
+        path = source.stores.path_for(SHARD)
+        checkpoint(path)
+        size = path.stat().st_size
+        shutil.copyfile(path, root / "warm.sqlite3")  # both copies start with a hot cache
+        t0 = time.perf_counter()
+        shutil.copyfile(path, root / "raw.sqlite3")
+        raw_s = time.perf_counter() - t0
+        client = PeerClient(TOKEN, timeout=30.0)
+        t0 = time.perf_counter()
+        result = copy_shard(target.store, SHARD, source.address, client, page_size=page)
+        copy_s = time.perf_counter() - t0
+        assert result.rows_fetched == rows and target.store.digest() == source.store.digest()
+        return {
+            "bootstrap_mb_s": size / MB / copy_s,
+            "raw_copy_mb_s": size / MB / raw_s,
+            "shard_mb": size / MB,
+        }
+    finally:
+        source.close()
+        target.close()
+
+
+def bench_writes(root: Path, seconds: float, batch: int, reads: int) -> dict[str, float]:
+    primary, r1, r2, solo = (Node(root, n) for n in ("p", "r1", "r2", "solo"))
+    try:
+        primary.lead([r1, r2])
+        solo.lead()
+        client = PeerClient(TOKEN, timeout=10.0)
+        value = b"x" * 100
+
+        def put(node: Node) -> Callable[[int], int]:
+            return lambda i: (client.put(node.address, SHARD, f"k{i:09d}".encode(), value), 1)[1]
+
+        def put_batch(i: int) -> int:
+            items = [(f"b{i:06d}-{j:05d}".encode(), value) for j in range(batch)]
+            client.batch_put(primary.address, SHARD, items)
+            return batch
+
+        out = {
+            "puts_per_s_r3": rate(seconds, put(primary)),
+            "puts_per_s_r1": rate(seconds, put(solo)),
+            "batched_keys_per_s_r3": rate(seconds, put_batch),
+        }
+        latencies = []
+        for i in range(reads):
+            t0 = time.perf_counter()
+            client.get(primary.address, SHARD, f"k{i % 1000:09d}".encode())
+            latencies.append((time.perf_counter() - t0) * 1000)
+        out["read_p50_ms"] = percentile(latencies, 50)
+        out["read_p99_ms"] = percentile(latencies, 99)
+        return out
+    finally:
+        for node in (primary, r1, r2, solo):
+            node.close()
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--rows", default=50_000, show_default=True, help="Rows in the bootstrapped shard.")
+@click.option("--value-size", default=1000, show_default=True, help="Bytes per value.")
+@click.option("--page", default=2000, show_default=True, help="Rows per bootstrap page.")
+@click.option("--seconds", default=3.0, show_default=True, help="Duration of each put run.")
+@click.option("--batch", default=500, show_default=True, help="Keys per batched put.")
+@click.option("--reads", default=3000, show_default=True, help="Reads timed for latency.")
+def main(as_json: bool, rows: int, value_size: int, page: int, seconds: float, batch: int,
+         reads: int) -> None:
+    """Measure bootstrap MB/s against a raw file copy, acknowledged puts/s, read latency."""
+    with tempfile.TemporaryDirectory(prefix="bench-dataplane-") as tmp:
+        root = Path(tmp)
+        result = bench_bootstrap(root, rows, value_size, page)
+        result.update(bench_writes(root, seconds, batch, reads))
+    result["bootstrap_ratio"] = result["bootstrap_mb_s"] / result["raw_copy_mb_s"]
+    keys = ["bootstrap_mb_s", "raw_copy_mb_s", "bootstrap_ratio", "puts_per_s_r3",
+            "puts_per_s_r1", "batched_keys_per_s_r3", "read_p50_ms", "read_p99_ms"]
+    if as_json:
+        click.echo(json.dumps({k: round(result[k], 3) for k in keys}))
+        return
+    click.echo(f"shard of {rows} rows x {value_size} B = {result['shard_mb']:.1f} MB")
+    for k in keys:
+        click.echo(f"{k:24} {result[k]:12.3f}")
+
+
+if __name__ == "__main__":
+    main()
