@@ -131,3 +131,25 @@ def current_leader(client: KazooClient, paths: Paths) -> str | None:
     """The candidate that holds the election lock now, or None."""
     contenders = client.Election(paths.election).contenders()
     return contenders[0] if contenders else None
+
+
+def converged(client: KazooClient, paths: Paths, agents: set[str]) -> bool:
+    """True when ``agents`` are exactly the members and the plan's, nothing is copying, and
+    every agent reports holding (REPLICA or PRIMARY) exactly what its latest plan says."""
+    plan = read_plan(client, paths)
+    if plan.meta is None or set(plan.meta.members) != agents:
+        return False
+    if set(read_members(client, paths, skip_corrupt=True)) != agents:
+        return False
+    if any(p.bootstrapping for p in plan.shards):
+        return False
+    statuses = read_statuses(client, paths)
+    for agent in agents:
+        want, got = plan.agents.get(agent), statuses.get(agent)
+        if want is None or got is None or got.generation != want.generation:
+            return False
+        if set(got.shards) != set(want.replicas):
+            return False
+        if any(st.state not in ("REPLICA", "PRIMARY") for st in got.shards.values()):
+            return False
+    return True

@@ -125,20 +125,6 @@ def start_coordinator(root: Path, state: DevState, name: str) -> Proc:
     return Proc(name, "coordinator", p.pid, str(log))
 
 
-def settled(client: Any, paths: Paths, agents: set[str]) -> bool:
-    """every agent is a member and holds what its plan says"""
-    plan = clusterstate.read_plan(client, paths)
-    members = clusterstate.read_members(client, paths, skip_corrupt=True)
-    if plan.meta is None or set(members) != agents or set(plan.meta.members) != agents:
-        return False
-    statuses = clusterstate.read_statuses(client, paths)
-    return all(
-        a in statuses and set(statuses[a].shards) == set(plan.agents.get(a).replicas)
-        for a in agents
-        if plan.agents.get(a) is not None
-    )
-
-
 def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int,
        zk: str | None, zk_port: int, cluster: str, session_timeout: float) -> DevState:
     if (root / STATE_FILE).exists():
@@ -179,7 +165,11 @@ def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int
         for name in sorted(names):
             state.processes.append(start_agent(root, state, name))
         state.save(root)
-        wait_until(lambda: settled(client, paths, names), timeout=60)
+        def settled() -> bool:
+            """every agent to hold what its plan says"""
+            return clusterstate.converged(client, paths, names)
+
+        wait_until(settled, timeout=120)
     finally:
         close(client)
     return state

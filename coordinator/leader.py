@@ -43,6 +43,10 @@ from coordinator.zk import ShardkeeperError, close, connect, ensure_layout
 log = logging.getLogger(__name__)
 
 EVENTS_CAP = 1000  # audit log entries kept; the oldest are trimmed
+# A new cluster's first plan waits until membership has been still this long, so that
+# agents starting together are placed together instead of all shards landing on the
+# first one and then moving (Kafka's group.initial.rebalance.delay plays the same role).
+INITIAL_SETTLE = 1.0
 CAUGHT_UP_STATES = frozenset({"REPLICA", "PRIMARY"})
 
 
@@ -144,6 +148,8 @@ class LeaderTerm:
         self.drained_reported: set[str] = set()
         self._unavailable_reported: tuple[int, ...] = ()
         self.pins: list[MoveRequest] = []  # moves carried out this term, kept in place
+        self.seen: set[str] = set()
+        self.membership_changed = 0.0
 
     # -- fenced writes -----------------------------------------------------------------
     def claim_epoch(self) -> int:
@@ -258,6 +264,13 @@ class LeaderTerm:
         members: dict[str, MemberInfo] = self.members.snapshot()
         statuses: dict[str, AgentStatus] = self.statuses.snapshot()
         live = set(members)
+        if live != self.seen:
+            self.seen, self.membership_changed = live, now
+        if self.state.meta is None and (
+            not live or now - self.membership_changed < INITIAL_SETTLE
+        ):
+            self.deadline = self.membership_changed + INITIAL_SETTLE if live else None
+            return
         self.known.update(members)
         writes: list[Write] = []
         gen = self.state.generation + 1
