@@ -165,7 +165,11 @@ def zone_fair_shares(
         by_zone.setdefault(zone[a], []).append(a)
     zone_total = {z: shards * min(cap, len(m)) for z, m in by_zone.items()}
     fair: dict[str, float] = {}
-    open_zones = list(by_zone)
+    # A zone of one agent can hold no more than the agent itself: only larger zones can bind.
+    open_zones = list(by_zone) if any(len(m) > 1 for m in by_zone.values()) else []
+    if not open_zones:
+        ws = [weight[a] for a in agents]
+        fair.update(zip(agents, water_fill(total, ws, [shards] * len(ws)), strict=True))
     left = float(total)
     while open_zones:
         members = [a for z in open_zones for a in by_zone[z]]
@@ -368,29 +372,35 @@ def jittered(counts: Iterable[tuple[str, int]], rnd: random.Random) -> list[str]
 def deal(w: Work, holes: Sequence[int], stream: Iterable[str]) -> tuple[list[int], list[str]]:
     """Fill each shard in `holes` up to per_shard replicas from `stream`, in order.
 
-    A slot the shard cannot take (same agent, full zone) waits and is offered first to the
-    next shards. Returns the shards still short and the slots left over."""
+    A slot the shard cannot take (same agent, full zone) waits, by zone, and waiting slots
+    are offered first to the next shards. Returns the shards still short and the slots left
+    over."""
     zone, cap, load = w.cl.zone, w.cl.zone_cap, w.load
     per_shard = w.cl.per_shard
     slots = iter(stream)
-    waiting: list[str] = []
+    waiting: dict[str, deque[str]] = {}
     short: list[int] = []
     for s in holes:
         row = w.writable(s)
         zones = [zone[a] for a in row]
         need = per_shard - len(row)
         if waiting and need:
-            still: list[str] = []
-            for a in waiting:
-                z = zone[a]
-                if need and _fits(row, zones, a, z, cap):
-                    row.append(a)
-                    zones.append(z)
-                    load[a] = load.get(a, 0) + 1
-                    need -= 1
-                else:
-                    still.append(a)
-            waiting = still
+            for z in list(waiting):
+                if zones.count(z) >= cap:
+                    continue
+                queue = waiting[z]
+                for a in queue:
+                    if a not in row:
+                        queue.remove(a)
+                        row.append(a)
+                        zones.append(z)
+                        load[a] = load.get(a, 0) + 1
+                        need -= 1
+                        break
+                if not queue:
+                    del waiting[z]
+                if not need:
+                    break
         for a in slots if need > 0 else ():
             z = zone[a]
             if (z not in zones) if cap == 1 else _fits(row, zones, a, z, cap):
@@ -400,11 +410,13 @@ def deal(w: Work, holes: Sequence[int], stream: Iterable[str]) -> tuple[list[int
                 need -= 1
                 if not need:
                     break
+            elif z in waiting:
+                waiting[z].append(a)
             else:
-                waiting.append(a)
+                waiting[z] = deque((a,))
         if need > 0:
             short.append(s)
-    return short, waiting + list(slots)
+    return short, [a for queue in waiting.values() for a in queue] + list(slots)
 
 
 def fill_short(
@@ -503,6 +515,10 @@ def keep_valid(
     rows = list(previous[:shards])
     if len(rows) < shards:
         rows.extend([()] * (shards - len(rows)))
+    if not set(map(type, rows)) <= {tuple, list}:
+        # A corrupt entry (None, a bare string) holds nothing rather than stopping the plan.
+        rows = [r if isinstance(r, tuple | list) else () for r in rows]
+    original = list(rows)
     touched: set[int] = set()
     headless: dict[int, int] = {}
     holes: list[int] = []
@@ -524,8 +540,9 @@ def keep_valid(
                 headless[s] = len(kept)
         if len(kept) < per_shard:
             holes.append(s)
-    load = dict(Counter(chain.from_iterable(rows)))
-    return Work(cl, rows, load, touched), headless, holes
+    w = Work(cl, rows, dict(Counter(chain.from_iterable(rows))), touched)
+    w.previous = original
+    return w, headless, holes
 
 
 def rehome_orphans(w: Work, holes: list[int], rnd: random.Random) -> None:
@@ -949,24 +966,19 @@ def place(
         w = seed_rows(cl, rnd)
     else:
         w, headless, holes = keep_valid(previous, cl)
-        w.previous = previous
         rehome_orphans(w, holes, rnd)
     level_load(w)
     balance_primaries(w, headless)
     out = tuple(map(tuple, w.rows))
-    moves, primary_changes = _changes(previous, out, w.touched)
+    moves, primary_changes = _changes(w, out)
     return Placement(out, shortfall, moves, primary_changes)
 
 
-def _changes(
-    previous: Sequence[Sequence[str]] | None, out: Sequence[tuple[str, ...]], touched: set[int]
-) -> tuple[int, int]:
-    if previous is None:
-        return sum(map(len, out)), 0
+def _changes(w: Work, out: Sequence[tuple[str, ...]]) -> tuple[int, int]:
     moves = 0
     primary_changes = 0
-    for s in touched:
-        old = previous[s] if s < len(previous) else ()
+    for s in w.touched:
+        old = w.original(s)
         new = out[s]
         moves += len(set(new).difference(old))
         if old and new and old[0] != new[0]:

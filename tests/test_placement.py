@@ -414,8 +414,52 @@ def test_shard_for_key_is_the_token_range_of_xxhash64(key, shards):
     assert shard_for_key(key, shards) == s
 
 
+@settings(max_examples=12 * SOAK, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    clusters(max_agents=40),
+    st.integers(100, 1500),
+    st.integers(2, 3),
+    st.lists(EVENTS, min_size=1, max_size=3),
+    st.data(),
+)
+def test_medium_clusters_keep_the_rules_through_changes(members, shards, replicas, changes, data):
+    p = balanced_cluster(members, shards, replicas)
+    for change in changes:
+        i = data.draw(st.integers(0, len(members) - 1))
+        m = members[i]
+        members = list(members)
+        if change == "join":
+            members.append(Member(f"late-{len(members)}", zone=data.draw(st.sampled_from(ZONES))))
+        elif change == "crash" and len(members) > 1:
+            del members[i]
+        elif change == "drain" and len(members) > 1:
+            members[i] = Member(m.id, m.zone, m.weight, draining=True)
+        elif change == "weight":
+            members[i] = Member(m.id, m.zone, data.draw(st.sampled_from(WEIGHTS)), m.draining)
+        nxt = place(p.replicas, members, shards, replicas)
+        check_plan(nxt, members, shards, replicas)
+        assert nxt.moves == sum(moved(p, nxt).values())
+        p = nxt
+
+
 # ---------------------------------------------------------------------------------------
 # Examples.
+
+
+@pytest.mark.parametrize("nodes,zones", [(10, 0), (100, 0), (9, 3), (99, 3)])
+def test_issue_targets_at_4096_shards(nodes, zones):
+    """The issue's targets for S=4096, R=3 (equal zone sizes, so the zone rule allows them)."""
+    members = [Member(f"n{i:03d}", zone=f"z{i % zones}" if zones else "") for i in range(nodes)]
+    p = balanced_cluster(members, 4096, 3)
+    load = loads(p)
+    assert max(load.values()) / (3 * 4096 / nodes) <= 1.01
+    gone = members[nodes // 2]
+    after = place(p.replicas, [m for m in members if m is not gone], 4096, 3)
+    assert after.moves == load[gone.id]
+    new = Member("new", zone=f"z{nodes % zones}" if zones else "")
+    grown = place(p.replicas, [*members, new], 4096, 3)
+    assert grown.moves <= math.ceil(fair_shares([*members, new], 4096, 3)["new"])
+    assert grown.moves <= math.ceil(3 * 4096 / (nodes + 1))
 
 
 def test_shard_for_key_known_values():
@@ -468,7 +512,7 @@ def test_previous_may_be_longer_shorter_or_name_strangers():
     assert grown.replicas[:6] == p.replicas[:6]
     shrunk = place([*p.replicas, ("n0", "n1")], members, 10, 2)
     assert shrunk.replicas == p.replicas
-    junk = [("ghost", "n0", "n0", "n1"), ()] + [tuple(r) for r in p.replicas[2:]]
+    junk = [("ghost", "n0", "n0", "n1"), (), None, "n1n2", 7] + [list(r) for r in p.replicas[5:]]
     fixed = place(junk, members, 10, 2)
     check_plan(fixed, members, 10, 2)
     assert set(fixed.replicas[0]) == {"n0", "n1"}
