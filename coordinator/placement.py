@@ -36,8 +36,9 @@ import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain, compress, islice
-from operator import eq, itemgetter, not_
+from functools import partial, reduce
+from itertools import chain, combinations, compress, islice
+from operator import and_, eq, itemgetter, not_
 
 import xxhash
 
@@ -209,14 +210,16 @@ def largest_remainder(
         for a, n in q.items():
             room[group[a]] = room.get(group[a], group_cap[group[a]]) - n
     order = sorted(fair, key=lambda a: (q[a] - fair[a], rank[a]))
-    for a in order:
-        if left <= 0:
-            break
-        if fair[a] > q[a] and (group is None or room[group[a]] > 0):
-            q[a] += 1
-            left -= 1
-            if group is not None:
-                room[group[a]] -= 1
+    # The second pass only matters if float noise left the fractional parts short of `left`.
+    for exact_ok in (False, True):
+        for a in order:
+            if left <= 0:
+                return q
+            if (fair[a] > q[a] or exact_ok) and (group is None or room[group[a]] > 0):
+                q[a] += 1
+                left -= 1
+                if group is not None:
+                    room[group[a]] -= 1
     return q
 
 
@@ -236,25 +239,24 @@ def cluster_model(members: Sequence[Member], shards: int, replicas: int) -> Clus
     quota = largest_remainder(fair, total, rank, zone, zone_total)
     lo = {a: min(quota[a], math.floor(fair[a])) for a in agents}
     hi = {a: max(quota[a], math.ceil(fair[a])) for a in agents}
-    zoned = any(m.zone for m in eligible)
     by_zone: dict[str, list[str]] = {}
     for a in agents:
         by_zone.setdefault(zone[a], []).append(a)
     return Cluster(
-        shards,
-        per_shard,
-        agents,
-        frozenset(agents),
-        weight,
-        zone,
-        cap,
-        fair,
-        quota,
-        lo,
-        hi,
-        rank,
-        zoned,
-        {z: tuple(m) for z, m in by_zone.items()},
+        shards=shards,
+        per_shard=per_shard,
+        agents=agents,
+        member_set=frozenset(agents),
+        weight=weight,
+        zone=zone,
+        zone_cap=cap,
+        fair=fair,
+        quota=quota,
+        lo=lo,
+        hi=hi,
+        rank=rank,
+        zoned=any(m.zone for m in eligible),
+        by_zone={z: tuple(m) for z, m in by_zone.items()},
     )
 
 
@@ -288,6 +290,8 @@ def primary_targets(
 
 
 class Work:
+    """The rows being planned and the counts that the steps keep up to date."""
+
     def __init__(self, cl: Cluster, rows: list, load: dict[str, int], touched: set[int]):
         self.cl = cl
         self.rows = rows
@@ -482,13 +486,15 @@ def _suspects(rows: list, cl: Cluster) -> list[int]:
     """Shards whose row may break a rule. Most rows are valid, so they are screened with
     C-level passes over columns (row[j] of every shard) instead of a Python loop per row."""
     shards, per_shard, cap = cl.shards, cl.per_shard, cl.zone_cap
-    if cap != 1 or set(map(len, rows)) != {per_shard}:
+    groups = list(combinations(range(per_shard), cap + 1))
+    if set(map(len, rows)) != {per_shard} or len(groups) > 64:
         valid = cl.member_set.issuperset
         zget = cl.zone.get
+        zoned = cl.zoned or cap > 1
         found = []
         for s, row in enumerate(rows):
             broken = len(row) != per_shard or not valid(row) or len(set(row)) != per_shard
-            if broken or (cap > 1 and max(Counter(map(zget, row)).values()) > cap):
+            if broken or (zoned and max(Counter(map(zget, row)).values()) > cap):
                 found.append(s)
         return found
     flat = list(chain.from_iterable(rows))
@@ -496,12 +502,23 @@ def _suspects(rows: list, cl: Cluster) -> list[int]:
     gone = set(flat).difference(cl.member_set)
     if gone:
         found_set.update(compress(range(shards), map(not_, map(gone.isdisjoint, rows))))
-    # Zone-less agents have zone keys of their own, so equal zone keys also catch duplicates.
-    keys = list(map(cl.zone.get, flat)) if cl.zoned else flat
-    columns = [keys[j::per_shard] for j in range(per_shard)]
-    for i in range(per_shard):
-        for j in range(i + 1, per_shard):
-            found_set.update(compress(range(shards), map(eq, columns[i], columns[j])))
+
+    def all_equal(columns: list[list], group: Sequence[int]) -> Iterable[bool]:
+        first = columns[group[0]]
+        return reduce(partial(map, and_), (map(eq, first, columns[j]) for j in group[1:]))
+
+    ids = [flat[j::per_shard] for j in range(per_shard)]
+    # Zone-less agents have zone keys of their own: with cap 1, equal keys catch duplicates.
+    if cl.zoned or cap > 1:
+        keys = list(map(cl.zone.get, flat))
+        zones = [keys[j::per_shard] for j in range(per_shard)]
+    else:
+        zones = ids
+    if cap > 1:
+        for pair in combinations(range(per_shard), 2):
+            found_set.update(compress(range(shards), all_equal(ids, pair)))
+    for group in groups:
+        found_set.update(compress(range(shards), all_equal(zones, group)))
     return sorted(found_set)
 
 

@@ -414,6 +414,20 @@ def test_shard_for_key_is_the_token_range_of_xxhash64(key, shards):
     assert shard_for_key(key, shards) == s
 
 
+@MORE
+@given(clusters(), st.integers(1, 40), st.integers(1, 4), st.booleans(), st.data())
+def test_any_previous_plan_is_repaired(members, shards, replicas, fixed_length, data):
+    """A previous plan with strangers, duplicates, zone clashes and odd lengths (a corrupt
+    znode, a config change) still yields a valid, balanced plan."""
+    names = st.sampled_from([m.id for m in members] + ["ghost"])
+    width = min(replicas, len(members))
+    sizes = {"min_size": width, "max_size": width} if fixed_length else {"max_size": 6}
+    previous = data.draw(st.lists(st.lists(names, **sizes), max_size=shards + 3))
+    after = place(previous, members, shards, replicas)
+    check_plan(after, members, shards, replicas)
+    assert after == place([tuple(r) for r in previous], list(reversed(members)), shards, replicas)
+
+
 @settings(max_examples=12 * SOAK, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     clusters(max_agents=40),
