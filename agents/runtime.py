@@ -56,6 +56,7 @@ from agents.shardsm import (
     Action,
     AgentState,
     BecomeReplica,
+    CopyFailed,
     Demote,
     Event,
     Limits,
@@ -92,6 +93,9 @@ TOKEN_ENV = "SHARDKEEPER_TOKEN"
 # so that a copy from it fails (and is retried) instead of looking like a new, empty shard.
 UNREACHABLE = "127.0.0.1:1"
 RETRY_DELAY = 0.2  # before re-trying a failed ZooKeeper read or status write
+# Other agents' addresses are read, not watched: read again this often when idle (an
+# agent that restarts at a new address without a plan change is found this way).
+REFRESH_SECONDS = 5.0
 HANDLER_RETRY_SECONDS = 30.0  # a repair or promotion keeps trying this long, then logs
 
 _SESSIONS = {
@@ -281,7 +285,11 @@ class Agent:
             self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
             self.inbox.put(("session", Session.CONNECTED))
             while not self.stop_event.is_set():
-                inputs = self._collect(self.inbox.get())
+                try:
+                    first = self.inbox.get(timeout=REFRESH_SECONDS)
+                except queue.Empty:
+                    first = ("plan",)
+                inputs = self._collect(first)
                 if inputs.stop:
                     break
                 self._turn(inputs)
@@ -414,7 +422,8 @@ class Agent:
         self._read_addresses(referenced_agents(plan.replicas))
         self._plan_replicas = plan.replicas
         targets = {s: target_of(a, self.address_of) for s, a in plan.replicas.items()}
-        log.info("read plan generation %d: %d replicas", plan.generation, len(targets))
+        level = logging.INFO if plan.generation != self.applied_generation else logging.DEBUG
+        log.log(level, "read plan generation %d: %d replicas", plan.generation, len(targets))
         return shardsm.Plan(plan.generation, targets)
 
     def _read_addresses(self, ids: Iterable[str]) -> None:
@@ -457,13 +466,7 @@ class Agent:
     def _enqueue(self, action: Action) -> None:
         shard = action.shard
         jobs = self._queues.setdefault(shard, deque())
-        if isinstance(action, StartBootstrap | StartDrop):
-            # A newer copy or a drop makes any copy running or waiting for this shard moot.
-            running = self._running.get(shard)
-            if running is not None and isinstance(running.action, StartBootstrap):
-                running.stop.set()
-            for job in [j for j in jobs if isinstance(j.action, StartBootstrap)]:
-                jobs.remove(job)
+        self._supersede(shard, action, jobs)
         self._seq += 1
         if isinstance(action, StartBootstrap):
             self._copy_seq[shard] = self._seq
@@ -482,6 +485,24 @@ class Agent:
             peers = tuple(self.address_of(p) for p in assignment.peers) if assignment else ()
         jobs.append(_Job(action, self._seq, threading.Event(), peers))
         self._kick(shard)
+
+    def _supersede(self, shard: int, action: Action, jobs: deque[_Job]) -> None:
+        """Cancel the work a new action makes moot, so it does not wait behind it.
+
+        A newer copy or a drop ends any copy; any newer action ends a repair or promotion
+        still retrying against a peer (perhaps a dead one, or one at an old address).
+        """
+        ends_copies = isinstance(action, StartBootstrap | StartDrop)
+        running = self._running.get(shard)
+        if (
+            running is not None
+            and not isinstance(running.action, StartDrop)
+            and (ends_copies or not isinstance(running.action, StartBootstrap))
+        ):
+            running.stop.set()
+        moot = (StartBootstrap, Repair) if ends_copies else (Repair,)
+        for job in [j for j in jobs if isinstance(j.action, moot)]:
+            jobs.remove(job)
 
     def _raise_fence(self, shard: int, generation: int) -> None:
         self._fence[shard] = max(self._fence.get(shard, 0), generation)
@@ -521,6 +542,8 @@ class Agent:
         def log_retry(state: Any) -> None:
             log.warning("shard %d: %s failed (%s); retrying", job.action.shard,
                         type(job.action).__name__, state.outcome.exception())
+            # The peer may have come back at a new address: read the plan and members again.
+            self.inbox.put(("plan",))
 
         policy = retry(
             stop=stop_after_delay(HANDLER_RETRY_SECONDS),
@@ -544,6 +567,8 @@ class Agent:
             self._served[shard] = ShardState.REPLICA
         elif ok and isinstance(action, Promote) and now == ShardState.PRIMARY:
             self._served[shard] = ShardState.PRIMARY
+        if isinstance(event, CopyFailed):
+            inputs.plan = True  # the source may have moved: read addresses again
         if event is not None:
             stale_copy = isinstance(action, StartBootstrap) and self._copy_seq.get(shard) != job.seq
             if not stale_copy:
