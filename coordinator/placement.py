@@ -679,15 +679,6 @@ def fill_underload(w: Work, under: list[str], pshare: Mapping[str, float]) -> bo
     return moved
 
 
-def _path_shards(parent: Mapping[str, tuple[str, int] | None], node: str) -> set[int]:
-    used: set[int] = set()
-    step = parent[node]
-    while step is not None:
-        used.add(step[1])
-        step = parent[step[0]]
-    return used
-
-
 def _load_chain(
     w: Work, held: Mapping[str, list[int]], sources: list[str], is_sink: Callable[[str], bool]
 ) -> list[tuple[int, str, str]] | None:
@@ -696,7 +687,8 @@ def _load_chain(
 
     The cost of a chain is the moves it adds against `previous`: a step onto an agent that
     held the shard before, or off a replica placed this round, adds none. Search is a
-    0-1 BFS, so a free detour is preferred to a shorter chain that moves one more replica."""
+    0-1 BFS, so a free detour is preferred to a shorter chain that moves one more replica.
+    A step is checked against its shard as the earlier steps of the chain left it."""
     cl = w.cl
     zone, cap = cl.zone, cl.zone_cap
     dist: dict[str, int] = dict.fromkeys(sources, 0)
@@ -711,11 +703,9 @@ def _load_chain(
         if best is not None and dist[a] >= dist[best]:
             break
         done.add(a)
-        used = _path_shards(parent, a)
+        path = _unwind(parent, a)
         for s in held.get(a, ()):
-            if s in used:
-                continue
-            row = w.rows[s]
+            row = _as_left_by(w.rows[s], s, path)
             old = w.original(s)
             paid = a in old
             zones = Counter(zone[x] for x in row if x != a)
@@ -743,13 +733,22 @@ def _load_chain(
 
 
 def _unwind(parent: Mapping[str, tuple[str, int] | None], b: str) -> list[tuple[int, str, str]]:
+    """The chain of moves (shard, from, to) that reaches b, first move first."""
     steps: list[tuple[int, str, str]] = []
     step = parent[b]
     while step is not None:
         steps.append((step[1], step[0], b))
         b = step[0]
         step = parent[b]
+    steps.reverse()
     return steps
+
+
+def _as_left_by(row: Sequence[str], s: int, path: list[tuple[int, str, str]]) -> Sequence[str]:
+    for t, x, y in path:
+        if t == s:
+            row = [y if a == x else a for a in row]
+    return row
 
 
 def augment_load(

@@ -438,12 +438,12 @@ def test_any_previous_plan_is_repaired(members, shards, replicas, fixed_length, 
 )
 def test_medium_clusters_keep_the_rules_through_changes(members, shards, replicas, changes, data):
     p = balanced_cluster(members, shards, replicas)
-    for change in changes:
+    for step, change in enumerate(changes):
         i = data.draw(st.integers(0, len(members) - 1))
         m = members[i]
         members = list(members)
         if change == "join":
-            members.append(Member(f"late-{len(members)}", zone=data.draw(st.sampled_from(ZONES))))
+            members.append(Member(f"late-{step}", zone=data.draw(st.sampled_from(ZONES))))
         elif change == "crash" and len(members) > 1:
             del members[i]
         elif change == "drain" and len(members) > 1:
@@ -474,6 +474,17 @@ def test_issue_targets_at_4096_shards(nodes, zones):
     grown = place(p.replicas, [*members, new], 4096, 3)
     assert grown.moves <= math.ceil(fair_shares([*members, new], 4096, 3)["new"])
     assert grown.moves <= math.ceil(3 * 4096 / (nodes + 1))
+
+
+def test_levelling_chain_may_pass_through_one_shard_twice():
+    # Found by hypothesis: the only way to give agent-02 its 11th shard moves agent-00 off
+    # shard 10, agent-03 off shard 8, then agent-07 off shard 10 again.
+    spec = [("c", 0.5), ("c", 3), ("a", 3), ("b", 1), ("c", 1), ("b", 0.5)]
+    spec += [("b", 2), ("a", 0.5), ("b", 0.5), ("a", 1), ("a", 1)]
+    members = [Member(f"agent-{i:02d}", z, w) for i, (z, w) in enumerate(spec)]
+    p = balanced_cluster(members, 11, 4)
+    rest = [m for m in members if m.id != "agent-01"]
+    check_plan(place(p.replicas, rest, 11, 4), rest, 11, 4)
 
 
 def test_shard_for_key_known_values():
