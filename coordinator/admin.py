@@ -6,6 +6,7 @@ The CLI never writes a plan; it records a request and the leader carries it out.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import time
 
 from kazoo.client import KazooClient
@@ -14,7 +15,27 @@ from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 from coordinator import cluster
 from coordinator.config import ClusterConfig
 from coordinator.layout import CorruptZnode, Event, Maintenance, MoveRequest, Paths
-from coordinator.zk import ShardkeeperError
+from coordinator.zk import ShardkeeperError, ensure_layout
+
+
+def init_cluster(client: KazooClient, paths: Paths, config: ClusterConfig,
+                 overwrite: bool) -> ClusterConfig | None:
+    """Create the cluster's znodes, its data-plane token and its config.
+
+    Returns the config already in place, untouched, when there is one and ``overwrite`` is
+    false; None when ``config`` was written.
+    """
+    ensure_layout(client, paths)
+    with contextlib.suppress(NodeExistsError):
+        # The data plane's shared secret; SHARDKEEPER_TOKEN on a host overrides it.
+        client.create(paths.token, secrets.token_urlsafe(32).encode())
+    try:
+        client.create(paths.config, config.encode())
+    except NodeExistsError:
+        if not overwrite:
+            return cluster.read_config(client, paths)
+        client.set(paths.config, config.encode())
+    return None
 
 
 def drain(client: KazooClient, paths: Paths, agent: str) -> bool:

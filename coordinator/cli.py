@@ -6,11 +6,9 @@ meant for the operator are printed on one line and exit non-zero, without a trac
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import secrets
 import socket
 import threading
 import time
@@ -18,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from kazoo.exceptions import NodeExistsError
 
 from coordinator import admin
 from coordinator import cluster as clusterstate
@@ -28,7 +25,7 @@ from coordinator.datacli import register as register_data_commands
 from coordinator.devcluster import dev
 from coordinator.layout import Event, MoveRequest, Paths, validate_name
 from coordinator.summary import summarize
-from coordinator.zk import ShardkeeperError, close, connect, ensure_layout
+from coordinator.zk import ShardkeeperError, close, connect
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -63,23 +60,13 @@ def init(zk_hosts: str, paths: Paths, shards: int, replicas: int, force: bool) -
         config = ClusterConfig(shards=shards, replicas=replicas)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    client = connect(zk_hosts)
-    try:
-        ensure_layout(client, paths)
-        with contextlib.suppress(NodeExistsError):
-            # The data plane's shared secret; SHARDKEEPER_TOKEN on a host overrides it.
-            client.create(paths.token, secrets.token_urlsafe(32).encode())
-        try:
-            client.create(paths.config, config.encode())
-        except NodeExistsError:
-            if not force:
-                raise ShardkeeperError(
-                    f"cluster {paths.cluster!r} already has a config"
-                    f" ({clusterstate.read_config(client, paths)}): pass --force to overwrite"
-                ) from None
-            client.set(paths.config, config.encode())
-    finally:
-        close(client)
+    with zk_session(zk_hosts) as client:
+        existing = admin.init_cluster(client, paths, config, overwrite=force)
+    if existing is not None:
+        raise ShardkeeperError(
+            f"cluster {paths.cluster!r} already has a config ({existing}): pass --force to"
+            " overwrite"
+        )
     click.echo(f"cluster {paths.cluster!r}: {shards} shards, {replicas} replicas per shard")
 
 

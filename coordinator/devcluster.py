@@ -8,10 +8,8 @@ and `dev down` work from any later shell.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -21,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-from kazoo.exceptions import NodeExistsError
 
+from coordinator import admin
 from coordinator import cluster as clusterstate
 from coordinator.cliutil import DEFAULT_CLUSTER, operator_errors
 from coordinator.config import ClusterConfig, ConfigError
 from coordinator.layout import Paths
 from coordinator.process import cli_command, spawn
 from coordinator.summary import under_replicated
-from coordinator.zk import ShardkeeperError, close, connect, ensure_layout
+from coordinator.zk import ShardkeeperError, close, connect
 from coordinator.zkserver import ZkServer, free_port
 
 DEFAULT_DIR = Path(".shardkeeper-dev")
@@ -152,13 +150,7 @@ def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int
     paths = Paths(cluster)
     client = connect(state.zk)
     try:
-        ensure_layout(client, paths)
-        with contextlib.suppress(NodeExistsError):
-            client.create(paths.token, secrets.token_urlsafe(32).encode())
-        try:
-            client.create(paths.config, config.encode())
-        except NodeExistsError:
-            client.set(paths.config, config.encode())
+        admin.init_cluster(client, paths, config, overwrite=True)
         for i in range(1, coordinators + 1):
             state.processes.append(start_coordinator(root, state, f"coordinator-{i}"))
         names = {f"agent-{i}" for i in range(1, agents + 1)}
