@@ -21,7 +21,14 @@ import threading
 import time
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionLoss,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+    SessionExpiredError,
+)
 
 from coordinator import cluster, policy
 from coordinator.config import ClusterConfig
@@ -475,8 +482,12 @@ class Coordinator:
         except TermOver:
             log.warning("%s gives up leadership (session %s)", self.id,
                         "ending" if self.stop_event.is_set() else "suspended or lost")
-        except NoNodeError as e:
-            log.warning("%s: %s", self.id, e)
+        except (SessionExpiredError, ConnectionLoss) as e:
+            # A read or write failed before the connection listener ran: same cause.
+            log.warning("%s gives up leadership (session suspended or lost: %s)", self.id,
+                        type(e).__name__)
+        except KazooException as e:
+            log.warning("%s gives up leadership after a ZooKeeper error: %r", self.id, e)
         except Exception:
             # A bug must not leave a leader that holds the lock but does nothing: step
             # down, let a standby try, and campaign again after a pause.
