@@ -17,14 +17,16 @@ Guarantees (docs/placement.md has the reasoning and the measured figures):
   are at least R zones, and otherwise the smallest even spread the zones' sizes allow
   (ceil(R / zones) unless small zones force more). An agent without a zone is a zone of
   its own. The zone rule is never broken for balance;
-- every agent's replica count is within floor/ceil of its fair share (weight-proportional,
-  capped at S per agent and at S * zone_cap per zone, see :func:`fair_shares`), and every
-  agent's primary count within floor/ceil of its primary share (weight-proportional over
-  S, capped at the replicas it holds). If the zone rule makes that bound unreachable, the
-  zone rule wins and the levelling stops at the best it found;
-- a single membership change moves only what it must: the replicas of a removed agent
-  land on the others and nothing else moves; a new agent takes at most the ceiling of its
-  fair share and every move goes to it (when the previous plan met the bound).
+- balance: every agent's replica count is within floor/ceil of its fair share
+  (weight-proportional, capped at S per agent and at S * zone_cap per zone, see
+  :func:`fair_shares`), and its primary count within floor/ceil of its primary share
+  (weight-proportional over S, capped at the replicas it holds). Levelling is a search
+  (direct moves, then chains of moves); should the zone rule leave no way to the bound,
+  the zone rule wins and the plan stays valid;
+- movement: a valid replica moves only when levelling needs it. After a single change:
+  when an agent leaves, exactly its replicas move whenever that is possible at all; when
+  one joins, at most the ceiling of its fair share moves. The tests check both against an
+  exact (max-flow) oracle of what is possible.
 """
 
 from __future__ import annotations
