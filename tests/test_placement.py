@@ -543,6 +543,18 @@ def test_previous_may_be_longer_shorter_or_name_strangers():
     assert set(fixed.replicas[0]) == {"n0", "n1"}
 
 
+def test_changing_r_adds_or_drops_one_replica_per_shard():
+    members = [Member(f"n{i}", zone="abc"[i % 3]) for i in range(6)]
+    two = balanced_cluster(members, 60, 2)
+    three = place(two.replicas, members, 60, 3)
+    check_plan(three, members, 60, 3)
+    assert three.moves == 60
+    assert all(set(a) <= set(b) for a, b in zip(two.replicas, three.replicas, strict=True))
+    back = place(three.replicas, members, 60, 2)
+    check_plan(back, members, 60, 2)
+    assert back.primary_changes == 0  # the last replica is dropped, primaries stay
+
+
 def test_no_members_means_everything_is_shortfall():
     p = place(None, [], 8, 3)
     assert p.replicas == ((),) * 8 and p.shortfall == 24
