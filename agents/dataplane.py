@@ -46,6 +46,7 @@ import http.client
 import json
 import logging
 import socket
+import struct
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -63,8 +64,11 @@ from tenacity import (
 
 from agents.shardsm import ShardState
 from agents.store import (
+    MAX_KEY_BYTES,
+    MAX_VALUE_BYTES,
     META_BOOTSTRAP_CURSOR,
     META_SYNC_LSN,
+    Entry,
     OversizedError,
     Row,
     ShardStore,
@@ -73,6 +77,7 @@ from agents.store import (
     check_key,
     check_row,
     check_value,
+    entry_to_row,
     lsn_generation,
     make_lsn,
     next_lsn,
@@ -83,7 +88,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 << 20
 MAX_BATCH_KEYS = 10_000
 MAX_PAGE_ROWS = 10_000
-DEFAULT_PAGE_ROWS = 1_000
+DEFAULT_PAGE_ROWS = 10_000
+MAX_PAGE_BYTES = 8 << 20  # keys + values per rows page (at least one row)
 # A lagging in-sync replica is pushed at most this many rows inline with a write; beyond
 # that it should leave the in-sync set and catch up on its own.
 MAX_PUSH_ROWS = 50_000
@@ -149,6 +155,66 @@ def validate(check: Callable[[Any], None], item: Any) -> None:
 
 def key_path(shard: int, key: bytes) -> str:
     return f"{API}/{shard}/keys/{urllib.parse.quote_from_bytes(key, safe='')}"
+
+
+# The rows stream (bootstrap, catch-up) is binary: per-row JSON and base64 cost more than
+# the SQLite work on both ends. A page is a header, then each row as a fixed head, the key
+# and the value (absent for a tombstone). Integers are big-endian.
+ROWS_CONTENT_TYPE = "application/vnd.shardkeeper.rows"
+_ROWS_MAGIC = b"SKR1"
+_PAGE_HEAD = struct.Struct(">4sQIB")  # magic, max_lsn (the source's synced LSN), rows, flags
+_ROW_HEAD = struct.Struct(">QHI")  # lsn, key length, value length (or _TOMBSTONE)
+_TOMBSTONE = 0xFFFFFFFF
+_COMPLETE = 0x01  # flag: the page holds every synced row after the requested LSN
+
+
+def encode_rows_page(entries: Sequence[Entry], max_lsn: int, complete: bool) -> bytes:
+    parts = [_PAGE_HEAD.pack(_ROWS_MAGIC, max_lsn, len(entries), _COMPLETE if complete else 0)]
+    pack = _ROW_HEAD.pack
+    for key, value, lsn, tombstone in entries:
+        if tombstone or value is None:
+            parts.append(pack(lsn, len(key), _TOMBSTONE))
+            parts.append(key)
+        else:
+            parts.append(pack(lsn, len(key), len(value)))
+            parts.append(key)
+            parts.append(value)
+    return b"".join(parts)
+
+
+class MalformedPage(ValueError):
+    """A rows page that does not parse or breaks the store's limits."""
+
+
+def decode_rows_page(data: bytes) -> tuple[list[Entry], int, bool]:
+    """``(entries, max_lsn, complete)``; raises MalformedPage on anything out of bounds."""
+    view = memoryview(data)
+    if len(view) < _PAGE_HEAD.size:
+        raise MalformedPage("rows page shorter than its header")
+    magic, max_lsn, count, flags = _PAGE_HEAD.unpack_from(view, 0)
+    if magic != _ROWS_MAGIC:
+        raise MalformedPage("not a rows page")
+    entries: list[Entry] = []
+    at, end, head = _PAGE_HEAD.size, len(view), _ROW_HEAD.size
+    unpack = _ROW_HEAD.unpack_from
+    for _ in range(count):
+        if at + head > end:
+            raise MalformedPage("rows page truncated")
+        lsn, key_len, value_len = unpack(view, at)
+        at += head
+        tombstone = value_len == _TOMBSTONE
+        size = key_len + (0 if tombstone else value_len)
+        if not (0 < key_len <= MAX_KEY_BYTES and (tombstone or value_len <= MAX_VALUE_BYTES)):
+            raise MalformedPage(f"row at LSN {lsn}: key or value size out of bounds")
+        if lsn <= 0 or at + size > end:
+            raise MalformedPage(f"row at LSN {lsn}: bad LSN or truncated")
+        key = bytes(view[at : at + key_len])
+        value = None if tombstone else bytes(view[at + key_len : at + size])
+        entries.append((key, value, lsn, 1 if tombstone else 0))
+        at += size
+    if at != end:
+        raise MalformedPage("trailing bytes after the last row")
+    return entries, max_lsn, bool(flags & _COMPLETE)
 
 
 # -- the shard table ---------------------------------------------------------------------
@@ -273,12 +339,25 @@ class NotPrimary(PeerError):
 class Reply:
     status: int
     body: dict[str, Any]
+    data: bytes = b""  # the raw payload of a non-JSON answer (a rows page)
 
 
 @dataclass(frozen=True)
 class Page:
-    rows: list[Row]
+    """One page of the rows stream: ``entries`` in LSN order, ``max_lsn`` the source's synced
+    LSN, ``complete`` when no synced row after the request's LSN was left out."""
+
+    entries: list[Entry]
     max_lsn: int
+    complete: bool = True
+
+    @property
+    def rows(self) -> list[Row]:
+        return [entry_to_row(e) for e in self.entries]
+
+    @property
+    def last_lsn(self) -> int | None:
+        return self.entries[-1][2] if self.entries else None
 
 
 @dataclass(frozen=True)
@@ -365,14 +444,19 @@ class PeerClient:
             if response.will_close:
                 conn.close()
                 conns.pop(address, None)
+            if response.getheader("Content-Type") == ROWS_CONTENT_TYPE:
+                return Reply(response.status, {}, raw)
             return Reply(response.status, _json_or_empty(raw))
         raise AssertionError("unreachable")
 
     def _checked(self, address: str, method: str, path: str, body: Any = None) -> dict:
         """A call whose non-2xx answers become exceptions."""
+        return self._checked_reply(address, method, path, body).body
+
+    def _checked_reply(self, address: str, method: str, path: str, body: Any = None) -> Reply:
         reply = self.call(address, method, path, body)
         if 200 <= reply.status < 300:
-            return reply.body
+            return reply
         error = reply.body.get("error", "")
         if reply.status == 307:
             raise NotPrimary(address, "not the primary", reply.status, reply.body)
@@ -423,8 +507,14 @@ class PeerClient:
 
     def rows_after(self, address: str, shard: int, after: int, limit: int) -> Page:
         path = f"{API}/{shard}/rows?after={after}&limit={limit}"
-        body = self._retrying(lambda: self._checked(address, "GET", path))
-        return Page([row_from_json(r) for r in body["rows"]], int(body["max_lsn"]))
+        reply = self._retrying(lambda: self._checked_reply(address, "GET", path))
+        try:
+            entries, max_lsn, complete = decode_rows_page(reply.data)
+        except MalformedPage as exc:
+            raise PeerError(address, f"rows page: {exc}", reply.status) from exc
+        if entries and entries[0][2] <= after:
+            raise PeerError(address, f"rows page starts at or before LSN {after}", reply.status)
+        return Page(entries, max_lsn, complete)
 
     def shard_info(self, address: str, shard: int) -> ShardInfo:
         body = self._retrying(lambda: self._checked(address, "GET", f"{API}/{shard}/digest"))
@@ -506,6 +596,7 @@ class Response:
     status: int
     body: dict[str, Any]
     headers: Mapping[str, str] = field(default_factory=dict)
+    data: bytes | None = None  # sent as is (a rows page) instead of ``body`` as JSON
 
 
 class DataPlane:
@@ -797,8 +888,10 @@ class DataPlane:
         route = self._route_of(shard)
         if route.state not in (ShardState.REPLICA, ShardState.PRIMARY):
             raise HttpError(409, "not_a_source", state=str(route.state))
-        rows, upto = self._store_of(shard).synced_page(after, limit)
-        return Response(200, {"rows": [row_to_json(r) for r in rows], "max_lsn": upto})
+        entries, upto, complete = self._store_of(shard).synced_entries(
+            after, limit, MAX_PAGE_BYTES
+        )
+        return Response(200, {}, data=encode_rows_page(entries, upto, complete))
 
     def digest(self, request: Request, shard: int) -> Response:
         route = self._route_of(shard)
@@ -960,9 +1053,12 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _send(self, response: Response) -> None:
-        payload = json.dumps(response.body).encode()
+        if response.data is not None:
+            payload, content_type = response.data, ROWS_CONTENT_TYPE
+        else:
+            payload, content_type = json.dumps(response.body).encode(), "application/json"
         self.send_response(response.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         for name, value in response.headers.items():
             self.send_header(name, value)
@@ -1002,10 +1098,10 @@ def copy_shard(
 
     Pages of rows after the cursor are applied last-writer-wins (so writes forwarded to this
     replica meanwhile interleave safely) together with the new cursor, in one transaction.
-    The copy ends when a page comes back short and the cursor has reached the source's
-    synced LSN; the replica's ``sync_lsn`` then becomes that LSN. ``progress(cursor,
-    rows_fetched)`` is called after each page. Raises PeerError when the source stays
-    unreachable (bounded retries) and CopyCancelled when ``stop`` is set.
+    The copy ends with the first page the source marks complete (it held every synced row
+    after the cursor); the replica's ``sync_lsn`` then becomes the source's synced LSN.
+    ``progress(cursor, rows_fetched)`` is called after each page. Raises PeerError when the
+    source stays unreachable (bounded retries) and CopyCancelled when ``stop`` is set.
     """
     cursor = store.bootstrap_cursor()
     fetched = pages = 0
@@ -1013,14 +1109,21 @@ def copy_shard(
         if stop is not None and stop.is_set():
             raise CopyCancelled(f"shard {shard} copy stopped at LSN {cursor}")
         page = client.rows_after(source, shard, cursor, page_size)
-        if page.rows:
-            cursor = page.rows[-1].lsn
-            store.apply_page(page.rows, cursor)
-        fetched += len(page.rows)
+        if page.complete:
+            # Every synced row up to max_lsn is here (LSNs of overwritten rows are gone).
+            top = max(cursor, page.max_lsn)
+            store.apply_entries_page(page.entries, top)
+            cursor = top
+        elif page.entries:
+            cursor = page.last_lsn
+            store.apply_entries_page(page.entries, cursor)
+        else:
+            raise PeerError(source, f"shard {shard}: an empty page that is not complete")
+        fetched += len(page.entries)
         pages += 1
         if progress is not None:
             progress(cursor, fetched)
-        if len(page.rows) < page_size and cursor >= page.max_lsn:
+        if page.complete:
             break
     store.set_meta(META_SYNC_LSN, cursor)
     return CopyResult(shard, cursor, fetched, pages)
@@ -1103,11 +1206,11 @@ def catch_up_from_peers(
         try:
             while True:
                 page = client.rows_after(peer, shard, cursor, page_size)
-                if page.rows:
+                if page.entries:
                     store.apply(page.rows)
-                    cursor = page.rows[-1].lsn
-                    fetched += len(page.rows)
-                if len(page.rows) < page_size:
+                    cursor = page.last_lsn
+                    fetched += len(page.entries)
+                if page.complete or not page.entries:
                     break
         except PeerError as exc:
             log.info("shard %s: catch-up from %s skipped: %s", shard, peer, exc)
@@ -1115,7 +1218,7 @@ def catch_up_from_peers(
 
 
 def _all_rows_after(store: ShardStore, lsn: int) -> Iterator[Row]:
-    while page := store.rows_after(lsn, DEFAULT_PAGE_ROWS):
+    while page := store.rows_after(lsn, PUSH_PAGE_ROWS):
         yield from page
         lsn = page[-1].lsn
 
@@ -1142,6 +1245,8 @@ __all__ = [
     "ShardTable",
     "catch_up_from_peers",
     "copy_shard",
+    "decode_rows_page",
+    "encode_rows_page",
     "key_path",
     "repair_shard",
     "repair_start",

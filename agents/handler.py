@@ -38,7 +38,13 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 
-from agents.dataplane import PeerClient, catch_up_from_peers, copy_shard, repair_shard
+from agents.dataplane import (
+    DEFAULT_PAGE_ROWS,
+    PeerClient,
+    catch_up_from_peers,
+    copy_shard,
+    repair_shard,
+)
 from agents.shardsm import (
     Action,
     BecomeReplica,
@@ -98,7 +104,7 @@ class KVShardHandler(ShardHandler):
         stores: StoreSet,
         client: PeerClient,
         *,
-        page_size: int = 1000,
+        page_size: int = DEFAULT_PAGE_ROWS,
         quick_client: PeerClient | None = None,
     ):
         self.stores = stores

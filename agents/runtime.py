@@ -230,7 +230,7 @@ class Agent:
         self.peer_client = PeerClient(token, timeout=5.0, attempts=4)
         self.catch_up_client = PeerClient(token, timeout=1.0, attempts=1)
         if self.handler is None:
-            self.handler = KVShardHandler(self.stores, self.peer_client, page_size=2000)
+            self.handler = KVShardHandler(self.stores, self.peer_client)
         if self.plane is not None:
             self.plane.set_token(token)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,19 +45,34 @@ META_SYNC_LSN = "sync_lsn"
 META_PROMOTION_LSN = "promotion_lsn"
 META_IS_PRIMARY = "is_primary"
 
+SCHEMA_VERSION = 2
+# A rowid table keeps each row's value inline in the table b-tree (up to ~page size); the
+# WITHOUT ROWID layout of version 1 spilled every value over ~1 KB to an overflow page of
+# its own, about 4x the data on disk. The key's uniqueness moves to an index.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rows (
-    key BLOB PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE,
     value BLOB,
     lsn INTEGER NOT NULL,
     tombstone INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS rows_by_lsn ON rows (lsn);
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
 """
+
+_MIGRATE_FROM_V1 = """
+ALTER TABLE rows RENAME TO rows_v1;
+DROP INDEX IF EXISTS rows_by_lsn;
+""" + _SCHEMA + """
+INSERT INTO rows (key, value, lsn, tombstone) SELECT key, value, lsn, tombstone FROM rows_v1;
+DROP TABLE rows_v1;
+"""
+
+PAGE_SIZE = 8192  # new files only; fewer b-tree pages and less slack for ~1 KB values
 
 _UPSERT_NEWER = """
 INSERT INTO rows (key, value, lsn, tombstone) VALUES (?, ?, ?, ?)
@@ -135,7 +150,16 @@ def check_row(row: Row) -> None:
         raise StoreError(f"row LSN must be positive, got {row.lsn}")
 
 
-def _params(row: Row) -> tuple[bytes, bytes | None, int, int]:
+# A row as stored and streamed: (key, value or None, lsn, tombstone 0/1).
+Entry = tuple[bytes, bytes | None, int, int]
+
+
+def entry_to_row(entry: Entry) -> Row:
+    key, value, lsn, tombstone = entry
+    return _row_from_db(key, value, lsn, tombstone)
+
+
+def _params(row: Row) -> Entry:
     return (row.key, row.value, row.lsn, 1 if row.tombstone else 0)
 
 
@@ -175,9 +199,22 @@ class ShardStore:
         self._db = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
         )
+        self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # ignored once the file has data
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._create_or_migrate()
+
+    def _create_or_migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        old = self._db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'rows'"
+        ).fetchone()
+        script = _MIGRATE_FROM_V1 if old and "WITHOUT ROWID" in old[0].upper() else _SCHEMA
+        self._db.executescript(
+            f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -211,6 +248,14 @@ class ShardStore:
             applied = self._apply_newer(rows)
             self._set_meta(META_BOOTSTRAP_CURSOR, cursor)
             return applied
+
+    def apply_entries_page(self, entries: Sequence[Entry], cursor: int) -> int:
+        """``apply_page`` for rows already in stored form (what the rows stream decodes to)."""
+        with self._transaction():
+            before = self._db.total_changes
+            self._db.executemany(_UPSERT_NEWER, entries)
+            self._set_meta(META_BOOTSTRAP_CURSOR, cursor)
+            return self._db.total_changes - before
 
     def apply_forward(self, rows: Iterable[Row], sync_lsn: int | None) -> int:
         """Apply forwarded rows and, for an in-sync forward, advance ``sync_lsn`` atomically."""
@@ -273,6 +318,32 @@ class ShardStore:
                 (lsn, upto, limit),
             ).fetchall()
         return [_row_from_db(*r) for r in found], upto
+
+    def synced_entries(
+        self, lsn: int, limit: int, max_bytes: int
+    ) -> tuple[list[Entry], int, bool]:
+        """What a source streams, without building Rows: ``(entries, sync_lsn, complete)``.
+
+        Entries are rows in ``(lsn, sync_lsn]`` in LSN order, at most ``limit`` of them and
+        about ``max_bytes`` of keys and values (at least one row). ``complete`` is True when
+        they are every such row, so a copier that applied them has reached ``sync_lsn``.
+        """
+        entries: list[Entry] = []
+        size = 0
+        with self._lock:
+            upto = self.sync_lsn()
+            cursor = self._db.execute(
+                "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ? AND lsn <= ?"
+                " ORDER BY lsn LIMIT ?",
+                (lsn, upto, limit),
+            )
+            for entry in cursor:
+                entries.append(entry)
+                size += len(entry[0]) + len(entry[1] or b"")
+                if size >= max_bytes:
+                    cursor.close()
+                    return entries, upto, False
+        return entries, upto, len(entries) < limit
 
     def count(self) -> int:
         """Number of rows, tombstones included."""

@@ -153,7 +153,7 @@ def bench_writes(root: Path, seconds: float, batch: int, reads: int) -> dict[str
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--rows", default=20_000, show_default=True, help="Rows in the bootstrapped shard.")
 @click.option("--value-size", default=1000, show_default=True, help="Bytes per value.")
-@click.option("--page", default=2000, show_default=True, help="Rows per bootstrap page.")
+@click.option("--page", default=10_000, show_default=True, help="Rows per bootstrap page.")
 @click.option("--seconds", default=3.0, show_default=True, help="Duration of each put run.")
 @click.option("--batch", default=500, show_default=True, help="Keys per batched put.")
 @click.option("--reads", default=3000, show_default=True, help="Reads timed for latency.")

@@ -514,3 +514,27 @@ def test_repair_after_missing_a_whole_primary_generation(cluster, trio):
     assert len(digests(r1, r3)) == 1
     cluster.client.put(r3.address, SHARD, b"gen3", b"ok")
     assert len(digests(r1, r3)) == 1
+
+
+def test_rows_pages_round_trip_and_reject_garbage():
+    from agents.dataplane import MalformedPage, decode_rows_page, encode_rows_page
+
+    entries = [(b"a", b"1", 3, 0), (b"b", None, 4, 1), (b"c", b"", 9, 0)]
+    data = encode_rows_page(entries, 12, True)
+    assert decode_rows_page(data) == (entries, 12, True)
+    assert decode_rows_page(encode_rows_page([], 0, False)) == ([], 0, False)
+    huge_key = encode_rows_page([(b"k" * (MAX_KEY_BYTES + 1), b"v", 1, 0)], 1, True)
+    zero_lsn = encode_rows_page([(b"k", b"v", 0, 0)], 1, True)
+    for bad in (data[:-1], data + b"x", b"JUNK" + data[4:], data[:5], huge_key, zero_lsn):
+        with pytest.raises(MalformedPage):
+            decode_rows_page(bad)
+
+
+def test_rows_stream_is_binary_and_still_needs_the_token(cluster, trio):
+    p, *_ = trio
+    cluster.client.put(p.address, SHARD, b"k", b"v")
+    page = cluster.client.rows_after(p.address, SHARD, 0, 10)
+    assert page.rows == [p.store.get(b"k")] and page.complete
+    assert page.max_lsn == p.store.sync_lsn()
+    assert PeerClient("wrong", attempts=1).call(
+        p.address, "GET", f"/v1/shards/{SHARD}/rows?after=0").status == 401

@@ -149,3 +149,38 @@ def test_store_set_opens_lists_and_drops(tmp_path):
     stores.drop(3)
     assert stores.get(3) is None and stores.on_disk() == {17}
     stores.close_all()
+
+
+def test_synced_entries_page_by_rows_and_bytes(store):
+    store.apply_forward([Row(f"k{i}".encode(), b"v" * 100, i) for i in range(1, 11)], sync_lsn=10)
+    entries, upto, complete = store.synced_entries(0, 100, max_bytes=1 << 20)
+    assert (len(entries), upto, complete) == (10, 10, True)
+    entries, _, complete = store.synced_entries(0, 4, max_bytes=1 << 20)
+    assert [e[2] for e in entries] == [1, 2, 3, 4] and not complete
+    entries, _, complete = store.synced_entries(0, 100, max_bytes=250)
+    assert len(entries) == 3 and not complete, "stops once the byte budget is reached"
+    assert store.synced_entries(10, 100, max_bytes=1)[1:] == (10, True)
+
+
+def test_a_version_1_file_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(str(path))
+    db.executescript(
+        "CREATE TABLE rows (key BLOB PRIMARY KEY, value BLOB, lsn INTEGER NOT NULL,"
+        " tombstone INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;"
+        "CREATE INDEX rows_by_lsn ON rows (lsn);"
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+        "INSERT INTO rows VALUES (x'61', x'31', 5, 0), (x'62', NULL, 6, 1);"
+        "INSERT INTO meta VALUES ('sync_lsn', 6);"
+    )
+    db.commit()
+    db.close()
+    s = ShardStore(path)
+    assert s.get(b"a") == Row(b"a", b"1", 5) and s.get(b"b") == Row(b"b", None, 6)
+    assert s.sync_lsn() == 6
+    s.apply([Row(b"a", b"2", 7)])
+    assert s.rows_after(0, 10) == [Row(b"b", None, 6), Row(b"a", b"2", 7)]
+    s.close()
+    assert ShardStore(path).count() == 2
