@@ -14,7 +14,12 @@ What it does on each ZooKeeper event:
   be gone, and with it this agent's right to be primary.
 * LOST: the data plane answers nothing (``SetServing(False)``). kazoo opens a new session
   on its own; when it is CONNECTED again the agent registers again, reads its plan and
-  reconciles (dropping shards it no longer owns, repairing shards it now follows).
+  reconciles (dropping shards it no longer owns, repairing shards it now follows). Until
+  it has read a plan znode in the new session it serves nothing (``SetServing(False)``
+  stays): the plan it applied before may be one the cluster no longer routes by, and
+  the leader deletes the plan znode of a departed agent that holds nothing. It keeps its
+  shard data meanwhile; the plan the leader writes for it decides what is kept (a
+  demoted primary or a replica that fell behind repairs, the rest is dropped).
 * A member znode left by an earlier incarnation of this agent (killed before its session
   expired): wait, bounded, for the server to expire it, then register.
 * A corrupt or stale plan znode: keep what is applied, log the reason, wait for the next.
@@ -200,6 +205,8 @@ class Agent:
         self._plan_replicas: dict[int, Assignment] = {}
         self._session = Session.CONNECTED
         self._must_register = False
+        # Read our plan znode in this session yet? Until then nothing is served.
+        self._plan_current = False
         self._pruned = False
         # shard work: one action at a time per shard
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="shard")
@@ -324,6 +331,7 @@ class Agent:
             session = item[1]
             if session == Session.LOST:
                 self._must_register = True
+                self._plan_current = False
             if session == Session.CONNECTED:
                 inputs.plan = True  # the plan may have changed while we were away
             self._session = session
@@ -339,8 +347,10 @@ class Agent:
                 inputs.plan = False
             else:
                 self._must_register = False
-        if inputs.plan and session == Session.CONNECTED:
+        if session == Session.CONNECTED and (inputs.plan or not self._plan_current):
             plan = self._try(self.read_plan, "plan")
+        if not self._plan_current:
+            session = Session.LOST  # no plan read in this session: serve nothing yet
         decision = shardsm.reconcile(
             self.state, plan=plan, events=inputs.events, session=session, limits=self.limits
         )
@@ -409,6 +419,9 @@ class Agent:
         try:
             data, _ = self.client.get(path)
         except NoNodeError:
+            if not self._plan_current:
+                log.info("no plan for this agent yet: serving nothing until the leader"
+                         " writes one (keeping %d shards' data)", len(self.state.shards))
             return None
         try:
             plan = AgentPlan.decode(path, data)
@@ -419,6 +432,7 @@ class Agent:
             log.warning("ignoring plan generation %d: generation %d is applied",
                         plan.generation, self.applied_generation)
             return None
+        self._plan_current = True
         self._read_addresses(referenced_agents(plan.replicas))
         self._plan_replicas = plan.replicas
         targets = {s: target_of(a, self.address_of) for s, a in plan.replicas.items()}
@@ -455,8 +469,12 @@ class Agent:
     # -- shard actions ------------------------------------------------------------------
     def _carry_out(self, action: Action) -> None:
         if isinstance(action, SetWritable):
+            if action.writable:
+                self._refresh_table()  # the routes of this turn first, then writes
             self.table.set_writable(action.writable)
         elif isinstance(action, SetServing):
+            if action.serving:
+                self._refresh_table()  # no request may see the routes of before the loss
             self.table.set_serving(action.serving)
         elif isinstance(action, ReportStatus):
             self.report()

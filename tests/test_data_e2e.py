@@ -170,9 +170,14 @@ def test_fifth_agent_takes_shards_with_data_make_before_break(cluster) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    writer = Writer(kv, "during-move-")
+    writer.start()
+    writer.wait_acks(100)
     everyone = set(AGENTS) | {"agent-5"}
     cluster.start_agent("agent-5", session_timeout=SESSION)
     wait_for(lambda: cluster.converged(everyone), timeout=60, message="agent-5 takes its share")
+    writer.wait_acks(len(writer.acked) + 100)
+    writer.stop()
     watching.set()
     watcher.join(10)
     plan = cluster.plan()
@@ -193,6 +198,12 @@ def test_fifth_agent_takes_shards_with_data_make_before_break(cluster) -> None:
         held = StoreSet(cluster.workdir / agent / "shards").on_disk()
         assert held == set(plan.agents[agent].replicas), agent
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
+    # Writes acknowledged while shards moved, some to agent-5's shards, are all there.
+    moved = {k for k in writer.acked if kv.shard_of(k) in mine}
+    print(f"\n{len(writer.acked)} writes acknowledged during the move, {len(moved)} to"
+          f" agent-5's shards; {writer.failed} failed and were retried")
+    assert moved, "no write landed on a shard that moved"
+    assert_all_readable(kv, writer.acked)
     sample = [load_key(i) for i in range(0, 4000, 7)]
     assert_all_readable(kv, {k: load_value(k, 64) for k in sample})
 
@@ -290,3 +301,40 @@ def test_cli_put_get_delete_verify(cluster) -> None:
     assert "4 shards verified" in cli_ok(cluster, "verify")
     wrong = cluster.cli("get", "greeting", env={"SHARDKEEPER_TOKEN": "wrong", "PATH": ""})
     assert wrong.returncode == 1 and "401" in wrong.stderr
+
+
+def test_agent_back_from_lost_serves_nothing_until_it_has_a_plan(cluster) -> None:
+    kv = start(cluster, shards=8)
+    shard = 2
+    key = next(k for k in (f"stale-{i}".encode() for i in range(10**6))
+               if kv.shard_of(k) == shard)
+    kv.put(key, b"old")
+    victim = primary_of(cluster, shard)
+    address = kv.routing().addresses[victim]
+    cluster.procs[victim].stop()
+    survivors = set(AGENTS) - {victim}
+    wait_for(lambda: cluster.converged(survivors), timeout=60,
+             message="the cluster re-homes the frozen agent's replicas")
+    assert victim not in cluster.plan().agents, "a departed agent holding nothing has no plan"
+    kv.put(key, b"new")
+    # No leader: nobody writes the returning agent a plan.
+    assert cluster.procs["coord-1"].term() == 0
+    no_plan = "serving nothing until the leader"
+    seen = cluster.procs[victim].output().count(no_plan)  # a fresh agent logs it too
+    cluster.procs[victim].cont()
+    wait_for(lambda: victim in cluster.members(), timeout=30, message="the agent registers again")
+
+    def read_old_value() -> tuple[int, dict]:
+        return raw(address, "GET", key_path(shard, key), token=kv.token)
+
+    wait_for(lambda: cluster.procs[victim].output().count(no_plan) > seen
+             or read_old_value()[0] == 200, timeout=10, message="the agent finds it has no plan")
+    status, body = read_old_value()
+    assert (status, body.get("error")) == (503, "not_serving"), f"served stale data: {body}"
+    assert raw(address, "GET", "/healthz", token=kv.token)[0] == 503
+    assert shard in StoreSet(cluster.workdir / victim / "shards").on_disk(), "data kept"
+    cluster.start_coordinator("coord-1", session_timeout=SESSION)
+    wait_for(lambda: cluster.converged(set(AGENTS)), timeout=60,
+             message="a new leader places shards on the returning agent again")
+    assert kv.get(key) == b"new"
+    assert "every replica's digest is equal" in cli_ok(cluster, "verify")
