@@ -338,3 +338,74 @@ def test_agent_back_from_lost_serves_nothing_until_it_has_a_plan(cluster) -> Non
              message="a new leader places shards on the returning agent again")
     assert kv.get(key) == b"new"
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
+
+
+class LateWrites:
+    """PUTs sent to a frozen agent on connections it accepted (and kept alive) before it
+    froze: on SIGCONT their handler threads wake with the request already in hand, racing
+    the agent's discovery that its ZooKeeper session is gone."""
+
+    def __init__(self, address: str, token: str, n: int):
+        host, _, port = address.rpartition(":")
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.conns = [http.client.HTTPConnection(host, int(port), timeout=60) for _ in range(n)]
+        for conn in self.conns:
+            conn.request("GET", "/healthz", headers=self.headers)
+            conn.getresponse().read()
+        self.answers: list[tuple[int, dict]] = []
+        self.threads: list[threading.Thread] = []
+
+    def send(self, shard: int, keys: list[bytes], value: bytes) -> None:
+        def put(conn: http.client.HTTPConnection, key: bytes) -> None:
+            body = json.dumps({"value": b64(value)}).encode()
+            conn.request("PUT", key_path(shard, key), body=body, headers=self.headers)
+            response = conn.getresponse()
+            self.answers.append((response.status, json.loads(response.read() or b"{}")))
+            conn.close()
+
+        for conn, key in zip(self.conns, keys, strict=True):
+            thread = threading.Thread(target=put, args=(conn, key), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def join(self) -> list[tuple[int, dict]]:
+        for thread in self.threads:
+            thread.join(30)
+        return self.answers
+
+
+def test_demoted_primary_keeps_its_shard_and_repairs_what_it_alone_applied(cluster) -> None:
+    kv = start(cluster, shards=8)
+    # The frozen agent's replicas wait for it instead of moving: it gets its shards back.
+    cli_ok(cluster, "config", "set", "rebalance_delay=600", "max_moves_per_agent=16")
+    shard = 5
+    keys = (k for k in (f"demoted-{i}".encode() for i in range(10**6)) if kv.shard_of(k) == shard)
+    key, orphans = next(keys), [next(keys) for _ in range(8)]
+    kv.put(key, b"before")
+    victim = primary_of(cluster, shard)
+    late = LateWrites(kv.routing().addresses[victim], kv.token, len(orphans))
+    cluster.procs[victim].stop()
+    late.send(shard, orphans, b"unacknowledged")
+    survivors = set(AGENTS) - {victim}
+    wait_for(lambda: cluster.converged(survivors) and primary_of(cluster, shard) != victim,
+             timeout=60, message="the shard fails over; its replicas wait for the frozen agent")
+    kv.put(key, b"after")
+    thawed_at = len(cluster.procs[victim].output())
+    cluster.procs[victim].cont()
+    answers = late.join()
+    # "replication_failed": it applied the row, then every forward was refused (fenced).
+    alone = sum(1 for _, body in answers if body.get("error") == "replication_failed")
+    print(f"\nwrites held by the frozen primary: {sorted(b.get('error') for _, b in answers)}")
+    assert len(answers) == len(orphans) and all(status != 200 for status, _ in answers)
+    wait_for(lambda: cluster.converged(set(AGENTS))
+             and all(len(r) == 3 for r in cluster.plan().routing), timeout=60,
+             message="the thawed agent takes its replicas back")
+    assert victim in cluster.plan().routing[shard]
+    since = cluster.procs[victim].output()[thawed_at:]
+    assert f"shard {shard}: PRIMARY -> REPLICA" in since, "demoted in place, data kept"
+    assert f"shard {shard}: PRIMARY -> DROPPING" not in since
+    assert f"shard {shard}: OFFLINE -> BOOTSTRAPPING" not in since, "repaired, not re-copied"
+    assert "every replica's digest is equal" in cli_ok(cluster, "verify")
+    assert kv.get(key) == b"after"
+    assert all(kv.get(k) is None for k in orphans), "unacknowledged rows it alone held survived"
+    print(f"{alone} rows only the demoted primary held were repaired away")
