@@ -15,12 +15,14 @@ Endpoints (``S`` is the shard number, ``K`` the percent-encoded key)::
     POST   /v1/shards/S/replicate {"generation","prev_lsn","sync","rows":[row]}
                                            200 {"sync_lsn"} | 409 {"error": "stale_generation"
                                            | "gap" | "diverged" | "not_replica", "sync_lsn"}
-    GET    /v1/shards/S/rows?after=N&limit=M   200 {"rows":[row], "max_lsn"}
+    GET    /v1/shards/S/rows?after=N&limit=M   200 rows page (binary, see encode_rows_page)
+    GET    /v1/shards/S/snapshot           200 the store file, a consistent image | 409 busy
     GET    /v1/shards/S/digest             200 {"digest","max_lsn","sync_lsn","promotion_lsn",
                                                 "rows","state","generation"}
     POST   /v1/shards/S/repair  {"keys":[key]}  200 {"rows":[{"key", "row": row | null}]}
 
 A row is ``{"key": b64, "value": b64 | null, "lsn": int}``; ``null`` marks a tombstone.
+The rows stream and the snapshot are binary (see ``encode_rows_page`` and ``copy_shard``).
 Client reads and writes, and repair, are served by the shard's primary only; any other
 holder answers ``307`` with ``Location`` and ``{"error":"not_primary","primary": address}``
 (or 503 ``no_primary`` when it knows none). Errors: 400 malformed, 401 token, 404 unknown
@@ -53,6 +55,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from tenacity import (
@@ -67,11 +70,14 @@ from agents.store import (
     MAX_KEY_BYTES,
     MAX_VALUE_BYTES,
     META_BOOTSTRAP_CURSOR,
+    META_IMAGE_TRIED,
     META_SYNC_LSN,
     Entry,
+    FileImage,
     OversizedError,
     Row,
     ShardStore,
+    StoreBusy,
     StoreError,
     StoreSet,
     check_key,
@@ -161,6 +167,8 @@ def key_path(shard: int, key: bytes) -> str:
 # the SQLite work on both ends. A page is a header, then each row as a fixed head, the key
 # and the value (absent for a tombstone). Integers are big-endian.
 ROWS_CONTENT_TYPE = "application/vnd.shardkeeper.rows"
+SNAPSHOT_CONTENT_TYPE = "application/vnd.shardkeeper.snapshot"
+SNAPSHOT_CHUNK = 1 << 20
 _ROWS_MAGIC = b"SKR1"
 _PAGE_HEAD = struct.Struct(">4sQIB")  # magic, max_lsn (the source's synced LSN), rows, flags
 _ROW_HEAD = struct.Struct(">QHI")  # lsn, key length, value length (or _TOMBSTONE)
@@ -516,6 +524,45 @@ class PeerClient:
             raise PeerError(address, f"rows page starts at or before LSN {after}", reply.status)
         return Page(entries, max_lsn, complete)
 
+    def fetch_snapshot(
+        self, address: str, shard: int, dest: Path, stop: threading.Event | None = None
+    ) -> int:
+        """Download the shard's store file image into ``dest``; returns its size.
+
+        One attempt on a connection of its own (the caller falls back to the rows stream).
+        Raises PeerError (409 busy, 404 unknown shard), PeerUnavailable, CopyCancelled.
+        """
+        host, _, port = address.rpartition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=self.timeout)
+        path = f"{API}/{shard}/snapshot"
+        try:
+            conn.request("GET", path, headers={"Authorization": f"Bearer {self.token}"})
+            response = conn.getresponse()
+            if response.status != 200 or response.getheader("Content-Type") != (
+                SNAPSHOT_CONTENT_TYPE
+            ):
+                body = _json_or_empty(response.read())
+                kind = PeerUnavailable if response.status == 503 else PeerError
+                raise kind(address, f"snapshot: {response.status} {body.get('error', '')}",
+                           response.status, body)
+            expected = response.length
+            received = 0
+            buffer = bytearray(SNAPSHOT_CHUNK)
+            view = memoryview(buffer)
+            with dest.open("wb", buffering=0) as out:
+                while n := response.readinto(buffer):
+                    out.write(view[:n])
+                    received += n
+                    if stop is not None and stop.is_set():
+                        raise CopyCancelled(f"shard {shard} snapshot stopped")
+            if expected is None or received != expected:
+                raise PeerUnavailable(address, f"snapshot truncated at {received} bytes")
+            return received
+        except (OSError, http.client.HTTPException) as exc:
+            raise PeerUnavailable(address, f"GET {path}: {exc!r}") from exc
+        finally:
+            conn.close()
+
     def shard_info(self, address: str, shard: int) -> ShardInfo:
         body = self._retrying(lambda: self._checked(address, "GET", f"{API}/{shard}/digest"))
         return ShardInfo(**{k: body[k] for k in ShardInfo.__dataclass_fields__})
@@ -597,6 +644,7 @@ class Response:
     body: dict[str, Any]
     headers: Mapping[str, str] = field(default_factory=dict)
     data: bytes | None = None  # sent as is (a rows page) instead of ``body`` as JSON
+    image: FileImage | None = None  # a store file sent with sendfile, then closed
 
 
 class DataPlane:
@@ -692,6 +740,7 @@ class DataPlane:
             "batch": ("POST", self.batch_put),
             "replicate": ("POST", self.replicate),
             "rows": ("GET", self.rows),
+            "snapshot": ("GET", self.snapshot),
             "digest": ("GET", self.digest),
             "repair": ("POST", self.repair),
         }
@@ -893,6 +942,17 @@ class DataPlane:
         )
         return Response(200, {}, data=encode_rows_page(entries, upto, complete))
 
+    def snapshot(self, request: Request, shard: int) -> Response:
+        """The shard's store file as a consistent image (a fresh replica's fast bootstrap)."""
+        route = self._route_of(shard)
+        if route.state not in (ShardState.REPLICA, ShardState.PRIMARY):
+            raise HttpError(409, "not_a_source", state=str(route.state))
+        try:
+            image = self._store_of(shard).open_image()
+        except StoreBusy as exc:
+            raise HttpError(409, "busy", detail=str(exc)) from exc
+        return Response(200, {}, image=image)
+
     def digest(self, request: Request, shard: int) -> Response:
         route = self._route_of(shard)
         store = self._store_of(shard)
@@ -1041,7 +1101,21 @@ class _Handler(BaseHTTPRequestHandler):
         if response.status == 307:
             location = f"http://{response.body['primary']}{self.path}"
             response = replace(response, headers={"Location": location})
-        self._send(response)
+        if response.image is not None:
+            self._send_image(response.image)
+        else:
+            self._send(response)
+
+    def _send_image(self, image: FileImage) -> None:
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", SNAPSHOT_CONTENT_TYPE)
+            self.send_header("Content-Length", str(image.size))
+            self.end_headers()
+            with image.path.open("rb") as f:
+                self.connection.sendfile(f, 0, image.size)
+        finally:
+            image.close()
 
     def _read_body(self) -> bytes:
         length_text = self.headers.get("Content-Length", "0")
@@ -1082,6 +1156,7 @@ class CopyResult:
     lsn: int  # caught up to the source's synced LSN at the end of the copy
     rows_fetched: int
     pages: int
+    image_bytes: int = 0  # the size of the file image installed first, if any
 
 
 def copy_shard(
@@ -1093,8 +1168,17 @@ def copy_shard(
     page_size: int = DEFAULT_PAGE_ROWS,
     stop: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
+    image_path: Path | None = None,
 ) -> CopyResult:
     """Copy a shard's rows from ``source`` into ``store``, resuming from the stored cursor.
+
+    With ``image_path`` (where a download may land), a copy that has not started yet
+    (cursor 0) first fetches the source's store file as a consistent image and installs it
+    (``ShardStore.install_image``): the bytes of the file, not rows one by one. The cursor
+    is then the source's ``sync_lsn`` at the image, and the rows stream below carries on
+    from there. If the image cannot be had (the source is busy or older, the download
+    fails) the copy streams rows instead; a failed download is not tried again, so a
+    retried copy resumes from its cursor rather than starting over.
 
     Pages of rows after the cursor are applied last-writer-wins (so writes forwarded to this
     replica meanwhile interleave safely) together with the new cursor, in one transaction.
@@ -1104,7 +1188,9 @@ def copy_shard(
     source stays unreachable (bounded retries) and CopyCancelled when ``stop`` is set.
     """
     cursor = store.bootstrap_cursor()
-    fetched = pages = 0
+    fetched = pages = image_bytes = 0
+    if image_path is not None and cursor == 0 and not store.get_meta(META_IMAGE_TRIED):
+        cursor, image_bytes = _copy_image(store, shard, source, client, image_path, stop)
     while True:
         if stop is not None and stop.is_set():
             raise CopyCancelled(f"shard {shard} copy stopped at LSN {cursor}")
@@ -1126,7 +1212,28 @@ def copy_shard(
         if page.complete:
             break
     store.set_meta(META_SYNC_LSN, cursor)
-    return CopyResult(shard, cursor, fetched, pages)
+    return CopyResult(shard, cursor, fetched, pages, image_bytes)
+
+
+def _copy_image(
+    store: ShardStore,
+    shard: int,
+    source: str,
+    client: PeerClient,
+    dest: Path,
+    stop: threading.Event | None,
+) -> tuple[int, int]:
+    """Fetch and install the source's file image: (new cursor, image size); the cursor is
+    unchanged and the size 0 if it fell back to the rows stream."""
+    store.set_meta(META_IMAGE_TRIED, 1)  # install_image clears it with the source's markers
+    try:
+        size = client.fetch_snapshot(source, shard, dest, stop)
+        return store.install_image(dest), size
+    except (PeerError, StoreError) as exc:
+        log.info("shard %s: no file image from %s (%s); streaming rows", shard, source, exc)
+        return store.bootstrap_cursor(), 0
+    finally:
+        dest.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

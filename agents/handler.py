@@ -116,7 +116,8 @@ class KVShardHandler(ShardHandler):
     def on_bootstrap(self, shard: int, source_address: str, stop: threading.Event) -> int:
         store = self.stores.open(shard)
         result = copy_shard(
-            store, shard, source_address, self.client, page_size=self.page_size, stop=stop
+            store, shard, source_address, self.client, page_size=self.page_size, stop=stop,
+            image_path=self.stores.incoming_path(shard),
         )
         return result.lsn
 

@@ -15,6 +15,8 @@ A small ``meta`` table keeps the replica's progress markers, so they survive a c
 - ``promotion_lsn``: this replica's ``max_lsn`` when it was promoted to primary; replicas
   repair their rows after that point against it.
 - ``is_primary``: 1 from promotion until demotion; a demoted primary must repair first.
+- ``image_tried``: 1 once a bootstrap asked for its source's file image (``open_image``);
+  a retry then streams rows, which resume, instead of downloading the file again.
 
 LSNs are ``(generation << 32) | seq``: a primary promoted at plan generation ``g`` issues
 LSNs above ``g << 32``, hence above every LSN of a primary of an older generation.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,7 @@ META_BOOTSTRAP_CURSOR = "bootstrap_cursor"
 META_SYNC_LSN = "sync_lsn"
 META_PROMOTION_LSN = "promotion_lsn"
 META_IS_PRIMARY = "is_primary"
+META_IMAGE_TRIED = "image_tried"
 
 SCHEMA_VERSION = 2
 # A rowid table keeps each row's value inline in the table b-tree (up to ~page size); the
@@ -94,6 +97,20 @@ class StoreError(Exception):
 
 class OversizedError(StoreError, ValueError):
     """A key or value is larger than the store accepts."""
+
+
+class StoreBusy(StoreError):
+    """The store cannot hand out a file image now."""
+
+
+@dataclass(frozen=True)
+class FileImage:
+    """A store file frozen as a consistent image (see ``ShardStore.open_image``)."""
+
+    path: Path
+    size: int
+    sync_lsn: int
+    close: Callable[[], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,13 +213,19 @@ class ShardStore:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
+        self._images = 0  # file images handed out and not yet closed
+        self._db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
         )
-        self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # ignored once the file has data
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # ignored once the file has data
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        self._db = db
         self._create_or_migrate()
+        return db
 
     def _create_or_migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -380,6 +403,64 @@ class ShardStore:
             (name, value),
         )
 
+    # -- file images (snapshot copies) ---------------------------------------------------
+
+    def open_image(self) -> FileImage:
+        """Freeze this store's file as a consistent image until ``FileImage.close()``.
+
+        Under the store lock the WAL is checkpointed into the file and truncated, then a
+        read transaction starts on a second connection. A reader that starts on an empty
+        WAL reads the database file alone, so SQLite backfills no checkpoint into the file
+        while it is open: writes go on, into the WAL, and the file's bytes stay the image
+        of that moment. Raises StoreBusy if another image is open or the checkpoint could
+        not empty the WAL; the caller streams rows instead.
+        """
+        reader = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            with self._lock:
+                if self._images:
+                    raise StoreBusy(f"{self.path.name}: another image is open")
+                busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                wal = Path(f"{self.path}-wal")
+                if busy or (wal.exists() and wal.stat().st_size > 0):
+                    raise StoreBusy(f"{self.path.name}: the WAL could not be emptied")
+                reader.execute("BEGIN")
+                found = reader.execute(
+                    "SELECT value FROM meta WHERE name = ?", (META_SYNC_LSN,)
+                ).fetchone()
+                self._images += 1
+        except BaseException:
+            reader.close()
+            raise
+        return FileImage(self.path, self.path.stat().st_size, found[0] if found else 0,
+                         lambda: self._close_image(reader))
+
+    def _close_image(self, reader: sqlite3.Connection) -> None:
+        reader.close()  # ends the read transaction: checkpoints may write the file again
+        with self._lock:
+            self._images -= 1
+
+    def install_image(self, image: Path) -> int:
+        """Replace this store's rows by a copied file image of another replica's store.
+
+        The image keeps the rows up to the source's ``sync_lsn`` (its later, best-effort
+        rows and its markers are the source's, not ours); the rows this store already
+        holds (forwards received while copying) are applied over it last-writer-wins, and
+        the bootstrap cursor becomes that ``sync_lsn``, which is returned. The image is
+        prepared before it replaces the file, so a crash leaves one or the other.
+        """
+        sync = prepare_image(image)
+        with self._lock:
+            mine = self._db.execute("SELECT key, value, lsn, tombstone FROM rows").fetchall()
+            self._db.close()
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            os.replace(image, self.path)
+            self._connect()
+            with self._transaction():
+                self._db.executemany(_UPSERT_NEWER, mine)
+        return sync
+
     def bootstrap_cursor(self) -> int:
         return self.get_meta(META_BOOTSTRAP_CURSOR)
 
@@ -404,6 +485,30 @@ class ShardStore:
 
     def mark_demoted(self) -> None:
         self.set_meta(META_IS_PRIMARY, 0)
+
+
+def prepare_image(path: Path) -> int:
+    """Turn a copied store file into a fresh replica's: drop the rows after the source's
+    ``sync_lsn`` and its markers, set the bootstrap cursor there; returns that LSN."""
+    with path.open("rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            raise StoreError(f"{path.name} is not an SQLite file")
+    db = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            raise StoreError(f"{path.name} has another schema version")
+        found = db.execute("SELECT value FROM meta WHERE name = ?", (META_SYNC_LSN,)).fetchone()
+        sync = found[0] if found else 0
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM rows WHERE lsn > ?", (sync,))
+        db.execute("DELETE FROM meta")
+        db.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (META_BOOTSTRAP_CURSOR, sync))
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path.name} is not a usable shard store: {exc}") from exc
+    finally:
+        db.close()
+    return sync
 
 
 class _Transaction:
@@ -440,6 +545,10 @@ class StoreSet:
     def path_for(self, shard: int) -> Path:
         return self.data_dir / f"shard-{shard:06d}.sqlite3"
 
+    def incoming_path(self, shard: int) -> Path:
+        """Where a file image being copied in lands (not a store until installed)."""
+        return self.data_dir / f"shard-{shard:06d}.sqlite3.incoming"
+
     def on_disk(self) -> set[int]:
         """Shards with a store file, open or not (what survives an agent restart)."""
         found = set()
@@ -469,7 +578,7 @@ class StoreSet:
         if store is not None:
             store.close()
         base = self.path_for(shard)
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", ".incoming", ".incoming-wal", ".incoming-shm"):
             Path(f"{base}{suffix}").unlink(missing_ok=True)
 
     def close_all(self) -> None:

@@ -538,3 +538,65 @@ def test_rows_stream_is_binary_and_still_needs_the_token(cluster, trio):
     assert page.max_lsn == p.store.sync_lsn()
     assert PeerClient("wrong", attempts=1).call(
         p.address, "GET", f"/v1/shards/{SHARD}/rows?after=0").status == 401
+
+
+def test_bootstrap_from_a_file_image_while_writes_continue(cluster, trio):
+    p, r1, r2 = trio
+    load(cluster.client, p, 5_000)
+    new = cluster.start("r3")
+    follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
+    lead(p, 1, in_sync=(r1, r2), catching_up=(new,))
+    stop_writing = threading.Event()
+
+    def writer():
+        client, i = PeerClient(TOKEN, attempts=3), 0
+        while not stop_writing.is_set():
+            client.put(p.address, SHARD, f"k{i % 6000:06d}".encode(), f"w{i}".encode())
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        result = copy_shard(new.store, SHARD, p.address, cluster.client,
+                            image_path=new.stores.incoming_path(SHARD))
+        follow(new, p, 1)
+        lead(p, 1, in_sync=(r1, r2, new))
+        count = p.store.max_lsn()
+        wait_until(lambda: p.store.max_lsn() > count + 20)
+    finally:
+        stop_writing.set()
+        thread.join()
+    assert result.image_bytes > 0 and not new.stores.incoming_path(SHARD).exists()
+    assert len(digests(p, r1, r2, new)) == 1
+    assert new.store.count() == p.store.count() >= 5_000
+
+
+def test_a_busy_or_failed_image_falls_back_to_the_rows_stream(cluster, trio):
+    p, *_ = trio
+    load(cluster.client, p, 1_500)
+    held = p.store.open_image()  # another copy is reading it
+    try:
+        assert raw(p.address, "GET", f"/v1/shards/{SHARD}/snapshot")[0] == 409
+        stores = StoreSet(cluster.tmp_path / "fresh")
+        store = stores.open(SHARD)
+        result = copy_shard(store, SHARD, p.address, cluster.client, page_size=500,
+                            image_path=stores.incoming_path(SHARD))
+    finally:
+        held.close()
+    assert (result.image_bytes, result.rows_fetched) == (0, 1_500)
+    assert store.digest() == p.store.digest()
+    # A copy that tried an image once resumes with rows, even from the start.
+    store.set_meta("bootstrap_cursor", 0)
+    again = copy_shard(store, SHARD, p.address, cluster.client,
+                       image_path=stores.incoming_path(SHARD))
+    assert again.image_bytes == 0 and again.rows_fetched == 1_500
+    stores.close_all()
+
+
+def test_snapshot_needs_the_token_and_a_source_replica(cluster, trio):
+    p, r1, _ = trio
+    assert raw(p.address, "GET", f"/v1/shards/{SHARD}/snapshot", token="wrong")[0] == 401
+    assert raw(p.address, "GET", f"/v1/shards/{SHARD + 1}/snapshot")[0] == 404
+    follow(r1, p, 1, state=ShardState.BOOTSTRAPPING)
+    assert raw(r1.address, "GET", f"/v1/shards/{SHARD}/snapshot")[0] == 409
+    assert raw(p.address, "POST", f"/v1/shards/{SHARD}/snapshot")[0] == 405

@@ -12,6 +12,7 @@ from agents.store import (
     OversizedError,
     Row,
     ShardStore,
+    StoreBusy,
     StoreError,
     StoreSet,
     check_row,
@@ -184,3 +185,48 @@ def test_a_version_1_file_is_migrated_in_place(tmp_path):
     assert s.rows_after(0, 10) == [Row(b"b", None, 6), Row(b"a", b"2", 7)]
     s.close()
     assert ShardStore(path).count() == 2
+
+
+def test_a_file_image_stays_the_state_it_was_opened_in(tmp_path):
+    import shutil
+
+    source = ShardStore(tmp_path / "source.sqlite3")
+    source.apply_forward([Row(b"a", b"1", 1), Row(b"b", b"2", 2)], sync_lsn=2)
+    source.apply_forward([Row(b"late", b"x", 9)], sync_lsn=None)  # best effort, past a gap
+    source.mark_promoted()
+    image = source.open_image()
+    try:
+        with pytest.raises(StoreBusy):
+            source.open_image()
+        source.apply_forward([Row(f"w{i}".encode(), b"v" * 3000, 100 + i) for i in range(3000)],
+                             sync_lsn=3099)  # enough to trigger checkpoints meanwhile
+        shutil.copyfile(image.path, tmp_path / "copy.sqlite3")
+    finally:
+        image.close()
+    assert image.sync_lsn == 9, "mark_promoted set sync_lsn to the max"
+    target = ShardStore(tmp_path / "target.sqlite3")
+    target.apply([Row(b"a", b"forwarded", 50)])  # a forward that arrived during the copy
+    assert target.install_image(tmp_path / "copy.sqlite3") == 9
+    assert target.get(b"a") == Row(b"a", b"forwarded", 50)
+    assert target.get(b"late") == Row(b"late", b"x", 9)
+    assert target.get(b"w0") is None, "written after the image was opened"
+    assert (target.bootstrap_cursor(), target.sync_lsn(), target.was_primary()) == (9, 0, False)
+    assert source.open_image().size > 0, "closing an image frees the store for the next"
+
+
+def test_an_image_drops_rows_past_the_source_sync_point(tmp_path):
+    import shutil
+
+    source = ShardStore(tmp_path / "source.sqlite3")
+    source.apply_forward([Row(b"a", b"1", 1)], sync_lsn=1)
+    source.apply_forward([Row(b"gap", b"x", 7)], sync_lsn=None)
+    image = source.open_image()
+    shutil.copyfile(image.path, tmp_path / "copy.sqlite3")
+    image.close()
+    target = ShardStore(tmp_path / "target.sqlite3")
+    assert target.install_image(tmp_path / "copy.sqlite3") == 1
+    assert target.rows_after(0, 10) == [Row(b"a", b"1", 1)]
+    (tmp_path / "junk").write_bytes(b"not a database at all" * 10)
+    with pytest.raises(StoreError):
+        target.install_image(tmp_path / "junk")
+    assert target.count() == 1
