@@ -2,8 +2,9 @@
 
 This module owns the data-plane wire format. Every request carries the cluster token as
 ``Authorization: Bearer <token>`` (``/healthz`` too: the issue requires it on every request
-and a probe can send a header); a wrong or missing token gets 401. Bodies are JSON; keys and
-values are bytes, sent base64 (standard alphabet) in JSON, and percent-encoded in URL paths.
+and a probe can send a header); a wrong or missing token gets 401. Bodies are JSON, except
+the two bulk answers (a rows page, a snapshot), which are binary; keys and values are bytes,
+sent base64 (standard alphabet) in JSON, and percent-encoded in URL paths.
 
 Endpoints (``S`` is the shard number, ``K`` the percent-encoded key)::
 

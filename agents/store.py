@@ -452,11 +452,13 @@ class ShardStore:
         sync = prepare_image(image)
         with self._lock:
             mine = self._db.execute("SELECT key, value, lsn, tombstone FROM rows").fetchall()
-            self._db.close()
-            for suffix in ("-wal", "-shm"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-            os.replace(image, self.path)
-            self._connect()
+            self._db.close()  # the last connection: its WAL is checkpointed and removed
+            try:
+                for suffix in ("-wal", "-shm"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+                os.replace(image, self.path)
+            finally:
+                self._connect()  # the image, or the old file if the swap failed
             with self._transaction():
                 self._db.executemany(_UPSERT_NEWER, mine)
         return sync
