@@ -4,11 +4,13 @@ add an agent, send garbage; nothing acknowledged is lost and the replicas conver
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from agents.dataplane import b64, key_path
 from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, StoreSet
@@ -106,6 +108,23 @@ def every_shard_fully_in_sync(cluster: Cluster, agents: set[str], replicas: int)
             if status.shards[shard].state not in ONLINE:
                 return False
     return True
+
+
+def freeze(cluster: Cluster, name: str) -> None:
+    """SIGSTOP an agent and wait until every one of its threads has stopped: the signal is
+    asynchronous, and a request sent right after it could still be served in full."""
+    proc = cluster.procs[name]
+    proc.stop()
+    tasks = Path(f"/proc/{proc.pid}/task")
+
+    def stopped() -> bool:
+        states = []
+        for stat in tasks.glob("*/stat"):
+            with contextlib.suppress(OSError):
+                states.append(stat.read_text().rpartition(")")[2].split()[0])
+        return bool(states) and all(state in "tT" for state in states)
+
+    wait_for(stopped, timeout=10, message=f"{name} stopped")
 
 
 def test_sigkill_agent_under_write_load_loses_no_acknowledged_write(cluster) -> None:
@@ -235,7 +254,7 @@ def test_frozen_primary_is_fenced_and_repaired_without_divergence(cluster) -> No
     victim = primary_of(cluster, shard)
     address = kv.routing().addresses[victim]
     token = kv.token
-    cluster.procs[victim].stop()
+    freeze(cluster, victim)
     # A write that reaches the frozen primary is handled the moment it wakes up.
     answers: list[int] = []
     late = threading.Thread(target=lambda: answers.append(raw(
@@ -311,7 +330,7 @@ def test_agent_back_from_lost_serves_nothing_until_it_has_a_plan(cluster) -> Non
     kv.put(key, b"old")
     victim = primary_of(cluster, shard)
     address = kv.routing().addresses[victim]
-    cluster.procs[victim].stop()
+    freeze(cluster, victim)
     survivors = set(AGENTS) - {victim}
     wait_for(lambda: cluster.converged(survivors), timeout=60,
              message="the cluster re-homes the frozen agent's replicas")
@@ -384,7 +403,7 @@ def test_demoted_primary_keeps_its_shard_and_repairs_what_it_alone_applied(clust
     kv.put(key, b"before")
     victim = primary_of(cluster, shard)
     late = LateWrites(kv.routing().addresses[victim], kv.token, len(orphans))
-    cluster.procs[victim].stop()
+    freeze(cluster, victim)
     late.send(shard, orphans, b"unacknowledged")
     survivors = set(AGENTS) - {victim}
     wait_for(lambda: cluster.converged(survivors) and primary_of(cluster, shard) != victim,
@@ -395,7 +414,8 @@ def test_demoted_primary_keeps_its_shard_and_repairs_what_it_alone_applied(clust
     answers = late.join()
     # "replication_failed": it applied the row, then every forward was refused (fenced).
     alone = sum(1 for _, body in answers if body.get("error") == "replication_failed")
-    print(f"\nwrites held by the frozen primary: {sorted(b.get('error') for _, b in answers)}")
+    seen = sorted(f"{status} {body.get('error')}" for status, body in answers)
+    print(f"\nwrites held by the frozen primary: {seen}")
     assert len(answers) == len(orphans) and all(status != 200 for status, _ in answers)
     wait_for(lambda: cluster.converged(set(AGENTS))
              and all(len(r) == 3 for r in cluster.plan().routing), timeout=60,
