@@ -10,6 +10,8 @@ What it does on each ZooKeeper event:
 
 * CONNECTED (first time): register ``members/<id>`` and ``status/<id>`` (ephemeral),
   watch only ``plan/agents/<id>``; the data plane starts serving.
+  A connection loss or an expired session during these first steps retries them
+  (bounded): on a loaded host a short session can expire before the agent is up.
 * SUSPENDED: primaries stop acknowledging writes (``SetWritable(False)``): the session may
   be gone, and with it this agent's right to be primary.
 * LOST: the data plane answers nothing (``SetServing(False)``). kazoo opens a new session
@@ -46,7 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import (
+    ConnectionLoss,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+    OperationTimeoutError,
+    SessionExpiredError,
+)
 from tenacity import (
     retry,
     retry_if_exception_type,
@@ -102,6 +111,8 @@ RETRY_DELAY = 0.2  # before re-trying a failed ZooKeeper read or status write
 # agent that restarts at a new address without a plan change is found this way).
 REFRESH_SECONDS = 5.0
 HANDLER_RETRY_SECONDS = 30.0  # a repair or promotion keeps trying this long, then logs
+# ZooKeeper errors that a new attempt on the same client may not meet again.
+ZK_TRANSIENT = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
 
 _SESSIONS = {
     KazooState.CONNECTED: Session.CONNECTED,
@@ -286,10 +297,7 @@ class Agent:
         self.client = connect(self.hosts, self.session_timeout)
         self.client.add_listener(self._on_state)
         try:
-            ensure_layout(self.client, self.paths)
-            self._use_token(self.read_token())
-            self.register()
-            self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
+            self._start()
             self.inbox.put(("session", Session.CONNECTED))
             while not self.stop_event.is_set():
                 try:
@@ -306,6 +314,35 @@ class Agent:
             self._pool.shutdown(wait=False, cancel_futures=True)
             close(self.client)
             log.info("agent %s stopped; session closed", self.id)
+
+    def _start(self) -> None:
+        """Layout, token, registration and the plan watch, retried (bounded) while the
+        session is lost or the connection drops: a loaded host or ZooKeeper can expire a
+        short session before the agent is up, and kazoo reconnects on its own."""
+
+        def log_retry(state: Any) -> None:
+            log.warning("start-up step failed (%s); retrying",
+                        type(state.outcome.exception()).__name__)
+
+        watching = False
+
+        def steps() -> None:
+            nonlocal watching
+            ensure_layout(self.client, self.paths)
+            self._use_token(self.read_token())
+            self.register()
+            if not watching:
+                self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
+                watching = True
+
+        policy = retry(
+            retry=retry_if_exception_type(ZK_TRANSIENT),
+            stop=stop_after_delay(max(60.0, 6 * self.session_timeout)),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        policy(steps)()
 
     def _collect(self, first: tuple[Any, ...]) -> _Inputs:
         """Fold the first inbox item and everything else already queued into one turn."""

@@ -429,3 +429,31 @@ def test_demoted_primary_keeps_its_shard_and_repairs_what_it_alone_applied(clust
     assert kv.get(key) == b"after"
     assert all(kv.get(k) is None for k in orphans), "unacknowledged rows it alone held survived"
     print(f"{alone} rows only the demoted primary held were repaired away")
+
+
+def test_agent_start_survives_a_connection_loss(cluster, monkeypatch, tmp_path) -> None:
+    from kazoo.exceptions import ConnectionLoss
+
+    from agents.runtime import Agent
+
+    cluster.init(4, 1)
+    agent = Agent(cluster.hosts, cluster.name, "agent-x", address="127.0.0.1:1",
+                  data_dir=tmp_path / "agent-x", session_timeout=SESSION)
+    real = agent.read_token
+    failures = iter([ConnectionLoss()])
+
+    def flaky_read_token() -> str:
+        for exc in failures:
+            raise exc
+        return real()
+
+    monkeypatch.setattr(agent, "read_token", flaky_read_token)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: "agent-x" in cluster.members(), timeout=20,
+                 message="the agent registers after retrying its start-up")
+    finally:
+        agent.stop()
+        thread.join(10)
+    assert not thread.is_alive()
