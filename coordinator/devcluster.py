@@ -26,7 +26,6 @@ from coordinator.cliutil import DEFAULT_CLUSTER, operator_errors
 from coordinator.config import ClusterConfig, ConfigError
 from coordinator.layout import Paths
 from coordinator.process import cli_command, spawn
-from coordinator.summary import under_replicated
 from coordinator.zk import ShardkeeperError, close, connect
 from coordinator.zkserver import ZkServer, free_port
 
@@ -207,7 +206,7 @@ def kill_and_watch(root: Path, name: str, sig: signal.Signals, timeout: float = 
     paths = Paths(state.cluster)
     client = connect(state.zk)
     try:
-        config = clusterstate.read_config(client, paths)
+        clusterstate.read_config(client, paths)
         before = clusterstate.read_plan(client, paths)
         os.kill(proc.pid, sig)
         t0 = time.monotonic()
@@ -227,19 +226,19 @@ def kill_and_watch(root: Path, name: str, sig: signal.Signals, timeout: float = 
         plan = wait_until(new_plan, timeout)
         t_plan = time.monotonic() - t0
 
+        survivors = set(before.meta.members) - {name} if before.meta else set()
+
         def replicated() -> bool:
-            """every shard to be fully replicated again"""
-            members = clusterstate.read_members(client, paths, skip_corrupt=True)
-            want = min(config.replicas, len(members))
-            statuses = clusterstate.read_statuses(client, paths)
-            return under_replicated(plan.routing, want, members, statuses) == 0
+            """every shard to be fully replicated again, with nothing copying"""
+            return clusterstate.converged(client, paths, survivors)
 
         wait_until(replicated, timeout)
         t_repl = time.monotonic() - t0
+        final = clusterstate.read_plan(client, paths)
     finally:
         close(client)
     old = {(s, a) for s, r in enumerate(before.routing) for a in r}
-    moved = sum(1 for s, r in enumerate(plan.routing) for a in r if (s, a) not in old)
+    moved = sum(1 for s, r in enumerate(final.routing) for a in r if (s, a) not in old)
     return Rebalance(t_member, t_plan, t_repl, plan.generation, moved)
 
 
@@ -330,5 +329,6 @@ def dev_kill(root: Path, name: str, sig: str, wait: bool) -> None:
     click.echo(f"sent SIG{sig} to {name} (pid {proc.pid})")
     click.echo(f"  member znode gone          after {r.member_gone_s:6.2f} s")
     click.echo(f"  new plan (generation {r.generation:>3}) after {r.plan_s:6.2f} s:"
-               f" {r.moved} replicas re-homed")
-    click.echo(f"  fully replicated again     after {r.replicated_s:6.2f} s")
+               " primaries failed over, copies started")
+    click.echo(f"  fully replicated again     after {r.replicated_s:6.2f} s:"
+               f" {r.moved} replicas re-homed, make-before-break")

@@ -1,0 +1,65 @@
+"""`shardkeeper dev`: a local cluster in the background, driven as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from coordinator.devcluster import DevState, alive
+from coordinator.process import cli_command
+from coordinator.zkserver import free_port
+
+
+def sk(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_dev_up_status_kill_down(tmp_path: Path) -> None:
+    root = tmp_path / "dev"
+    port = free_port()
+    r = sk("dev", "up", "--dir", str(root), "--zk-port", str(port), "--agents", "3",
+           "--shards", "16", "--replicas", "2", "--session-timeout", "1")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert f"ZooKeeper 127.0.0.1:{port}, 2 coordinators, 3 agents" in r.stdout
+        state = DevState.load(root)
+        assert all(alive(p.pid) for p in state.processes)
+
+        again = sk("dev", "up", "--dir", str(root), "--zk-port", str(free_port()))
+        assert again.returncode == 1 and "already running" in again.stderr
+
+        listing = sk("dev", "status", "--dir", str(root)).stdout
+        assert listing.count("running") == 6  # ZooKeeper, 2 coordinators, 3 agents
+
+        status = json.loads(sk("status", "--json", "--zk", state.zk).stdout)
+        assert status["under_replicated"] == 0 and len(status["members"]) == 3
+
+        killed = sk("dev", "kill", "agent-3", "--dir", str(root))
+        assert killed.returncode == 0, killed.stderr
+        assert "member znode gone" in killed.stdout and "fully replicated again" in killed.stdout
+        status = json.loads(sk("status", "--json", "--zk", state.zk).stdout)
+        assert [m["id"] for m in status["members"]] == ["agent-1", "agent-2"]
+        assert status["under_replicated"] == 0
+        assert all(m["replicas"] == 16 for m in status["members"])
+        assert "agent-3" in sk("dev", "status", "--dir", str(root)).stdout
+    finally:
+        down = sk("dev", "down", "--dir", str(root))
+    assert down.returncode == 0, down.stderr
+    assert not any(alive(p.pid) for p in state.processes)
+    assert not (root / "state.json").exists()
+    gone = sk("dev", "status", "--dir", str(root))
+    assert gone.returncode == 1 and "no dev cluster" in gone.stderr
+
+
+def test_dev_up_refuses_a_busy_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = sk("dev", "up", "--dir", str(tmp_path / "dev"), "--zk-port", str(port))
+    assert r.returncode == 1 and f"port {port} is in use" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "dev" / "state.json").exists()
