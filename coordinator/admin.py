@@ -14,7 +14,14 @@ from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
 from coordinator import cluster
 from coordinator.config import ClusterConfig
-from coordinator.layout import CorruptZnode, Event, Maintenance, MoveRequest, Paths
+from coordinator.layout import (
+    CorruptZnode,
+    Event,
+    Maintenance,
+    MoveRequest,
+    Paths,
+    decode_events,
+)
 from coordinator.zk import ShardkeeperError, ensure_layout
 
 
@@ -123,7 +130,7 @@ def set_config(client: KazooClient, paths: Paths, settings: dict[str, str]) -> C
 
 
 def events(client: KazooClient, paths: Paths, after: str = "") -> list[tuple[str, Event]]:
-    """Audit log entries in order, optionally only those after the entry named ``after``."""
+    """Audit log entries in order, optionally only those in znodes after ``after``."""
     try:
         names = sorted(n for n in client.get_children(paths.events) if n > after)
     except NoNodeError:
@@ -133,7 +140,7 @@ def events(client: KazooClient, paths: Paths, after: str = "") -> list[tuple[str
     for name, result in pending:
         try:
             data, _ = result.get()
-            out.append((name, Event.decode(f"{paths.events}/{name}", data)))
+            out += [(name, e) for e in decode_events(f"{paths.events}/{name}", data)]
         except (NoNodeError, CorruptZnode):
             continue  # trimmed meanwhile, or damaged: skip it
     return out

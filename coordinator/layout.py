@@ -519,8 +519,7 @@ class Event:
     generation: int = 0
 
     def encode(self) -> bytes:
-        return encode({"time": self.time, "kind": self.kind, "message": self.message,
-                       "generation": self.generation})
+        return encode(self.to_json())
 
     @classmethod
     def decode(cls, path: str, data: bytes | None) -> Event:
@@ -531,3 +530,20 @@ class Event:
             message=_field(path, obj, "message", str),
             generation=int(obj.get("generation", 0)),
         )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": self.time, "kind": self.kind, "message": self.message,
+                "generation": self.generation}
+
+
+def encode_events(events: list[Event]) -> bytes:
+    """One audit znode holds every decision of one leader pass (one write per pass)."""
+    return encode({"events": [e.to_json() for e in events]})
+
+
+def decode_events(path: str, data: bytes | None) -> list[Event]:
+    obj = decode_object(path, data)
+    entries = _field(path, obj, "events", list)
+    if not all(isinstance(e, dict) for e in entries):
+        raise CorruptZnode(f"{path}: events must be objects")
+    return [Event.decode(path, encode(e)) for e in entries]

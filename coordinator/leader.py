@@ -41,6 +41,7 @@ from coordinator.layout import (
     MoveRequest,
     Paths,
     encode_epoch,
+    encode_events,
 )
 from coordinator.placement import place
 from coordinator.plan import PlanState, Write, batches, plan_writes
@@ -190,11 +191,9 @@ class LeaderTerm:
                 # Our view of the plan znodes was stale (NoNode/NodeExists): reload, retry.
                 raise KazooException(f"plan write failed: {failed[:3]}")
 
-    def event(self, kind: str, message: str, generation: int = 0) -> Write:
+    def event(self, kind: str, message: str, generation: int = 0) -> Event:
         log.info("event %s: %s", kind, message)
-        self.events_kept += 1
-        return Write("append", self.paths.event_prefix,
-                     Event(time.time(), kind, message, generation).encode())
+        return Event(time.time(), kind, message, generation)
 
     def trim_events(self) -> None:
         """Keep the audit log capped: delete the oldest entries beyond EVENTS_CAP."""
@@ -280,28 +279,29 @@ class LeaderTerm:
             return
         self.known.update(members)
         writes: list[Write] = []
+        audit: list[Event] = []
         gen = self.state.generation + 1
 
         for agent in sorted(live - self.live_before):
-            writes.append(self.event("member-joined", f"{agent} joined", gen))
+            audit.append(self.event("member-joined", f"{agent} joined", gen))
         for agent in sorted(self.live_before - live):
-            writes.append(self.event("member-left", f"{agent} left", gen))
+            audit.append(self.event("member-left", f"{agent} left", gen))
         self.departed_at = policy.track_departures(self.departed_at, self.live_before, live, now)
         self.live_before = live
         if self.rebalance_requested():
             self.departed_at = {}
-            writes.append(self.event("rebalance", "rebalance requested: delay skipped", gen))
+            audit.append(self.event("rebalance", "rebalance requested: delay skipped", gen))
 
         maintenance = self.read_maintenance()
         wanted = policy.guard(maintenance, live, self.departed_at, config, now)
         if wanted != maintenance:
             if wanted is None:
                 writes.append(Write("delete", self.paths.maintenance))
-                writes.append(self.event("maintenance-left", "members returned: moves resume",
+                audit.append(self.event("maintenance-left", "members returned: moves resume",
                                          gen))
             else:
                 writes.append(Write("create", self.paths.maintenance, wanted.encode()))
-                writes.append(self.event("maintenance-entered", wanted.note, gen))
+                audit.append(self.event("maintenance-entered", wanted.note, gen))
             maintenance = wanted
 
         draining = set(self.client.get_children(self.paths.drains))
@@ -320,12 +320,12 @@ class LeaderTerm:
         for o in outcomes:
             writes.append(Write("delete", f"{self.paths.moves}/{o.name}"))
             if o.accepted:
-                writes.append(self.event(
+                audit.append(self.event(
                     "move-accepted",
                     f"move shard {o.request.shard} from {o.request.source} to {o.request.dest}",
                     gen))
             else:
-                writes.append(self.event("move-refused", f"{o.name} refused: {o.reason}", gen))
+                audit.append(self.event("move-refused", f"{o.name} refused: {o.reason}", gen))
 
         step = next_step(
             self.state.shards,
@@ -352,7 +352,7 @@ class LeaderTerm:
         if plan_changes:
             moves = step.started + step.dropped + step.failovers + step.promotions + step.joined
             if moves or state.generation == 1:
-                writes.append(self.event(
+                audit.append(self.event(
                     "plan",
                     f"generation {state.generation}: {step.started} copies started,"
                     f" {step.joined} joined, {step.dropped} dropped, {step.failovers}"
@@ -360,16 +360,19 @@ class LeaderTerm:
                     f" {step.deferred} deferred",
                     state.generation))
             if step.unavailable and step.unavailable != self._unavailable_reported:
-                writes.append(self.event(
+                audit.append(self.event(
                     "shards-unavailable",
                     f"{len(step.unavailable)} shards have no live in-sync replica",
                     state.generation))
                 self._unavailable_reported = step.unavailable
         for agent in sorted(draining - self.drained_reported):
             if state.meta and not any(agent in p.holders for p in state.shards):
-                writes.append(self.event("drain-done", f"{agent} is drained", gen))
+                audit.append(self.event("drain-done", f"{agent} is drained", gen))
                 self.drained_reported.add(agent)
         self.drained_reported &= draining
+        if audit:
+            writes.append(Write("append", self.paths.event_prefix, encode_events(audit)))
+            self.events_kept += 1
         if not plan_changes and not writes:
             return
         # Plan znodes first and plan/meta last (the commit point), then the audit trail.

@@ -19,7 +19,9 @@ from coordinator.layout import (
     PlanMeta,
     RoutingChunk,
     ShardStatus,
+    decode_events,
     encode,
+    encode_events,
 )
 
 
@@ -60,6 +62,10 @@ def test_codecs_round_trip() -> None:
     assert Maintenance.decode("p", Maintenance("auto", 3.0, "x", ("a",)).encode()).missing == ("a",)
     assert MoveRequest.decode("p", MoveRequest(3, "a", "b").encode()) == MoveRequest(3, "a", "b")
     assert Event.decode("p", Event(1.0, "plan", "m", 2).encode()) == Event(1.0, "plan", "m", 2)
+    batch = [Event(1.0, "member-left", "a left", 2), Event(1.0, "plan", "generation 2", 2)]
+    assert decode_events("p", encode_events(batch)) == batch
+    with pytest.raises(CorruptZnode, match="events must be objects"):
+        decode_events("p", encode({"events": [1]}))
     st = AgentStatus("a1", 4, {3: ShardStatus("PRIMARY", 9)})
     assert AgentStatus.decode("p", st.encode()) == st
     cfg = ClusterConfig(shards=64, replicas=3)
