@@ -46,6 +46,9 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed zookeeper
 	$(VENV)/bin/python -m bench.placement
+	$(VENV)/bin/python -m bench.dataplane
+	$(VENV)/bin/python -m bench.scale
+	$(VENV)/bin/python -m bench.failover
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
