@@ -134,22 +134,9 @@ class Cluster:
         return clusterstate.read_leader(self.client, self.paths)[1]
 
     def converged(self, agents: set[str]) -> bool:
-        """The plan names exactly ``agents``, nothing is copying, and each agent's status
-        matches its plan."""
-        plan = self.plan()
-        if plan.meta is None or set(plan.meta.members) != agents:
-            return False
-        if any(p.bootstrapping for p in plan.shards):
-            return False
-        statuses = self.statuses()
-        for agent in agents:
-            want = plan.agents.get(agent)
-            got = statuses.get(agent)
-            if want is None or got is None or set(got.shards) != set(want.replicas):
-                return False
-            if got.generation != want.generation:
-                return False
-        return True
+        """``agents`` are the members and the plan's, nothing is copying, and each agent
+        holds exactly what its latest plan says."""
+        return clusterstate.converged(self.client, self.paths, agents)
 
     def close(self) -> None:
         for p in self.procs.values():
