@@ -60,6 +60,7 @@ from tenacity import (
     retry,
     retry_if_exception_type,
     stop_after_delay,
+    stop_when_event_set,
     wait_exponential,
 )
 
@@ -97,7 +98,7 @@ from coordinator.layout import (
     Paths,
     ShardStatus,
 )
-from coordinator.zk import ShardkeeperError, close, connect, ensure_layout
+from coordinator.zk import ShardkeeperError, ZkUnavailable, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
 VERSION = "0.2.0"
@@ -293,8 +294,33 @@ class Agent:
         self.stop_event.set()
         self.inbox.put(("stop",))
 
+    def _connect(self) -> KazooClient | None:
+        """The first session: keep trying until ZooKeeper answers or the agent is stopped,
+        so that an agent started before ZooKeeper (or on a host too loaded to connect in
+        time) waits instead of exiting."""
+
+        def log_retry(state: Any) -> None:
+            log.warning("%s; retrying", state.outcome.exception())
+
+        policy = retry(
+            retry=retry_if_exception_type(ZkUnavailable),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            stop=stop_when_event_set(self.stop_event),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        try:
+            return policy(connect)(self.hosts, self.session_timeout)
+        except ZkUnavailable:
+            if self.stop_event.is_set():
+                return None
+            raise
+
     def run(self) -> None:
-        self.client = connect(self.hosts, self.session_timeout)
+        client = self._connect()
+        if client is None:
+            return
+        self.client = client
         self.client.add_listener(self._on_state)
         try:
             self._start()

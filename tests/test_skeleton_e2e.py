@@ -138,3 +138,24 @@ def test_ensemble_survives_losing_one_zookeeper_server(ensemble_cluster: Cluster
     wait_for(lambda: c.converged(survivors), timeout=20,
              message="a new plan without agent-1 while one ZooKeeper server is down")
     assert all(len(set(r)) == 2 for r in c.plan().routing)
+
+
+def test_agent_started_before_zookeeper_waits_for_it(tmp_path) -> None:
+    from coordinator.zkserver import free_port, standalone
+
+    server = standalone(tmp_path / "zk", port=free_port())
+    c = Cluster(server.address, tmp_path)
+    try:
+        agent = c.start_agent("agent-1")
+        wait_for(lambda: "retrying" in agent.output(), timeout=30,
+                 message="the agent keeps trying to reach ZooKeeper")
+        assert agent.alive()
+        server.start()
+        server.wait_ready()
+        c.init(4, 1)
+        c.start_coordinator("coord-1")
+        wait_for(lambda: c.converged({"agent-1"}), timeout=30,
+                 message="the agent registers once ZooKeeper is up")
+    finally:
+        c.close()
+        server.stop()
