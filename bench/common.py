@@ -180,6 +180,13 @@ class Processes:
                 tail = "\n".join(log.splitlines()[-15:])
                 raise RoleDied(f"{name} exited with code {proc.returncode}; its log ends:\n{tail}")
 
+    def reap(self) -> list[str]:
+        """Forget the processes that ended on their own; returns their names."""
+        dead = [name for name, proc in self.running.items() if proc.poll() is not None]
+        for name in dead:
+            del self.running[name]
+        return dead
+
     def kill(self, name: str) -> float:
         """SIGKILL ``name``; returns the wall-clock instant the signal was sent."""
         proc = self.running.pop(name)

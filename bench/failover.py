@@ -322,7 +322,13 @@ class Phase:
 
 
 def recover(fleet: Fleet, phase: Phase) -> bool:
-    """After a failed sample: give the cluster one more chance to settle at N agents."""
+    """After a failed sample: replace what died and give the cluster one more chance to
+    settle at N agents and two candidates."""
+    for name in fleet.ws.procs.reap():
+        fleet.agents.discard(name)
+    for name in CANDIDATES:
+        if name not in fleet.ws.procs.running:
+            fleet.start_candidate(name)
     while len(fleet.agents) < fleet.opts.agents:
         fleet.start_agent()
     try:
@@ -414,9 +420,6 @@ def run_leader_kills(fleet: Fleet, rng: random.Random) -> Phase:
             sample = leader_kill(fleet, rng)
         except (BenchTimeout, RoleDied) as e:
             phase.failed(f"leader kill {i + 1}", e)
-            for name in CANDIDATES:
-                if name not in fleet.ws.procs.running:
-                    fleet.start_candidate(name)
             if not recover(fleet, phase):
                 break
             continue
