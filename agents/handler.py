@@ -24,13 +24,19 @@ hold its own data instead by implementing ``ShardHandler``::
         def on_new_primary(self, shard, primary_address, generation):
             pass  # files are immutable here: nothing to repair
 
+        def on_catch_up(self, shard, source_address, primary_address, stop):
+            return self.on_bootstrap(shard, source_address, stop)  # rsync sends only changes
+
         def on_drop(self, shard):
             shutil.rmtree(self.root / str(shard), ignore_errors=True)
 
 Callbacks run on the runtime's worker threads, one at a time per shard; they may block.
-``on_bootstrap`` must watch ``stop`` (set when the shard is dropped mid-copy) and raise on
-failure; the state machine retries a bounded number of times, then marks the shard ERROR.
-Routing and fencing (the data plane's ``ShardTable``) stay the runtime's job.
+``on_bootstrap`` and ``on_catch_up`` must watch ``stop`` (set when the shard is dropped
+mid-copy) and raise on failure; the state machine retries a bounded number of times, then
+marks the shard ERROR (a failed catch-up: drops the data and copies afresh). A replica
+counts as in sync only once its callback (``on_become_replica``, ``on_new_primary`` or
+``on_catch_up``) has returned. Routing and fencing (the data plane's ``ShardTable``) stay
+the runtime's job.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from agents.dataplane import (
 from agents.shardsm import (
     Action,
     BecomeReplica,
+    CatchUp,
     CopyDone,
     CopyFailed,
     Demote,
@@ -57,6 +64,7 @@ from agents.shardsm import (
     Repair,
     StartBootstrap,
     StartDrop,
+    Synced,
 )
 from agents.store import StoreSet
 
@@ -86,6 +94,19 @@ class ShardHandler(ABC):
     @abstractmethod
     def on_drop(self, shard: int) -> None:
         """The plan no longer places the shard here: delete its local data."""
+
+    def on_catch_up(
+        self,
+        shard: int,
+        source_address: str | None,
+        primary_address: str | None,
+        stop: threading.Event,
+    ) -> int:
+        """This agent holds the shard but missed writes (its session was lost, or a repair
+        failed): bring it into line with the primary (or the source) and return the LSN it
+        caught up to. Default: ``on_bootstrap`` from the source, which should resume."""
+        address = source_address or primary_address
+        return self.on_bootstrap(shard, address, stop) if address else 0
 
     def held(self) -> set[int]:
         """Shards with local data (found again after a restart). Default: none."""
@@ -134,6 +155,25 @@ class KVShardHandler(ShardHandler):
     def on_new_primary(self, shard: int, primary_address: str, generation: int) -> None:
         repair_shard(self.stores.open(shard), shard, primary_address, self.client)
 
+    def on_catch_up(
+        self,
+        shard: int,
+        source_address: str | None,
+        primary_address: str | None,
+        stop: threading.Event,
+    ) -> int:
+        # Against the primary: rows it holds that this replica got from an earlier primary
+        # (never acknowledged) are repaired away before the missing rows stream in.
+        store = self.stores.open(shard)
+        if primary_address is None:
+            if source_address is None:
+                return store.sync_lsn()
+            return copy_shard(store, shard, source_address, self.client, stop=stop).lsn
+        result = repair_shard(store, shard, primary_address, self.client)
+        if store.was_primary():
+            store.mark_demoted()
+        return result.caught_up.lsn
+
     def on_drop(self, shard: int) -> None:
         self.stores.drop(shard)
 
@@ -147,8 +187,10 @@ class KVShardHandler(ShardHandler):
 def perform(handler: ShardHandler, action: Action, stop: threading.Event) -> Event | None:
     """Carry out one shard action through ``handler``; return the event to feed back, if any.
 
-    Global actions (SetWritable, SetServing, ReportStatus) are the runtime's, not the
-    handler's, and return None here. ``stop`` is the shard's cancel flag for copies.
+    A copy returns CopyDone or CopyFailed; a repair, demotion or catch-up returns Synced
+    (and raises on failure: the runtime retries, then reports SyncFailed). Global actions
+    (SetWritable, SetServing, ReportStatus) are the runtime's, not the handler's, and return
+    None here. ``stop`` is the shard's cancel flag for copies.
     """
     if isinstance(action, StartBootstrap):
         try:
@@ -157,10 +199,15 @@ def perform(handler: ShardHandler, action: Action, stop: threading.Event) -> Eve
             return CopyFailed(action.shard, f"{type(exc).__name__}: {exc}")
     if isinstance(action, BecomeReplica | Demote):
         handler.on_become_replica(action.shard, action.generation, action.primary)
-    elif isinstance(action, Promote):
-        handler.on_become_primary(action.shard, action.generation)
-    elif isinstance(action, Repair):
+        return Synced(action.shard, 0)
+    if isinstance(action, Repair):
         handler.on_new_primary(action.shard, action.primary, action.generation)
+        return Synced(action.shard, 0)
+    if isinstance(action, CatchUp):
+        lsn = handler.on_catch_up(action.shard, action.source, action.primary, stop)
+        return Synced(action.shard, lsn or 0)
+    if isinstance(action, Promote):
+        handler.on_become_primary(action.shard, action.generation)
     elif isinstance(action, StartDrop):
         stop.set()
         handler.on_drop(action.shard)

@@ -71,6 +71,7 @@ from agents.shardsm import (
     Action,
     AgentState,
     BecomeReplica,
+    CatchUp,
     CopyFailed,
     Demote,
     Event,
@@ -85,6 +86,7 @@ from agents.shardsm import (
     ShardState,
     StartBootstrap,
     StartDrop,
+    SyncFailed,
     Target,
 )
 from agents.store import StoreSet
@@ -112,6 +114,7 @@ RETRY_DELAY = 0.2  # before re-trying a failed ZooKeeper read or status write
 # agent that restarts at a new address without a plan change is found this way).
 REFRESH_SECONDS = 5.0
 HANDLER_RETRY_SECONDS = 30.0  # a repair or promotion keeps trying this long, then logs
+SYNC_ACTIONS = shardsm.SYNC_ACTIONS
 # ZooKeeper errors that a new attempt on the same client may not meet again.
 ZK_TRANSIENT = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
 
@@ -225,6 +228,7 @@ class Agent:
         self._queues: dict[int, deque[_Job]] = {}
         self._running: dict[int, _Job] = {}
         self._copy_seq: dict[int, int] = {}
+        self._sync_seq: dict[int, int] = {}  # the latest repair/catch-up: older results are stale
         self._seq = 0
         # what the data plane may serve: advanced when the handler finished the work
         self._served: dict[int, ShardState] = {}
@@ -549,6 +553,8 @@ class Agent:
         jobs = self._queues.setdefault(shard, deque())
         self._supersede(shard, action, jobs)
         self._seq += 1
+        if isinstance(action, SYNC_ACTIONS):
+            self._sync_seq[shard] = self._seq
         if isinstance(action, StartBootstrap):
             self._copy_seq[shard] = self._seq
             self.stores.open(shard)
@@ -581,7 +587,7 @@ class Agent:
             and (ends_copies or not isinstance(running.action, StartBootstrap))
         ):
             running.stop.set()
-        moot = (StartBootstrap, Repair) if ends_copies else (Repair,)
+        moot = (StartBootstrap, Repair, CatchUp) if ends_copies else (Repair, CatchUp)
         for job in [j for j in jobs if isinstance(j.action, moot)]:
             jobs.remove(job)
 
@@ -602,7 +608,7 @@ class Agent:
         event = None
         ok = False
         try:
-            if isinstance(action, StartBootstrap) and action.attempt:
+            if isinstance(action, StartBootstrap | CatchUp) and action.attempt:
                 job.stop.wait(min(0.25 * 2**action.attempt, 3.0))
             if isinstance(action, Promote):
                 # Writes acknowledged while this replica was joining may have reached it
@@ -611,13 +617,15 @@ class Agent:
             if isinstance(action, StartBootstrap | StartDrop):
                 event = perform(self.handler, action, job.stop)
             else:
-                self._handler_call(lambda: perform(self.handler, action, job.stop), job)
+                event = self._handler_call(lambda: perform(self.handler, action, job.stop), job)
             ok = True
-        except Exception:
+        except Exception as exc:
             log.exception("shard %d: %s failed", action.shard, type(action).__name__)
+            if isinstance(action, SYNC_ACTIONS):
+                event = SyncFailed(action.shard, f"{type(exc).__name__}: {exc}")
         self.inbox.put(("done", job, event, ok))
 
-    def _handler_call(self, fn: Any, job: _Job) -> None:
+    def _handler_call(self, fn: Any, job: _Job) -> Any:
         """Repairs and promotions wait on peers that may be mid-transition: retry, bounded."""
 
         def log_retry(state: Any) -> None:
@@ -633,7 +641,7 @@ class Agent:
             before_sleep=log_retry,
             reraise=True,
         )
-        policy(fn)()
+        return policy(fn)()
 
     def _finished(self, job: _Job, event: Event | None, ok: bool, inputs: _Inputs) -> None:
         action = job.action
@@ -644,15 +652,17 @@ class Agent:
         now = record.state if record is not None else None
         # Serve the new role only once the handler has done its part, and only if the
         # machine still wants that role.
-        if ok and isinstance(action, BecomeReplica) and now == ShardState.REPLICA:
+        if ok and isinstance(action, BecomeReplica | CatchUp) and now == ShardState.REPLICA:
             self._served[shard] = ShardState.REPLICA
         elif ok and isinstance(action, Promote) and now == ShardState.PRIMARY:
             self._served[shard] = ShardState.PRIMARY
         if isinstance(event, CopyFailed):
             inputs.plan = True  # the source may have moved: read addresses again
         if event is not None:
-            stale_copy = isinstance(action, StartBootstrap) and self._copy_seq.get(shard) != job.seq
-            if not stale_copy:
+            stale = (
+                isinstance(action, StartBootstrap) and self._copy_seq.get(shard) != job.seq
+            ) or (isinstance(action, SYNC_ACTIONS) and self._sync_seq.get(shard) != job.seq)
+            if not stale:
                 inputs.events.append(event)
         if isinstance(action, StartDrop):
             self._fence.pop(shard, None)
@@ -696,7 +706,7 @@ class Agent:
         for shard, record in self.state.shards.items():
             store = self.stores.get(shard)
             lsn = store.sync_lsn() if store is not None else record.lsn
-            shards[shard] = ShardStatus(str(record.state), lsn)
+            shards[shard] = ShardStatus(str(record.state), lsn, record.syncing)
         return AgentStatus(self.id, self.applied_generation, shards)
 
     def report(self) -> None:

@@ -18,7 +18,12 @@ Rules it enforces:
 - a failed copy is retried (resuming from its cursor) up to ``Limits.max_copy_retries`` times,
   then the shard goes to ERROR until the plan re-issues it at a newer generation;
 - SUSPENDED fences the agent (primaries stop acknowledging writes) and LOST stops all
-  serving; the plan is not acted on while LOST, because it cannot be trusted then.
+  serving; the plan is not acted on while LOST, because it cannot be trusted then;
+- a replica whose data the handler must still bring into line (a repair against a new
+  primary, a demotion, a catch-up) is ``syncing`` and reported as catching up, which the
+  leader does not count as in sync, until the shell reports ``Synced``. A replica kept
+  through a lost session that the plan lists as copying again catches up from its
+  source instead of counting as in sync at once: it missed the writes of its absence.
 """
 
 from __future__ import annotations
@@ -107,13 +112,27 @@ class DropDone:
 
 
 @dataclass(frozen=True)
+class Synced:
+    """The handler finished bringing a replica into line (repair or catch-up) at ``lsn``."""
+
+    shard: int
+    lsn: int
+
+
+@dataclass(frozen=True)
+class SyncFailed:
+    shard: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class PeerLost:
     """A peer agent vanished; copies from it cannot finish."""
 
     address: str
 
 
-Event = CopyDone | CopyFailed | DropDone | PeerLost
+Event = CopyDone | CopyFailed | DropDone | PeerLost | Synced | SyncFailed
 
 
 # -- state -------------------------------------------------------------------------------
@@ -125,12 +144,16 @@ class ShardRecord:
 
     state: ShardState = ShardState.OFFLINE
     generation: int = 0  # plan generation of the last role change (fences LSNs and forwards)
-    source: str | None = None  # bootstrap source in use
+    # Bootstrap source in use; for a replica, the source of its last copy or catch-up
+    # (forgotten when the session is lost, so that a plan listing it as copying again
+    # makes it catch up).
+    source: str | None = None
     primary: str | None = None  # primary this replica follows
     attempts: int = 0  # failed copies in a row
     failed_at: int = 0  # plan generation that saw the shard enter ERROR
     lsn: int = 0  # LSN at the last copy completion, for status
     reason: str | None = None
+    syncing: bool = False  # REPLICA only: repair or catch-up not finished (not in sync)
 
 
 @dataclass(frozen=True)
@@ -202,6 +225,22 @@ class Repair:
 
 
 @dataclass(frozen=True)
+class CatchUp:
+    """A replica that already holds the shard must catch up before it counts as in sync:
+    the plan lists it as copying from ``source`` again (it was away), or an earlier repair
+    failed. Repair against ``primary`` where there is one, then stream what is missing.
+
+    ``attempt`` > 0 is a retry: the shell backs off before it.
+    """
+
+    shard: int
+    source: str | None
+    primary: str | None
+    generation: int
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
 class StartDrop:
     """Stop serving the shard, cancel any copy, delete its data; report DropDone."""
 
@@ -227,6 +266,7 @@ class ShardStatus:
     shard: int
     state: ShardState
     lsn: int
+    catching_up: bool = False  # a REPLICA still repairing or catching up: not in sync
 
 
 @dataclass(frozen=True)
@@ -237,12 +277,16 @@ class ReportStatus:
     shards: tuple[ShardStatus, ...]
 
 
+# Actions after which a replica is in sync only once the handler reports Synced.
+SYNC_ACTIONS = (BecomeReplica, Demote, Repair, CatchUp)
+
 Action = (
     StartBootstrap
     | BecomeReplica
     | Promote
     | Demote
     | Repair
+    | CatchUp
     | StartDrop
     | SetWritable
     | SetServing
@@ -274,6 +318,10 @@ class _Step:
         self.shards = dict(shards)
         self.actions: list[Action] = []
         self.transitions: list[Transition] = []
+        self.synced = False  # a replica finished syncing: report it, though no state changed
+        # Shards told to repair or catch up in this decision: a Synced or SyncFailed in the
+        # same batch answers an earlier request, not this one.
+        self.sync_issued: set[int] = set()
 
     def record(self, shard: int) -> ShardRecord:
         return self.shards.get(shard, ShardRecord())
@@ -284,6 +332,8 @@ class _Step:
             self.transitions.append(Transition(shard, before, record.state))
         self.shards[shard] = record
         self.actions.extend(actions)
+        if any(isinstance(a, SYNC_ACTIONS) for a in actions):
+            self.sync_issued.add(shard)
 
     def bootstrapping(self) -> int:
         return sum(1 for r in self.shards.values() if r.state == ShardState.BOOTSTRAPPING)
@@ -305,6 +355,8 @@ def reconcile(
     fence_actions, unfence_actions = session_actions(agent.session, session)
     step.actions.extend(fence_actions)
 
+    if session == Session.LOST and agent.session != Session.LOST:
+        forget_sources(step)
     for event in events:
         apply_event(step, event, targets, generation, limits)
     if session != Session.LOST:
@@ -315,7 +367,7 @@ def reconcile(
     forget_idle(step, targets)
     prune_superseded_copies(step)
     step.actions.extend(unfence_actions)
-    if step.transitions or generation != agent.applied_generation:
+    if step.transitions or step.synced or generation != agent.applied_generation:
         step.actions.append(status_report(step.shards, generation))
     new_agent = AgentState(shards=step.shards, plan=applied, session=session)
     return Decision(new_agent, tuple(step.actions), tuple(step.transitions))
@@ -369,6 +421,45 @@ def apply_event(
         copy_failed(step, event.shard, event.reason, generation, limits)
     elif isinstance(event, DropDone) and record.state == ShardState.DROPPING:
         step.move(event.shard, ShardRecord())
+    elif isinstance(event, Synced) and syncs(step, event.shard):
+        synced = replace(record, syncing=False, lsn=event.lsn or record.lsn, attempts=0,
+                         reason=None)
+        step.move(event.shard, synced)
+        step.synced = True
+    elif isinstance(event, SyncFailed) and syncs(step, event.shard):
+        sync_failed(step, event.shard, event.reason, targets.get(event.shard), generation, limits)
+
+
+def syncs(step: _Step, shard: int) -> bool:
+    """True for a replica whose repair or catch-up, requested in an earlier decision, runs."""
+    record = step.record(shard)
+    return record.state == ShardState.REPLICA and record.syncing and shard not in step.sync_issued
+
+
+def sync_failed(
+    step: _Step, shard: int, reason: str, target: Target | None, generation: int, limits: Limits
+) -> None:
+    """Retry a failed repair or catch-up (bounded); then, if the plan does not count this
+    replica in sync (it lists it as copying), drop its data and copy the shard afresh.
+    A replica the plan counts in sync keeps its data: it holds every acknowledged write."""
+    record = step.record(shard)
+    attempts = record.attempts + 1
+    if attempts <= limits.max_copy_retries:
+        retry = replace(record, attempts=attempts, reason=reason)
+        step.move(shard, retry, CatchUp(shard, record.source, record.primary, generation,
+                                        attempts))
+    elif target is not None and target.source is not None:
+        step.move(shard, ShardRecord(state=ShardState.DROPPING), StartDrop(shard))
+    else:
+        step.move(shard, replace(record, attempts=attempts, reason=reason))
+
+
+def forget_sources(step: _Step) -> None:
+    """The session is lost: writes made meanwhile reach this agent's replicas no more, so a
+    plan that lists one as copying again, even from the same source, must make it catch up."""
+    for shard, record in step.shards.items():
+        if record.state == ShardState.REPLICA and record.source is not None:
+            step.shards[shard] = replace(record, source=None)
 
 
 def copy_done(step: _Step, event: CopyDone, target: Target | None, generation: int) -> None:
@@ -379,7 +470,7 @@ def copy_done(step: _Step, event: CopyDone, target: Target | None, generation: i
         promoted = replace(record, state=ShardState.PRIMARY, generation=generation)
         step.move(event.shard, promoted, Promote(event.shard, generation))
         return
-    online = replace(record, state=ShardState.REPLICA, primary=target.primary)
+    online = replace(record, state=ShardState.REPLICA, primary=target.primary, syncing=True)
     step.move(event.shard, online, BecomeReplica(event.shard, generation, target.primary))
 
 
@@ -416,7 +507,8 @@ def follow_target(step: _Step, shard: int, target: Target | None, generation: in
         follow_as_replica(step, shard, record, target, generation)
     elif state == ShardState.PRIMARY and target.role == Role.REPLICA:
         demoted = replace(
-            record, state=ShardState.REPLICA, generation=generation, primary=target.primary
+            record, state=ShardState.REPLICA, generation=generation, primary=target.primary,
+            source=target.source, syncing=True, attempts=0,
         )
         step.move(shard, demoted, Demote(shard, generation, target.primary))
 
@@ -427,7 +519,9 @@ def open_empty(step: _Step, shard: int, target: Target, generation: int) -> None
         record = ShardRecord(state=ShardState.PRIMARY, generation=generation)
         step.move(shard, record, Promote(shard, generation))
         return
-    record = ShardRecord(state=ShardState.REPLICA, generation=generation, primary=target.primary)
+    record = ShardRecord(
+        state=ShardState.REPLICA, generation=generation, primary=target.primary, syncing=True
+    )
     step.move(shard, record, BecomeReplica(shard, generation, target.primary))
 
 
@@ -452,12 +546,18 @@ def follow_as_replica(
     step: _Step, shard: int, record: ShardRecord, target: Target, generation: int
 ) -> None:
     if target.role == Role.PRIMARY:
-        promoted = replace(record, state=ShardState.PRIMARY, generation=generation)
+        promoted = replace(record, state=ShardState.PRIMARY, generation=generation,
+                           syncing=False, attempts=0)
         step.move(shard, promoted, Promote(shard, generation))
     elif target.primary is not None and target.primary != record.primary:
         # The plan that names a new primary is the one that promoted it.
-        followed = replace(record, primary=target.primary)
+        followed = replace(record, primary=target.primary, source=target.source,
+                           syncing=True, attempts=0)
         step.move(shard, followed, Repair(shard, target.primary, generation))
+    elif target.source is not None and target.source != record.source:
+        # Listed as copying, though it holds the shard: it was away (or its source moved).
+        rejoin = replace(record, source=target.source, syncing=True, attempts=0)
+        step.move(shard, rejoin, CatchUp(shard, target.source, target.primary, generation))
 
 
 def start_waiting_bootstraps(
@@ -482,24 +582,33 @@ def start_waiting_bootstraps(
 
 
 def prune_superseded_copies(step: _Step) -> None:
-    """Keep only the last StartBootstrap of a shard, and only if it is still copying.
+    """Keep only the last StartBootstrap of a shard, and only if it is still copying; keep a
+    CatchUp only if no later action for its shard follows and the replica still syncs.
 
     Several events in one batch (a retry, then a drop) must not leave the shell a copy to
     start that the same decision already made pointless.
     """
-    last: dict[int, int] = {}
+    last_copy: dict[int, int] = {}
+    last_any: dict[int, int] = {}
     for index, action in enumerate(step.actions):
+        shard = getattr(action, "shard", None)
+        if shard is not None:
+            last_any[shard] = index
         if isinstance(action, StartBootstrap):
-            last[action.shard] = index
-    step.actions = [
-        action
-        for index, action in enumerate(step.actions)
-        if not isinstance(action, StartBootstrap)
-        or (
-            last[action.shard] == index
-            and step.record(action.shard).state == ShardState.BOOTSTRAPPING
-        )
-    ]
+            last_copy[action.shard] = index
+
+    def wanted(index: int, action: Action) -> bool:
+        if isinstance(action, StartBootstrap):
+            return (
+                last_copy[action.shard] == index
+                and step.record(action.shard).state == ShardState.BOOTSTRAPPING
+            )
+        if isinstance(action, CatchUp):
+            record = step.record(action.shard)
+            return last_any[action.shard] == index and record.syncing
+        return True
+
+    step.actions = [a for i, a in enumerate(step.actions) if wanted(i, a)]
 
 
 def forget_idle(step: _Step, targets: Mapping[int, Target]) -> None:
@@ -511,7 +620,8 @@ def forget_idle(step: _Step, targets: Mapping[int, Target]) -> None:
 
 def status_report(shards: Mapping[int, ShardRecord], generation: int) -> ReportStatus:
     entries = tuple(
-        ShardStatus(shard, record.state, record.lsn) for shard, record in sorted(shards.items())
+        ShardStatus(shard, record.state, record.lsn, record.syncing)
+        for shard, record in sorted(shards.items())
     )
     return ReportStatus(generation, entries)
 

@@ -36,7 +36,7 @@ from agents.shardsm import ShardState
 from coordinator import cluster as clusterstate
 from coordinator.layout import AgentStatus, CorruptZnode, Paths, PlanMeta
 from coordinator.process import cli_command
-from coordinator.summary import HOLDING_STATES, under_replicated
+from coordinator.summary import under_replicated
 from coordinator.zkserver import MAIN_CLASS, ZK_CONF_DIR, ZkServer, find_zookeeper, free_port
 
 T = TypeVar("T")
@@ -524,11 +524,11 @@ def unsettled(client: KazooClient, paths: Paths, replicas: int, live: set[str]) 
         if got.generation < want.generation:
             return f"{agent} applied generation {got.generation} < {want.generation}"
         # Dropped shards may linger in a status as OFFLINE: they are not held.
-        held = {s: st.state for s, st in got.shards.items() if st.state != ShardState.OFFLINE}
+        held = {s: st for s, st in got.shards.items() if st.state != ShardState.OFFLINE}
         if set(held) != set(want.replicas):
             return f"{agent} holds {len(held)} shards, its plan has {len(want.replicas)}"
-        if any(state not in HOLDING_STATES for state in held.values()):
-            return f"{agent} has shards that are not yet PRIMARY or REPLICA"
+        if not all(st.in_sync for st in held.values()):
+            return f"{agent} has shards that are not yet in sync (PRIMARY or caught-up REPLICA)"
     return ""
 
 

@@ -135,7 +135,8 @@ def current_leader(client: KazooClient, paths: Paths) -> str | None:
 
 def converged(client: KazooClient, paths: Paths, agents: set[str]) -> bool:
     """True when ``agents`` are exactly the members and the plan's, nothing is copying, and
-    every agent reports holding (REPLICA or PRIMARY) exactly what its latest plan says."""
+    every agent reports holding in sync (REPLICA or PRIMARY, not catching up) exactly what
+    its latest plan says."""
     plan = read_plan(client, paths)
     if plan.meta is None or set(plan.meta.members) != agents:
         return False
@@ -150,6 +151,6 @@ def converged(client: KazooClient, paths: Paths, agents: set[str]) -> bool:
             return False
         if set(got.shards) != set(want.replicas):
             return False
-        if any(st.state not in ("REPLICA", "PRIMARY") for st in got.shards.values()):
+        if not all(st.in_sync for st in got.shards.values()):
             return False
     return True

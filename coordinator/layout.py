@@ -412,10 +412,28 @@ class RoutingChunk:
         )
 
 
+HOLDING_STATES = frozenset({"REPLICA", "PRIMARY"})  # hold a whole copy of the shard
+
+
 @dataclass(frozen=True)
 class ShardStatus:
+    """One shard replica as its agent reports it. ``catching_up``: a replica that holds the
+    shard but is still repairing or catching up, so not yet in sync (encoded only if set)."""
+
     state: str
     lsn: int = 0
+    catching_up: bool = False
+
+    @property
+    def in_sync(self) -> bool:
+        """Online and caught up: the one test the leader (joins) and `converged` use."""
+        return self.state in HOLDING_STATES and not self.catching_up
+
+    def encode(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"state": self.state, "lsn": self.lsn}
+        if self.catching_up:
+            entry["catching_up"] = True
+        return entry
 
 
 @dataclass(frozen=True)
@@ -431,10 +449,7 @@ class AgentStatus:
             {
                 "agent": self.agent,
                 "generation": self.generation,
-                "shards": {
-                    str(s): {"state": st.state, "lsn": st.lsn}
-                    for s, st in sorted(self.shards.items())
-                },
+                "shards": {str(s): st.encode() for s, st in sorted(self.shards.items())},
             }
         )
 
@@ -446,7 +461,11 @@ class AgentStatus:
         for key, entry in raw.items():
             if not key.isdigit() or not isinstance(entry, dict) or "state" not in entry:
                 raise CorruptZnode(f"{path}: bad shard entry {key!r}")
-            shards[int(key)] = ShardStatus(state=str(entry["state"]), lsn=int(entry.get("lsn", 0)))
+            shards[int(key)] = ShardStatus(
+                state=str(entry["state"]),
+                lsn=int(entry.get("lsn", 0)),
+                catching_up=entry.get("catching_up") is True,
+            )
         return cls(
             agent=_field(path, obj, "agent", str),
             generation=_field(path, obj, "generation", int),

@@ -55,7 +55,6 @@ EVENTS_CAP = 1000  # audit log entries kept; the oldest are trimmed
 # agents starting together are placed together instead of all shards landing on the
 # first one and then moving (Kafka's group.initial.rebalance.delay plays the same role).
 INITIAL_SETTLE = 1.0
-CAUGHT_UP_STATES = frozenset({"REPLICA", "PRIMARY"})
 
 
 class Deposed(Exception):
@@ -258,8 +257,7 @@ class LeaderTerm:
             plan = self.state.agents.get(agent)
             if plan is None or status.generation < plan.generation:
                 continue
-            out.update((agent, s) for s, st in status.shards.items()
-                       if st.state in CAUGHT_UP_STATES)
+            out.update((agent, s) for s, st in status.shards.items() if st.in_sync)
         return out
 
     # -- one reconciliation ------------------------------------------------------------

@@ -9,8 +9,6 @@ from typing import Any
 from coordinator.layout import AgentStatus, Maintenance, MemberInfo
 from coordinator.plan import PlanState, assignments
 
-HOLDING_STATES = frozenset({"PRIMARY", "REPLICA"})
-
 
 def under_replicated(
     routing: tuple[tuple[str, ...], ...],
@@ -18,13 +16,13 @@ def under_replicated(
     members: Mapping[str, MemberInfo],
     statuses: Mapping[str, AgentStatus],
 ) -> int:
-    """Shards held (as reported in status) by fewer than R live members."""
+    """Shards held in sync (as reported in status) by fewer than R live members."""
     holders = [0] * len(routing)
     for agent, status in statuses.items():
         if agent not in members:
             continue
         for shard, st in status.shards.items():
-            if shard < len(holders) and st.state in HOLDING_STATES:
+            if shard < len(holders) and st.in_sync:
                 holders[shard] += 1
     return sum(1 for n in holders if n < replicas)
 

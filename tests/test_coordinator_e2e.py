@@ -7,9 +7,8 @@ import json
 import threading
 
 from coordinator import cluster as clusterstate
-from coordinator.layout import Paths
+from coordinator.layout import HOLDING_STATES, Paths
 from coordinator.process import cli_command
-from coordinator.summary import HOLDING_STATES
 from coordinator.zk import close, connect
 from tests.harness import Cluster, RoleProcess, wait_for
 

@@ -431,6 +431,44 @@ def test_demoted_primary_keeps_its_shard_and_repairs_what_it_alone_applied(clust
     print(f"{alone} rows only the demoted primary held were repaired away")
 
 
+def test_replica_back_from_a_lost_session_catches_up_before_it_counts(cluster) -> None:
+    kv = start(cluster, shards=8)
+    # The frozen agent's replicas wait for it: when it returns it holds its old data and is
+    # listed as copying again. It must catch up before it counts as in sync, so `verify`
+    # agrees the moment the cluster has converged, with no write after its return.
+    cli_ok(cluster, "config", "set", "rebalance_delay=600", "max_moves_per_agent=16")
+    plan = cluster.plan()
+    victim = "agent-3"
+    followed = [s for s, holders in enumerate(plan.routing) if victim in holders[1:]]
+    assert followed, "the victim follows some primary"
+    freeze(cluster, victim)
+    survivors = set(AGENTS) - {victim}
+    wait_for(lambda: cluster.converged(survivors), timeout=60,
+             message="the shards fail over without the frozen agent")
+    missed: dict[bytes, bytes] = {}
+    for shard in followed:
+        keys = (k for k in (f"missed-{shard}-{i}".encode() for i in range(10**6))
+                if kv.shard_of(k) == shard)
+        for _ in range(25):
+            key = next(keys)
+            kv.put(key, b"written while it was away")
+            missed[key] = b"written while it was away"
+    thawed_at = len(cluster.procs[victim].output())
+    cluster.procs[victim].cont()
+    wait_for(lambda: cluster.converged(set(AGENTS))
+             and all(len(r) == 3 for r in cluster.plan().routing), timeout=60,
+             message="the thawed agent catches up and is counted in sync again")
+    since = cluster.procs[victim].output()[thawed_at:]
+    assert "session lost" in since
+    assert all(victim in cluster.plan().routing[s] for s in followed), "it kept its replicas"
+    for shard in followed:
+        assert f"shard {shard}: REPLICA -> DROPPING" not in since, "caught up, not re-copied"
+    verified = cluster.cli("verify", timeout=120)
+    assert verified.returncode == 0, f"replicas differ with no write since the return:\n" \
+        f"{verified.stdout}{verified.stderr}"
+    assert_all_readable(kv, missed)
+
+
 def test_agent_start_survives_a_connection_loss(cluster, monkeypatch, tmp_path) -> None:
     from kazoo.exceptions import ConnectionLoss
 

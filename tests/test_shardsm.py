@@ -9,6 +9,7 @@ from agents.shardsm import (
     LEGAL_TRANSITIONS,
     AgentState,
     BecomeReplica,
+    CatchUp,
     CopyDone,
     CopyFailed,
     Demote,
@@ -26,6 +27,8 @@ from agents.shardsm import (
     ShardState,
     StartBootstrap,
     StartDrop,
+    Synced,
+    SyncFailed,
     Target,
     reconcile,
     states,
@@ -156,6 +159,66 @@ def test_lost_ignores_the_plan_until_reconnected():
     assert shard_actions(back) == [StartDrop(0)]
 
 
+def syncing(decision):
+    return {s for s, r in decision.agent.shards.items() if r.syncing}
+
+
+def reported(decision):
+    """shard -> (state, catching_up) from the decision's status report."""
+    report = decision.actions[-1]
+    assert isinstance(report, ReportStatus)
+    return {e.shard: (e.state, e.catching_up) for e in report.shards}
+
+
+def test_replica_back_from_a_lost_session_catches_up_before_it_counts_in_sync():
+    copying = Plan(1, {0: Target(R, source="a:1", primary="a:1")})
+    d = connected(plan=copying)
+    d = reconcile(d.agent, events=[CopyDone(0, 10)])
+    d = reconcile(d.agent, events=[Synced(0, 10)])
+    assert reported(d) == {0: (S.REPLICA, False)}
+    d = reconcile(d.agent, plan=Plan(2, {0: Target(R, primary="a:1")}))  # joined the in-sync set
+    assert shard_actions(d) == [] and syncing(d) == set()
+    lost = reconcile(d.agent, session=Session.LOST)
+    # The leader dropped it from the in-sync set meanwhile and lists it copying again,
+    # from the same source: it missed the writes of its absence.
+    back = reconcile(lost.agent, plan=Plan(4, {0: Target(R, source="a:1", primary="a:1")}))
+    assert shard_actions(back) == [CatchUp(0, "a:1", "a:1", 4)]
+    assert reported(back) == {0: (S.REPLICA, True)}
+    again = reconcile(back.agent, plan=Plan(5, {0: Target(R, source="a:1", primary="a:1")}))
+    assert shard_actions(again) == [], "one catch-up per absence"
+    done = reconcile(again.agent, events=[Synced(0, 42)])
+    assert reported(done) == {0: (S.REPLICA, False)}
+    assert done.agent.shards[0].lsn == 42
+
+
+def test_repair_and_demotion_report_catching_up_until_synced():
+    d = connected(plan=Plan(1, {0: Target(R, primary="a:1"), 1: Target(P)}))
+    d = reconcile(d.agent, events=[Synced(0, 0)])
+    d = reconcile(d.agent, plan=Plan(2, {0: Target(R, primary="b:1"), 1: Target(R, primary="b:1")}))
+    assert shard_actions(d) == [Repair(0, "b:1", 2), Demote(1, 2, "b:1")]
+    assert reported(d) == {0: (S.REPLICA, True), 1: (S.REPLICA, True)}
+    d = reconcile(d.agent, events=[Synced(1, 7), Synced(5, 1)])
+    assert reported(d) == {0: (S.REPLICA, True), 1: (S.REPLICA, False)}
+
+
+def test_failed_catch_up_retries_then_copies_afresh_unless_counted_in_sync():
+    limits = Limits(max_bootstraps=2, max_copy_retries=1)
+    copying = Plan(1, {0: Target(R, source="a:1", primary="a:1"), 1: Target(R, primary="a:1")})
+    d = connected(plan=Plan(1, {0: Target(R, primary="b:1"), 1: Target(R, primary="b:1")}),
+                  limits=limits)
+    d = reconcile(d.agent, plan=copying, limits=limits)
+    assert shard_actions(d) == [Repair(0, "a:1", 1), Repair(1, "a:1", 1)]
+    d = reconcile(d.agent, events=[SyncFailed(0, "x"), SyncFailed(1, "x")], limits=limits)
+    assert shard_actions(d) == [CatchUp(0, "a:1", "a:1", 1, 1), CatchUp(1, None, "a:1", 1, 1)]
+    d = reconcile(d.agent, events=[SyncFailed(0, "x"), SyncFailed(1, "x")], limits=limits)
+    # Shard 0 is not counted in sync by the plan: its data goes, a fresh copy follows.
+    # Shard 1 is: it keeps every acknowledged write, and stays reported as catching up.
+    assert shard_actions(d) == [StartDrop(0)]
+    assert states(d.agent) == {0: S.DROPPING, 1: S.REPLICA} and syncing(d) == {1}
+    d = reconcile(d.agent, events=[DropDone(0)], limits=limits)
+    assert shard_actions(d) == [StartBootstrap(0, "a:1", 1)]
+
+
 # -- properties --------------------------------------------------------------------------
 
 SHARDS = range(5)
@@ -177,6 +240,8 @@ events = st.one_of(
     st.builds(CopyFailed, st.sampled_from(SHARDS), st.just("boom")),
     st.builds(DropDone, st.sampled_from(SHARDS)),
     st.builds(PeerLost, st.sampled_from(ADDRESSES)),
+    st.builds(Synced, st.sampled_from(SHARDS), st.integers(0, 100)),
+    st.builds(SyncFailed, st.sampled_from(SHARDS), st.just("boom")),
 )
 steps = st.tuples(st.none() | plans, st.lists(events, max_size=4), st.sampled_from(list(Session)))
 histories = st.lists(steps, min_size=1, max_size=25)
@@ -259,3 +324,40 @@ def test_actions_match_states_and_the_plan_is_followed(history, limits):
                 assert state == S.DROPPING, (shard, state)
             elif state in (S.REPLICA, S.PRIMARY):
                 assert state == (S.PRIMARY if wanted[shard].role == P else S.REPLICA)
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories, limit_sets)
+def test_a_replica_counts_in_sync_only_after_its_handler_synced_it(history, limits):
+    """Since the last lost session (or since it became a replica, or was told to repair), a
+    replica the plan lists as copying is reported in sync only once a Synced event for it
+    was folded in; and the report always matches the records."""
+    clean: dict[int, bool] = {}
+    for before, (_plan, evs, session), decision in run(history, limits):
+        synced_now = {e.shard for e in evs if isinstance(e, Synced)}
+        if session == Session.LOST and before.session != Session.LOST:
+            clean = dict.fromkeys(clean, False)
+        for shard, record in decision.agent.shards.items():
+            was = before.shards.get(shard)
+            if record.state != S.REPLICA:
+                clean[shard] = False
+            elif was is not None and was.state == S.REPLICA and was.syncing and (
+                not record.syncing
+            ):
+                assert shard in synced_now, "only Synced ends syncing"
+                clean[shard] = True
+            elif record.syncing:
+                clean[shard] = False
+        for action in decision.actions:
+            if isinstance(action, BecomeReplica | Demote | Repair | CatchUp):
+                assert decision.agent.shards[action.shard].syncing
+            if isinstance(action, ReportStatus):
+                for e in action.shards:
+                    assert e.catching_up == decision.agent.shards[e.shard].syncing
+        plan = decision.agent.plan
+        if session != Session.CONNECTED or plan is None:
+            continue
+        for shard, record in decision.agent.shards.items():
+            target = plan.targets.get(shard)
+            if record.state == S.REPLICA and target is not None and target.source is not None:
+                assert record.syncing or clean.get(shard), (shard, record)
