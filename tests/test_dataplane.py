@@ -35,6 +35,7 @@ from agents.shardsm import (
     Repair,
     ShardState,
     StartBootstrap,
+    Synced,
 )
 from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, Row, StoreSet, make_lsn
 
@@ -415,7 +416,8 @@ def test_bootstrap_through_the_handler_reports_copy_done(cluster, trio):
     event = perform(handler, StartBootstrap(SHARD, p.address, 1), threading.Event())
     assert event == CopyDone(SHARD, p.store.max_lsn())
     assert new.store.digest() == p.store.digest()
-    assert perform(handler, BecomeReplica(SHARD, 1, p.address), threading.Event()) is None
+    became = perform(handler, BecomeReplica(SHARD, 1, p.address), threading.Event())
+    assert became == Synced(SHARD, 0)
     failed = perform(handler, StartBootstrap(SHARD, "127.0.0.1:1", 1), threading.Event())
     assert type(failed).__name__ == "CopyFailed"
 
