@@ -103,6 +103,9 @@ def render_status(s: dict[str, Any]) -> str:
     if s["moves"]["in_flight"] or s["moves"]["deferred"]:
         lines.append(f"moves: {s['moves']['in_flight']} copying, {s['moves']['deferred']}"
                      " waiting for the throttle")
+    catching_up = sum(m["catching_up"] for m in s["members"])
+    if catching_up:
+        lines.append(f"catching up: {catching_up} replicas repairing or fetching missed writes")
     if s["unavailable"]:
         lines.append(f"UNAVAILABLE: {s['unavailable']} shards have no live in-sync replica")
     m = s["maintenance"]

@@ -66,6 +66,8 @@ def summarize(
                 else "active",
                 "applied_generation": status.generation if status else None,
                 "held": len(status.shards) if status else 0,
+                "catching_up": sum(st.catching_up for st in status.shards.values())
+                if status else 0,
             }
         )
     return {

@@ -66,8 +66,12 @@ def test_codecs_round_trip() -> None:
     assert decode_events("p", encode_events(batch)) == batch
     with pytest.raises(CorruptZnode, match="events must be objects"):
         decode_events("p", encode({"events": [1]}))
-    st = AgentStatus("a1", 4, {3: ShardStatus("PRIMARY", 9)})
+    st = AgentStatus("a1", 4, {3: ShardStatus("PRIMARY", 9), 5: ShardStatus("REPLICA", 7, True)})
     assert AgentStatus.decode("p", st.encode()) == st
+    assert b"catching_up" in st.encode() and st.encode().count(b"catching_up") == 1
+    in_sync = {s: x.in_sync for s, x in AgentStatus.decode("p", st.encode()).shards.items()}
+    assert in_sync == {3: True, 5: False}
+    assert not ShardStatus("BOOTSTRAPPING").in_sync and ShardStatus("REPLICA").in_sync
     cfg = ClusterConfig(shards=64, replicas=3)
     assert ClusterConfig.decode("p", cfg.encode()) == cfg
 
