@@ -35,6 +35,7 @@ from kazoo.exceptions import NoNodeError
 from agents.shardsm import ShardState
 from coordinator import cluster as clusterstate
 from coordinator.layout import AgentStatus, CorruptZnode, Paths, PlanMeta
+from coordinator.poll import poll_until
 from coordinator.process import cli_command
 from coordinator.summary import under_replicated
 from coordinator.zkserver import MAIN_CLASS, ZK_CONF_DIR, ZkServer, find_zookeeper, free_port
@@ -98,14 +99,7 @@ def machine() -> dict[str, Any]:
 
 def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll ``condition`` until it returns something truthy; BenchTimeout names ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchTimeout(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+    return poll_until(condition, timeout, what, interval=interval, error=BenchTimeout)
 
 
 def cpu_seconds(pid: int) -> float:

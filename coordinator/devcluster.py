@@ -25,6 +25,7 @@ from coordinator import cluster as clusterstate
 from coordinator.cliutil import DEFAULT_CLUSTER, operator_errors
 from coordinator.config import ClusterConfig, ConfigError
 from coordinator.layout import Paths
+from coordinator.poll import poll_until
 from coordinator.process import cli_command, spawn
 from coordinator.zk import ShardkeeperError, close, connect
 from coordinator.zkserver import ZkServer, free_port
@@ -82,14 +83,7 @@ def alive(pid: int) -> bool:
 
 def wait_until(condition: Any, timeout: float, interval: float = 0.05) -> Any:
     """Poll ``condition`` until it returns a truthy value, or raise after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise ShardkeeperError(f"timed out after {timeout:g}s waiting for {condition.__doc__}")
-        time.sleep(interval)
+    return poll_until(condition, timeout, str(condition.__doc__), interval=interval)
 
 
 def port_in_use(port: int) -> bool:

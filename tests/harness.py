@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from kazoo.client import KazooClient
 
 from coordinator import cluster as clusterstate
 from coordinator.layout import Paths
+from coordinator.poll import poll_until
 from coordinator.process import cli_command, spawn
 from coordinator.zk import close, connect
 from coordinator.zkserver import free_port
@@ -25,14 +25,8 @@ T = TypeVar("T")
 def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
              message: str = "") -> T:
     """Poll until ``condition()`` is truthy; fail the test with ``message`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message or condition}")
-        time.sleep(interval)
+    return poll_until(condition, timeout, message or repr(condition), interval=interval,
+                      error=AssertionError)
 
 
 class RoleProcess:
