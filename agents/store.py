@@ -76,6 +76,11 @@ DROP TABLE rows_v1;
 """
 
 PAGE_SIZE = 8192  # new files only; fewer b-tree pages and less slack for ~1 KB values
+# SQLite's own page cache per shard (default 2 MiB): an agent holds hundreds of shards, and
+# the kernel's page cache keeps the files warm anyway. 600 open shards of 300 KB each, once
+# written and digested: 284 MB of RSS with the default cache, 133 MB with this (of which
+# ~180 KB per shard is the connection, its WAL index and statements, whatever the cache).
+CACHE_KIB = 64
 
 _UPSERT_NEWER = """
 INSERT INTO rows (key, value, lsn, tombstone) VALUES (?, ?, ?, ?)
@@ -223,6 +228,7 @@ class ShardStore:
         db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # ignored once the file has data
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._db = db
         self._create_or_migrate()
         return db
