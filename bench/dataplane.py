@@ -5,13 +5,15 @@ Real HTTP on 127.0.0.1, real SQLite files, the same DataPlane the agents run; no
 
 * bootstrap: a fresh replica copies one shard (``--rows`` rows of ``--value-size`` bytes)
   from its primary with ``copy_shard``, as an agent does: the source's store file as a
-  consistent image over HTTP (sendfile), installed durably (one fsync), then the rows
-  stream from the image's sync point (one empty page here). Next to it, in the same run,
+  consistent image over HTTP (sendfile out, splice in, writeback started as it lands),
+  installed durably (fsynced before it replaces the store), then the rows stream from the
+  image's sync point (one empty page here). Next to it, in the same run,
   ``shutil.copyfile`` of that same file (checkpointed, hot in the page cache, no fsync):
   the raw local copy. Both MB/s figures divide the same bytes, the source's SQLite file
   size, by the median time of ``--runs`` runs, raw copies and bootstraps interleaved (on
   a shared machine a single 10 ms copy swings several-fold), so ``bootstrap_ratio`` is
-  median raw copy time / median bootstrap time. The
+  median raw copy time / median bootstrap time. ``load_avg_1m`` is the machine's load
+  average when the bootstraps end: the ratio falls with CPU contention. The
   text output also shows the raw copy with an fsync of the result, and ``--rows-stream``
   measures the row-by-row path alone (what a resumed copy uses).
 * acknowledged puts/s from one client, one key per request, with a primary and two in-sync
@@ -141,6 +143,7 @@ def bench_bootstrap(
             "raw_copy_mb_s": size / MB / statistics.median(raw_s),
             "raw_copy_fsync_mb_s": size / MB / statistics.median(durable_s),
             "shard_mb": size / MB,
+            "load_avg_1m": os.getloadavg()[0],
         }
     finally:
         for node in (source, *targets):
@@ -200,7 +203,7 @@ def main(as_json: bool, rows: int, value_size: int, page: int, seconds: float, b
         result.update(bench_writes(root, seconds, batch, reads))
     result["bootstrap_ratio"] = result["bootstrap_mb_s"] / result["raw_copy_mb_s"]
     keys = ["bootstrap_mb_s", "raw_copy_mb_s", "bootstrap_ratio", "puts_per_s_r3",
-            "puts_per_s_r1", "batched_keys_per_s_r3", "read_p50_ms", "read_p99_ms"]
+            "puts_per_s_r1", "batched_keys_per_s_r3", "read_p50_ms", "read_p99_ms", "load_avg_1m"]
     if as_json:
         click.echo(json.dumps({k: round(result[k], 3) for k in keys}))
         return
