@@ -463,6 +463,7 @@ class ShardStore:
                 for suffix in ("-wal", "-shm"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
                 os.replace(image, self.path)
+                fsync_dir(self.path.parent)  # the swap itself survives a power loss
             finally:
                 self._connect()  # the image, or the old file if the swap failed
             with self._transaction():
@@ -495,6 +496,14 @@ class ShardStore:
         self.set_meta(META_IS_PRIMARY, 0)
 
 
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def prepare_image(path: Path) -> int:
     """Turn a copied store file into a fresh replica's: drop the rows after the source's
     ``sync_lsn`` and its markers, set the bootstrap cursor there; returns that LSN."""
@@ -515,7 +524,12 @@ def prepare_image(path: Path) -> int:
     except sqlite3.Error as exc:
         raise StoreError(f"{path.name} is not a usable shard store: {exc}") from exc
     finally:
-        db.close()
+        db.close()  # the last connection: checkpoints the edits into the file
+    # Only the file is installed: edits left in a WAL beside it would be lost, and the image
+    # would keep the source's markers (its primary flag, its cursors).
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise StoreError(f"{path.name}: the image's edits were not checkpointed")
     return sync
 
 

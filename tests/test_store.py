@@ -230,3 +230,25 @@ def test_an_image_drops_rows_past_the_source_sync_point(tmp_path):
     with pytest.raises(StoreError):
         target.install_image(tmp_path / "junk")
     assert target.count() == 1
+
+
+def test_an_image_whose_edits_stay_in_a_wal_is_refused(tmp_path):
+    import shutil
+    import sqlite3
+
+    source = ShardStore(tmp_path / "source.sqlite3")
+    source.apply_forward([Row(b"a", b"1", 1)], sync_lsn=1)
+    source.mark_promoted()
+    image = source.open_image()
+    shutil.copyfile(image.path, tmp_path / "copy.sqlite3")
+    image.close()
+    # Another connection on the image keeps its WAL from being checkpointed and removed.
+    squatter = sqlite3.connect(str(tmp_path / "copy.sqlite3"))
+    squatter.execute("SELECT count(*) FROM rows").fetchone()
+    target = ShardStore(tmp_path / "target.sqlite3")
+    try:
+        with pytest.raises(StoreError, match="not checkpointed"):
+            target.install_image(tmp_path / "copy.sqlite3")
+    finally:
+        squatter.close()
+    assert target.count() == 0 and not target.was_primary(), "nothing of the image installed"
