@@ -1037,7 +1037,14 @@ class DataPlane:
             for address in route.catching_up
         ]
         done, _ = wait([*must, *best_effort], timeout=self.forward_timeout * 3)
-        return sorted(a for f, a in must.items() if f not in done or f.exception() is not None)
+        failed = []
+        for future, address in sorted(must.items(), key=lambda item: item[1]):
+            error = future.exception() if future in done else TimeoutError("no answer in time")
+            if error is not None:
+                log.warning("shard %s: forward to in-sync replica %s failed: %s",
+                            shard, address, error)
+                failed.append(address)
+        return failed
 
     def _forward_in_sync(
         self,

@@ -156,11 +156,12 @@ class _Inputs:
 def target_of(assignment: Assignment, address_of: Any) -> Target:
     """Pure: the state machine's target for one plan assignment (agent ids -> addresses)."""
     if assignment.role == ROLE_PRIMARY:
-        return Target(Role.PRIMARY)
+        return Target(Role.PRIMARY, since=assignment.since)
     return Target(
         Role.REPLICA,
         source=address_of(assignment.source) if assignment.source else None,
         primary=address_of(assignment.primary) if assignment.primary else None,
+        since=assignment.since,
     )
 
 

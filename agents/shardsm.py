@@ -78,6 +78,12 @@ class Target:
     role: Role
     source: str | None = None  # bootstrap source address; None: a new, empty shard
     primary: str | None = None  # the shard's primary address, for replicas to follow
+    # The primary's term (the plan generation that made it primary): the LSN generation
+    # and fence every agent uses for the shard. 0 (older plans): the plan's generation.
+    since: int = 0
+
+    def term(self, generation: int) -> int:
+        return self.since or generation
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,7 @@ class ShardRecord:
     lsn: int = 0  # LSN at the last copy completion, for status
     reason: str | None = None
     syncing: bool = False  # REPLICA only: repair or catch-up not finished (not in sync)
+    term: int = 0  # REPLICA only: the term of the primary it follows
 
 
 @dataclass(frozen=True)
@@ -319,9 +326,9 @@ class _Step:
         self.actions: list[Action] = []
         self.transitions: list[Transition] = []
         self.synced = False  # a replica finished syncing: report it, though no state changed
-        # Shards told to repair or catch up in this decision: a Synced or SyncFailed in the
-        # same batch answers an earlier request, not this one.
-        self.sync_issued: set[int] = set()
+        # Shards given new work in this decision: an event for one of them in the same batch
+        # answers earlier work (the shell starts this decision's only after it returns).
+        self.issued: set[int] = set()
 
     def record(self, shard: int) -> ShardRecord:
         return self.shards.get(shard, ShardRecord())
@@ -332,8 +339,8 @@ class _Step:
             self.transitions.append(Transition(shard, before, record.state))
         self.shards[shard] = record
         self.actions.extend(actions)
-        if any(isinstance(a, SYNC_ACTIONS) for a in actions):
-            self.sync_issued.add(shard)
+        if actions:
+            self.issued.add(shard)
 
     def bootstrapping(self) -> int:
         return sum(1 for r in self.shards.values() if r.state == ShardState.BOOTSTRAPPING)
@@ -413,7 +420,7 @@ def apply_event(
                 copy_failed(step, shard, f"source {event.address} lost", generation, limits)
         return
     record = step.shards.get(event.shard)
-    if record is None:
+    if record is None or event.shard in step.issued:
         return
     if isinstance(event, CopyDone) and record.state == ShardState.BOOTSTRAPPING:
         copy_done(step, event, targets.get(event.shard), generation)
@@ -431,9 +438,9 @@ def apply_event(
 
 
 def syncs(step: _Step, shard: int) -> bool:
-    """True for a replica whose repair or catch-up, requested in an earlier decision, runs."""
+    """True for a replica whose repair or catch-up runs."""
     record = step.record(shard)
-    return record.state == ShardState.REPLICA and record.syncing and shard not in step.sync_issued
+    return record.state == ShardState.REPLICA and record.syncing
 
 
 def sync_failed(
@@ -466,11 +473,13 @@ def copy_done(step: _Step, event: CopyDone, target: Target | None, generation: i
     if target is None:
         return  # the plan dropped the shard meanwhile; follow_target drops it
     record = replace(step.record(event.shard), lsn=event.lsn, attempts=0, reason=None)
+    term = target.term(generation)
     if target.role == Role.PRIMARY:
-        promoted = replace(record, state=ShardState.PRIMARY, generation=generation)
-        step.move(event.shard, promoted, Promote(event.shard, generation))
+        promoted = replace(record, state=ShardState.PRIMARY, generation=term)
+        step.move(event.shard, promoted, Promote(event.shard, term))
         return
-    online = replace(record, state=ShardState.REPLICA, primary=target.primary, syncing=True)
+    online = replace(record, state=ShardState.REPLICA, primary=target.primary, syncing=True,
+                     term=term)
     step.move(event.shard, online, BecomeReplica(event.shard, generation, target.primary))
 
 
@@ -506,21 +515,29 @@ def follow_target(step: _Step, shard: int, target: Target | None, generation: in
     elif state == ShardState.REPLICA:
         follow_as_replica(step, shard, record, target, generation)
     elif state == ShardState.PRIMARY and target.role == Role.REPLICA:
+        term = target.term(generation)
         demoted = replace(
-            record, state=ShardState.REPLICA, generation=generation, primary=target.primary,
-            source=target.source, syncing=True, attempts=0,
+            record, state=ShardState.REPLICA, generation=term, primary=target.primary,
+            source=target.source, syncing=True, attempts=0, term=term,
         )
-        step.move(shard, demoted, Demote(shard, generation, target.primary))
+        step.move(shard, demoted, Demote(shard, term, target.primary))
+    elif state == ShardState.PRIMARY and target.since and target.since != record.generation:
+        # Still primary, in a new term (a plan from before terms were stamped, or a
+        # re-election): number LSNs from it, so that replicas fenced at it accept ours.
+        promoted = replace(record, generation=target.since)
+        step.move(shard, promoted, Promote(shard, target.since))
 
 
 def open_empty(step: _Step, shard: int, target: Target, generation: int) -> None:
     """A shard with no source is new: it starts empty, no copy needed."""
+    term = target.term(generation)
     if target.role == Role.PRIMARY:
-        record = ShardRecord(state=ShardState.PRIMARY, generation=generation)
-        step.move(shard, record, Promote(shard, generation))
+        record = ShardRecord(state=ShardState.PRIMARY, generation=term)
+        step.move(shard, record, Promote(shard, term))
         return
     record = ShardRecord(
-        state=ShardState.REPLICA, generation=generation, primary=target.primary, syncing=True
+        state=ShardState.REPLICA, generation=generation, primary=target.primary, syncing=True,
+        term=term,
     )
     step.move(shard, record, BecomeReplica(shard, generation, target.primary))
 
@@ -545,15 +562,18 @@ def follow_new_source(
 def follow_as_replica(
     step: _Step, shard: int, record: ShardRecord, target: Target, generation: int
 ) -> None:
+    term = target.term(generation)
     if target.role == Role.PRIMARY:
-        promoted = replace(record, state=ShardState.PRIMARY, generation=generation,
+        promoted = replace(record, state=ShardState.PRIMARY, generation=term,
                            syncing=False, attempts=0)
-        step.move(shard, promoted, Promote(shard, generation))
-    elif target.primary is not None and target.primary != record.primary:
-        # The plan that names a new primary is the one that promoted it.
+        step.move(shard, promoted, Promote(shard, term))
+    elif target.primary is not None and (
+        target.primary != record.primary or (target.since and target.since != record.term)
+    ):
+        # A new primary, or a new term of the same one: fence at its term, then repair.
         followed = replace(record, primary=target.primary, source=target.source,
-                           syncing=True, attempts=0)
-        step.move(shard, followed, Repair(shard, target.primary, generation))
+                           syncing=True, attempts=0, term=term)
+        step.move(shard, followed, Repair(shard, target.primary, term))
     elif target.source is not None and target.source != record.source:
         # Listed as copying, though it holds the shard: it was away (or its source moved).
         rejoin = replace(record, source=target.source, syncing=True, attempts=0)

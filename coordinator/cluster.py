@@ -113,7 +113,11 @@ def read_plan(client: KazooClient, paths: Paths) -> PlanState:
             )
         for i, replicas in enumerate(chunk.replicas):
             shard = chunk.first + i
-            shards.append(ShardPlan(replicas, chunk.bootstrapping.get(shard, ())))
+            # The term is kept in the agents' assignments (the primary's carries it).
+            primary = agents.get(replicas[0]) if replicas else None
+            assignment = primary.replicas.get(shard) if primary else None
+            since = assignment.since if assignment else 0
+            shards.append(ShardPlan(replicas, chunk.bootstrapping.get(shard, ()), since))
             targets.append(chunk.targets.get(shard, replicas))
     return PlanState(meta=meta, agents=agents, shards=tuple(shards), targets=tuple(targets))
 

@@ -243,9 +243,12 @@ class Assignment:
 
     A primary learns its in-sync ``peers`` (which must ack every write) and the replicas
     ``catching_up`` (which receive forwarded writes while they copy). A replica learns its
-    ``primary`` and, while it must copy the shard, the ``source`` to copy from.
+    ``primary`` and, while it must copy the shard, the ``source`` to copy from. Both learn
+    ``since``, the primary's term: the plan generation that made it primary (0: unknown,
+    from a plan written before terms).
     Encoded compactly, since an agent may hold thousands of shards:
-    ``["P", [peers...], [catching_up...]]`` or ``["R", primary]`` / ``["R", primary, source]``.
+    ``["P", [peers...], [catching_up...], since]`` or ``["R", primary, since]`` /
+    ``["R", primary, since, source]`` (without ``since`` as written before terms).
     """
 
     role: str
@@ -253,22 +256,35 @@ class Assignment:
     source: str | None = None
     peers: tuple[str, ...] = ()
     catching_up: tuple[str, ...] = ()
+    since: int = 0
 
     def to_json(self) -> list[Any]:
         if self.role == ROLE_PRIMARY:
-            return ["P", list(self.peers), list(self.catching_up)]
-        return ["R", self.primary] + ([self.source] if self.source else [])
+            return ["P", list(self.peers), list(self.catching_up), self.since]
+        return ["R", self.primary, self.since] + ([self.source] if self.source else [])
 
     @classmethod
     def from_json(cls, path: str, shard: str, raw: Any) -> Assignment:
         bad = CorruptZnode(f"{path}: bad assignment for shard {shard}: {raw!r}")
         if not isinstance(raw, list) or not raw:
             raise bad
-        if raw[0] == "P" and len(raw) == 3 and all(isinstance(x, list) for x in raw[1:]):
-            return cls(ROLE_PRIMARY, peers=tuple(raw[1]), catching_up=tuple(raw[2]))
-        if raw[0] == "R" and len(raw) in (2, 3) and all(isinstance(x, str) for x in raw[1:]):
-            return cls(ROLE_REPLICA, primary=raw[1], source=raw[2] if len(raw) == 3 else None)
+        head, rest = raw[0], raw[1:]
+        since = 0
+        if head == "P" and len(rest) == 3 and _is_count(rest[2]):
+            rest, since = rest[:2], rest[2]
+        elif head == "R" and len(rest) in (2, 3) and _is_count(rest[1]):
+            rest, since = [rest[0], *rest[2:]], rest[1]
+        if head == "P" and len(rest) == 2 and all(isinstance(x, list) for x in rest):
+            return cls(ROLE_PRIMARY, peers=tuple(rest[0]), catching_up=tuple(rest[1]),
+                       since=since)
+        if head == "R" and len(rest) in (1, 2) and all(isinstance(x, str) for x in rest):
+            return cls(ROLE_REPLICA, primary=rest[0], source=rest[1] if len(rest) == 2 else None,
+                       since=since)
         raise bad
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from coordinator.layout import (
 )
 from coordinator.placement import place
 from coordinator.plan import PlanState, Write, batches, plan_writes
-from coordinator.reconcile import Throttle, next_step
+from coordinator.reconcile import Throttle, next_step, with_terms
 from coordinator.zk import ShardkeeperError, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,8 @@ class LeaderTerm:
             "waiting": sorted(waiting),
         }
         plan_changes, state = plan_writes(
-            self.paths, self.state, step.plan, tuple(target), live,
+            self.paths, self.state, with_terms(self.state.shards, step.plan, gen),
+            tuple(target), live,
             epoch=self.token, leader=self.leader_id, replicas=config.replicas,
             shortfall=placement.shortfall, now=time.time(), summary=summary,
         )

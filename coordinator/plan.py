@@ -59,13 +59,15 @@ def shard_assignments(shard: ShardPlan) -> dict[str, Assignment]:
     primary = shard.primary
     copying = tuple(a for a, _ in shard.bootstrapping)
     out: dict[str, Assignment] = {}
+    since = shard.since
     for i, agent in enumerate(shard.replicas):
         if i == 0:
-            out[agent] = Assignment(ROLE_PRIMARY, peers=shard.replicas[1:], catching_up=copying)
+            out[agent] = Assignment(ROLE_PRIMARY, peers=shard.replicas[1:], catching_up=copying,
+                                    since=since)
         else:
-            out[agent] = Assignment(ROLE_REPLICA, primary=primary)
+            out[agent] = Assignment(ROLE_REPLICA, primary=primary, since=since)
     for agent, source in shard.bootstrapping:
-        out[agent] = Assignment(ROLE_REPLICA, primary=primary, source=source)
+        out[agent] = Assignment(ROLE_REPLICA, primary=primary, source=source, since=since)
     return out
 
 

@@ -28,13 +28,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
 class ShardPlan:
     replicas: tuple[str, ...] = ()  # in sync, primary first
     bootstrapping: tuple[tuple[str, str], ...] = ()  # (agent, source agent)
+    # The primary's term: the plan generation that made it primary (see ``with_terms``).
+    since: int = 0
 
     @property
     def primary(self) -> str | None:
@@ -225,7 +227,7 @@ def next_step(
     plan = list(shards)
     for s, (in_sync, boot) in staged.items():
         in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync)
-        plan[s] = ShardPlan(tuple(in_sync), tuple(boot))
+        plan[s] = ShardPlan(tuple(in_sync), tuple(boot), shard.since)
     in_flight = sum(len(p.bootstrapping) for p in plan)
     return Step(
         plan=tuple(plan),
@@ -238,6 +240,30 @@ def next_step(
         unavailable=tuple(unavailable),
         in_flight=in_flight,
     )
+
+
+def with_terms(
+    previous: Sequence[ShardPlan], plan: Sequence[ShardPlan], generation: int
+) -> tuple[ShardPlan, ...]:
+    """Stamp each shard with its primary's term: ``generation`` where the primary changed
+    (or the shard is new), else the term it had.
+
+    The term is the shard's fencing generation (Kafka's leader epoch): the primary numbers
+    its LSNs from it and replicas refuse forwards from any lower one. It must be the same
+    number on every agent, so it comes from the plan, not from the generation at which
+    each agent happened to notice the change (agents skip plans they read late).
+    """
+    out = []
+    for s, shard in enumerate(plan):
+        before = previous[s] if s < len(previous) else ShardPlan()
+        if shard.primary is None:
+            since = 0
+        elif shard.primary == before.primary and before.since:
+            since = before.since
+        else:
+            since = generation
+        out.append(shard if shard.since == since else replace(shard, since=since))
+    return tuple(out)
 
 
 def converged(plan: Sequence[ShardPlan], target: Sequence[Sequence[str]]) -> bool:

@@ -53,6 +53,17 @@ def test_codecs_round_trip() -> None:
         },
     )
     assert AgentPlan.decode("p", plan.encode()) == plan
+    with_terms = AgentPlan(4, 2, {
+        0: Assignment("primary", peers=("a2",), since=3),
+        1: Assignment("replica", primary="a2", since=4),
+        2: Assignment("replica", primary="a2", source="a4", since=4),
+    })
+    assert AgentPlan.decode("p", with_terms.encode()) == with_terms
+    # Written before terms: decoded with term 0.
+    old = encode({"generation": 1, "epoch": 1, "replicas": {
+        "0": ["P", ["b"], []], "1": ["R", "b"], "2": ["R", "b", "c"]}})
+    assert [a.since for a in AgentPlan.decode("p", old).replicas.values()] == [0, 0, 0]
+    assert AgentPlan.decode("p", old).replicas[2].source == "c"
     meta = PlanMeta(4, 2, "c1", 64, 2, ("a1", "a2"), 1, 0, 1.5, {"in_flight": 3})
     assert PlanMeta.decode("p", meta.encode()) == meta
     chunk = RoutingChunk(4, ROUTING_CHUNK, (("a1", "a2"), ("a2",)),
@@ -91,6 +102,10 @@ def test_codecs_round_trip() -> None:
         (encode({"generation": 1, "epoch": 1, "replicas": {"1": "primary"}}), "bad assignment"),
         (encode({"generation": 1, "epoch": 1, "replicas": {"1": ["R"]}}), "bad assignment"),
         (encode({"generation": 1, "epoch": 1, "replicas": {"1": ["P", "a"]}}), "bad assignment"),
+        (encode({"generation": 1, "epoch": 1, "replicas": {"1": ["R", "a", True]}}),
+         "bad assignment"),
+        (encode({"generation": 1, "epoch": 1, "replicas": {"1": ["P", [], [], -1]}}),
+         "bad assignment"),
     ],
 )
 def test_corrupt_agent_plans_name_the_path_and_reason(data: bytes | None, reason: str) -> None:

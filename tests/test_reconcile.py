@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.reconcile import ShardPlan, Throttle, converged, next_step
+from coordinator.reconcile import ShardPlan, Throttle, converged, next_step, with_terms
 
 AGENTS = [f"a{i}" for i in range(8)]
 
@@ -181,3 +181,40 @@ def test_drain_never_costs_redundancy_when_there_is_no_room() -> None:
     # Lowering R lets it go.
     step = next_step(plan, [("a0",)], {"a0", "a1"}, set(), min_in_sync=1)
     assert step.plan[0] == ShardPlan(("a0",)) and step.dropped == 1
+
+
+def test_terms_change_with_the_primary_and_only_then() -> None:
+    before = (ShardPlan(("a", "b"), since=3), ShardPlan(("a", "b"), since=3), ShardPlan())
+    after = (ShardPlan(("a", "c")), ShardPlan(("b",)), ShardPlan(("c", "a")), ShardPlan(()))
+    stamped = with_terms(before, after, 7)
+    assert [p.since for p in stamped] == [3, 7, 7, 0]
+    assert [p.replicas for p in stamped] == [p.replicas for p in after]
+    # A plan from before terms (0) gets one at once.
+    assert with_terms((ShardPlan(("a",)),), (ShardPlan(("a",)),), 4)[0].since == 4
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32), shards=st.integers(1, 16), kills=st.integers(1, 3))
+def test_terms_only_grow_and_follow_every_primary_change(seed, shards, kills) -> None:
+    rnd = random.Random(seed)
+    live = set(AGENTS)
+    plan: tuple[ShardPlan, ...] = ()
+    generation = 0
+    for _ in range(kills + 1):
+        target = random_target(rnd, live, shards, 3)
+        for _ in range(60):
+            generation += 1
+            step = next_step(plan, target, live, caught_up_all(plan), Throttle(2, 8))
+            stamped = with_terms(plan, step.plan, generation)
+            for s, new in enumerate(stamped):
+                old = plan[s] if s < len(plan) else ShardPlan()
+                if new.primary is None:
+                    continue
+                if new.primary != old.primary:
+                    assert new.since == generation, (s, old, new)
+                else:
+                    assert new.since == old.since > 0, (s, old, new)
+            plan = stamped
+            if converged(plan, target):
+                break
+        live.discard(rnd.choice(sorted(live)))

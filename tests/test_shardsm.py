@@ -219,6 +219,36 @@ def test_failed_catch_up_retries_then_copies_afresh_unless_counted_in_sync():
     assert shard_actions(d) == [StartBootstrap(0, "a:1", 1)]
 
 
+def test_fences_use_the_primarys_term_even_when_plans_were_skipped():
+    d = connected(plan=Plan(1, {0: Target(R, primary="a:1", since=1), 1: Target(P, since=1)}))
+    d = reconcile(d.agent, events=[Synced(0, 0)])
+    # Generations 2-4 were never read: the primary changed at 4 (its term), read at 5.
+    d = reconcile(d.agent, plan=Plan(5, {0: Target(R, primary="b:1", since=4),
+                                         1: Target(R, primary="c:1", since=3)}))
+    assert shard_actions(d) == [Repair(0, "b:1", 4), Demote(1, 3, "c:1")]
+    assert d.agent.shards[1].generation == 3
+    d = reconcile(d.agent, events=[Synced(0, 0), Synced(1, 0)])
+    assert shard_actions(reconcile(d.agent, plan=Plan(6, {0: Target(R, primary="b:1", since=4),
+                                                         1: Target(R, primary="c:1", since=3)}))
+                         ) == []
+    # The same primary in a new term: fence at it and repair, as for a new primary.
+    d = reconcile(d.agent, plan=Plan(7, {0: Target(R, primary="b:1", since=7),
+                                         1: Target(P, since=7)}))
+    assert shard_actions(d) == [Repair(0, "b:1", 7), Promote(1, 7)]
+    assert d.agent.shards[1].generation == 7
+
+
+def test_a_primary_takes_a_new_term_from_the_plan():
+    d = connected(plan=Plan(3, {0: Target(P)}))
+    assert shard_actions(d) == [Promote(0, 3)], "no term in the plan: the plan's generation"
+    d = reconcile(d.agent, plan=Plan(4, {0: Target(P, since=4)}))
+    assert shard_actions(d) == [Promote(0, 4)]
+    assert shard_actions(reconcile(d.agent, plan=Plan(5, {0: Target(P, since=4)}))) == []
+    new = connected(plan=Plan(9, {0: Target(P, since=2), 1: Target(R, primary="a:1", since=5)}))
+    assert shard_actions(new) == [Promote(0, 2), BecomeReplica(1, 9, "a:1")]
+    assert new.agent.shards[1].term == 5
+
+
 # -- properties --------------------------------------------------------------------------
 
 SHARDS = range(5)
@@ -229,6 +259,7 @@ targets = st.builds(
     role=st.sampled_from([P, R]),
     source=st.sampled_from([None, *ADDRESSES]),
     primary=st.sampled_from([None, *ADDRESSES]),
+    since=st.integers(0, 8),
 )
 plans = st.builds(
     Plan,
@@ -361,3 +392,22 @@ def test_a_replica_counts_in_sync_only_after_its_handler_synced_it(history, limi
             target = plan.targets.get(shard)
             if record.state == S.REPLICA and target is not None and target.source is not None:
                 assert record.syncing or clean.get(shard), (shard, record)
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories, limit_sets)
+def test_promotions_and_fences_follow_the_plans_term(history, limits):
+    """A primary numbers its LSNs from, and a replica fences at, the term the plan gives
+    (the plan's generation where it gives none), whatever plans the agent skipped."""
+    for _before, (_plan, _evs, _session), decision in run(history, limits):
+        plan = decision.agent.plan
+        for action in decision.actions:
+            if not isinstance(action, Promote | Repair | Demote):
+                continue
+            target = plan.targets[action.shard]
+            assert action.generation == (target.since or plan.generation), (action, target)
+            record = decision.agent.shards[action.shard]
+            if isinstance(action, Promote):
+                assert record.generation == action.generation
+            else:
+                assert record.term == action.generation

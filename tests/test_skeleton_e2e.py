@@ -105,10 +105,19 @@ def test_sigkill_leader_fails_over_and_old_epoch_is_fenced(cluster: Cluster) -> 
     standby = ({"coord-1", "coord-2"} - {leader}).pop()
     wait_for(lambda: cluster.leader() == standby and cluster.epoch() > old_epoch, timeout=10,
              message="standby leads with a bumped epoch")
+    terms = [(p.primary, p.since) for p in cluster.plan().shards]
+    assert all(since > 0 for _, since in terms), "every shard's primary has a term"
     # The new leader plans: stop an agent and see a generation it wrote.
     cluster.procs["agent-3"].kill()
     wait_for(lambda: cluster.plan().meta.members == ("agent-1", "agent-2"), timeout=10)
     meta = cluster.plan().meta
+    # It read the terms back: shards that kept their primary kept their term, and the
+    # others' term is the generation that replaced their primary.
+    for (primary, since), now in zip(terms, cluster.plan().shards, strict=True):
+        if now.primary == primary:
+            assert now.since == since
+        else:
+            assert old_generation < now.since <= meta.generation
     assert meta.leader == standby and meta.epoch == cluster.epoch()
     assert meta.generation > old_generation
     # A write fenced with the deposed leader's epoch version fails as a whole.
