@@ -469,6 +469,43 @@ def test_replica_back_from_a_lost_session_catches_up_before_it_counts(cluster) -
     assert_all_readable(kv, missed)
 
 
+def test_replica_that_skipped_plans_fences_at_the_primarys_term(cluster) -> None:
+    """A replica frozen (within its session) while the primary fails over and the plan
+    moves on reads only the latest plan: it must fence at the new primary's term, not at
+    the generation it read, or it refuses every forward and the shard takes no writes."""
+    cluster.init(8, 3)
+    cluster.start_coordinator("coord-1", session_timeout=SESSION)
+    for name in ("agent-1", "agent-2"):
+        cluster.start_agent(name, session_timeout=SESSION)
+    cluster.start_agent("agent-3", session_timeout=30.0)  # outlives its freeze
+    agents = {"agent-1", "agent-2", "agent-3"}
+    wait_for(lambda: cluster.converged(agents), timeout=30, message="initial convergence")
+    kv = DataClient(cluster.client, cluster.paths, deadline=20.0)
+    # A shard that agent-3 follows last: the failover promotes the other survivor.
+    shard = next(s for s, r in enumerate(cluster.plan().routing) if r[2] == "agent-3")
+    old_primary, new_primary, _ = cluster.plan().routing[shard]
+    key = next(k for k in (f"term-{i}".encode() for i in range(10**6)) if kv.shard_of(k) == shard)
+    kv.put(key, b"before")
+    term_before = cluster.plan().shards[shard].since
+    freeze(cluster, "agent-3")
+    cluster.procs[old_primary].kill()
+    wait_for(lambda: primary_of(cluster, shard) == new_primary, timeout=30,
+             message=f"shard {shard} fails over to {new_primary}")
+    failover = cluster.plan().generation
+    # More plans that change agent-3's assignment, while it cannot read them.
+    cluster.start_agent("agent-4", session_timeout=SESSION)
+    wait_for(lambda: cluster.plan().agents["agent-3"].generation > failover, timeout=30,
+             message="agent-3's plan changes again after the failover")
+    term = cluster.plan().shards[shard].since
+    assert term_before < term <= failover
+    cluster.procs["agent-3"].cont()
+    live = {"agent-3", "agent-4", new_primary}
+    wait_for(lambda: cluster.converged(live), timeout=60, message="the cluster settles")
+    kv.put(key, b"after")  # forwarded to every in-sync replica, agent-3 included if held
+    assert kv.get(key) == b"after"
+    assert "every replica's digest is equal" in cli_ok(cluster, "verify")
+
+
 def test_agent_start_survives_a_connection_loss(cluster, monkeypatch, tmp_path) -> None:
     from kazoo.exceptions import ConnectionLoss
 
