@@ -374,7 +374,7 @@ def reconcile(
     forget_idle(step, targets)
     prune_superseded_copies(step)
     step.actions.extend(unfence_actions)
-    if step.transitions or step.synced or generation != agent.applied_generation:
+    if worth_reporting(step) or step.synced or generation != agent.applied_generation:
         step.actions.append(status_report(step.shards, generation))
     new_agent = AgentState(shards=step.shards, plan=applied, session=session)
     return Decision(new_agent, tuple(step.actions), tuple(step.transitions))
@@ -636,6 +636,16 @@ def forget_idle(step: _Step, targets: Mapping[int, Target]) -> None:
     for shard in [s for s, r in step.shards.items() if r.state == ShardState.OFFLINE]:
         if shard not in targets:
             del step.shards[shard]
+
+
+def worth_reporting(step: _Step) -> bool:
+    """A state change the leader can act on. A shard that became a replica still syncing is
+    not one (the leader does not count it yet): its report waits for Synced, which halves
+    the status writes while shards copy, each of them a whole status znode."""
+    return any(
+        not (t.after == ShardState.REPLICA and step.record(t.shard).syncing)
+        for t in step.transitions
+    )
 
 
 def status_report(shards: Mapping[int, ShardRecord], generation: int) -> ReportStatus:

@@ -463,7 +463,6 @@ class ShardStore:
                 for suffix in ("-wal", "-shm"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
                 os.replace(image, self.path)
-                fsync_dir(self.path.parent)  # the swap itself survives a power loss
             finally:
                 self._connect()  # the image, or the old file if the swap failed
             with self._transaction():
@@ -494,14 +493,6 @@ class ShardStore:
 
     def mark_demoted(self) -> None:
         self.set_meta(META_IS_PRIMARY, 0)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prepare_image(path: Path) -> int:
