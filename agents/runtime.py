@@ -68,6 +68,7 @@ from agents import shardsm
 from agents.dataplane import DataPlane, PeerClient, ShardRoute, ShardTable
 from agents.handler import KVShardHandler, ShardHandler, perform
 from agents.shardsm import (
+    SYNC_ACTIONS,
     Action,
     AgentState,
     BecomeReplica,
@@ -114,7 +115,6 @@ RETRY_DELAY = 0.2  # before re-trying a failed ZooKeeper read or status write
 # agent that restarts at a new address without a plan change is found this way).
 REFRESH_SECONDS = 5.0
 HANDLER_RETRY_SECONDS = 30.0  # a repair or promotion keeps trying this long, then logs
-SYNC_ACTIONS = shardsm.SYNC_ACTIONS
 # ZooKeeper errors that a new attempt on the same client may not meet again.
 ZK_TRANSIENT = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
 
