@@ -6,7 +6,7 @@
         kv.put(b"user:1", b"alice")
         kv.get(b"user:1")            # b"alice"; None when absent
 
-Routing: a key maps to a shard with ``placement.shard_for_key`` (xxhash64 ring); the shard's
+Routing: a key maps to a shard with ``shardkeeper.ring.shard_for_key`` (xxhash64 ring); the shard's
 in-sync replicas, primary first, come from ``plan/routing``; agent ids become data-plane
 addresses through ``members/<id>``. The table is read once and cached; a ZooKeeper watch on
 ``plan/meta`` (the plan's commit point) marks it stale, and it is read again on next use.
@@ -43,8 +43,8 @@ from tenacity import (
 from agents.dataplane import NotPrimary, PeerClient, PeerError, PeerUnavailable, ShardInfo
 from coordinator import cluster as clusterstate
 from coordinator.layout import Paths, RoutingChunk
-from coordinator.placement import shard_for_key
 from coordinator.zk import ShardkeeperError, close, connect
+from shardkeeper.ring import shard_for_key
 
 T = TypeVar("T")
 TOKEN_ENV = "SHARDKEEPER_TOKEN"

@@ -3,7 +3,7 @@
 Pure code (plain data in, plain data out): no I/O, no clock, no ZooKeeper. The next plan
 is a deterministic function of (previous plan, members, shards, replicas).
 
-- Keys map to shards with :func:`shard_for_key`: xxhash64 onto S equal token ranges.
+- Keys map to shards in :mod:`shardkeeper.ring` (xxhash64 onto S equal token ranges).
 - Shards map to agents with :func:`place`: a new cluster is seeded from a hash; afterwards
   every valid replica stays where it is, orphaned replicas go to the agents furthest below
   their weighted fair share, and over- and under-loaded agents are levelled with as few
@@ -44,7 +44,7 @@ from operator import and_, eq, itemgetter, not_
 
 import xxhash
 
-__all__ = ["Member", "Placement", "fair_shares", "place", "shard_for_key"]
+__all__ = ["Member", "Placement", "fair_shares", "place"]
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,6 @@ class Placement:
     shortfall: int  # replicas that could not be placed (R > eligible agents)
     moves: int = 0  # replicas on an agent that did not hold that shard in `previous`
     primary_changes: int = 0  # shards whose primary differs from `previous` (if it had one)
-
-
-def shard_for_key(key: bytes | str, shards: int) -> int:
-    """The shard owning ``key``: xxhash64 onto ``shards`` equal ranges of the 64-bit space."""
-    if shards < 1:
-        raise ValueError(f"shards must be >= 1, got {shards}")
-    data = key.encode() if isinstance(key, str) else bytes(key)
-    return (xxhash.xxh64_intdigest(data) * shards) >> 64
 
 
 # ---------------------------------------------------------------------------------------

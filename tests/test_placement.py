@@ -14,11 +14,10 @@ from collections import Counter
 from fractions import Fraction
 
 import pytest
-import xxhash
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from coordinator.placement import Member, Placement, fair_shares, place, shard_for_key
+from coordinator.placement import Member, Placement, fair_shares, place
 
 # PLACEMENT_SOAK=20 runs twenty times the examples (a longer hunt for counterexamples).
 SOAK = int(os.environ.get("PLACEMENT_SOAK", "1"))
@@ -403,17 +402,6 @@ def test_replicas_beyond_the_agents_are_a_reported_shortfall(n, replicas, shards
     assert p.shortfall == shards * max(0, replicas - n)
 
 
-@FAST
-@given(st.binary(max_size=40) | st.text(max_size=20), st.integers(1, 1 << 20))
-def test_shard_for_key_is_the_token_range_of_xxhash64(key, shards):
-    s = shard_for_key(key, shards)
-    assert 0 <= s < shards
-    data = key.encode() if isinstance(key, str) else key
-    h = xxhash.xxh64_intdigest(data)
-    assert s * (1 << 64) <= h * shards < (s + 1) * (1 << 64)
-    assert shard_for_key(key, shards) == s
-
-
 @MORE
 @given(clusters(), st.integers(1, 40), st.integers(1, 4), st.booleans(), st.data())
 def test_any_previous_plan_is_repaired(members, shards, replicas, fixed_length, data):
@@ -485,17 +473,6 @@ def test_levelling_chain_may_pass_through_one_shard_twice():
     p = balanced_cluster(members, 11, 4)
     rest = [m for m in members if m.id != "agent-01"]
     check_plan(place(p.replicas, rest, 11, 4), rest, 11, 4)
-
-
-def test_shard_for_key_known_values():
-    # Pinned: changing these would re-route every key of every running cluster.
-    assert shard_for_key(b"", 4096) == xxhash.xxh64_intdigest(b"") * 4096 >> 64
-    assert [shard_for_key(k, 16) for k in ("user:1", "user:2", "user:3")] == [
-        xxhash.xxh64_intdigest(k.encode()) * 16 >> 64 for k in ("user:1", "user:2", "user:3")
-    ]
-    assert shard_for_key("é", 7) == shard_for_key("é".encode(), 7)
-    with pytest.raises(ValueError):
-        shard_for_key(b"k", 0)
 
 
 def test_three_zones_never_share_a_shard_and_balance_within_each_zone():
