@@ -2,6 +2,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY shardkeeper ./shardkeeper
 COPY coordinator ./coordinator
 COPY agents ./agents
 RUN pip install --no-cache-dir .

@@ -35,7 +35,6 @@ Other agents are known by id in the plan; their data-plane addresses are read fr
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -80,33 +79,23 @@ from agents.shardsm import (
     Promote,
     Repair,
     ReportStatus,
-    Role,
     Session,
     SetServing,
     SetWritable,
-    ShardState,
     StartBootstrap,
     StartDrop,
     SyncFailed,
     Target,
 )
 from agents.store import StoreSet
-from coordinator.layout import (
-    ROLE_PRIMARY,
-    AgentPlan,
-    AgentStatus,
-    Assignment,
-    CorruptZnode,
-    MemberInfo,
-    Paths,
-    ShardStatus,
-)
-from coordinator.zk import ShardkeeperError, ZkUnavailable, close, connect, ensure_layout
+from shardkeeper.layout import AgentPlan, AgentStatus, Assignment, MemberInfo, Paths, ShardStatus
+from shardkeeper.token import NoToken, no_token_message, read_token
+from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError, ShardState
+from shardkeeper.zk import ZkUnavailable, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
 VERSION = "0.2.0"
 
-TOKEN_ENV = "SHARDKEEPER_TOKEN"
 # An address that refuses connections at once: stands in for a member whose znode is gone,
 # so that a copy from it fails (and is retried) instead of looking like a new, empty shard.
 UNREACHABLE = "127.0.0.1:1"
@@ -126,10 +115,6 @@ _SESSIONS = {
 
 
 class StillRegistered(ShardkeeperError):
-    pass
-
-
-class NoToken(ShardkeeperError):
     pass
 
 
@@ -155,7 +140,7 @@ class _Inputs:
 
 def target_of(assignment: Assignment, address_of: Any) -> Target:
     """Pure: the state machine's target for one plan assignment (agent ids -> addresses)."""
-    if assignment.role == ROLE_PRIMARY:
+    if assignment.role == Role.PRIMARY:
         return Target(Role.PRIMARY, since=assignment.since)
     return Target(
         Role.REPLICA,
@@ -259,23 +244,19 @@ class Agent:
             self.plane.set_token(token)
 
     def read_token(self) -> str:
-        """SHARDKEEPER_TOKEN, else the cluster's token znode (waits for `init` to create it)."""
-        if os.environ.get(TOKEN_ENV):
-            return os.environ[TOKEN_ENV]
+        """The cluster token; waits (woken by a watch) for `shardkeeper init` to create it."""
         created = threading.Event()
         warned = False
         while not self.stop_event.is_set():
-            if self.client.exists(self.paths.token, watch=lambda _e: created.set()):
-                data, _ = self.client.get(self.paths.token)
-                if data:
-                    return data.decode()
+            token = read_token(self.client, self.paths, watch=lambda _e: created.set())
+            if token is not None:
+                return token
             if not warned:
-                log.warning("cluster %r has no token yet: run `shardkeeper init` or set %s",
-                            self.paths.cluster, TOKEN_ENV)
+                log.warning("%s; waiting", no_token_message(self.paths))
                 warned = True
             created.wait(1.0)
             created.clear()
-        raise NoToken(f"cluster {self.paths.cluster!r} has no token")
+        raise NoToken(no_token_message(self.paths))
 
     # -- ZooKeeper callbacks: never block, hand work to the main loop -------------------
     def _on_state(self, state: str) -> None:
@@ -691,7 +672,7 @@ class Agent:
         if served == ShardState.PRIMARY:
             peers: tuple[str, ...] = ()
             copying: tuple[str, ...] = ()
-            if assignment is not None and assignment.role == ROLE_PRIMARY:
+            if assignment is not None and assignment.role == Role.PRIMARY:
                 peers = tuple(self.address_of(a) for a in assignment.peers)
                 copying = tuple(self.address_of(a) for a in assignment.catching_up)
             return ShardRoute(ShardState.PRIMARY, record.generation, self.address, fence,

@@ -32,19 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-
-class ShardState(StrEnum):
-    OFFLINE = "OFFLINE"
-    BOOTSTRAPPING = "BOOTSTRAPPING"
-    REPLICA = "REPLICA"
-    PRIMARY = "PRIMARY"
-    DROPPING = "DROPPING"
-    ERROR = "ERROR"
-
-
-class Role(StrEnum):
-    PRIMARY = "primary"
-    REPLICA = "replica"
+from shardkeeper.vocab import Role, ShardState
 
 
 class Session(StrEnum):

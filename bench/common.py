@@ -32,13 +32,13 @@ from typing import IO, Any, TypeVar
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
-from agents.shardsm import ShardState
-from coordinator import cluster as clusterstate
-from coordinator.layout import AgentStatus, CorruptZnode, Paths, PlanMeta
-from coordinator.poll import poll_until
-from coordinator.process import cli_command
-from coordinator.summary import under_replicated
-from coordinator.zkserver import MAIN_CLASS, ZK_CONF_DIR, ZkServer, find_zookeeper, free_port
+from shardkeeper import cluster as clusterstate
+from shardkeeper.dev.zkserver import MAIN_CLASS, ZK_CONF_DIR, ZkServer, find_zookeeper, free_port
+from shardkeeper.layout import AgentStatus, Paths, PlanMeta
+from shardkeeper.poll import poll_until
+from shardkeeper.process import cli_command
+from shardkeeper.summary import under_replicated
+from shardkeeper.vocab import CorruptZnode, ShardState
 
 T = TypeVar("T")
 
@@ -97,11 +97,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll ``condition`` until it returns something truthy; BenchTimeout names ``what``."""
-    return poll_until(condition, timeout, what, interval=interval, error=BenchTimeout)
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (0 once it is gone)."""
     try:
@@ -131,7 +126,7 @@ def wait_idle(
         time.sleep(window)
         return sum(cpu_seconds(p) for p in watched) - before < busy * window
 
-    wait_until(idle, timeout, what, interval=0.0)
+    poll_until(idle, timeout, what, interval=0.0, error=BenchTimeout)
 
 
 # -- processes and ZooKeeper -------------------------------------------------------------
@@ -211,7 +206,7 @@ class Processes:
 
 @dataclass
 class BenchZooKeeper(ZkServer):
-    """coordinator.zkserver's server with a chosen heap and the die-with-parent wrapper."""
+    """shardkeeper.dev.zkserver's server with a chosen heap and the die-with-parent wrapper."""
 
     heap_mb: int = 256
 

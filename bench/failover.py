@@ -41,7 +41,6 @@ from typing import Any
 import click
 from kazoo.client import KazooClient
 
-from agents.runtime import TOKEN_ENV
 from bench.common import (
     BenchTimeout,
     ClusterWatch,
@@ -58,14 +57,15 @@ from bench.common import (
     table,
     unsettled,
     wait_idle,
-    wait_until,
     workspace,
 )
-from coordinator import admin
-from coordinator import cluster as clusterstate
-from coordinator.layout import MoveRequest, Paths
-from coordinator.plan import Routing
-from coordinator.zk import close, connect, ensure_layout
+from shardkeeper import admin
+from shardkeeper import cluster as clusterstate
+from shardkeeper.layout import MoveRequest, Paths
+from shardkeeper.plan import Targets
+from shardkeeper.poll import poll_until
+from shardkeeper.token import TOKEN_ENV
+from shardkeeper.zk import close, connect, ensure_layout
 
 CLUSTER = "bench"
 CANDIDATES = ("c1", "c2")
@@ -104,7 +104,7 @@ def progress(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} +{elapsed:4.0f}s {message}", file=sys.stderr, flush=True)
 
 
-def moved_fraction(before: Routing, after: Routing) -> float:
+def moved_fraction(before: Targets, after: Targets) -> float:
     """Fraction of the replicas of ``before`` that are no longer on the same agent."""
     total = sum(len(row) for row in before)
     moved = sum(len(set(b) - set(a)) for b, a in zip(before, after, strict=True))
@@ -219,7 +219,7 @@ class Fleet:
             return not reason
 
         try:
-            wait_until(done, self.opts.settle_timeout, what, interval=0.1)
+            poll_until(done, self.opts.settle_timeout, what, interval=0.1, error=BenchTimeout)
         except BenchTimeout as e:
             raise BenchTimeout(f"{e} ({reason})") from None
         wait_idle(
@@ -259,10 +259,11 @@ def start_fleet(fleet: Fleet) -> None:
     for first in range(0, opts.agents, STARTUP_BATCH):
         for _ in range(first, min(first + STARTUP_BATCH, opts.agents)):
             fleet.start_agent()
-        wait_until(
+        poll_until(
             lambda: fleet.check() or fleet.watch.members >= fleet.agents,
             opts.settle_timeout,
             f"{len(fleet.agents)} agents to register",
+            error=BenchTimeout,
         )
     # Config last: the first plan then seeds all agents at once instead of copying shards,
     # throttled, to each agent that registers after the first.
@@ -397,10 +398,11 @@ def leader_kill(fleet: Fleet, rng: random.Random) -> LeaderKill:
         first = watch.first_meta(mark, lambda m: m.epoch > old_epoch)
     assert first is not None
     fleet.start_candidate(leader)
-    wait_until(
+    poll_until(
         lambda: fleet.check() or len(fleet.contenders()) == len(CANDIDATES),
         fleet.opts.event_timeout,
         f"{leader} to rejoin as a standby",
+        error=BenchTimeout,
     )
     fleet.wait_settled("the cluster to settle after the move")
     return LeaderKill(

@@ -40,6 +40,7 @@ import click
 from kazoo.client import KazooClient
 
 from bench.common import (
+    BenchTimeout,
     ClusterWatch,
     MetaSeen,
     Workspace,
@@ -49,22 +50,15 @@ from bench.common import (
     rounded,
     table,
     wait_idle,
-    wait_until,
     walk,
     workspace,
 )
-from coordinator import cluster as clusterstate
-from coordinator.config import ClusterConfig
-from coordinator.layout import (
-    ROLE_PRIMARY,
-    AgentPlan,
-    AgentStatus,
-    MemberInfo,
-    Paths,
-    RoutingChunk,
-    ShardStatus,
-)
-from coordinator.zk import close, connect, ensure_layout
+from shardkeeper import cluster as clusterstate
+from shardkeeper.config import ClusterConfig
+from shardkeeper.layout import AgentPlan, AgentStatus, MemberInfo, Paths, RoutingChunk, ShardStatus
+from shardkeeper.poll import poll_until
+from shardkeeper.vocab import Role
+from shardkeeper.zk import close, connect, ensure_layout
 
 CLUSTER = "scale"
 CANDIDATE = "c1"
@@ -114,7 +108,7 @@ class SimulatedAgents:
         for agent in self.ids:
             plan = plans.get(agent, AgentPlan(generation=0, epoch=0))
             shards = {
-                s: ShardStatus("PRIMARY" if a.role == ROLE_PRIMARY else "REPLICA")
+                s: ShardStatus("PRIMARY" if a.role == Role.PRIMARY else "REPLICA")
                 for s, a in plan.replicas.items()
             }
             status = AgentStatus(agent, plan.generation, shards)
@@ -345,7 +339,7 @@ def run(opts: dict[str, Any], keep: bool) -> tuple[dict[str, Any], str]:
                 f" in {time.time() - t:.2f}s"
             )
             leader.start()
-            wait_until(lambda: watch.epochs, 60, "the coordinator to lead")
+            poll_until(lambda: watch.epochs, 60, "the coordinator to lead", error=BenchTimeout)
             leader.wait_idle()
 
             mark = len(watch.metas)

@@ -30,11 +30,14 @@ from kazoo.exceptions import (
     SessionExpiredError,
 )
 
-from coordinator import cluster, policy
-from coordinator.config import ClusterConfig
-from coordinator.layout import (
+from coordinator import policy
+from coordinator.placement import place
+from coordinator.reconcile import Throttle, next_step, with_terms
+from coordinator.writes import PlanState, Write, batches, plan_writes
+from shardkeeper import cluster
+from shardkeeper.config import ClusterConfig
+from shardkeeper.layout import (
     AgentStatus,
-    CorruptZnode,
     Event,
     Maintenance,
     MemberInfo,
@@ -43,10 +46,8 @@ from coordinator.layout import (
     encode_epoch,
     encode_events,
 )
-from coordinator.placement import place
-from coordinator.plan import PlanState, Write, batches, plan_writes
-from coordinator.reconcile import Throttle, next_step, with_terms
-from coordinator.zk import ShardkeeperError, close, connect, ensure_layout
+from shardkeeper.vocab import CorruptZnode, ShardkeeperError
+from shardkeeper.zk import close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
 

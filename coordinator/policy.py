@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from coordinator.config import ClusterConfig
-from coordinator.layout import Maintenance, MemberInfo, MoveRequest
 from coordinator.placement import Member
+from shardkeeper.config import ClusterConfig
+from shardkeeper.layout import Maintenance, MemberInfo, MoveRequest
 
 
 def track_departures(

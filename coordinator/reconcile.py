@@ -30,24 +30,7 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
-
-@dataclass(frozen=True)
-class ShardPlan:
-    replicas: tuple[str, ...] = ()  # in sync, primary first
-    bootstrapping: tuple[tuple[str, str], ...] = ()  # (agent, source agent)
-    # The primary's term: the plan generation that made it primary (see ``with_terms``).
-    since: int = 0
-
-    @property
-    def primary(self) -> str | None:
-        return self.replicas[0] if self.replicas else None
-
-    @property
-    def holders(self) -> tuple[str, ...]:
-        return self.replicas + tuple(a for a, _ in self.bootstrapping)
-
-
-Plan = tuple[ShardPlan, ...]
+from shardkeeper.plan import ShardPlan
 
 
 @dataclass(frozen=True)
@@ -59,7 +42,7 @@ class Throttle:
 
 @dataclass(frozen=True)
 class Step:
-    plan: Plan
+    plan: tuple[ShardPlan, ...]
     started: int = 0  # copies started in this step
     joined: int = 0  # copies that finished and joined the in-sync set
     dropped: int = 0  # replicas removed after their replacement joined

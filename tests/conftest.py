@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.zkserver import ZkServer, connect_string, ensemble, standalone
+from shardkeeper.dev.zkserver import ZkServer, connect_string, ensemble, standalone
 from tests.harness import Cluster
 
 

@@ -6,27 +6,18 @@ import contextlib
 import signal
 import subprocess
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from kazoo.client import KazooClient
 
-from coordinator import cluster as clusterstate
-from coordinator.layout import Paths
-from coordinator.poll import poll_until
-from coordinator.process import cli_command, spawn
-from coordinator.zk import close, connect
-from coordinator.zkserver import free_port
+from shardkeeper import cluster as clusterstate
+from shardkeeper.dev.zkserver import free_port
+from shardkeeper.layout import Paths
+from shardkeeper.process import cli_command, spawn
+from shardkeeper.zk import close, connect
 
 T = TypeVar("T")
-
-
-def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
-             message: str = "") -> T:
-    """Poll until ``condition()`` is truthy; fail the test with ``message`` after ``timeout``."""
-    return poll_until(condition, timeout, message or repr(condition), interval=interval,
-                      error=AssertionError)
 
 
 class RoleProcess:

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from coordinator.zkserver import free_port
-from tests.harness import Cluster, wait_for
+from shardkeeper.dev.zkserver import free_port
+from shardkeeper.poll import poll_until
+from tests.harness import Cluster
 
 
 def one_line_error(r) -> str:
@@ -49,7 +50,7 @@ def test_unreachable_zookeeper_is_one_clear_line(tmp_path) -> None:
 def test_bad_cluster_name_is_a_usage_error(cluster: Cluster) -> None:
     import subprocess
 
-    from coordinator.process import cli_command
+    from shardkeeper.process import cli_command
 
     r = subprocess.run(cli_command("status", "--zk", cluster.hosts, "--cluster", "../etc"),
                        capture_output=True, text=True)
@@ -61,7 +62,7 @@ def test_env_vars_select_zookeeper_and_cluster(cluster: Cluster) -> None:
     import os
     import subprocess
 
-    from coordinator.process import cli_command
+    from shardkeeper.process import cli_command
 
     cluster.init(4, 1)
     env = dict(os.environ, SHARDKEEPER_ZK=cluster.hosts, SHARDKEEPER_CLUSTER=cluster.name)
@@ -75,7 +76,8 @@ def test_status_and_shards_show_the_running_cluster(cluster: Cluster) -> None:
     cluster.start_coordinator("coord-1")
     for a in ("agent-1", "agent-2", "agent-3"):
         cluster.start_agent(a, zone=f"z{a[-1]}")
-    wait_for(lambda: cluster.converged({"agent-1", "agent-2", "agent-3"}), timeout=15)
+    poll_until(lambda: cluster.converged({"agent-1", "agent-2", "agent-3"}), 15,
+        "cluster.converged({'agent-1', 'agent-2', 'agent-3'})")
     s = json.loads(cluster.cli("status", "--json").stdout)
     for key in ("leader", "epoch", "generation", "shards", "replicas", "members",
                 "under_replicated", "balance"):
@@ -99,7 +101,7 @@ def test_status_and_shards_show_the_running_cluster(cluster: Cluster) -> None:
 def test_help_lists_every_command() -> None:
     import subprocess
 
-    from coordinator.process import cli_command
+    from shardkeeper.process import cli_command
 
     r = subprocess.run(cli_command("--help"), capture_output=True, text=True)
     for command in ("init", "status", "shards", "agent", "coordinator", "dev"):

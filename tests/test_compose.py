@@ -10,7 +10,7 @@ import click
 import pytest
 import yaml
 
-from coordinator.cli import main
+from shardkeeper.cli import main
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import threading
 
-from coordinator import cluster as clusterstate
-from coordinator.layout import HOLDING_STATES, Paths
-from coordinator.process import cli_command
-from coordinator.zk import close, connect
-from tests.harness import Cluster, RoleProcess, wait_for
+from shardkeeper import cluster as clusterstate
+from shardkeeper.layout import Paths
+from shardkeeper.poll import poll_until
+from shardkeeper.process import cli_command
+from shardkeeper.vocab import HOLDING
+from shardkeeper.zk import close, connect
+from tests.harness import Cluster, RoleProcess
 
 
 def start(c: Cluster, agents: int, shards: int = 32, replicas: int = 2,
@@ -21,7 +23,7 @@ def start(c: Cluster, agents: int, shards: int = 32, replicas: int = 2,
     names = {f"agent-{i}" for i in range(1, agents + 1)}
     for name in sorted(names):
         c.start_agent(name, session_timeout=timeout)
-    wait_for(lambda: c.converged(names), timeout=20, message="initial convergence")
+    poll_until(lambda: c.converged(names), 20, "initial convergence")
     return names
 
 
@@ -62,7 +64,7 @@ class History:
             for agent, status in statuses.items():
                 if agent in members:
                     for shard, st in status.shards.items():
-                        held[shard] = held.get(shard, 0) + (st.state in HOLDING_STATES)
+                        held[shard] = held.get(shard, 0) + (st.state in HOLDING)
             for shard, replicas in enumerate(plan.routing):
                 self.min_in_sync[shard] = min(self.min_in_sync.get(shard, 99), len(replicas))
                 self.min_held[shard] = min(self.min_held.get(shard, 99), held.get(shard, 0))
@@ -84,8 +86,8 @@ def test_drain_moves_everything_off_without_an_under_replicated_moment(cluster: 
         assert held_before > 0
         r = cluster.cli("drain", "agent-4")
         assert r.returncode == 0 and "draining" in r.stdout
-        wait_for(lambda: "drain-done" in event_kinds(cluster), timeout=30, message="drain done")
-        wait_for(lambda: cluster.converged(agents), timeout=10)
+        poll_until(lambda: "drain-done" in event_kinds(cluster), 30, "drain done")
+        poll_until(lambda: cluster.converged(agents), 10, 'cluster.converged(agents)')
     finally:
         history.close()
     assert history.samples > 10
@@ -97,7 +99,8 @@ def test_drain_moves_everything_off_without_an_under_replicated_moment(cluster: 
     assert row["state"] == "drained" and row["replicas"] == 0
     # undrain: the agent receives replicas again.
     assert cluster.cli("undrain", "agent-4").returncode == 0
-    wait_for(lambda: any("agent-4" in r for r in cluster.plan().routing), timeout=15)
+    poll_until(lambda: any("agent-4" in r for r in cluster.plan().routing), 15,
+        "any(('agent-4' in r for r in cluster.plan().routing)")
 
 
 def test_pause_stops_moves_and_resume_restarts_them(cluster: Cluster) -> None:
@@ -106,7 +109,8 @@ def test_pause_stops_moves_and_resume_restarts_them(cluster: Cluster) -> None:
     assert r.returncode == 0 and "maintenance mode on" in r.stdout
     generation = cluster.plan().generation
     cluster.start_agent("agent-4")
-    wait_for(lambda: "agent-4" in cluster.plan().meta.members, timeout=10)
+    poll_until(lambda: "agent-4" in cluster.plan().meta.members, 10,
+        "'agent-4' in cluster.plan().meta.members")
     plan = cluster.plan()
     assert plan.generation > generation
     assert not any(p.bootstrapping for p in plan.shards), "no copies while paused"
@@ -114,8 +118,8 @@ def test_pause_stops_moves_and_resume_restarts_them(cluster: Cluster) -> None:
     text = cluster.cli("status").stdout
     assert "MAINTENANCE (manual)" in text and "kernel upgrade" in text
     assert cluster.cli("resume").returncode == 0
-    wait_for(lambda: cluster.converged(agents | {"agent-4"}) and any(
-        "agent-4" in r for r in cluster.plan().routing), timeout=20, message="moves resume")
+    poll_until(lambda: cluster.converged(agents | {"agent-4"}) and any(
+        "agent-4" in r for r in cluster.plan().routing), 20, "moves resume")
 
 
 def test_mass_departure_enters_maintenance_and_leaves_when_members_return(
@@ -126,9 +130,10 @@ def test_mass_departure_enters_maintenance_and_leaves_when_members_return(
     for v in victims:
         cluster.procs[v].kill()
     survivors = agents - set(victims)
-    wait_for(lambda: cluster.client.exists(cluster.paths.maintenance), timeout=10,
-             message="automatic maintenance")
-    wait_for(lambda: set(cluster.plan().meta.members) == survivors, timeout=10)
+    poll_until(lambda: cluster.client.exists(cluster.paths.maintenance), 10,
+        "automatic maintenance")
+    poll_until(lambda: set(cluster.plan().meta.members) == survivors, 10,
+        'set(cluster.plan().meta.members) == survivors')
     plan = cluster.plan()
     unavailable = 0
     for replicas in plan.routing:
@@ -149,11 +154,11 @@ def test_mass_departure_enters_maintenance_and_leaves_when_members_return(
     assert all(" 0 copies started" in e["message"] for e in log[entered:] if e["kind"] == "plan")
     assert "MAINTENANCE (auto)" in cluster.cli("status").stdout
     for v in victims:
-        wait_for(lambda v=v: v not in cluster.members(), timeout=10)
+        poll_until(lambda v=v: v not in cluster.members(), 10, 'v not in cluster.members()')
         cluster.start_agent(v)
-    wait_for(lambda: not cluster.client.exists(cluster.paths.maintenance), timeout=15,
-             message="automatic maintenance ends when the members return")
-    wait_for(lambda: cluster.converged(agents), timeout=20)
+    poll_until(lambda: not cluster.client.exists(cluster.paths.maintenance), 15,
+        "automatic maintenance ends when the members return")
+    poll_until(lambda: cluster.converged(agents), 20, 'cluster.converged(agents)')
     kinds = event_kinds(cluster)
     assert "maintenance-entered" in kinds and "maintenance-left" in kinds
 
@@ -164,7 +169,8 @@ def test_rebalance_delay_defers_re_replication_but_not_failover(cluster: Cluster
     before = cluster.plan()
     cluster.procs["agent-1"].kill()
     survivors = agents - {"agent-1"}
-    wait_for(lambda: set(cluster.plan().meta.members) == survivors, timeout=10)
+    poll_until(lambda: set(cluster.plan().meta.members) == survivors, 10,
+        'set(cluster.plan().meta.members) == survivors')
     plan = cluster.plan()
     assert all(r and r[0] != "agent-1" and "agent-1" not in r for r in plan.routing), \
         "every primary failed over at once"
@@ -174,9 +180,8 @@ def test_rebalance_delay_defers_re_replication_but_not_failover(cluster: Cluster
     assert plan.meta.summary["waiting"] == ["agent-1"]
     r = cluster.cli("rebalance")
     assert r.returncode == 0
-    wait_for(lambda: cluster.converged(survivors) and all(
-        len(r) == 2 for r in cluster.plan().routing), timeout=20,
-        message="rebalance re-replicates at once")
+    poll_until(lambda: cluster.converged(survivors) and all(
+        len(r) == 2 for r in cluster.plan().routing), 20, "rebalance re-replicates at once")
 
 
 def test_manual_move_is_carried_out_or_refused(cluster: Cluster) -> None:
@@ -187,35 +192,39 @@ def test_manual_move_is_carried_out_or_refused(cluster: Cluster) -> None:
     dest = (agents - set(routing[shard])).pop()
     r = cluster.cli("move", str(shard), "--from", source, "--to", dest)
     assert r.returncode == 0, r.stderr
-    wait_for(lambda: dest in cluster.plan().routing[shard]
-             and source not in cluster.plan().routing[shard], timeout=15)
+    poll_until(lambda: dest in cluster.plan().routing[shard]
+             and source not in cluster.plan().routing[shard], 15,
+                 'dest in cluster.plan().routing[shard] and source not')
     assert cluster.cli("move", "99", "--from", source, "--to", dest).returncode == 1
     r = cluster.cli("move", "1", "--from", "agent-9", "--to", dest)
     assert r.returncode == 0
-    wait_for(lambda: "move-refused" in event_kinds(cluster), timeout=10)
+    poll_until(lambda: "move-refused" in event_kinds(cluster), 10,
+        "'move-refused' in event_kinds(cluster)")
     assert "move-accepted" in event_kinds(cluster)
 
 
 def test_stopped_leader_is_deposed_and_cannot_write_after_resuming(cluster: Cluster) -> None:
     agents = start(cluster, agents=3, shards=16, replicas=2, coordinators=2)
-    leader = wait_for(cluster.leader, timeout=5)
+    leader = poll_until(cluster.leader, 5, 'cluster.leader')
     standby = ({"coord-1", "coord-2"} - {leader}).pop()
     epoch = cluster.epoch()
     cluster.procs[leader].stop()
-    wait_for(lambda: cluster.leader() == standby and cluster.epoch() > epoch, timeout=15,
-             message="standby elected after the stopped leader's session expired")
+    poll_until(lambda: cluster.leader() == standby and cluster.epoch() > epoch, 15,
+        "standby elected after the stopped leader's session expired")
     # Give the stopped leader something to act on, then wake it up.
     cluster.procs["agent-3"].kill()
-    wait_for(lambda: set(cluster.plan().meta.members) == agents - {"agent-3"}, timeout=10)
+    poll_until(lambda: set(cluster.plan().meta.members) == agents - {"agent-3"}, 10,
+        "set(cluster.plan().meta.members) == agents - {'agent")
     cluster.procs[leader].cont()
-    wait_for(lambda: "gives up leadership" in cluster.procs[leader].output(), timeout=15,
-             message="the resumed leader notices it lost its session and steps down")
+    poll_until(lambda: "gives up leadership" in cluster.procs[leader].output(), 15,
+        "the resumed leader notices it lost its session and steps down")
     cluster.start_agent("agent-4")
-    wait_for(lambda: "agent-4" in cluster.plan().meta.members, timeout=10)
+    poll_until(lambda: "agent-4" in cluster.plan().meta.members, 10,
+        "'agent-4' in cluster.plan().meta.members")
     meta = cluster.plan().meta
     assert meta.leader == standby and meta.epoch == cluster.epoch()
-    wait_for(lambda: leader in cluster.client.Election(cluster.paths.election).contenders(),
-             timeout=15, message="the old leader campaigns again as a standby")
+    poll_until(lambda: leader in cluster.client.Election(cluster.paths.election).contenders(), 15,
+        "the old leader campaigns again as a standby")
     assert cluster.leader() == standby
 
 
@@ -235,9 +244,10 @@ def test_config_show_set_and_events(cluster: Cluster) -> None:
         "events", cli_command("events", "--follow", "--zk", cluster.hosts,
                               "--cluster", cluster.name), cluster.workdir / "events.log")
     try:
-        wait_for(lambda: "member-joined" in follower.output(), timeout=10)
+        poll_until(lambda: "member-joined" in follower.output(), 10,
+            "'member-joined' in follower.output()")
         cluster.cli("drain", "agent-2")
-        wait_for(lambda: "drain-done" in follower.output(), timeout=15,
-                 message="events --follow prints new events as they are logged")
+        poll_until(lambda: "drain-done" in follower.output(), 15,
+            "events --follow prints new events as they are logged")
     finally:
         follower.kill()

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from agents.dataplane import b64, key_path
 from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, StoreSet
-from coordinator.client import DataClient, DataError
-from coordinator.datacli import load_key, load_value
-from tests.harness import Cluster, wait_for
+from shardkeeper.cli.data import load_key, load_value
+from shardkeeper.client import DataClient, DataError
+from shardkeeper.poll import poll_until
+from tests.harness import Cluster
 
 AGENTS = ("agent-1", "agent-2", "agent-3", "agent-4")
 ONLINE = {"REPLICA", "PRIMARY"}
@@ -29,7 +30,7 @@ def start(cluster: Cluster, agents=AGENTS, shards: int = 16, replicas: int = 3) 
     cluster.start_coordinator("coord-1", session_timeout=SESSION)
     for name in agents:
         cluster.start_agent(name, session_timeout=SESSION)
-    wait_for(lambda: cluster.converged(set(agents)), timeout=30, message="initial convergence")
+    poll_until(lambda: cluster.converged(set(agents)), 30, "initial convergence")
     return DataClient(cluster.client, cluster.paths, deadline=20.0)
 
 
@@ -68,7 +69,7 @@ class Writer(threading.Thread):
         self.join(30)
 
     def wait_acks(self, n: int, timeout: float = 20) -> None:
-        wait_for(lambda: len(self.acked) >= n, timeout=timeout, message=f"{n} acked writes")
+        poll_until(lambda: len(self.acked) >= n, timeout, f"{n} acked writes")
 
 
 def cli_ok(cluster: Cluster, *args: str) -> str:
@@ -124,7 +125,7 @@ def freeze(cluster: Cluster, name: str) -> None:
                 states.append(stat.read_text().rpartition(")")[2].split()[0])
         return bool(states) and all(state in "tT" for state in states)
 
-    wait_for(stopped, timeout=10, message=f"{name} stopped")
+    poll_until(stopped, 10, f"{name} stopped")
 
 
 def test_sigkill_agent_under_write_load_loses_no_acknowledged_write(cluster) -> None:
@@ -135,11 +136,11 @@ def test_sigkill_agent_under_write_load_loses_no_acknowledged_write(cluster) -> 
     writer.wait_acks(200)
     cluster.procs["agent-2"].kill()
     survivors = set(AGENTS) - {"agent-2"}
-    wait_for(lambda: cluster.plan().meta.members == tuple(sorted(survivors)), timeout=15,
-             message="a plan without agent-2")
+    poll_until(lambda: cluster.plan().meta.members == tuple(sorted(survivors)), 15,
+        "a plan without agent-2")
     writer.wait_acks(len(writer.acked) + 200)
     writer.stop()
-    wait_for(lambda: cluster.converged(survivors), timeout=60, message="survivors converge")
+    poll_until(lambda: cluster.converged(survivors), 60, "survivors converge")
     # The replicas agent-2 held were rebuilt: every shard is on all three survivors again.
     assert every_shard_fully_in_sync(cluster, survivors, 3)
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
@@ -162,15 +163,14 @@ def test_sigkill_primary_mid_write_costs_only_seconds(cluster) -> None:
     writer.wait_acks(200)
     t0 = time.monotonic()
     cluster.procs[victim].kill()
-    wait_for(lambda: primary_of(cluster, shard) != victim, timeout=15,
-             message="a new primary for the shard")
+    poll_until(lambda: primary_of(cluster, shard) != victim, 15, "a new primary for the shard")
     writer.wait_acks(len(writer.acked) + 200)
     writer.stop()
     print(f"\nlongest gap between acknowledged writes: {writer.longest_gap:.2f}s"
           f" (kill at +0, {time.monotonic() - t0:.1f}s of writes after)")
     assert writer.longest_gap < 6.0
     survivors = set(AGENTS) - {victim}
-    wait_for(lambda: cluster.converged(survivors), timeout=60, message="survivors converge")
+    poll_until(lambda: cluster.converged(survivors), 60, "survivors converge")
     assert_all_readable(kv, writer.acked)
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
 
@@ -194,7 +194,7 @@ def test_fifth_agent_takes_shards_with_data_make_before_break(cluster) -> None:
     writer.wait_acks(100)
     everyone = set(AGENTS) | {"agent-5"}
     cluster.start_agent("agent-5", session_timeout=SESSION)
-    wait_for(lambda: cluster.converged(everyone), timeout=60, message="agent-5 takes its share")
+    poll_until(lambda: cluster.converged(everyone), 60, "agent-5 takes its share")
     writer.wait_acks(len(writer.acked) + 100)
     writer.stop()
     watching.set()
@@ -261,8 +261,8 @@ def test_frozen_primary_is_fenced_and_repaired_without_divergence(cluster) -> No
         address, "PUT", key_path(shard, key), {"value": b64(b"stale")}, token, timeout=60)[0]))
     late.start()
     survivors = set(AGENTS) - {victim}
-    wait_for(lambda: cluster.converged(survivors), timeout=60,
-             message="the cluster fails over and re-replicates without the frozen agent")
+    poll_until(lambda: cluster.converged(survivors), 60,
+        "the cluster fails over and re-replicates without the frozen agent")
     kv.put(key, b"after")
     cluster.procs[victim].cont()
     late.join(30)
@@ -270,8 +270,8 @@ def test_frozen_primary_is_fenced_and_repaired_without_divergence(cluster) -> No
     assert answers and answers[0] != 200, f"the deposed primary acknowledged a write: {answers}"
     status, _ = raw(address, "PUT", key_path(shard, key), {"value": b64(b"stale2")}, token)
     assert status != 200
-    wait_for(lambda: cluster.converged(set(AGENTS)), timeout=60,
-             message="the thawed agent registers again and the cluster rebalances")
+    poll_until(lambda: cluster.converged(set(AGENTS)), 60,
+        "the thawed agent registers again and the cluster rebalances")
     assert kv.get(key) == b"after"
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
     assert "session lost" in cluster.procs[victim].output()
@@ -332,8 +332,8 @@ def test_agent_back_from_lost_serves_nothing_until_it_has_a_plan(cluster) -> Non
     address = kv.routing().addresses[victim]
     freeze(cluster, victim)
     survivors = set(AGENTS) - {victim}
-    wait_for(lambda: cluster.converged(survivors), timeout=60,
-             message="the cluster re-homes the frozen agent's replicas")
+    poll_until(lambda: cluster.converged(survivors), 60,
+        "the cluster re-homes the frozen agent's replicas")
     assert victim not in cluster.plan().agents, "a departed agent holding nothing has no plan"
     kv.put(key, b"new")
     # No leader: nobody writes the returning agent a plan.
@@ -341,20 +341,20 @@ def test_agent_back_from_lost_serves_nothing_until_it_has_a_plan(cluster) -> Non
     no_plan = "serving nothing until the leader"
     seen = cluster.procs[victim].output().count(no_plan)  # a fresh agent logs it too
     cluster.procs[victim].cont()
-    wait_for(lambda: victim in cluster.members(), timeout=30, message="the agent registers again")
+    poll_until(lambda: victim in cluster.members(), 30, "the agent registers again")
 
     def read_old_value() -> tuple[int, dict]:
         return raw(address, "GET", key_path(shard, key), token=kv.token)
 
-    wait_for(lambda: cluster.procs[victim].output().count(no_plan) > seen
-             or read_old_value()[0] == 200, timeout=10, message="the agent finds it has no plan")
+    poll_until(lambda: cluster.procs[victim].output().count(no_plan) > seen
+             or read_old_value()[0] == 200, 10, "the agent finds it has no plan")
     status, body = read_old_value()
     assert (status, body.get("error")) == (503, "not_serving"), f"served stale data: {body}"
     assert raw(address, "GET", "/healthz", token=kv.token)[0] == 503
     assert shard in StoreSet(cluster.workdir / victim / "shards").on_disk(), "data kept"
     cluster.start_coordinator("coord-1", session_timeout=SESSION)
-    wait_for(lambda: cluster.converged(set(AGENTS)), timeout=60,
-             message="a new leader places shards on the returning agent again")
+    poll_until(lambda: cluster.converged(set(AGENTS)), 60,
+        "a new leader places shards on the returning agent again")
     assert kv.get(key) == b"new"
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
 
@@ -406,8 +406,8 @@ def test_demoted_primary_keeps_its_shard_and_repairs_what_it_alone_applied(clust
     freeze(cluster, victim)
     late.send(shard, orphans, b"unacknowledged")
     survivors = set(AGENTS) - {victim}
-    wait_for(lambda: cluster.converged(survivors) and primary_of(cluster, shard) != victim,
-             timeout=60, message="the shard fails over; its replicas wait for the frozen agent")
+    poll_until(lambda: cluster.converged(survivors) and primary_of(cluster, shard) != victim, 60,
+        "the shard fails over; its replicas wait for the frozen agent")
     kv.put(key, b"after")
     thawed_at = len(cluster.procs[victim].output())
     cluster.procs[victim].cont()
@@ -417,9 +417,9 @@ def test_demoted_primary_keeps_its_shard_and_repairs_what_it_alone_applied(clust
     seen = sorted(f"{status} {body.get('error')}" for status, body in answers)
     print(f"\nwrites held by the frozen primary: {seen}")
     assert len(answers) == len(orphans) and all(status != 200 for status, _ in answers)
-    wait_for(lambda: cluster.converged(set(AGENTS))
-             and all(len(r) == 3 for r in cluster.plan().routing), timeout=60,
-             message="the thawed agent takes its replicas back")
+    poll_until(lambda: cluster.converged(set(AGENTS))
+             and all(len(r) == 3 for r in cluster.plan().routing), 60,
+                 "the thawed agent takes its replicas back")
     assert victim in cluster.plan().routing[shard]
     since = cluster.procs[victim].output()[thawed_at:]
     assert f"shard {shard}: PRIMARY -> REPLICA" in since, "demoted in place, data kept"
@@ -443,8 +443,8 @@ def test_replica_back_from_a_lost_session_catches_up_before_it_counts(cluster) -
     assert followed, "the victim follows some primary"
     freeze(cluster, victim)
     survivors = set(AGENTS) - {victim}
-    wait_for(lambda: cluster.converged(survivors), timeout=60,
-             message="the shards fail over without the frozen agent")
+    poll_until(lambda: cluster.converged(survivors), 60,
+        "the shards fail over without the frozen agent")
     missed: dict[bytes, bytes] = {}
     for shard in followed:
         keys = (k for k in (f"missed-{shard}-{i}".encode() for i in range(10**6))
@@ -455,9 +455,9 @@ def test_replica_back_from_a_lost_session_catches_up_before_it_counts(cluster) -
             missed[key] = b"written while it was away"
     thawed_at = len(cluster.procs[victim].output())
     cluster.procs[victim].cont()
-    wait_for(lambda: cluster.converged(set(AGENTS))
-             and all(len(r) == 3 for r in cluster.plan().routing), timeout=60,
-             message="the thawed agent catches up and is counted in sync again")
+    poll_until(lambda: cluster.converged(set(AGENTS))
+             and all(len(r) == 3 for r in cluster.plan().routing), 60,
+                 "the thawed agent catches up and is counted in sync again")
     since = cluster.procs[victim].output()[thawed_at:]
     assert "session lost" in since
     assert all(victim in cluster.plan().routing[s] for s in followed), "it kept its replicas"
@@ -479,7 +479,7 @@ def test_replica_that_skipped_plans_fences_at_the_primarys_term(cluster) -> None
         cluster.start_agent(name, session_timeout=SESSION)
     cluster.start_agent("agent-3", session_timeout=30.0)  # outlives its freeze
     agents = {"agent-1", "agent-2", "agent-3"}
-    wait_for(lambda: cluster.converged(agents), timeout=30, message="initial convergence")
+    poll_until(lambda: cluster.converged(agents), 30, "initial convergence")
     kv = DataClient(cluster.client, cluster.paths, deadline=20.0)
     # A shard that agent-3 follows last: the failover promotes the other survivor.
     shard = next(s for s, r in enumerate(cluster.plan().routing) if r[2] == "agent-3")
@@ -489,18 +489,18 @@ def test_replica_that_skipped_plans_fences_at_the_primarys_term(cluster) -> None
     term_before = cluster.plan().shards[shard].since
     freeze(cluster, "agent-3")
     cluster.procs[old_primary].kill()
-    wait_for(lambda: primary_of(cluster, shard) == new_primary, timeout=30,
-             message=f"shard {shard} fails over to {new_primary}")
+    poll_until(lambda: primary_of(cluster, shard) == new_primary, 30,
+               f"shard {shard} fails over to {new_primary}")
     failover = cluster.plan().generation
     # More plans that change agent-3's assignment, while it cannot read them.
     cluster.start_agent("agent-4", session_timeout=SESSION)
-    wait_for(lambda: cluster.plan().agents["agent-3"].generation > failover, timeout=30,
-             message="agent-3's plan changes again after the failover")
+    poll_until(lambda: cluster.plan().agents["agent-3"].generation > failover, 30,
+        "agent-3's plan changes again after the failover")
     term = cluster.plan().shards[shard].since
     assert term_before < term <= failover
     cluster.procs["agent-3"].cont()
     live = {"agent-3", "agent-4", new_primary}
-    wait_for(lambda: cluster.converged(live), timeout=60, message="the cluster settles")
+    poll_until(lambda: cluster.converged(live), 60, "the cluster settles")
     kv.put(key, b"after")  # forwarded to every in-sync replica, agent-3 included if held
     assert kv.get(key) == b"after"
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
@@ -526,8 +526,8 @@ def test_agent_start_survives_a_connection_loss(cluster, monkeypatch, tmp_path) 
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: "agent-x" in cluster.members(), timeout=20,
-                 message="the agent registers after retrying its start-up")
+        poll_until(lambda: "agent-x" in cluster.members(), 20,
+            "the agent registers after retrying its start-up")
     finally:
         agent.stop()
         thread.join(10)

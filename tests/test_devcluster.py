@@ -6,9 +6,9 @@ import json
 import subprocess
 from pathlib import Path
 
-from coordinator.devcluster import DevState, alive
-from coordinator.process import cli_command
-from coordinator.zkserver import free_port
+from shardkeeper.dev.cluster import DevState, alive
+from shardkeeper.dev.zkserver import free_port
+from shardkeeper.process import cli_command
 
 
 def sk(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.config import ClusterConfig, ConfigError
-from coordinator.layout import (
+from shardkeeper.config import ClusterConfig
+from shardkeeper.layout import (
     ROUTING_CHUNK,
     AgentPlan,
     AgentStatus,
     Assignment,
-    CorruptZnode,
     Event,
     Maintenance,
     MemberInfo,
@@ -23,6 +22,7 @@ from coordinator.layout import (
     encode,
     encode_events,
 )
+from shardkeeper.vocab import ConfigError, CorruptZnode
 
 
 def test_paths_live_under_the_cluster_root() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.layout import ROUTING_CHUNK, AgentPlan, Assignment, Paths, PlanMeta, RoutingChunk
-from coordinator.plan import PlanState, Write, assignments, batches, plan_writes
-from coordinator.reconcile import ShardPlan
+from coordinator.writes import Write, batches, plan_writes
+from shardkeeper.layout import ROUTING_CHUNK, AgentPlan, Assignment, Paths, PlanMeta, RoutingChunk
+from shardkeeper.plan import PlanState, ShardPlan, assignments
 
 P = Paths("c")
 

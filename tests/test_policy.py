@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from coordinator.config import ClusterConfig
-from coordinator.layout import Maintenance, MemberInfo, MoveRequest
 from coordinator.policy import (
     apply_moves,
     delayed,
@@ -13,6 +11,8 @@ from coordinator.policy import (
     placement_members,
     track_departures,
 )
+from shardkeeper.config import ClusterConfig
+from shardkeeper.layout import Maintenance, MemberInfo, MoveRequest
 
 CFG = ClusterConfig(shards=8, replicas=2, auto_maintenance_fraction=0.5,
                     auto_maintenance_window=30)

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from coordinator.poll import TimedOut, poll_until
+from shardkeeper.poll import TimedOut, poll_until
 
 
 def test_returns_the_first_truthy_value():

@@ -7,7 +7,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.reconcile import ShardPlan, Throttle, converged, next_step, with_terms
+from coordinator.reconcile import Throttle, converged, next_step, with_terms
+from shardkeeper.plan import ShardPlan
 
 AGENTS = [f"a{i}" for i in range(8)]
 

@@ -20,11 +20,9 @@ from agents.shardsm import (
     Promote,
     Repair,
     ReportStatus,
-    Role,
     Session,
     SetServing,
     SetWritable,
-    ShardState,
     ShardStatus,
     StartBootstrap,
     StartDrop,
@@ -35,6 +33,7 @@ from agents.shardsm import (
     states,
     waiting_shards,
 )
+from shardkeeper.vocab import Role, ShardState
 
 P, R = Role.PRIMARY, Role.REPLICA
 S = ShardState

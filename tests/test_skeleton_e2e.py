@@ -7,8 +7,9 @@ import time
 from kazoo.exceptions import BadVersionError
 
 from agents.store import StoreSet
-from coordinator.layout import AgentPlan, PlanMeta, encode_epoch
-from tests.harness import Cluster, wait_for
+from shardkeeper.layout import AgentPlan, PlanMeta, encode_epoch
+from shardkeeper.poll import poll_until
+from tests.harness import Cluster
 
 AGENTS = {"agent-1", "agent-2", "agent-3"}
 
@@ -23,7 +24,7 @@ def start(cluster: Cluster, shards: int = 64, replicas: int = 2, session_timeout
 
 def test_every_shard_gets_distinct_agents_and_status_matches_plan(cluster: Cluster) -> None:
     start(cluster)
-    wait_for(lambda: cluster.converged(AGENTS), timeout=15, message="initial convergence")
+    poll_until(lambda: cluster.converged(AGENTS), 15, "initial convergence")
     plan = cluster.plan()
     assert len(plan.routing) == 64
     assert all(len(set(r)) == len(r) == 2 for r in plan.routing)
@@ -36,29 +37,29 @@ def test_every_shard_gets_distinct_agents_and_status_matches_plan(cluster: Clust
 
 def test_status_matches_plan_within_five_seconds_of_a_new_plan(cluster: Cluster) -> None:
     start(cluster)
-    wait_for(lambda: cluster.converged(AGENTS), timeout=15, message="initial convergence")
+    poll_until(lambda: cluster.converged(AGENTS), 15, "initial convergence")
     cluster.start_agent("agent-4")
-    wait_for(lambda: cluster.plan().meta.members == tuple(sorted(AGENTS | {"agent-4"})),
-             timeout=15, message="plan with agent-4")
-    wait_for(lambda: cluster.converged(AGENTS | {"agent-4"}), timeout=5,
-             message="status matches the new plan within 5 s")
+    poll_until(lambda: cluster.plan().meta.members == tuple(sorted(AGENTS | {"agent-4"})), 15,
+        "plan with agent-4")
+    poll_until(lambda: cluster.converged(AGENTS | {"agent-4"}), 5,
+        "status matches the new plan within 5 s")
 
 
 def test_sigkill_agent_replans_and_survivors_hold_every_shard_twice(cluster: Cluster) -> None:
     start(cluster, session_timeout=1.0)
-    wait_for(lambda: cluster.converged(AGENTS), timeout=15, message="initial convergence")
+    poll_until(lambda: cluster.converged(AGENTS), 15, "initial convergence")
     before = cluster.plan()
     t0 = time.time()
     cluster.procs["agent-2"].kill()
     survivors = AGENTS - {"agent-2"}
-    wait_for(lambda: cluster.plan().meta.members == tuple(sorted(survivors)), timeout=10,
-             message="a plan without agent-2")
+    poll_until(lambda: cluster.plan().meta.members == tuple(sorted(survivors)), 10,
+        "a plan without agent-2")
     first = cluster.plan()
     print(f"\nkill-to-new-plan: {first.meta.created - t0:.3f}s (session timeout 1.0s)")
     assert first.generation > before.generation
     # The first plan without agent-2 already has a primary for every shard.
     assert all(r and "agent-2" not in r for r in first.routing)
-    wait_for(lambda: cluster.converged(survivors), timeout=10, message="survivors converge")
+    poll_until(lambda: cluster.converged(survivors), 10, "survivors converge")
     plan = cluster.plan()
     assert all(len(set(r)) == 2 and "agent-2" not in r for r in plan.routing)
     # Survivors kept what they held: only agent-2's replicas moved.
@@ -72,44 +73,46 @@ def test_sigterm_agent_leaves_at_once(cluster: Cluster) -> None:
     cluster.start_coordinator("coord-1", session_timeout=1.0)
     for name in ("agent-1", "agent-2"):
         cluster.start_agent(name, session_timeout=20.0)
-    wait_for(lambda: cluster.converged({"agent-1", "agent-2"}), timeout=15)
+    poll_until(lambda: cluster.converged({"agent-1", "agent-2"}), 15,
+        "cluster.converged({'agent-1', 'agent-2'})")
     t0 = time.monotonic()
     assert cluster.procs["agent-1"].term() == 0
-    wait_for(lambda: "agent-1" not in cluster.members(), timeout=5,
-             message="member znode gone well before the 20 s session timeout")
+    poll_until(lambda: "agent-1" not in cluster.members(), 5,
+        "member znode gone well before the 20 s session timeout")
     assert time.monotonic() - t0 < 5
-    wait_for(lambda: cluster.converged({"agent-2"}), timeout=10)
+    poll_until(lambda: cluster.converged({"agent-2"}), 10, "cluster.converged({'agent-2'})")
 
 
 def test_agent_registers_again_after_session_expiry(cluster: Cluster) -> None:
     cluster.init(8, 1)
     cluster.start_coordinator("coord-1", session_timeout=1.0)
     agent = cluster.start_agent("agent-1", session_timeout=1.0)
-    wait_for(lambda: cluster.converged({"agent-1"}), timeout=15)
+    poll_until(lambda: cluster.converged({"agent-1"}), 15, "cluster.converged({'agent-1'})")
     agent.stop()
-    wait_for(lambda: "agent-1" not in cluster.members(), timeout=10,
-             message="the stopped agent's session expires")
+    poll_until(lambda: "agent-1" not in cluster.members(), 10,
+        "the stopped agent's session expires")
     agent.cont()
-    wait_for(lambda: cluster.converged({"agent-1"}), timeout=15,
-             message="agent registers again and re-applies its plan")
+    poll_until(lambda: cluster.converged({"agent-1"}), 15,
+        "agent registers again and re-applies its plan")
     assert "session lost" in agent.output()
 
 
 def test_sigkill_leader_fails_over_and_old_epoch_is_fenced(cluster: Cluster) -> None:
     start(cluster, session_timeout=1.0)
-    wait_for(lambda: cluster.converged(AGENTS), timeout=15)
-    leader = wait_for(cluster.leader, timeout=5)
+    poll_until(lambda: cluster.converged(AGENTS), 15, 'cluster.converged(AGENTS)')
+    leader = poll_until(cluster.leader, 5, 'cluster.leader')
     old_epoch = cluster.epoch()
     old_generation = cluster.plan().generation
     cluster.procs[leader].kill()
     standby = ({"coord-1", "coord-2"} - {leader}).pop()
-    wait_for(lambda: cluster.leader() == standby and cluster.epoch() > old_epoch, timeout=10,
-             message="standby leads with a bumped epoch")
+    poll_until(lambda: cluster.leader() == standby and cluster.epoch() > old_epoch, 10,
+        "standby leads with a bumped epoch")
     terms = [(p.primary, p.since) for p in cluster.plan().shards]
     assert all(since > 0 for _, since in terms), "every shard's primary has a term"
     # The new leader plans: stop an agent and see a generation it wrote.
     cluster.procs["agent-3"].kill()
-    wait_for(lambda: cluster.plan().meta.members == ("agent-1", "agent-2"), timeout=10)
+    poll_until(lambda: cluster.plan().meta.members == ("agent-1", "agent-2"), 10,
+        "cluster.plan().meta.members == ('agent-1', 'agent-2'")
     meta = cluster.plan().meta
     # It read the terms back: shards that kept their primary kept their term, and the
     # others' term is the generation that replaced their primary.
@@ -139,32 +142,31 @@ def test_ensemble_survives_losing_one_zookeeper_server(ensemble_cluster: Cluster
                                                        zk_ensemble) -> None:
     c = ensemble_cluster
     start(c, shards=32, replicas=2, session_timeout=2.0)
-    wait_for(lambda: c.converged(AGENTS), timeout=20)
+    poll_until(lambda: c.converged(AGENTS), 20, 'c.converged(AGENTS)')
     zk_ensemble[0].process.kill()
     zk_ensemble[0].process.wait()
     c.procs["agent-1"].kill()
     survivors = AGENTS - {"agent-1"}
-    wait_for(lambda: c.converged(survivors), timeout=20,
-             message="a new plan without agent-1 while one ZooKeeper server is down")
+    poll_until(lambda: c.converged(survivors), 20,
+        "a new plan without agent-1 while one ZooKeeper server is down")
     assert all(len(set(r)) == 2 for r in c.plan().routing)
 
 
 def test_agent_started_before_zookeeper_waits_for_it(tmp_path) -> None:
-    from coordinator.zkserver import free_port, standalone
+    from shardkeeper.dev.zkserver import free_port, standalone
 
     server = standalone(tmp_path / "zk", port=free_port())
     c = Cluster(server.address, tmp_path)
     try:
         agent = c.start_agent("agent-1")
-        wait_for(lambda: "retrying" in agent.output(), timeout=30,
-                 message="the agent keeps trying to reach ZooKeeper")
+        poll_until(lambda: "retrying" in agent.output(), 30,
+            "the agent keeps trying to reach ZooKeeper")
         assert agent.alive()
         server.start()
         server.wait_ready()
         c.init(4, 1)
         c.start_coordinator("coord-1")
-        wait_for(lambda: c.converged({"agent-1"}), timeout=30,
-                 message="the agent registers once ZooKeeper is up")
+        poll_until(lambda: c.converged({"agent-1"}), 30, "the agent registers once ZooKeeper is up")
     finally:
         c.close()
         server.stop()

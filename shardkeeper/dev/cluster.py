@@ -20,15 +20,16 @@ from typing import Any
 
 import click
 
-from coordinator import admin
-from coordinator import cluster as clusterstate
-from coordinator.cliutil import DEFAULT_CLUSTER, operator_errors
-from coordinator.config import ClusterConfig, ConfigError
-from coordinator.layout import Paths
-from coordinator.poll import poll_until
-from coordinator.process import cli_command, spawn
-from coordinator.zk import ShardkeeperError, close, connect
-from coordinator.zkserver import ZkServer, free_port
+from shardkeeper import admin
+from shardkeeper import cluster as clusterstate
+from shardkeeper.cli.options import DEFAULT_CLUSTER, operator_errors
+from shardkeeper.config import ClusterConfig
+from shardkeeper.dev.zkserver import ZkServer, free_port
+from shardkeeper.layout import Paths
+from shardkeeper.poll import poll_until
+from shardkeeper.process import cli_command, spawn
+from shardkeeper.vocab import ConfigError, ShardkeeperError
+from shardkeeper.zk import close, connect
 
 DEFAULT_DIR = Path(".shardkeeper-dev")
 STATE_FILE = "state.json"
@@ -79,11 +80,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-
-
-def wait_until(condition: Any, timeout: float, interval: float = 0.05) -> Any:
-    """Poll ``condition`` until it returns a truthy value, or raise after ``timeout``."""
-    return poll_until(condition, timeout, str(condition.__doc__), interval=interval)
 
 
 def port_in_use(port: int) -> bool:
@@ -154,7 +150,7 @@ def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int
             """every agent to hold what its plan says"""
             return clusterstate.converged(client, paths, names)
 
-        wait_until(settled, timeout=120)
+        poll_until(settled, 120, "the cluster to converge")
     finally:
         close(client)
     return state
@@ -173,7 +169,7 @@ def down(root: Path, timeout: float = 10.0) -> list[str]:
             continue
         os.kill(p.pid, signal.SIGTERM)
         try:
-            wait_until(lambda p=p: not alive(p.pid), timeout)
+            poll_until(lambda p=p: not alive(p.pid), timeout, f"{p.name} to exit")
         except ShardkeeperError:
             os.kill(p.pid, signal.SIGKILL)
         stopped.append(p.name)
@@ -209,7 +205,7 @@ def kill_and_watch(root: Path, name: str, sig: signal.Signals, timeout: float = 
             """the member znode to vanish"""
             return not client.exists(paths.member(name))
 
-        wait_until(member_gone, timeout)
+        poll_until(member_gone, timeout, f"{name}'s member znode to vanish")
         t_member = time.monotonic() - t0
 
         def new_plan() -> Any:
@@ -217,7 +213,7 @@ def kill_and_watch(root: Path, name: str, sig: signal.Signals, timeout: float = 
             plan = clusterstate.read_plan(client, paths)
             return plan if plan.meta and name not in plan.meta.members else None
 
-        plan = wait_until(new_plan, timeout)
+        plan = poll_until(new_plan, timeout, f"a plan without {name}")
         t_plan = time.monotonic() - t0
 
         survivors = set(before.meta.members) - {name} if before.meta else set()
@@ -226,7 +222,7 @@ def kill_and_watch(root: Path, name: str, sig: signal.Signals, timeout: float = 
             """every shard to be fully replicated again, with nothing copying"""
             return clusterstate.converged(client, paths, survivors)
 
-        wait_until(replicated, timeout)
+        poll_until(replicated, timeout, "the cluster to be fully replicated again")
         t_repl = time.monotonic() - t0
         final = clusterstate.read_plan(client, paths)
     finally:

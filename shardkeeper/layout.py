@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from shardkeeper.vocab import HOLDING, CorruptZnode, Role
+
 ROOT = "/shardkeeper"
 # Shards per routing chunk. At 100,000 shards, R=3 and 64-character agent ids a chunk
 # stays near 100 KiB, well under the 256 KiB budget and jute.maxbuffer (1 MiB).
@@ -34,13 +36,6 @@ ROUTING_CHUNK = 512
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-ROLE_PRIMARY = "primary"
-ROLE_REPLICA = "replica"
-ROLES = (ROLE_PRIMARY, ROLE_REPLICA)
-
-
-class CorruptZnode(ValueError):
-    """A znode's content could not be decoded; the message names the path and the reason."""
 
 
 def validate_name(kind: str, name: str) -> str:
@@ -259,7 +254,7 @@ class Assignment:
     since: int = 0
 
     def to_json(self) -> list[Any]:
-        if self.role == ROLE_PRIMARY:
+        if self.role == Role.PRIMARY:
             return ["P", list(self.peers), list(self.catching_up), self.since]
         return ["R", self.primary, self.since] + ([self.source] if self.source else [])
 
@@ -275,10 +270,10 @@ class Assignment:
         elif head == "R" and len(rest) in (2, 3) and _is_count(rest[1]):
             rest, since = [rest[0], *rest[2:]], rest[1]
         if head == "P" and len(rest) == 2 and all(isinstance(x, list) for x in rest):
-            return cls(ROLE_PRIMARY, peers=tuple(rest[0]), catching_up=tuple(rest[1]),
+            return cls(Role.PRIMARY, peers=tuple(rest[0]), catching_up=tuple(rest[1]),
                        since=since)
         if head == "R" and len(rest) in (1, 2) and all(isinstance(x, str) for x in rest):
-            return cls(ROLE_REPLICA, primary=rest[0], source=rest[1] if len(rest) == 2 else None,
+            return cls(Role.REPLICA, primary=rest[0], source=rest[1] if len(rest) == 2 else None,
                        since=since)
         raise bad
 
@@ -428,7 +423,6 @@ class RoutingChunk:
         )
 
 
-HOLDING_STATES = frozenset({"REPLICA", "PRIMARY"})  # hold a whole copy of the shard
 
 
 @dataclass(frozen=True)
@@ -443,7 +437,7 @@ class ShardStatus:
     @property
     def in_sync(self) -> bool:
         """Online and caught up: the one test the leader (joins) and `converged` use."""
-        return self.state in HOLDING_STATES and not self.catching_up
+        return self.state in HOLDING and not self.catching_up
 
     def encode(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"state": self.state, "lsn": self.lsn}

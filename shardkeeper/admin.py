@@ -11,18 +11,13 @@ import time
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random
 
-from coordinator import cluster
-from coordinator.config import ClusterConfig
-from coordinator.layout import (
-    CorruptZnode,
-    Event,
-    Maintenance,
-    MoveRequest,
-    Paths,
-    decode_events,
-)
-from coordinator.zk import ShardkeeperError, ensure_layout
+from shardkeeper import cluster
+from shardkeeper.config import ClusterConfig
+from shardkeeper.layout import Event, Maintenance, MoveRequest, Paths, decode_events
+from shardkeeper.vocab import CorruptZnode, ShardkeeperError
+from shardkeeper.zk import ensure_layout
 
 
 def init_cluster(client: KazooClient, paths: Paths, config: ClusterConfig,
@@ -112,8 +107,12 @@ def request_move(client: KazooClient, paths: Paths, move: MoveRequest) -> str:
 
 
 def set_config(client: KazooClient, paths: Paths, settings: dict[str, str]) -> ClusterConfig:
-    """Apply KEY=VALUE settings with a version check, so that concurrent edits don't mix."""
-    for _ in range(5):
+    """Apply KEY=VALUE settings with a version check, so that concurrent edits don't mix:
+    on a concurrent write, read again and re-apply (a few times, then give up)."""
+
+    @retry(retry=retry_if_exception_type(BadVersionError), stop=stop_after_attempt(5),
+           wait=wait_random(0.01, 0.1), reraise=True)
+    def attempt() -> ClusterConfig:
         try:
             data, stat = client.get(paths.config)
         except NoNodeError:
@@ -121,12 +120,13 @@ def set_config(client: KazooClient, paths: Paths, settings: dict[str, str]) -> C
                 f"cluster {paths.cluster!r} has no config: run `shardkeeper init`"
             ) from None
         new = ClusterConfig.decode(paths.config, data).with_settings(settings)
-        try:
-            client.set(paths.config, new.encode(), version=stat.version)
-            return new
-        except BadVersionError:
-            continue
-    raise ShardkeeperError("config keeps changing under us: try again")
+        client.set(paths.config, new.encode(), version=stat.version)
+        return new
+
+    try:
+        return attempt()
+    except BadVersionError:
+        raise ShardkeeperError("config keeps changing under us: try again") from None
 
 
 def events(client: KazooClient, paths: Paths, after: str = "") -> list[tuple[str, Event]]:

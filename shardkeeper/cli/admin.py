@@ -1,54 +1,28 @@
-"""`shardkeeper`: the admin CLI, and the entry point of the agent and coordinator roles.
-
-Every command takes --zk and --cluster (or SHARDKEEPER_ZK / SHARDKEEPER_CLUSTER). Errors
-meant for the operator are printed on one line and exit non-zero, without a traceback.
-"""
+"""Admin commands: create the cluster, show its state, and steer it (drain, pause,
+move, rebalance, config). They record requests under ``admin/``; the leader carries
+them out. None of them writes a plan."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import click
 
-from coordinator import admin
-from coordinator import cluster as clusterstate
-from coordinator.cliutil import emit_json, operator_errors, zk_options, zk_session
-from coordinator.config import KNOBS, ClusterConfig, ConfigError
-from coordinator.datacli import register as register_data_commands
-from coordinator.devcluster import dev
-from coordinator.layout import Event, MoveRequest, Paths, validate_name
-from coordinator.summary import summarize
-from coordinator.zk import ShardkeeperError, close, connect
+from shardkeeper import admin
+from shardkeeper import cluster as clusterstate
+from shardkeeper.cli.options import emit_json, operator_errors, zk_options, zk_session
+from shardkeeper.config import KNOBS, ClusterConfig
+from shardkeeper.layout import Event, MoveRequest, Paths, validate_name
+from shardkeeper.summary import summarize
+from shardkeeper.vocab import ConfigError, ShardkeeperError
+from shardkeeper.zk import close, connect
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise click.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint="--listen")
-    return host.strip("[]"), int(port)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="shardkeeper")
-def main() -> None:
-    """shardkeeper: a ZooKeeper-coordinated cluster manager.
-
-    Agents hold shard replicas; an elected coordinator plans which agent holds which;
-    this CLI shows and steers the cluster.
-    """
-    # kazoo logs each failed connection attempt; admin commands report one clear error
-    # instead. `agent run` and `coordinator run` configure logging for themselves.
-    logging.getLogger("kazoo").setLevel(logging.CRITICAL)
-
-
-@main.command()
+@click.command()
 @zk_options
 @click.option("--shards", type=int, required=True, help="Number of shards S (>= 1).")
 @click.option("--replicas", type=int, required=True, help="Replicas per shard R (>= 1).")
@@ -129,7 +103,7 @@ def render_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@main.command()
+@click.command()
 @zk_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @operator_errors
@@ -142,7 +116,7 @@ def status(zk_hosts: str, paths: Paths, as_json: bool) -> None:
         click.echo(render_status(s))
 
 
-@main.command()
+@click.command()
 @zk_options
 @click.option("--agent", default=None, help="Only shards with a replica on this agent.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -178,7 +152,7 @@ def check_agent_name(agent_id: str) -> str:
         raise click.BadParameter(str(e), param_hint="AGENT") from None
 
 
-@main.command()
+@click.command()
 @zk_options
 @click.argument("agent_id", metavar="AGENT")
 @operator_errors
@@ -194,7 +168,7 @@ def drain(zk_hosts: str, paths: Paths, agent_id: str) -> None:
                " `shardkeeper status` shows its replicas leave, `shardkeeper events` when done")
 
 
-@main.command()
+@click.command()
 @zk_options
 @click.argument("agent_id", metavar="AGENT")
 @operator_errors
@@ -206,7 +180,7 @@ def undrain(zk_hosts: str, paths: Paths, agent_id: str) -> None:
     click.echo(f"{agent_id} {'is no longer' if removed else 'was not'} draining")
 
 
-@main.command()
+@click.command()
 @zk_options
 @click.option("--note", default="", help="Why: shown by `shardkeeper status`.")
 @operator_errors
@@ -221,7 +195,7 @@ def pause(zk_hosts: str, paths: Paths, note: str) -> None:
         click.echo(f"already in maintenance ({current.reason}: {current.note or 'no note'})")
 
 
-@main.command()
+@click.command()
 @zk_options
 @operator_errors
 def resume(zk_hosts: str, paths: Paths) -> None:
@@ -231,7 +205,7 @@ def resume(zk_hosts: str, paths: Paths) -> None:
     click.echo("maintenance mode off: moves resume" if left else "not in maintenance mode")
 
 
-@main.command()
+@click.command()
 @zk_options
 @operator_errors
 def rebalance(zk_hosts: str, paths: Paths) -> None:
@@ -242,7 +216,7 @@ def rebalance(zk_hosts: str, paths: Paths) -> None:
     click.echo("rebalance requested")
 
 
-@main.command()
+@click.command()
 @zk_options
 @click.argument("shard", type=click.IntRange(min=0))
 @click.option("--from", "source", required=True, help="Agent that holds the replica now.")
@@ -258,7 +232,7 @@ def move(zk_hosts: str, paths: Paths, shard: int, source: str, dest: str) -> Non
                f" {dest}; the leader logs the outcome in `shardkeeper events`")
 
 
-@main.group()
+@click.group()
 def config() -> None:
     """Show or change the cluster's config and policies."""
 
@@ -300,7 +274,7 @@ def render_event(e: Event) -> str:
     return f"{stamp}  {e.kind:<20} {e.message}"
 
 
-@main.command()
+@click.command()
 @zk_options
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
@@ -328,78 +302,5 @@ def events(zk_hosts: str, paths: Paths, follow: bool, limit: int, as_json: bool)
             last = show(admin.events(client, paths, after=last)) or last
 
 
-@main.group()
-def agent() -> None:
-    """Run an agent (one per host)."""
-
-
-@agent.command("run")
-@zk_options
-@click.option("--id", "agent_id", required=True, help="Agent id, unique in the cluster.")
-@click.option("--zone", default="", help="Failure zone (rack, AZ); replicas spread over zones.")
-@click.option("--weight", type=click.FloatRange(min=0, min_open=True), default=1.0,
-              show_default=True, help="Relative capacity.")
-@click.option("--listen", required=True, help="HOST:PORT of the agent's data plane.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for the agent's shard replicas.")
-@click.option("--session-timeout", type=click.FloatRange(min=0.5), default=10.0,
-              show_default=True, help="ZooKeeper session timeout in seconds.")
-@click.option("--log-level", default="info", show_default=True)
-@operator_errors
-def agent_run(zk_hosts: str, paths: Paths, agent_id: str, zone: str, weight: float, listen: str,
-              data_dir: Path, session_timeout: float, log_level: str) -> None:
-    """Register with the cluster and hold the replicas the plan gives this agent."""
-    from agents.runtime import Agent, HealthServer
-    from coordinator.process import run_until_signal, setup_logging
-
-    try:
-        validate_name("agent id", agent_id)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--id") from None
-    host, port = parse_listen(listen)
-    setup_logging(log_level)
-    a = Agent(zk_hosts, paths.cluster, agent_id, address=f"{host}:{port}", zone=zone,
-              weight=weight, data_dir=data_dir, session_timeout=session_timeout)
-    try:
-        health = HealthServer(a, host, port)
-    except OSError as e:
-        raise ShardkeeperError(f"cannot listen on {listen}: {e.strerror}") from None
-    health.start()
-    try:
-        run_until_signal(a.run, a.stop)
-    finally:
-        health.stop()
-
-
-@main.group()
-def coordinator() -> None:
-    """Run a coordinator candidate."""
-
-
-@coordinator.command("run")
-@zk_options
-@click.option("--id", "candidate_id", default=None,
-              help="Candidate id shown as leader. Default: HOSTNAME-PID.")
-@click.option("--session-timeout", type=click.FloatRange(min=0.5), default=10.0,
-              show_default=True, help="ZooKeeper session timeout in seconds; bounds failover.")
-@click.option("--log-level", default="info", show_default=True)
-@operator_errors
-def coordinator_run(zk_hosts: str, paths: Paths, candidate_id: str | None,
-                    session_timeout: float, log_level: str) -> None:
-    """Campaign for leadership; when leading, plan on every membership or config change."""
-    import os
-
-    from coordinator.leader import Coordinator
-    from coordinator.process import run_until_signal, setup_logging
-
-    setup_logging(log_level)
-    cid = candidate_id or f"{socket.gethostname()}-{os.getpid()}"
-    c = Coordinator(zk_hosts, paths.cluster, cid, session_timeout=session_timeout)
-    run_until_signal(c.run, c.stop)
-
-
-main.add_command(dev)
-register_data_commands(main)
-
-if __name__ == "__main__":
-    main()
+COMMANDS = (init, status, shards, drain, undrain, pause, resume, rebalance, move, config,
+            events)

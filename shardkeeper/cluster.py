@@ -15,20 +15,18 @@ from typing import TypeVar
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
-from coordinator.config import ClusterConfig
-from coordinator.layout import (
+from shardkeeper.config import ClusterConfig
+from shardkeeper.layout import (
     AgentPlan,
     AgentStatus,
-    CorruptZnode,
     MemberInfo,
     Paths,
     PlanMeta,
     RoutingChunk,
     decode_epoch,
 )
-from coordinator.plan import PlanState
-from coordinator.reconcile import ShardPlan
-from coordinator.zk import ShardkeeperError
+from shardkeeper.plan import PlanState, ShardPlan
+from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

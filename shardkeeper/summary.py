@@ -6,8 +6,8 @@ import dataclasses
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from coordinator.layout import AgentStatus, Maintenance, MemberInfo
-from coordinator.plan import PlanState, assignments
+from shardkeeper.layout import AgentStatus, Maintenance, MemberInfo
+from shardkeeper.plan import PlanState, assignments
 
 
 def under_replicated(

@@ -56,7 +56,7 @@ def run_until_signal(run: Callable[[], None], stop: Callable[[], None]) -> None:
 
 def cli_command(*args: str) -> list[str]:
     """The argv that runs `shardkeeper ARGS` with this interpreter (no PATH needed)."""
-    return [sys.executable, "-m", "coordinator", *args]
+    return [sys.executable, "-m", "shardkeeper", *args]
 
 
 def spawn(argv: Sequence[str], log_path: Path, detach: bool = False,

@@ -9,14 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from coordinator.layout import CorruptZnode, decode_object, encode
+from shardkeeper.layout import decode_object, encode
+from shardkeeper.vocab import ConfigError, CorruptZnode
 
 MAX_SHARDS = 1_000_000
 MAX_REPLICAS = 16
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says which and why."""
 
 
 # name -> (kind, low, high, help). Bounds are inclusive.

@@ -22,7 +22,6 @@ retried put writes the same value again, which is harmless.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NoNodeError
 from tenacity import (
     RetryError,
     retry,
@@ -41,13 +39,14 @@ from tenacity import (
 )
 
 from agents.dataplane import NotPrimary, PeerClient, PeerError, PeerUnavailable, ShardInfo
-from coordinator import cluster as clusterstate
-from coordinator.layout import Paths, RoutingChunk
-from coordinator.zk import ShardkeeperError, close, connect
+from shardkeeper import cluster as clusterstate
+from shardkeeper.layout import Paths, RoutingChunk
 from shardkeeper.ring import shard_for_key
+from shardkeeper.token import require_token
+from shardkeeper.vocab import ShardkeeperError
+from shardkeeper.zk import close, connect
 
 T = TypeVar("T")
-TOKEN_ENV = "SHARDKEEPER_TOKEN"
 Item = tuple[bytes, bytes]
 
 
@@ -65,21 +64,6 @@ class RequestError(DataError):
 
 class _Retry(Exception):
     """Internal: this attempt failed in a way a fresh routing table may fix."""
-
-
-def cluster_token(client: KazooClient, paths: Paths) -> str:
-    """SHARDKEEPER_TOKEN, else the token znode written by `shardkeeper init`."""
-    if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV]
-    try:
-        data, _ = client.get(paths.token)
-    except NoNodeError:
-        data = b""
-    if not data:
-        raise DataError(
-            f"cluster {paths.cluster!r} has no token: run `shardkeeper init` or set {TOKEN_ENV}"
-        )
-    return data.decode()
 
 
 @dataclass(frozen=True)
@@ -125,7 +109,7 @@ class DataClient:
     ):
         self.zk = zk
         self.paths = paths
-        self.token = token or cluster_token(zk, paths)
+        self.token = token or require_token(zk, paths)
         self.deadline = deadline
         self.peers = PeerClient(self.token, timeout=timeout, attempts=2)
         self._lock = threading.Lock()

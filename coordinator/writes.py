@@ -9,11 +9,9 @@ rows are unchanged are not rewritten, and ``plan/meta`` goes last, as the commit
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from coordinator.layout import (
-    ROLE_PRIMARY,
-    ROLE_REPLICA,
+from shardkeeper.layout import (
     ROUTING_CHUNK,
     AgentPlan,
     Assignment,
@@ -21,9 +19,7 @@ from coordinator.layout import (
     PlanMeta,
     RoutingChunk,
 )
-from coordinator.reconcile import ShardPlan
-
-Routing = tuple[tuple[str, ...], ...]
+from shardkeeper.plan import PlanState, ShardPlan, Targets, assignments, shard_assignments
 
 
 @dataclass(frozen=True)
@@ -33,51 +29,6 @@ class Write:
     op: str
     path: str
     data: bytes = b""
-
-
-@dataclass(frozen=True)
-class PlanState:
-    """The plan as stored in ZooKeeper: meta, every plan/agents znode, every shard's plan,
-    and the placement target it is moving toward."""
-
-    meta: PlanMeta | None = None
-    agents: dict[str, AgentPlan] = field(default_factory=dict)
-    shards: tuple[ShardPlan, ...] = ()
-    targets: Routing = ()
-
-    @property
-    def generation(self) -> int:
-        return self.meta.generation if self.meta else 0
-
-    @property
-    def routing(self) -> Routing:
-        """In-sync replicas per shard, primary first: what clients route by."""
-        return tuple(p.replicas for p in self.shards)
-
-
-def shard_assignments(shard: ShardPlan) -> dict[str, Assignment]:
-    primary = shard.primary
-    copying = tuple(a for a, _ in shard.bootstrapping)
-    out: dict[str, Assignment] = {}
-    since = shard.since
-    for i, agent in enumerate(shard.replicas):
-        if i == 0:
-            out[agent] = Assignment(ROLE_PRIMARY, peers=shard.replicas[1:], catching_up=copying,
-                                    since=since)
-        else:
-            out[agent] = Assignment(ROLE_REPLICA, primary=primary, since=since)
-    for agent, source in shard.bootstrapping:
-        out[agent] = Assignment(ROLE_REPLICA, primary=primary, source=source, since=since)
-    return out
-
-
-def assignments(shards: Sequence[ShardPlan]) -> dict[str, dict[int, Assignment]]:
-    """Invert shard -> plan into agent -> {shard: Assignment}."""
-    out: dict[str, dict[int, Assignment]] = {}
-    for s, shard in enumerate(shards):
-        for agent, assignment in shard_assignments(shard).items():
-            out.setdefault(agent, {})[s] = assignment
-    return out
 
 
 def agent_targets(prev: PlanState, shards: tuple[ShardPlan, ...]
@@ -114,7 +65,7 @@ def agent_targets(prev: PlanState, shards: tuple[ShardPlan, ...]
     return out
 
 
-def chunk_of(shards: Sequence[ShardPlan], targets: Routing, c: int, generation: int
+def chunk_of(shards: Sequence[ShardPlan], targets: Targets, c: int, generation: int
              ) -> RoutingChunk:
     first = c * ROUTING_CHUNK
     rows = shards[first : first + ROUTING_CHUNK]
@@ -131,7 +82,7 @@ def chunk_of(shards: Sequence[ShardPlan], targets: Routing, c: int, generation: 
     )
 
 
-def changed_chunks(prev: PlanState, shards: Sequence[ShardPlan], targets: Routing) -> list[int]:
+def changed_chunks(prev: PlanState, shards: Sequence[ShardPlan], targets: Targets) -> list[int]:
     n_chunks = (len(shards) + ROUTING_CHUNK - 1) // ROUTING_CHUNK
     out = []
     for c in range(n_chunks):
@@ -145,7 +96,7 @@ def plan_writes(
     paths: Paths,
     prev: PlanState,
     shards: Sequence[ShardPlan],
-    targets: Routing,
+    targets: Targets,
     members: Iterable[str],
     *,
     epoch: int,

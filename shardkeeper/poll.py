@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from coordinator.zk import ShardkeeperError
+from shardkeeper.vocab import ShardkeeperError
 
 T = TypeVar("T")
 

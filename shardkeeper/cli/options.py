@@ -11,9 +11,9 @@ from typing import Any
 import click
 from kazoo.client import KazooClient
 
-from coordinator.config import ConfigError
-from coordinator.layout import CorruptZnode, Paths
-from coordinator.zk import ShardkeeperError, close, connect
+from shardkeeper.layout import Paths
+from shardkeeper.vocab import ConfigError, CorruptZnode, ShardkeeperError
+from shardkeeper.zk import close, connect
 
 DEFAULT_ZK = "127.0.0.1:2181"
 DEFAULT_CLUSTER = "default"

@@ -10,13 +10,10 @@ from kazoo.exceptions import NodeExistsError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 
-from coordinator.layout import Paths
+from shardkeeper.layout import Paths
+from shardkeeper.vocab import ShardkeeperError
 
 log = logging.getLogger(__name__)
-
-
-class ShardkeeperError(Exception):
-    """An error with a message meant for the operator; the CLI prints it on one line."""
 
 
 class ZkUnavailable(ShardkeeperError):

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.zk import ShardkeeperError
+from shardkeeper.vocab import ShardkeeperError
 
 ZK_JAR = Path(os.environ.get("SHARDKEEPER_ZK_JAR", "/usr/share/java/zookeeper.jar"))
 ZK_CONF_DIR = Path("/etc/zookeeper/conf")

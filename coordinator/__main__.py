@@ -1,3 +1,0 @@
-from coordinator.cli import main
-
-main(prog_name="shardkeeper")

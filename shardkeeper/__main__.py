@@ -1,0 +1,3 @@
+from shardkeeper.cli import main
+
+main(prog_name="shardkeeper")

@@ -1,0 +1,81 @@
+"""The plan as both roles and the CLI read it: per shard the in-sync replicas (primary
+first), the replicas still bootstrapping (each with its source) and the primary's term,
+plus the placement target the leader is moving toward.
+
+This is the decoded form of ``plan/meta``, ``plan/agents/<id>`` and ``plan/routing/<chunk>``
+(their codecs are in :mod:`shardkeeper.layout`; :func:`shardkeeper.cluster.read_plan`
+assembles it). The leader's reconciler (``coordinator.reconcile``) computes new
+``ShardPlan`` rows, ``coordinator.writes`` turns them into znode writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from shardkeeper.layout import AgentPlan, Assignment, PlanMeta
+from shardkeeper.vocab import Role
+
+# shard -> agents, primary first (a placement target, or the in-sync replicas)
+Targets = tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    replicas: tuple[str, ...] = ()  # in sync, primary first
+    bootstrapping: tuple[tuple[str, str], ...] = ()  # (agent, source agent)
+    # The primary's term: the plan generation that made it primary (see ``with_terms``).
+    since: int = 0
+
+    @property
+    def primary(self) -> str | None:
+        return self.replicas[0] if self.replicas else None
+
+    @property
+    def holders(self) -> tuple[str, ...]:
+        return self.replicas + tuple(a for a, _ in self.bootstrapping)
+
+
+@dataclass(frozen=True)
+class PlanState:
+    """The plan as stored in ZooKeeper: meta, every plan/agents znode, every shard's plan,
+    and the placement target it is moving toward."""
+
+    meta: PlanMeta | None = None
+    agents: dict[str, AgentPlan] = field(default_factory=dict)
+    shards: tuple[ShardPlan, ...] = ()
+    targets: Targets = ()
+
+    @property
+    def generation(self) -> int:
+        return self.meta.generation if self.meta else 0
+
+    @property
+    def routing(self) -> Targets:
+        """In-sync replicas per shard, primary first: what clients route by."""
+        return tuple(p.replicas for p in self.shards)
+
+
+def shard_assignments(shard: ShardPlan) -> dict[str, Assignment]:
+    primary = shard.primary
+    copying = tuple(a for a, _ in shard.bootstrapping)
+    out: dict[str, Assignment] = {}
+    since = shard.since
+    for i, agent in enumerate(shard.replicas):
+        if i == 0:
+            out[agent] = Assignment(Role.PRIMARY, peers=shard.replicas[1:], catching_up=copying,
+                                    since=since)
+        else:
+            out[agent] = Assignment(Role.REPLICA, primary=primary, since=since)
+    for agent, source in shard.bootstrapping:
+        out[agent] = Assignment(Role.REPLICA, primary=primary, source=source, since=since)
+    return out
+
+
+def assignments(shards: Sequence[ShardPlan]) -> dict[str, dict[int, Assignment]]:
+    """Invert shard -> plan into agent -> {shard: Assignment}."""
+    out: dict[str, dict[int, Assignment]] = {}
+    for s, shard in enumerate(shards):
+        for agent, assignment in shard_assignments(shard).items():
+            out.setdefault(agent, {})[s] = assignment
+    return out
