@@ -141,12 +141,12 @@ class _Inputs:
 def target_of(assignment: Assignment, address_of: Any) -> Target:
     """Pure: the state machine's target for one plan assignment (agent ids -> addresses)."""
     if assignment.role == Role.PRIMARY:
-        return Target(Role.PRIMARY, since=assignment.since)
+        return Target(Role.PRIMARY, since=assignment.term)
     return Target(
         Role.REPLICA,
         source=address_of(assignment.source) if assignment.source else None,
         primary=address_of(assignment.primary) if assignment.primary else None,
-        since=assignment.since,
+        since=assignment.term,
     )
 
 
@@ -156,7 +156,7 @@ def referenced_agents(replicas: dict[int, Assignment]) -> set[str]:
     for a in replicas.values():
         ids.update(x for x in (a.primary, a.source) if x)
         ids.update(a.peers)
-        ids.update(a.catching_up)
+        ids.update(a.bootstrapping)
     return ids
 
 
@@ -674,7 +674,7 @@ class Agent:
             copying: tuple[str, ...] = ()
             if assignment is not None and assignment.role == Role.PRIMARY:
                 peers = tuple(self.address_of(a) for a in assignment.peers)
-                copying = tuple(self.address_of(a) for a in assignment.catching_up)
+                copying = tuple(self.address_of(a) for a in assignment.bootstrapping)
             return ShardRoute(ShardState.PRIMARY, record.generation, self.address, fence,
                               peers, copying)
         primary = None

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import threading
 import time
+from dataclasses import replace
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
@@ -30,21 +31,16 @@ from kazoo.exceptions import (
     SessionExpiredError,
 )
 
-from coordinator import policy
-from coordinator.placement import place
-from coordinator.reconcile import Throttle, next_step, with_terms
-from coordinator.writes import PlanState, Write, batches, plan_writes
+from coordinator.decide import Inputs, Memory, decide
+from coordinator.writes import Write, batches
 from shardkeeper import cluster
-from shardkeeper.config import ClusterConfig
 from shardkeeper.layout import (
     AgentStatus,
-    Event,
     Maintenance,
     MemberInfo,
     MoveRequest,
     Paths,
     encode_epoch,
-    encode_events,
 )
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import close, connect, ensure_layout
@@ -52,10 +48,6 @@ from shardkeeper.zk import close, connect, ensure_layout
 log = logging.getLogger(__name__)
 
 EVENTS_CAP = 1000  # audit log entries kept; the oldest are trimmed
-# A new cluster's first plan waits until membership has been still this long, so that
-# agents starting together are placed together instead of all shards landing on the
-# first one and then moving (Kafka's group.initial.rebalance.delay plays the same role).
-INITIAL_SETTLE = 1.0
 
 
 class Deposed(Exception):
@@ -146,18 +138,10 @@ class LeaderTerm:
         self.debounce = debounce
         self.wake = threading.Event()
         self.token = -1
-        self.state = PlanState()
-        self.known: dict[str, MemberInfo] = {}
-        self.live_before: set[str] = set()
-        self.departed_at: dict[str, float] = {}
+        self.memory = Memory()
         self.rebalance_version: int | None = None
         self.deadline: float | None = None
         self.events_kept = 0
-        self.drained_reported: set[str] = set()
-        self._unavailable_reported: tuple[int, ...] = ()
-        self.pins: list[MoveRequest] = []  # moves carried out this term, kept in place
-        self.seen: set[str] = set()
-        self.membership_changed = 0.0
 
     # -- fenced writes -----------------------------------------------------------------
     def claim_epoch(self) -> int:
@@ -190,10 +174,6 @@ class LeaderTerm:
             if failed:
                 # Our view of the plan znodes was stale (NoNode/NodeExists): reload, retry.
                 raise KazooException(f"plan write failed: {failed[:3]}")
-
-    def event(self, kind: str, message: str, generation: int = 0) -> Event:
-        log.info("event %s: %s", kind, message)
-        return Event(time.time(), kind, message, generation)
 
     def trim_events(self) -> None:
         """Keep the audit log capped: delete the oldest entries beyond EVENTS_CAP."""
@@ -251,145 +231,40 @@ class LeaderTerm:
         self.rebalance_version = version
         return changed and not first
 
-    def caught_up(self, statuses: dict[str, AgentStatus]) -> set[tuple[str, int]]:
-        """(agent, shard) pairs reported online by an agent that applied its latest plan."""
-        out = set()
-        for agent, status in statuses.items():
-            plan = self.state.agents.get(agent)
-            if plan is None or status.generation < plan.generation:
-                continue
-            out.update((agent, s) for s, st in status.shards.items() if st.in_sync)
-        return out
+    # -- one pass --------------------------------------------------------------------
+    def read_inputs(self, now: float) -> Inputs:
+        return Inputs(
+            now=now,
+            config=cluster.read_config(self.client, self.paths),
+            members=self.members.snapshot(),
+            statuses=self.statuses.snapshot(),
+            maintenance=self.read_maintenance(),
+            draining=frozenset(self.client.get_children(self.paths.drains)),
+            moves=tuple(self.read_moves()),
+            rebalance=self.rebalance_requested(),
+        )
 
-    # -- one reconciliation ------------------------------------------------------------
     def reconcile(self, now: float) -> None:
-        """Compute the next plan step from members, status, config and admin requests, and
-        write what changed (plan, events, admin bookkeeping) in fenced multis."""
-        config: ClusterConfig = cluster.read_config(self.client, self.paths)
-        members: dict[str, MemberInfo] = self.members.snapshot()
-        statuses: dict[str, AgentStatus] = self.statuses.snapshot()
-        live = set(members)
-        if live != self.seen:
-            self.seen, self.membership_changed = live, now
-        if self.state.meta is None and (
-            not live or now - self.membership_changed < INITIAL_SETTLE
-        ):
-            self.deadline = self.membership_changed + INITIAL_SETTLE if live else None
-            return
-        self.known.update(members)
-        writes: list[Write] = []
-        audit: list[Event] = []
-        gen = self.state.generation + 1
-
-        for agent in sorted(live - self.live_before):
-            audit.append(self.event("member-joined", f"{agent} joined", gen))
-        for agent in sorted(self.live_before - live):
-            audit.append(self.event("member-left", f"{agent} left", gen))
-        self.departed_at = policy.track_departures(self.departed_at, self.live_before, live, now)
-        self.live_before = live
-        if self.rebalance_requested():
-            self.departed_at = {}
-            audit.append(self.event("rebalance", "rebalance requested: delay skipped", gen))
-
-        maintenance = self.read_maintenance()
-        wanted = policy.guard(maintenance, live, self.departed_at, config, now)
-        if wanted != maintenance:
-            if wanted is None:
-                writes.append(Write("delete", self.paths.maintenance))
-                audit.append(self.event("maintenance-left", "members returned: moves resume",
-                                         gen))
-            else:
-                writes.append(Write("create", self.paths.maintenance, wanted.encode()))
-                audit.append(self.event("maintenance-entered", wanted.note, gen))
-            maintenance = wanted
-
-        draining = set(self.client.get_children(self.paths.drains))
-        waiting = policy.delayed(self.departed_at, config.rebalance_delay, now)
-        self.deadline = policy.next_deadline(self.departed_at, config.rebalance_delay, now)
-        previous = self.state.targets if self.state.meta else None
-        placement = place(
-            previous,
-            policy.placement_members(members, self.known, waiting, draining),
-            config.shards,
-            config.replicas,
-        )
-        target, self.pins = policy.hold_moves(placement.replicas, self.pins, live, draining)
-        target, outcomes = policy.apply_moves(target, self.read_moves(), live, draining)
-        self.pins += [o.request for o in outcomes if o.accepted]
-        for o in outcomes:
-            writes.append(Write("delete", f"{self.paths.moves}/{o.name}"))
-            if o.accepted:
-                audit.append(self.event(
-                    "move-accepted",
-                    f"move shard {o.request.shard} from {o.request.source} to {o.request.dest}",
-                    gen))
-            else:
-                audit.append(self.event("move-refused", f"{o.name} refused: {o.reason}", gen))
-
-        step = next_step(
-            self.state.shards,
-            target,
-            live,
-            self.caught_up(statuses),
-            Throttle(config.max_moves_per_agent, config.max_moves_total,
-                     paused=maintenance is not None),
-            min_in_sync=config.replicas,
-        )
-        summary = {
-            "in_flight": step.in_flight,
-            "deferred": step.deferred,
-            "unavailable": len(step.unavailable),
-            "maintenance": maintenance.reason if maintenance else None,
-            "draining": sorted(draining),
-            "waiting": sorted(waiting),
-        }
-        plan_changes, state = plan_writes(
-            self.paths, self.state, with_terms(self.state.shards, step.plan, gen),
-            tuple(target), live,
-            epoch=self.token, leader=self.leader_id, replicas=config.replicas,
-            shortfall=placement.shortfall, now=time.time(), summary=summary,
-        )
-        if plan_changes:
-            moves = step.started + step.dropped + step.failovers + step.promotions + step.joined
-            if moves or state.generation == 1:
-                audit.append(self.event(
-                    "plan",
-                    f"generation {state.generation}: {step.started} copies started,"
-                    f" {step.joined} joined, {step.dropped} dropped, {step.failovers}"
-                    f" failovers, {step.promotions} primary moves, {step.in_flight} in flight,"
-                    f" {step.deferred} deferred",
-                    state.generation))
-            if step.unavailable and step.unavailable != self._unavailable_reported:
-                audit.append(self.event(
-                    "shards-unavailable",
-                    f"{len(step.unavailable)} shards have no live in-sync replica",
-                    state.generation))
-                self._unavailable_reported = step.unavailable
-        for agent in sorted(draining - self.drained_reported):
-            if state.meta and not any(agent in p.holders for p in state.shards):
-                audit.append(self.event("drain-done", f"{agent} is drained", gen))
-                self.drained_reported.add(agent)
-        self.drained_reported &= draining
-        if audit:
-            writes.append(Write("append", self.paths.event_prefix, encode_events(audit)))
+        """Read, decide (pure), and write what changed in fenced multis."""
+        outcome = decide(self.memory, self.read_inputs(now), paths=self.paths,
+                         leader=self.leader_id, epoch=self.token)
+        self.deadline = outcome.deadline
+        if outcome.writes:
+            self.commit(list(outcome.writes))
+        self.memory = outcome.memory
+        for e in outcome.audit:
+            log.info("event %s: %s", e.kind, e.message)
+        if any(w.op == "append" for w in outcome.writes):
             self.events_kept += 1
-        if not plan_changes and not writes:
-            return
-        # Plan znodes first and plan/meta last (the commit point), then the audit trail.
-        self.commit(plan_changes[:-1] + writes + plan_changes[-1:])
-        self.state = state
-        self.trim_events()
-        if plan_changes:
-            log.info("plan generation %d written: %d members, %d znodes", state.generation,
-                     len(live), len(plan_changes))
+            self.trim_events()
+        if outcome.plan_written:
+            log.info("plan generation %d written: %d members, %d znodes", outcome.generation,
+                     len(outcome.memory.live_before), len(outcome.writes))
 
     def run(self) -> None:
         self.token = self.claim_epoch()
         log.info("%s leads with epoch %d", self.leader_id, self.token)
-        self.state = cluster.read_plan(self.client, self.paths)
-        # Members of the last plan that are gone now left during the failover: their
-        # clocks (rebalance delay, mass-departure guard) start now.
-        self.live_before = set(self.state.meta.members) if self.state.meta else set()
+        self.memory = Memory.at_start(cluster.read_plan(self.client, self.paths))
         self.events_kept = len(self.client.get_children(self.paths.events))
         self.members = ChildCache(self.client, self.paths.members, MemberInfo.decode,
                                   self._poke, self._active)
@@ -421,7 +296,8 @@ class LeaderTerm:
                 raise
             except KazooException as e:
                 log.warning("reconcile failed (%s): reloading the stored plan", e)
-                self.state = cluster.read_plan(self.client, self.paths)
+                self.memory = replace(self.memory,
+                                      plan=cluster.read_plan(self.client, self.paths))
                 self.wake.set()
 
 

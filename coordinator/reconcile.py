@@ -210,7 +210,8 @@ def next_step(
     plan = list(shards)
     for s, (in_sync, boot) in staged.items():
         in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync)
-        plan[s] = ShardPlan(tuple(in_sync), tuple(boot), shard.since)
+        # The term stays the shard's own until with_terms stamps a changed primary.
+        plan[s] = ShardPlan(tuple(in_sync), tuple(boot), shards[s].term)
     in_flight = sum(len(p.bootstrapping) for p in plan)
     return Step(
         plan=tuple(plan),
@@ -231,25 +232,25 @@ def with_terms(
     """Stamp each shard with its primary's term: ``generation`` where the primary changed
     (or the shard is new), else the term it had.
 
-    The term is the shard's fencing generation (Kafka's leader epoch): the primary numbers
-    its LSNs from it and replicas refuse forwards from any lower one. It must be the same
-    number on every agent, so it comes from the plan, not from the generation at which
+    The term is the shard's fencing number (Kafka's leader epoch): the primary numbers its
+    LSNs from it and replicas accept forwards only at the term their plan gives. It must be
+    the same number on every agent, so it comes from the plan, not from the generation at which
     each agent happened to notice the change (agents skip plans they read late).
     """
     out = []
     for s, shard in enumerate(plan):
         before = previous[s] if s < len(previous) else ShardPlan()
         if shard.primary is None:
-            since = 0
-        elif shard.primary == before.primary and before.since:
-            since = before.since
+            term = 0
+        elif shard.primary == before.primary and before.term:
+            term = before.term
         else:
-            since = generation
-        out.append(shard if shard.since == since else replace(shard, since=since))
+            term = generation
+        out.append(shard if shard.term == term else replace(shard, term=term))
     return tuple(out)
 
 
-def converged(plan: Sequence[ShardPlan], target: Sequence[Sequence[str]]) -> bool:
+def at_target(plan: Sequence[ShardPlan], target: Sequence[Sequence[str]]) -> bool:
     """True when every shard holds exactly its target's agents in sync, with the target's
     primary first and nothing copying (the order of the other replicas does not matter)."""
     return len(plan) == len(target) and all(

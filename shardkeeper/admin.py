@@ -15,7 +15,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ra
 
 from shardkeeper import cluster
 from shardkeeper.config import ClusterConfig
-from shardkeeper.layout import Event, Maintenance, MoveRequest, Paths, decode_events
+from shardkeeper.layout import AuditEvent, Maintenance, MoveRequest, Paths, decode_events
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import ensure_layout
 
@@ -129,7 +129,7 @@ def set_config(client: KazooClient, paths: Paths, settings: dict[str, str]) -> C
         raise ShardkeeperError("config keeps changing under us: try again") from None
 
 
-def events(client: KazooClient, paths: Paths, after: str = "") -> list[tuple[str, Event]]:
+def events(client: KazooClient, paths: Paths, after: str = "") -> list[tuple[str, AuditEvent]]:
     """Audit log entries in order, optionally only those in znodes after ``after``."""
     try:
         names = sorted(n for n in client.get_children(paths.events) if n > after)

@@ -114,8 +114,8 @@ def read_plan(client: KazooClient, paths: Paths) -> PlanState:
             # The term is kept in the agents' assignments (the primary's carries it).
             primary = agents.get(replicas[0]) if replicas else None
             assignment = primary.replicas.get(shard) if primary else None
-            since = assignment.since if assignment else 0
-            shards.append(ShardPlan(replicas, chunk.bootstrapping.get(shard, ()), since))
+            term = assignment.term if assignment else 0
+            shards.append(ShardPlan(replicas, chunk.bootstrapping.get(shard, ()), term))
             targets.append(chunk.targets.get(shard, replicas))
     return PlanState(meta=meta, agents=agents, shards=tuple(shards), targets=tuple(targets))
 
@@ -135,7 +135,7 @@ def current_leader(client: KazooClient, paths: Paths) -> str | None:
     return contenders[0] if contenders else None
 
 
-def converged(client: KazooClient, paths: Paths, agents: set[str]) -> bool:
+def settled(client: KazooClient, paths: Paths, agents: set[str]) -> bool:
     """True when ``agents`` are exactly the members and the plan's, nothing is copying, and
     every agent reports holding in sync (REPLICA or PRIMARY, not catching up) exactly what
     its latest plan says."""

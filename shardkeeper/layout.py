@@ -237,49 +237,55 @@ class Assignment:
     """What the plan asks of one agent for one shard.
 
     A primary learns its in-sync ``peers`` (which must ack every write) and the replicas
-    ``catching_up`` (which receive forwarded writes while they copy). A replica learns its
-    ``primary`` and, while it must copy the shard, the ``source`` to copy from. Both learn
-    ``since``, the primary's term: the plan generation that made it primary (0: unknown,
-    from a plan written before terms).
+    ``bootstrapping`` (which receive forwarded writes while they copy). A replica learns
+    its ``primary`` and, while it must copy the shard, the ``source`` to copy from. Both
+    learn the primary's ``term``: the plan generation that made it primary (>= 1).
     Encoded compactly, since an agent may hold thousands of shards:
-    ``["P", [peers...], [catching_up...], since]`` or ``["R", primary, since]`` /
-    ``["R", primary, since, source]`` (without ``since`` as written before terms).
+    ``["P", [peers...], [bootstrapping...], term]`` or ``["R", primary, term]`` /
+    ``["R", primary, term, source]``.
     """
 
-    role: str
+    role: Role
     primary: str | None = None
     source: str | None = None
     peers: tuple[str, ...] = ()
-    catching_up: tuple[str, ...] = ()
-    since: int = 0
+    bootstrapping: tuple[str, ...] = ()
+    term: int = 0
 
     def to_json(self) -> list[Any]:
         if self.role == Role.PRIMARY:
-            return ["P", list(self.peers), list(self.catching_up), self.since]
-        return ["R", self.primary, self.since] + ([self.source] if self.source else [])
+            return ["P", list(self.peers), list(self.bootstrapping), self.term]
+        return ["R", self.primary, self.term] + ([self.source] if self.source else [])
 
     @classmethod
     def from_json(cls, path: str, shard: str, raw: Any) -> Assignment:
         bad = CorruptZnode(f"{path}: bad assignment for shard {shard}: {raw!r}")
-        if not isinstance(raw, list) or not raw:
+        if not isinstance(raw, list) or len(raw) < 3:
             raise bad
-        head, rest = raw[0], raw[1:]
-        since = 0
-        if head == "P" and len(rest) == 3 and _is_count(rest[2]):
-            rest, since = rest[:2], rest[2]
-        elif head == "R" and len(rest) in (2, 3) and _is_count(rest[1]):
-            rest, since = [rest[0], *rest[2:]], rest[1]
-        if head == "P" and len(rest) == 2 and all(isinstance(x, list) for x in rest):
-            return cls(Role.PRIMARY, peers=tuple(rest[0]), catching_up=tuple(rest[1]),
-                       since=since)
-        if head == "R" and len(rest) in (1, 2) and all(isinstance(x, str) for x in rest):
-            return cls(Role.REPLICA, primary=rest[0], source=rest[1] if len(rest) == 2 else None,
-                       since=since)
+        head = raw[0]
+        if head == "P" and len(raw) == 4 and _is_term(raw[3]) and all(
+            isinstance(x, list) and all(_is_name(a) for a in x) for x in raw[1:3]
+        ):
+            return cls(Role.PRIMARY, peers=tuple(raw[1]), bootstrapping=tuple(raw[2]),
+                       term=raw[3])
+        if head == "R" and len(raw) in (3, 4) and _is_name(raw[1]) and _is_term(raw[2]) and (
+            len(raw) == 3 or _is_name(raw[3])
+        ):
+            return cls(Role.REPLICA, primary=raw[1], source=raw[3] if len(raw) == 4 else None,
+                       term=raw[2])
         raise bad
 
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_term(value: Any) -> bool:
+    return _is_count(value) and value >= 1
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(_NAME.match(value))
 
 
 @dataclass(frozen=True)
@@ -436,7 +442,7 @@ class ShardStatus:
 
     @property
     def in_sync(self) -> bool:
-        """Online and caught up: the one test the leader (joins) and `converged` use."""
+        """Online and caught up: the one test the leader (joins) and `cluster.settled` use."""
         return self.state in HOLDING and not self.catching_up
 
     def encode(self) -> dict[str, Any]:
@@ -539,7 +545,7 @@ class MoveRequest:
 
 
 @dataclass(frozen=True)
-class Event:
+class AuditEvent:
     """One entry of the audit log under events/."""
 
     time: float
@@ -551,7 +557,7 @@ class Event:
         return encode(self.to_json())
 
     @classmethod
-    def decode(cls, path: str, data: bytes | None) -> Event:
+    def decode(cls, path: str, data: bytes | None) -> AuditEvent:
         obj = decode_object(path, data)
         return cls(
             time=float(_field(path, obj, "time", (int, float))),
@@ -565,14 +571,14 @@ class Event:
                 "generation": self.generation}
 
 
-def encode_events(events: list[Event]) -> bytes:
+def encode_events(events: list[AuditEvent]) -> bytes:
     """One audit znode holds every decision of one leader pass (one write per pass)."""
     return encode({"events": [e.to_json() for e in events]})
 
 
-def decode_events(path: str, data: bytes | None) -> list[Event]:
+def decode_events(path: str, data: bytes | None) -> list[AuditEvent]:
     obj = decode_object(path, data)
     entries = _field(path, obj, "events", list)
     if not all(isinstance(e, dict) for e in entries):
         raise CorruptZnode(f"{path}: events must be objects")
-    return [Event.decode(path, encode(e)) for e in entries]
+    return [AuditEvent.decode(path, encode(e)) for e in entries]

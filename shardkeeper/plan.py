@@ -24,8 +24,9 @@ Targets = tuple[tuple[str, ...], ...]
 class ShardPlan:
     replicas: tuple[str, ...] = ()  # in sync, primary first
     bootstrapping: tuple[tuple[str, str], ...] = ()  # (agent, source agent)
-    # The primary's term: the plan generation that made it primary (see ``with_terms``).
-    since: int = 0
+    # The primary's term: the plan generation that made it primary (see
+    # ``coordinator.reconcile.with_terms``); 0 only for a shard without a primary.
+    term: int = 0
 
     @property
     def primary(self) -> str | None:
@@ -60,15 +61,15 @@ def shard_assignments(shard: ShardPlan) -> dict[str, Assignment]:
     primary = shard.primary
     copying = tuple(a for a, _ in shard.bootstrapping)
     out: dict[str, Assignment] = {}
-    since = shard.since
+    term = shard.term
     for i, agent in enumerate(shard.replicas):
         if i == 0:
-            out[agent] = Assignment(Role.PRIMARY, peers=shard.replicas[1:], catching_up=copying,
-                                    since=since)
+            out[agent] = Assignment(Role.PRIMARY, peers=shard.replicas[1:], bootstrapping=copying,
+                                    term=term)
         else:
-            out[agent] = Assignment(Role.REPLICA, primary=primary, since=since)
+            out[agent] = Assignment(Role.REPLICA, primary=primary, term=term)
     for agent, source in shard.bootstrapping:
-        out[agent] = Assignment(Role.REPLICA, primary=primary, source=source, since=since)
+        out[agent] = Assignment(Role.REPLICA, primary=primary, source=source, term=term)
     return out
 
 

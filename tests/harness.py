@@ -118,10 +118,10 @@ class Cluster:
     def epoch(self) -> int:
         return clusterstate.read_leader(self.client, self.paths)[1]
 
-    def converged(self, agents: set[str]) -> bool:
+    def settled(self, agents: set[str]) -> bool:
         """``agents`` are the members and the plan's, nothing is copying, and each agent
         holds exactly what its latest plan says."""
-        return clusterstate.converged(self.client, self.paths, agents)
+        return clusterstate.settled(self.client, self.paths, agents)
 
     def close(self) -> None:
         for p in self.procs.values():

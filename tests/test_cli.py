@@ -76,8 +76,8 @@ def test_status_and_shards_show_the_running_cluster(cluster: Cluster) -> None:
     cluster.start_coordinator("coord-1")
     for a in ("agent-1", "agent-2", "agent-3"):
         cluster.start_agent(a, zone=f"z{a[-1]}")
-    poll_until(lambda: cluster.converged({"agent-1", "agent-2", "agent-3"}), 15,
-        "cluster.converged({'agent-1', 'agent-2', 'agent-3'})")
+    poll_until(lambda: cluster.settled({"agent-1", "agent-2", "agent-3"}), 15,
+        "cluster.settled({'agent-1', 'agent-2', 'agent-3'})")
     s = json.loads(cluster.cli("status", "--json").stdout)
     for key in ("leader", "epoch", "generation", "shards", "replicas", "members",
                 "under_replicated", "balance"):

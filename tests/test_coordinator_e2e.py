@@ -23,7 +23,7 @@ def start(c: Cluster, agents: int, shards: int = 32, replicas: int = 2,
     names = {f"agent-{i}" for i in range(1, agents + 1)}
     for name in sorted(names):
         c.start_agent(name, session_timeout=timeout)
-    poll_until(lambda: c.converged(names), 20, "initial convergence")
+    poll_until(lambda: c.settled(names), 20, "initial convergence")
     return names
 
 
@@ -87,7 +87,7 @@ def test_drain_moves_everything_off_without_an_under_replicated_moment(cluster: 
         r = cluster.cli("drain", "agent-4")
         assert r.returncode == 0 and "draining" in r.stdout
         poll_until(lambda: "drain-done" in event_kinds(cluster), 30, "drain done")
-        poll_until(lambda: cluster.converged(agents), 10, 'cluster.converged(agents)')
+        poll_until(lambda: cluster.settled(agents), 10, 'cluster.settled(agents)')
     finally:
         history.close()
     assert history.samples > 10
@@ -118,7 +118,7 @@ def test_pause_stops_moves_and_resume_restarts_them(cluster: Cluster) -> None:
     text = cluster.cli("status").stdout
     assert "MAINTENANCE (manual)" in text and "kernel upgrade" in text
     assert cluster.cli("resume").returncode == 0
-    poll_until(lambda: cluster.converged(agents | {"agent-4"}) and any(
+    poll_until(lambda: cluster.settled(agents | {"agent-4"}) and any(
         "agent-4" in r for r in cluster.plan().routing), 20, "moves resume")
 
 
@@ -158,7 +158,7 @@ def test_mass_departure_enters_maintenance_and_leaves_when_members_return(
         cluster.start_agent(v)
     poll_until(lambda: not cluster.client.exists(cluster.paths.maintenance), 15,
         "automatic maintenance ends when the members return")
-    poll_until(lambda: cluster.converged(agents), 20, 'cluster.converged(agents)')
+    poll_until(lambda: cluster.settled(agents), 20, 'cluster.settled(agents)')
     kinds = event_kinds(cluster)
     assert "maintenance-entered" in kinds and "maintenance-left" in kinds
 
@@ -180,7 +180,7 @@ def test_rebalance_delay_defers_re_replication_but_not_failover(cluster: Cluster
     assert plan.meta.summary["waiting"] == ["agent-1"]
     r = cluster.cli("rebalance")
     assert r.returncode == 0
-    poll_until(lambda: cluster.converged(survivors) and all(
+    poll_until(lambda: cluster.settled(survivors) and all(
         len(r) == 2 for r in cluster.plan().routing), 20, "rebalance re-replicates at once")
 
 

@@ -30,7 +30,7 @@ def start(cluster: Cluster, agents=AGENTS, shards: int = 16, replicas: int = 3) 
     cluster.start_coordinator("coord-1", session_timeout=SESSION)
     for name in agents:
         cluster.start_agent(name, session_timeout=SESSION)
-    poll_until(lambda: cluster.converged(set(agents)), 30, "initial convergence")
+    poll_until(lambda: cluster.settled(set(agents)), 30, "initial convergence")
     return DataClient(cluster.client, cluster.paths, deadline=20.0)
 
 
@@ -140,7 +140,7 @@ def test_sigkill_agent_under_write_load_loses_no_acknowledged_write(cluster) -> 
         "a plan without agent-2")
     writer.wait_acks(len(writer.acked) + 200)
     writer.stop()
-    poll_until(lambda: cluster.converged(survivors), 60, "survivors converge")
+    poll_until(lambda: cluster.settled(survivors), 60, "survivors converge")
     # The replicas agent-2 held were rebuilt: every shard is on all three survivors again.
     assert every_shard_fully_in_sync(cluster, survivors, 3)
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
@@ -170,7 +170,7 @@ def test_sigkill_primary_mid_write_costs_only_seconds(cluster) -> None:
           f" (kill at +0, {time.monotonic() - t0:.1f}s of writes after)")
     assert writer.longest_gap < 6.0
     survivors = set(AGENTS) - {victim}
-    poll_until(lambda: cluster.converged(survivors), 60, "survivors converge")
+    poll_until(lambda: cluster.settled(survivors), 60, "survivors converge")
     assert_all_readable(kv, writer.acked)
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
 
@@ -194,7 +194,7 @@ def test_fifth_agent_takes_shards_with_data_make_before_break(cluster) -> None:
     writer.wait_acks(100)
     everyone = set(AGENTS) | {"agent-5"}
     cluster.start_agent("agent-5", session_timeout=SESSION)
-    poll_until(lambda: cluster.converged(everyone), 60, "agent-5 takes its share")
+    poll_until(lambda: cluster.settled(everyone), 60, "agent-5 takes its share")
     writer.wait_acks(len(writer.acked) + 100)
     writer.stop()
     watching.set()
@@ -261,7 +261,7 @@ def test_frozen_primary_is_fenced_and_repaired_without_divergence(cluster) -> No
         address, "PUT", key_path(shard, key), {"value": b64(b"stale")}, token, timeout=60)[0]))
     late.start()
     survivors = set(AGENTS) - {victim}
-    poll_until(lambda: cluster.converged(survivors), 60,
+    poll_until(lambda: cluster.settled(survivors), 60,
         "the cluster fails over and re-replicates without the frozen agent")
     kv.put(key, b"after")
     cluster.procs[victim].cont()
@@ -270,7 +270,7 @@ def test_frozen_primary_is_fenced_and_repaired_without_divergence(cluster) -> No
     assert answers and answers[0] != 200, f"the deposed primary acknowledged a write: {answers}"
     status, _ = raw(address, "PUT", key_path(shard, key), {"value": b64(b"stale2")}, token)
     assert status != 200
-    poll_until(lambda: cluster.converged(set(AGENTS)), 60,
+    poll_until(lambda: cluster.settled(set(AGENTS)), 60,
         "the thawed agent registers again and the cluster rebalances")
     assert kv.get(key) == b"after"
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
@@ -332,7 +332,7 @@ def test_agent_back_from_lost_serves_nothing_until_it_has_a_plan(cluster) -> Non
     address = kv.routing().addresses[victim]
     freeze(cluster, victim)
     survivors = set(AGENTS) - {victim}
-    poll_until(lambda: cluster.converged(survivors), 60,
+    poll_until(lambda: cluster.settled(survivors), 60,
         "the cluster re-homes the frozen agent's replicas")
     assert victim not in cluster.plan().agents, "a departed agent holding nothing has no plan"
     kv.put(key, b"new")
@@ -353,7 +353,7 @@ def test_agent_back_from_lost_serves_nothing_until_it_has_a_plan(cluster) -> Non
     assert raw(address, "GET", "/healthz", token=kv.token)[0] == 503
     assert shard in StoreSet(cluster.workdir / victim / "shards").on_disk(), "data kept"
     cluster.start_coordinator("coord-1", session_timeout=SESSION)
-    poll_until(lambda: cluster.converged(set(AGENTS)), 60,
+    poll_until(lambda: cluster.settled(set(AGENTS)), 60,
         "a new leader places shards on the returning agent again")
     assert kv.get(key) == b"new"
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")
@@ -406,7 +406,7 @@ def test_demoted_primary_keeps_its_shard_and_repairs_what_it_alone_applied(clust
     freeze(cluster, victim)
     late.send(shard, orphans, b"unacknowledged")
     survivors = set(AGENTS) - {victim}
-    poll_until(lambda: cluster.converged(survivors) and primary_of(cluster, shard) != victim, 60,
+    poll_until(lambda: cluster.settled(survivors) and primary_of(cluster, shard) != victim, 60,
         "the shard fails over; its replicas wait for the frozen agent")
     kv.put(key, b"after")
     thawed_at = len(cluster.procs[victim].output())
@@ -417,7 +417,7 @@ def test_demoted_primary_keeps_its_shard_and_repairs_what_it_alone_applied(clust
     seen = sorted(f"{status} {body.get('error')}" for status, body in answers)
     print(f"\nwrites held by the frozen primary: {seen}")
     assert len(answers) == len(orphans) and all(status != 200 for status, _ in answers)
-    poll_until(lambda: cluster.converged(set(AGENTS))
+    poll_until(lambda: cluster.settled(set(AGENTS))
              and all(len(r) == 3 for r in cluster.plan().routing), 60,
                  "the thawed agent takes its replicas back")
     assert victim in cluster.plan().routing[shard]
@@ -443,7 +443,7 @@ def test_replica_back_from_a_lost_session_catches_up_before_it_counts(cluster) -
     assert followed, "the victim follows some primary"
     freeze(cluster, victim)
     survivors = set(AGENTS) - {victim}
-    poll_until(lambda: cluster.converged(survivors), 60,
+    poll_until(lambda: cluster.settled(survivors), 60,
         "the shards fail over without the frozen agent")
     missed: dict[bytes, bytes] = {}
     for shard in followed:
@@ -455,7 +455,7 @@ def test_replica_back_from_a_lost_session_catches_up_before_it_counts(cluster) -
             missed[key] = b"written while it was away"
     thawed_at = len(cluster.procs[victim].output())
     cluster.procs[victim].cont()
-    poll_until(lambda: cluster.converged(set(AGENTS))
+    poll_until(lambda: cluster.settled(set(AGENTS))
              and all(len(r) == 3 for r in cluster.plan().routing), 60,
                  "the thawed agent catches up and is counted in sync again")
     since = cluster.procs[victim].output()[thawed_at:]
@@ -479,14 +479,14 @@ def test_replica_that_skipped_plans_fences_at_the_primarys_term(cluster) -> None
         cluster.start_agent(name, session_timeout=SESSION)
     cluster.start_agent("agent-3", session_timeout=30.0)  # outlives its freeze
     agents = {"agent-1", "agent-2", "agent-3"}
-    poll_until(lambda: cluster.converged(agents), 30, "initial convergence")
+    poll_until(lambda: cluster.settled(agents), 30, "initial convergence")
     kv = DataClient(cluster.client, cluster.paths, deadline=20.0)
     # A shard that agent-3 follows last: the failover promotes the other survivor.
     shard = next(s for s, r in enumerate(cluster.plan().routing) if r[2] == "agent-3")
     old_primary, new_primary, _ = cluster.plan().routing[shard]
     key = next(k for k in (f"term-{i}".encode() for i in range(10**6)) if kv.shard_of(k) == shard)
     kv.put(key, b"before")
-    term_before = cluster.plan().shards[shard].since
+    term_before = cluster.plan().shards[shard].term
     freeze(cluster, "agent-3")
     cluster.procs[old_primary].kill()
     poll_until(lambda: primary_of(cluster, shard) == new_primary, 30,
@@ -496,11 +496,11 @@ def test_replica_that_skipped_plans_fences_at_the_primarys_term(cluster) -> None
     cluster.start_agent("agent-4", session_timeout=SESSION)
     poll_until(lambda: cluster.plan().agents["agent-3"].generation > failover, 30,
         "agent-3's plan changes again after the failover")
-    term = cluster.plan().shards[shard].since
+    term = cluster.plan().shards[shard].term
     assert term_before < term <= failover
     cluster.procs["agent-3"].cont()
     live = {"agent-3", "agent-4", new_primary}
-    poll_until(lambda: cluster.converged(live), 60, "the cluster settles")
+    poll_until(lambda: cluster.settled(live), 60, "the cluster settles")
     kv.put(key, b"after")  # forwarded to every in-sync replica, agent-3 included if held
     assert kv.get(key) == b"after"
     assert "every replica's digest is equal" in cli_ok(cluster, "verify")

@@ -10,7 +10,7 @@ from shardkeeper.layout import (
     AgentPlan,
     AgentStatus,
     Assignment,
-    Event,
+    AuditEvent,
     Maintenance,
     MemberInfo,
     MoveRequest,
@@ -22,7 +22,7 @@ from shardkeeper.layout import (
     encode,
     encode_events,
 )
-from shardkeeper.vocab import ConfigError, CorruptZnode
+from shardkeeper.vocab import ConfigError, CorruptZnode, Role
 
 
 def test_paths_live_under_the_cluster_root() -> None:
@@ -47,23 +47,17 @@ def test_codecs_round_trip() -> None:
         generation=4,
         epoch=2,
         replicas={
-            0: Assignment("primary", peers=("a2",), catching_up=("a3",)),
-            17: Assignment("replica", primary="a2"),
-            18: Assignment("replica", primary="a2", source="a4"),
+            0: Assignment(Role.PRIMARY, peers=("a2",), bootstrapping=("a3",), term=3),
+            17: Assignment(Role.REPLICA, primary="a2", term=4),
+            18: Assignment(Role.REPLICA, primary="a2", source="a4", term=4),
         },
     )
     assert AgentPlan.decode("p", plan.encode()) == plan
-    with_terms = AgentPlan(4, 2, {
-        0: Assignment("primary", peers=("a2",), since=3),
-        1: Assignment("replica", primary="a2", since=4),
-        2: Assignment("replica", primary="a2", source="a4", since=4),
-    })
-    assert AgentPlan.decode("p", with_terms.encode()) == with_terms
-    # Written before terms: decoded with term 0.
-    old = encode({"generation": 1, "epoch": 1, "replicas": {
-        "0": ["P", ["b"], []], "1": ["R", "b"], "2": ["R", "b", "c"]}})
-    assert [a.since for a in AgentPlan.decode("p", old).replicas.values()] == [0, 0, 0]
-    assert AgentPlan.decode("p", old).replicas[2].source == "c"
+    # Every assignment carries its primary's term (>= 1); anything else is corrupt.
+    for bad in (["P", ["b"], []], ["R", "b"], ["R", "b", 0], ["P", ["b"], [], True],
+                ["R", "b", 1, 2], ["P", [1], [], 1], ["R", "", 1]):
+        with pytest.raises(CorruptZnode):
+            AgentPlan.decode("p", encode({"generation": 1, "epoch": 1, "replicas": {"0": bad}}))
     meta = PlanMeta(4, 2, "c1", 64, 2, ("a1", "a2"), 1, 0, 1.5, {"in_flight": 3})
     assert PlanMeta.decode("p", meta.encode()) == meta
     chunk = RoutingChunk(4, ROUTING_CHUNK, (("a1", "a2"), ("a2",)),
@@ -72,8 +66,10 @@ def test_codecs_round_trip() -> None:
     assert RoutingChunk.decode("p", chunk.encode()) == chunk
     assert Maintenance.decode("p", Maintenance("auto", 3.0, "x", ("a",)).encode()).missing == ("a",)
     assert MoveRequest.decode("p", MoveRequest(3, "a", "b").encode()) == MoveRequest(3, "a", "b")
-    assert Event.decode("p", Event(1.0, "plan", "m", 2).encode()) == Event(1.0, "plan", "m", 2)
-    batch = [Event(1.0, "member-left", "a left", 2), Event(1.0, "plan", "generation 2", 2)]
+    event = AuditEvent(1.0, "plan", "m", 2)
+    assert AuditEvent.decode("p", event.encode()) == event
+    batch = [AuditEvent(1.0, "member-left", "a left", 2),
+             AuditEvent(1.0, "plan", "generation 2", 2)]
     assert decode_events("p", encode_events(batch)) == batch
     with pytest.raises(CorruptZnode, match="events must be objects"):
         decode_events("p", encode({"events": [1]}))

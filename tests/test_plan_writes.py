@@ -8,12 +8,13 @@ from hypothesis import strategies as st
 from coordinator.writes import Write, batches, plan_writes
 from shardkeeper.layout import ROUTING_CHUNK, AgentPlan, Assignment, Paths, PlanMeta, RoutingChunk
 from shardkeeper.plan import PlanState, ShardPlan, assignments
+from shardkeeper.vocab import Role
 
 P = Paths("c")
 
 
 def plans(rows) -> tuple[ShardPlan, ...]:
-    return tuple(ShardPlan(tuple(r)) for r in rows)
+    return tuple(ShardPlan(tuple(r), term=1 if r else 0) for r in rows)
 
 
 def write(prev: PlanState, shards, members, targets=None):
@@ -47,7 +48,7 @@ def test_only_changed_agents_and_chunks_are_rewritten() -> None:
     rows = plans((("a", "b"), ("c", "b"), ("c", "a"))[s % 3] for s in range(n))
     _, state = write(PlanState(), rows, ["a", "b", "c"])
     # Shard 1 moves its replica b -> d: the primary c learns its new peer, b drops the shard.
-    moved = rows[:1] + (ShardPlan(("c", "d")),) + rows[2:]
+    moved = rows[:1] + (ShardPlan(("c", "d"), term=2),) + rows[2:]
     writes, new = write(state, moved, ["a", "b", "c", "d"])
     by_path = {w.path: w for w in writes}
     assert P.plan_agent("a") not in by_path
@@ -60,15 +61,15 @@ def test_only_changed_agents_and_chunks_are_rewritten() -> None:
 
 
 def test_bootstraps_and_targets_are_stored_in_the_chunk() -> None:
-    rows = (ShardPlan(("a", "b"), (("c", "b"),)),)
+    rows = (ShardPlan(("a", "b"), (("c", "b"),), term=1),)
     writes, state = write(PlanState(), rows, ["a", "b", "c"], targets=(("a", "c"),))
     chunk = RoutingChunk.decode("r", next(w.data for w in writes if "/routing/" in w.path))
     assert chunk.bootstrapping == {0: (("c", "b"),)}
     assert chunk.targets == {0: ("a", "c")}
     c = AgentPlan.decode("c", next(w.data for w in writes if w.path == P.plan_agent("c")))
-    assert c.replicas[0] == Assignment("replica", primary="a", source="b")
+    assert c.replicas[0] == Assignment(Role.REPLICA, primary="a", source="b", term=1)
     a = AgentPlan.decode("a", next(w.data for w in writes if w.path == P.plan_agent("a")))
-    assert a.replicas[0] == Assignment("primary", peers=("b",), catching_up=("c",))
+    assert a.replicas[0] == Assignment(Role.PRIMARY, peers=("b",), bootstrapping=("c",), term=1)
 
 
 def test_departed_agent_znode_is_deleted_but_a_live_empty_agent_gets_an_empty_plan() -> None:
@@ -90,8 +91,8 @@ def test_membership_change_alone_bumps_the_generation() -> None:
 
 def test_assignments_mark_the_first_replica_primary() -> None:
     got = assignments(plans([("a", "b"), ("b", "a")]))
-    assert got["a"][0] == Assignment("primary", peers=("b",))
-    assert got["a"][1] == Assignment("replica", primary="b")
+    assert got["a"][0] == Assignment(Role.PRIMARY, peers=("b",), term=1)
+    assert got["a"][1] == Assignment(Role.REPLICA, primary="b", term=1)
 
 
 def test_batches_respect_the_byte_budget_and_keep_order() -> None:
@@ -106,7 +107,7 @@ agent_ids = st.sampled_from(["a", "b", "c", "d", "e"])
 shard_plans = st.builds(
     lambda replicas, copying: ShardPlan(
         tuple(replicas), tuple((a, replicas[0]) for a in copying if a not in replicas)
-        if replicas else ()),
+        if replicas else (), term=1 if replicas else 0),
     st.lists(agent_ids, max_size=3, unique=True),
     st.lists(agent_ids, max_size=2, unique=True),
 )

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.reconcile import Throttle, converged, next_step, with_terms
+from coordinator.reconcile import Throttle, at_target, next_step, with_terms
 from shardkeeper.plan import ShardPlan
 
 AGENTS = [f"a{i}" for i in range(8)]
@@ -27,7 +27,7 @@ def drive(plan, target, live, throttle=DEFAULT, steps=200):
         step = next_step(plan, target, live, caught_up_all(plan), throttle)
         check_step(plan, step, target, live, throttle)
         plan = step.plan
-        if converged(plan, target):
+        if at_target(plan, target):
             return plan
     raise AssertionError("did not converge")
 
@@ -185,13 +185,13 @@ def test_drain_never_costs_redundancy_when_there_is_no_room() -> None:
 
 
 def test_terms_change_with_the_primary_and_only_then() -> None:
-    before = (ShardPlan(("a", "b"), since=3), ShardPlan(("a", "b"), since=3), ShardPlan())
+    before = (ShardPlan(("a", "b"), term=3), ShardPlan(("a", "b"), term=3), ShardPlan())
     after = (ShardPlan(("a", "c")), ShardPlan(("b",)), ShardPlan(("c", "a")), ShardPlan(()))
     stamped = with_terms(before, after, 7)
-    assert [p.since for p in stamped] == [3, 7, 7, 0]
+    assert [p.term for p in stamped] == [3, 7, 7, 0]
     assert [p.replicas for p in stamped] == [p.replicas for p in after]
     # A plan from before terms (0) gets one at once.
-    assert with_terms((ShardPlan(("a",)),), (ShardPlan(("a",)),), 4)[0].since == 4
+    assert with_terms((ShardPlan(("a",)),), (ShardPlan(("a",)),), 4)[0].term == 4
 
 
 @settings(max_examples=100, deadline=None)
@@ -212,10 +212,37 @@ def test_terms_only_grow_and_follow_every_primary_change(seed, shards, kills) ->
                 if new.primary is None:
                     continue
                 if new.primary != old.primary:
-                    assert new.since == generation, (s, old, new)
+                    assert new.term == generation, (s, old, new)
                 else:
-                    assert new.since == old.since > 0, (s, old, new)
+                    assert new.term == old.term > 0, (s, old, new)
             plan = stamped
-            if converged(plan, target):
+            if at_target(plan, target):
                 break
         live.discard(rnd.choice(sorted(live)))
+
+
+def test_a_staged_shard_keeps_its_own_term_before_with_terms() -> None:
+    """next_step alone must not mix up terms: every shard it touches keeps the term it had
+    (once, each staged shard took the term of the last shard of an earlier loop)."""
+    current = (ShardPlan(("a", "b"), term=3), ShardPlan(("b", "c"), term=5),
+               ShardPlan(("c", "a"), term=9))
+    # Every shard changes (a replica added), none of their primaries does.
+    target = (("a", "b", "d"), ("b", "c", "d"), ("c", "a", "d"))
+    step = next_step(current, target, {"a", "b", "c", "d"}, set())
+    assert [p.bootstrapping for p in step.plan] == [(("d", "a"),), (("d", "b"),), (("d", "c"),)]
+    assert [p.term for p in step.plan] == [3, 5, 9]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_next_step_changes_no_term(data) -> None:
+    """Terms are with_terms' business: next_step returns every shard with its own term."""
+    n = data.draw(st.integers(1, 12))
+    live = set(AGENTS[:5])
+    rows = [tuple(data.draw(st.permutations(AGENTS[:6]))[: data.draw(st.integers(0, 3))])
+            for _ in range(n)]
+    current = tuple(ShardPlan(r, term=data.draw(st.integers(1, 50)) if r else 0) for r in rows)
+    target = [tuple(data.draw(st.permutations(sorted(live)))[:2]) for _ in range(n)]
+    step = next_step(current, target, live, set())
+    for before, after in zip(current, step.plan, strict=True):
+        assert after.term == before.term

@@ -24,7 +24,7 @@ def start(cluster: Cluster, shards: int = 64, replicas: int = 2, session_timeout
 
 def test_every_shard_gets_distinct_agents_and_status_matches_plan(cluster: Cluster) -> None:
     start(cluster)
-    poll_until(lambda: cluster.converged(AGENTS), 15, "initial convergence")
+    poll_until(lambda: cluster.settled(AGENTS), 15, "initial convergence")
     plan = cluster.plan()
     assert len(plan.routing) == 64
     assert all(len(set(r)) == len(r) == 2 for r in plan.routing)
@@ -37,17 +37,17 @@ def test_every_shard_gets_distinct_agents_and_status_matches_plan(cluster: Clust
 
 def test_status_matches_plan_within_five_seconds_of_a_new_plan(cluster: Cluster) -> None:
     start(cluster)
-    poll_until(lambda: cluster.converged(AGENTS), 15, "initial convergence")
+    poll_until(lambda: cluster.settled(AGENTS), 15, "initial convergence")
     cluster.start_agent("agent-4")
     poll_until(lambda: cluster.plan().meta.members == tuple(sorted(AGENTS | {"agent-4"})), 15,
         "plan with agent-4")
-    poll_until(lambda: cluster.converged(AGENTS | {"agent-4"}), 5,
+    poll_until(lambda: cluster.settled(AGENTS | {"agent-4"}), 5,
         "status matches the new plan within 5 s")
 
 
 def test_sigkill_agent_replans_and_survivors_hold_every_shard_twice(cluster: Cluster) -> None:
     start(cluster, session_timeout=1.0)
-    poll_until(lambda: cluster.converged(AGENTS), 15, "initial convergence")
+    poll_until(lambda: cluster.settled(AGENTS), 15, "initial convergence")
     before = cluster.plan()
     t0 = time.time()
     cluster.procs["agent-2"].kill()
@@ -59,7 +59,7 @@ def test_sigkill_agent_replans_and_survivors_hold_every_shard_twice(cluster: Clu
     assert first.generation > before.generation
     # The first plan without agent-2 already has a primary for every shard.
     assert all(r and "agent-2" not in r for r in first.routing)
-    poll_until(lambda: cluster.converged(survivors), 10, "survivors converge")
+    poll_until(lambda: cluster.settled(survivors), 10, "survivors converge")
     plan = cluster.plan()
     assert all(len(set(r)) == 2 and "agent-2" not in r for r in plan.routing)
     # Survivors kept what they held: only agent-2's replicas moved.
@@ -73,33 +73,33 @@ def test_sigterm_agent_leaves_at_once(cluster: Cluster) -> None:
     cluster.start_coordinator("coord-1", session_timeout=1.0)
     for name in ("agent-1", "agent-2"):
         cluster.start_agent(name, session_timeout=20.0)
-    poll_until(lambda: cluster.converged({"agent-1", "agent-2"}), 15,
-        "cluster.converged({'agent-1', 'agent-2'})")
+    poll_until(lambda: cluster.settled({"agent-1", "agent-2"}), 15,
+        "cluster.settled({'agent-1', 'agent-2'})")
     t0 = time.monotonic()
     assert cluster.procs["agent-1"].term() == 0
     poll_until(lambda: "agent-1" not in cluster.members(), 5,
         "member znode gone well before the 20 s session timeout")
     assert time.monotonic() - t0 < 5
-    poll_until(lambda: cluster.converged({"agent-2"}), 10, "cluster.converged({'agent-2'})")
+    poll_until(lambda: cluster.settled({"agent-2"}), 10, "cluster.settled({'agent-2'})")
 
 
 def test_agent_registers_again_after_session_expiry(cluster: Cluster) -> None:
     cluster.init(8, 1)
     cluster.start_coordinator("coord-1", session_timeout=1.0)
     agent = cluster.start_agent("agent-1", session_timeout=1.0)
-    poll_until(lambda: cluster.converged({"agent-1"}), 15, "cluster.converged({'agent-1'})")
+    poll_until(lambda: cluster.settled({"agent-1"}), 15, "cluster.settled({'agent-1'})")
     agent.stop()
     poll_until(lambda: "agent-1" not in cluster.members(), 10,
         "the stopped agent's session expires")
     agent.cont()
-    poll_until(lambda: cluster.converged({"agent-1"}), 15,
+    poll_until(lambda: cluster.settled({"agent-1"}), 15,
         "agent registers again and re-applies its plan")
     assert "session lost" in agent.output()
 
 
 def test_sigkill_leader_fails_over_and_old_epoch_is_fenced(cluster: Cluster) -> None:
     start(cluster, session_timeout=1.0)
-    poll_until(lambda: cluster.converged(AGENTS), 15, 'cluster.converged(AGENTS)')
+    poll_until(lambda: cluster.settled(AGENTS), 15, 'cluster.settled(AGENTS)')
     leader = poll_until(cluster.leader, 5, 'cluster.leader')
     old_epoch = cluster.epoch()
     old_generation = cluster.plan().generation
@@ -107,8 +107,8 @@ def test_sigkill_leader_fails_over_and_old_epoch_is_fenced(cluster: Cluster) -> 
     standby = ({"coord-1", "coord-2"} - {leader}).pop()
     poll_until(lambda: cluster.leader() == standby and cluster.epoch() > old_epoch, 10,
         "standby leads with a bumped epoch")
-    terms = [(p.primary, p.since) for p in cluster.plan().shards]
-    assert all(since > 0 for _, since in terms), "every shard's primary has a term"
+    terms = [(p.primary, p.term) for p in cluster.plan().shards]
+    assert all(term > 0 for _, term in terms), "every shard's primary has a term"
     # The new leader plans: stop an agent and see a generation it wrote.
     cluster.procs["agent-3"].kill()
     poll_until(lambda: cluster.plan().meta.members == ("agent-1", "agent-2"), 10,
@@ -116,11 +116,11 @@ def test_sigkill_leader_fails_over_and_old_epoch_is_fenced(cluster: Cluster) -> 
     meta = cluster.plan().meta
     # It read the terms back: shards that kept their primary kept their term, and the
     # others' term is the generation that replaced their primary.
-    for (primary, since), now in zip(terms, cluster.plan().shards, strict=True):
+    for (primary, term), now in zip(terms, cluster.plan().shards, strict=True):
         if now.primary == primary:
-            assert now.since == since
+            assert now.term == term
         else:
-            assert old_generation < now.since <= meta.generation
+            assert old_generation < now.term <= meta.generation
     assert meta.leader == standby and meta.epoch == cluster.epoch()
     assert meta.generation > old_generation
     # A write fenced with the deposed leader's epoch version fails as a whole.
@@ -142,12 +142,12 @@ def test_ensemble_survives_losing_one_zookeeper_server(ensemble_cluster: Cluster
                                                        zk_ensemble) -> None:
     c = ensemble_cluster
     start(c, shards=32, replicas=2, session_timeout=2.0)
-    poll_until(lambda: c.converged(AGENTS), 20, 'c.converged(AGENTS)')
+    poll_until(lambda: c.settled(AGENTS), 20, 'c.settled(AGENTS)')
     zk_ensemble[0].process.kill()
     zk_ensemble[0].process.wait()
     c.procs["agent-1"].kill()
     survivors = AGENTS - {"agent-1"}
-    poll_until(lambda: c.converged(survivors), 20,
+    poll_until(lambda: c.settled(survivors), 20,
         "a new plan without agent-1 while one ZooKeeper server is down")
     assert all(len(set(r)) == 2 for r in c.plan().routing)
 
@@ -166,7 +166,7 @@ def test_agent_started_before_zookeeper_waits_for_it(tmp_path) -> None:
         server.wait_ready()
         c.init(4, 1)
         c.start_coordinator("coord-1")
-        poll_until(lambda: c.converged({"agent-1"}), 30, "the agent registers once ZooKeeper is up")
+        poll_until(lambda: c.settled({"agent-1"}), 30, "the agent registers once ZooKeeper is up")
     finally:
         c.close()
         server.stop()

@@ -16,7 +16,7 @@ from shardkeeper import admin
 from shardkeeper import cluster as clusterstate
 from shardkeeper.cli.options import emit_json, operator_errors, zk_options, zk_session
 from shardkeeper.config import KNOBS, ClusterConfig
-from shardkeeper.layout import Event, MoveRequest, Paths, validate_name
+from shardkeeper.layout import AuditEvent, MoveRequest, Paths, validate_name
 from shardkeeper.summary import summarize
 from shardkeeper.vocab import ConfigError, ShardkeeperError
 from shardkeeper.zk import close, connect
@@ -269,7 +269,7 @@ def config_set(zk_hosts: str, paths: Paths, settings: tuple[str, ...]) -> None:
     click.echo(", ".join(f"{k}={getattr(new, k)}" for k in parsed))
 
 
-def render_event(e: Event) -> str:
+def render_event(e: AuditEvent) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
     return f"{stamp}  {e.kind:<20} {e.message}"
 

@@ -148,7 +148,7 @@ def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int
         state.save(root)
         def settled() -> bool:
             """every agent to hold what its plan says"""
-            return clusterstate.converged(client, paths, names)
+            return clusterstate.settled(client, paths, names)
 
         poll_until(settled, 120, "the cluster to converge")
     finally:
@@ -220,7 +220,7 @@ def kill_and_watch(root: Path, name: str, sig: signal.Signals, timeout: float = 
 
         def replicated() -> bool:
             """every shard to be fully replicated again, with nothing copying"""
-            return clusterstate.converged(client, paths, survivors)
+            return clusterstate.settled(client, paths, survivors)
 
         poll_until(replicated, timeout, "the cluster to be fully replicated again")
         t_repl = time.monotonic() - t0

@@ -1,0 +1,241 @@
+"""One leader pass, pure: from what the leader read to the znode writes and audit events.
+
+The leader shell (``coordinator.leader``) reads members, statuses, config and admin
+requests, calls :func:`decide`, commits the writes it returns in fenced multis, and keeps
+the returned :class:`Memory` only once the commit succeeded. Everything that is policy
+lives here or in the modules it calls (placement, ``policy``, ``reconcile``, ``writes``):
+the settle gate of a new cluster, departures and the rebalance delay, the mass-departure
+guard, drains, manual moves, the make-before-break step, terms, and the wording and
+de-duplication of audit events. No ZooKeeper, no clock: ``now`` comes in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from coordinator import policy
+from coordinator.placement import place
+from coordinator.reconcile import Step, Throttle, next_step, with_terms
+from coordinator.writes import Write, plan_writes
+from shardkeeper.config import ClusterConfig
+from shardkeeper.layout import (
+    AgentStatus,
+    AuditEvent,
+    Maintenance,
+    MemberInfo,
+    MoveRequest,
+    Paths,
+    encode_events,
+)
+from shardkeeper.plan import PlanState
+
+# A new cluster's first plan waits until membership has been still this long, so that
+# agents starting together are placed together instead of all shards landing on the
+# first one and then moving (Kafka's group.initial.rebalance.delay plays the same role).
+INITIAL_SETTLE = 1.0
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the leader read for one pass."""
+
+    now: float
+    config: ClusterConfig
+    members: Mapping[str, MemberInfo]
+    statuses: Mapping[str, AgentStatus]
+    maintenance: Maintenance | None = None
+    draining: frozenset[str] = frozenset()
+    moves: tuple[tuple[str, MoveRequest | None], ...] = ()  # (znode name, request)
+    rebalance: bool = False  # `shardkeeper rebalance` since the last pass
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What a leader remembers from pass to pass within one term."""
+
+    plan: PlanState = field(default_factory=PlanState)
+    known: Mapping[str, MemberInfo] = field(default_factory=dict)  # every member seen
+    live_before: frozenset[str] = frozenset()  # members at the last pass
+    departed_at: Mapping[str, float] = field(default_factory=dict)
+    pins: tuple[MoveRequest, ...] = ()  # moves carried out this term, kept in place
+    drained_reported: frozenset[str] = frozenset()
+    unavailable_reported: tuple[int, ...] = ()
+    seen: frozenset[str] = frozenset()  # membership, for the settle gate of a new cluster
+    membership_changed: float = 0.0
+
+    @classmethod
+    def at_start(cls, plan: PlanState) -> Memory:
+        """A new term: members of the last plan that are gone now left during the
+        failover, so their clocks (rebalance delay, mass-departure guard) start now."""
+        live = frozenset(plan.meta.members) if plan.meta else frozenset()
+        return cls(plan=plan, live_before=live)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    memory: Memory  # adopt only once ``writes`` are committed
+    writes: tuple[Write, ...] = ()  # in commit order: plan znodes, bookkeeping, meta last
+    audit: tuple[AuditEvent, ...] = ()
+    deadline: float | None = None  # when to run again even if nothing changes
+    plan_written: bool = False
+
+    @property
+    def generation(self) -> int:
+        return self.memory.plan.generation
+
+
+class _Audit:
+    def __init__(self, now: float):
+        self.now = now
+        self.events: list[AuditEvent] = []
+
+    def add(self, kind: str, message: str, generation: int) -> None:
+        self.events.append(AuditEvent(self.now, kind, message, generation))
+
+
+def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: int) -> Outcome:
+    """The next plan step and everything a pass writes besides it."""
+    now = inputs.now
+    live = frozenset(inputs.members)
+    if live != memory.seen:
+        memory = replace(memory, seen=live, membership_changed=now)
+    if memory.plan.meta is None and (
+        not live or now - memory.membership_changed < INITIAL_SETTLE
+    ):
+        deadline = memory.membership_changed + INITIAL_SETTLE if live else None
+        return Outcome(memory, deadline=deadline)
+    config = inputs.config
+    gen = memory.plan.generation + 1
+    audit = _Audit(now)
+    writes: list[Write] = []
+    known = {**memory.known, **inputs.members}
+
+    for agent in sorted(live - memory.live_before):
+        audit.add("member-joined", f"{agent} joined", gen)
+    for agent in sorted(memory.live_before - live):
+        audit.add("member-left", f"{agent} left", gen)
+    departed_at = policy.track_departures(memory.departed_at, memory.live_before, live, now)
+    if inputs.rebalance:
+        departed_at = {}
+        audit.add("rebalance", "rebalance requested: delay skipped", gen)
+
+    maintenance = steer_maintenance(inputs, live, departed_at, paths, writes, audit, gen)
+    draining = inputs.draining
+    waiting = policy.delayed(departed_at, config.rebalance_delay, now)
+    previous = memory.plan.targets if memory.plan.meta else None
+    placement = place(
+        previous,
+        policy.placement_members(inputs.members, known, waiting, draining),
+        config.shards,
+        config.replicas,
+    )
+    target, pins = policy.hold_moves(placement.replicas, memory.pins, live, draining)
+    target, outcomes = policy.apply_moves(target, inputs.moves, live, draining)
+    pins += [o.request for o in outcomes if o.accepted]
+    for o in outcomes:
+        writes.append(Write("delete", f"{paths.moves}/{o.name}"))
+        if o.accepted:
+            audit.add("move-accepted", f"move shard {o.request.shard} from {o.request.source}"
+                      f" to {o.request.dest}", gen)
+        else:
+            audit.add("move-refused", f"{o.name} refused: {o.reason}", gen)
+
+    step = next_step(
+        memory.plan.shards,
+        target,
+        live,
+        caught_up(memory.plan, inputs.statuses),
+        Throttle(config.max_moves_per_agent, config.max_moves_total,
+                 paused=maintenance is not None),
+        min_in_sync=config.replicas,
+    )
+    summary = {
+        "in_flight": step.in_flight,
+        "deferred": step.deferred,
+        "unavailable": len(step.unavailable),
+        "maintenance": maintenance.reason if maintenance else None,
+        "draining": sorted(draining),
+        "waiting": sorted(waiting),
+    }
+    plan_changes, state = plan_writes(
+        paths, memory.plan, with_terms(memory.plan.shards, step.plan, gen),
+        tuple(target), live,
+        epoch=epoch, leader=leader, replicas=config.replicas,
+        shortfall=placement.shortfall, now=now, summary=summary,
+    )
+    unavailable_reported = memory.unavailable_reported
+    if plan_changes:
+        describe_step(step, state.generation, audit)
+        if step.unavailable and step.unavailable != unavailable_reported:
+            audit.add("shards-unavailable",
+                      f"{len(step.unavailable)} shards have no live in-sync replica",
+                      state.generation)
+            unavailable_reported = step.unavailable
+    drained = drains_done(state, draining, memory.drained_reported)
+    for agent in sorted(drained - memory.drained_reported):
+        audit.add("drain-done", f"{agent} is drained", gen)
+    if audit.events:
+        writes.append(Write("append", paths.event_prefix, encode_events(audit.events)))
+    new_memory = Memory(
+        plan=state, known=known, live_before=live, departed_at=departed_at, pins=tuple(pins),
+        drained_reported=drained, unavailable_reported=unavailable_reported,
+        seen=memory.seen, membership_changed=memory.membership_changed,
+    )
+    deadline = policy.next_deadline(departed_at, config.rebalance_delay, now)
+    if not plan_changes and not writes:
+        return Outcome(new_memory, deadline=deadline)
+    # Plan znodes first and plan/meta last (the commit point), then the audit trail.
+    ordered = plan_changes[:-1] + writes + plan_changes[-1:]
+    return Outcome(new_memory, tuple(ordered), tuple(audit.events), deadline,
+                   plan_written=bool(plan_changes))
+
+
+def steer_maintenance(
+    inputs: Inputs, live: frozenset[str], departed_at: Mapping[str, float], paths: Paths,
+    writes: list[Write], audit: _Audit, gen: int,
+) -> Maintenance | None:
+    """Enter or leave automatic maintenance as the mass-departure guard says."""
+    current = inputs.maintenance
+    wanted = policy.guard(current, live, departed_at, inputs.config, inputs.now)
+    if wanted == current:
+        return current
+    if wanted is None:
+        writes.append(Write("delete", paths.maintenance))
+        audit.add("maintenance-left", "members returned: moves resume", gen)
+    else:
+        writes.append(Write("create", paths.maintenance, wanted.encode()))
+        audit.add("maintenance-entered", wanted.note, gen)
+    return wanted
+
+
+def caught_up(plan: PlanState, statuses: Mapping[str, AgentStatus]) -> set[tuple[str, int]]:
+    """(agent, shard) pairs reported in sync by an agent that applied its latest plan."""
+    out = set()
+    for agent, status in statuses.items():
+        mine = plan.agents.get(agent)
+        if mine is None or status.generation < mine.generation:
+            continue
+        out.update((agent, s) for s, st in status.shards.items() if st.in_sync)
+    return out
+
+
+def describe_step(step: Step, generation: int, audit: _Audit) -> None:
+    """One "plan" event per generation that moved something (and the very first plan)."""
+    moves = step.started + step.dropped + step.failovers + step.promotions + step.joined
+    if moves or generation == 1:
+        audit.add(
+            "plan",
+            f"generation {generation}: {step.started} copies started, {step.joined} joined,"
+            f" {step.dropped} dropped, {step.failovers} failovers, {step.promotions} primary"
+            f" moves, {step.in_flight} in flight, {step.deferred} deferred",
+            generation,
+        )
+
+
+def drains_done(state: PlanState, draining: frozenset[str],
+                reported: frozenset[str]) -> frozenset[str]:
+    """Draining agents that hold nothing any more (each reported once per drain)."""
+    done = {a for a in draining - reported
+            if state.meta and not any(a in p.holders for p in state.shards)}
+    return frozenset((reported & draining) | done)

@@ -1,0 +1,165 @@
+"""The leader's pass, pure (coordinator.decide): the settle gate, audit events, maintenance,
+drains, moves and the writes' order, driven the way the leader shell drives it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.decide import INITIAL_SETTLE, Inputs, Memory, Outcome, decide
+from shardkeeper.config import ClusterConfig
+from shardkeeper.layout import (
+    AgentStatus,
+    Maintenance,
+    MemberInfo,
+    MoveRequest,
+    Paths,
+    ShardStatus,
+    decode_events,
+)
+from shardkeeper.vocab import Role
+
+PATHS = Paths("t")
+CONFIG = ClusterConfig(shards=8, replicas=2)
+
+
+def members(*ids: str) -> dict[str, MemberInfo]:
+    return {a: MemberInfo(a, f"127.0.0.1:{i + 1}") for i, a in enumerate(ids)}
+
+
+def in_sync_statuses(memory: Memory) -> dict[str, AgentStatus]:
+    """Every agent applied its plan and holds what it asks, in sync (copies finished)."""
+    out = {}
+    for agent, plan in memory.plan.agents.items():
+        shards = {s: ShardStatus("PRIMARY" if a.role == Role.PRIMARY else "REPLICA")
+                  for s, a in plan.replicas.items()}
+        out[agent] = AgentStatus(agent, plan.generation, shards)
+    return out
+
+
+def run(memory: Memory, now: float, live, **kw) -> Outcome:
+    inputs = Inputs(now=now, config=kw.pop("config", CONFIG), members=live,
+                    statuses=kw.pop("statuses", in_sync_statuses(memory)), **kw)
+    return decide(memory, inputs, paths=PATHS, leader="c1", epoch=7)
+
+
+def settle(memory: Memory, now: float, live, **kw) -> tuple[Memory, float, list[str]]:
+    """Pass after pass with agents reporting in sync, until nothing changes."""
+    kinds: list[str] = []
+    for _ in range(50):
+        out = run(memory, now, live, **kw)
+        kinds += [e.kind for e in out.audit]
+        memory, now = out.memory, now + 0.1
+        if not out.writes and memory.plan.meta is not None:
+            return memory, now, kinds
+        if memory.plan.meta is None:
+            now = max(now, out.deadline or now)  # the settle gate of a new cluster
+    raise AssertionError("no fixed point")
+
+
+def audit_of(out: Outcome) -> list[str]:
+    appended = [w for w in out.writes if w.op == "append"]
+    assert len(appended) <= 1, "one audit znode per pass"
+    return [e.kind for w in appended for e in decode_events(w.path, w.data)]
+
+
+def test_a_new_cluster_waits_for_membership_to_settle_then_writes_meta_last() -> None:
+    live = members("a1", "a2", "a3")
+    first = run(Memory(), 100.0, live)
+    assert first.writes == () and first.deadline == 100.0 + INITIAL_SETTLE
+    second = run(first.memory, 100.0 + INITIAL_SETTLE, live)
+    assert second.plan_written and second.generation == 1
+    assert second.writes[-1].path == PATHS.plan_meta
+    assert audit_of(second) == ["member-joined"] * 3 + ["plan"]
+    assert [e.kind for e in second.audit] == audit_of(second)
+    assert all(w.op == "create" for w in second.writes if w.path != PATHS.event_prefix)
+
+
+def test_a_departure_is_audited_once_and_its_primaries_fail_over() -> None:
+    live = members("a1", "a2", "a3")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    survivors = members("a1", "a2")
+    out = run(memory, now + 5, survivors)
+    assert "member-left" in audit_of(out)
+    assert all(p.primary in survivors for p in out.memory.plan.shards)
+    again = run(out.memory, now + 6, survivors)
+    assert "member-left" not in [e.kind for e in again.audit]
+
+
+def test_the_rebalance_delay_sets_a_deadline_and_rebalance_skips_it() -> None:
+    config = replace(CONFIG, rebalance_delay=60.0)
+    memory, now, _ = settle(Memory(), 0.0, members("a1", "a2", "a3"), config=config)
+    out = run(memory, now, members("a1", "a2"), config=config)
+    assert out.deadline == now + 60.0
+    assert not any(a == "a3" for p in out.memory.plan.shards for a, _ in p.bootstrapping)
+    out = run(out.memory, now + 1, members("a1", "a2"), config=config, rebalance=True)
+    assert "rebalance" in audit_of(out) and out.deadline is None
+
+
+def test_mass_departure_enters_automatic_maintenance_and_returning_members_leave_it() -> None:
+    everyone = members("a1", "a2", "a3", "a4")
+    memory, now, _ = settle(Memory(), 0.0, everyone)
+    out = run(memory, now, members("a1"))
+    assert "maintenance-entered" in audit_of(out)
+    entered = next(w for w in out.writes if w.path == PATHS.maintenance)
+    maintenance = Maintenance.decode(entered.path, entered.data)
+    assert maintenance.reason == "auto" and set(maintenance.missing) == {"a2", "a3", "a4"}
+    assert not any(p.bootstrapping for p in out.memory.plan.shards), "no copies while paused"
+    back = run(out.memory, now + 1, everyone, maintenance=maintenance)
+    assert "maintenance-left" in audit_of(back)
+    assert any(w.op == "delete" and w.path == PATHS.maintenance for w in back.writes)
+
+
+def test_drain_done_is_reported_once_when_nothing_is_left() -> None:
+    live = members("a1", "a2", "a3")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    memory, now, kinds = settle(memory, now, live, draining=frozenset({"a3"}))
+    assert kinds.count("drain-done") == 1
+    assert not any("a3" in p.holders for p in memory.plan.shards)
+    assert memory.drained_reported == {"a3"}
+    undrained = run(memory, now, live)
+    assert undrained.memory.drained_reported == frozenset()
+
+
+def test_moves_are_consumed_accepted_or_refused_with_a_reason() -> None:
+    live = members("a1", "a2", "a3")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    holder = memory.plan.shards[0].replicas[0]
+    other = next(a for a in live if a not in memory.plan.shards[0].replicas)
+    moves = (("move-0000000001", MoveRequest(0, holder, other)),
+             ("move-0000000002", MoveRequest(0, "a9", other)),
+             ("move-0000000003", None))
+    out = run(memory, now, live, moves=moves)
+    deleted = {w.path for w in out.writes if w.op == "delete"}
+    assert {f"{PATHS.moves}/{n}" for n, _ in moves} <= deleted
+    assert audit_of(out).count("move-refused") == 2 and "move-accepted" in audit_of(out)
+    assert other in out.memory.plan.targets[0] and holder not in out.memory.plan.targets[0]
+
+
+def test_a_shard_without_a_live_in_sync_replica_is_reported_once() -> None:
+    config = replace(CONFIG, replicas=1, auto_maintenance_fraction=0.0)
+    memory, now, _ = settle(Memory(), 0.0, members("a1", "a2"), config=config)
+    out = run(memory, now, members("a1"), config=config)
+    assert "shards-unavailable" in audit_of(out)
+    # Another member joins: new plans are written, the same shards stay unavailable.
+    memory, now, kinds = settle(out.memory, now + 1, members("a1", "a3"), config=config)
+    assert "plan" in kinds and "shards-unavailable" not in kinds
+    assert memory.unavailable_reported == out.memory.unavailable_reported
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sets(st.sampled_from(["a1", "a2", "a3", "a4", "a5"])), min_size=1,
+                max_size=8))
+def test_decide_is_deterministic_and_writes_meta_last(history) -> None:
+    memory, now = Memory(), 0.0
+    for ids in history:
+        live = members(*sorted(ids))
+        out = run(memory, now, live)
+        assert out == run(memory, now, live)
+        plan_writes = [w for w in out.writes if "/plan/" in w.path]
+        if out.plan_written:
+            assert plan_writes[-1].path == PATHS.plan_meta
+            assert out.writes[-1].path == PATHS.plan_meta
+        memory, now = out.memory, now + 2 * INITIAL_SETTLE
