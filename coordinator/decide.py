@@ -41,13 +41,14 @@ class Inputs:
     """What the leader read for one pass."""
 
     now: float
-    config: ClusterConfig
+    config: ClusterConfig | None  # None: missing or unreadable (``config_error`` says why)
     members: Mapping[str, MemberInfo]
     statuses: Mapping[str, AgentStatus]
     maintenance: Maintenance | None = None
     draining: frozenset[str] = frozenset()
     moves: tuple[tuple[str, MoveRequest | None], ...] = ()  # (znode name, request)
     rebalance: bool = False  # `shardkeeper rebalance` since the last pass
+    config_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,16 @@ class Memory:
     unavailable_reported: tuple[int, ...] = ()
     seen: frozenset[str] = frozenset()  # membership, for the settle gate of a new cluster
     membership_changed: float = 0.0
+    config: ClusterConfig | None = None  # the last config accepted
+    config_refused: str = ""  # why the current config znode is not used (reported once)
+    notes: tuple[str, ...] = ()  # repairs made while reading, for the next audit
 
     @classmethod
-    def at_start(cls, plan: PlanState) -> Memory:
+    def at_start(cls, plan: PlanState, notes: tuple[str, ...] = ()) -> Memory:
         """A new term: members of the last plan that are gone now left during the
         failover, so their clocks (rebalance delay, mass-departure guard) start now."""
         live = frozenset(plan.meta.members) if plan.meta else frozenset()
-        return cls(plan=plan, live_before=live)
+        return cls(plan=plan, live_before=live, notes=notes)
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,11 @@ class _Audit:
 def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: int) -> Outcome:
     """The next plan step and everything a pass writes besides it."""
     now = inputs.now
-    live = frozenset(inputs.members)
+    config, refusal = accept_config(memory, inputs)
+    if config is None:
+        return Outcome(replace(memory, config_refused=refusal))
+    members = live_members(inputs.members, inputs.statuses, memory.known)
+    live = frozenset(members)
     if live != memory.seen:
         memory = replace(memory, seen=live, membership_changed=now)
     if memory.plan.meta is None and (
@@ -105,11 +113,14 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
     ):
         deadline = memory.membership_changed + INITIAL_SETTLE if live else None
         return Outcome(memory, deadline=deadline)
-    config = inputs.config
     gen = memory.plan.generation + 1
     audit = _Audit(now)
     writes: list[Write] = []
     known = {**memory.known, **inputs.members}
+    for note in memory.notes:
+        audit.add("plan-repaired", note, gen)
+    if refusal and refusal != memory.config_refused:
+        audit.add("config-refused", refusal, gen)
 
     for agent in sorted(live - memory.live_before):
         audit.add("member-joined", f"{agent} joined", gen)
@@ -120,13 +131,14 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         departed_at = {}
         audit.add("rebalance", "rebalance requested: delay skipped", gen)
 
-    maintenance = steer_maintenance(inputs, live, departed_at, paths, writes, audit, gen)
+    maintenance = steer_maintenance(inputs, config, live, departed_at, paths, writes, audit,
+                                    gen)
     draining = inputs.draining
     waiting = policy.delayed(departed_at, config.rebalance_delay, now)
     previous = memory.plan.targets if memory.plan.meta else None
     placement = place(
         previous,
-        policy.placement_members(inputs.members, known, waiting, draining),
+        policy.placement_members(members, known, waiting, draining),
         config.shards,
         config.replicas,
     )
@@ -181,6 +193,7 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         plan=state, known=known, live_before=live, departed_at=departed_at, pins=tuple(pins),
         drained_reported=drained, unavailable_reported=unavailable_reported,
         seen=memory.seen, membership_changed=memory.membership_changed,
+        config=config, config_refused=refusal,
     )
     deadline = policy.next_deadline(departed_at, config.rebalance_delay, now)
     if not plan_changes and not writes:
@@ -191,13 +204,52 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
                    plan_written=bool(plan_changes))
 
 
+def accept_config(memory: Memory, inputs: Inputs) -> tuple[ClusterConfig | None, str]:
+    """(the config to plan with, why the config znode was refused: "" if it was not).
+
+    The shard count never changes under a placed cluster: every key would map to another
+    shard, and the shards past the new count would be dropped with their data. Such a
+    config, or one that cannot be read, is refused and the last accepted one kept (or,
+    in a new term, the stored plan's shard and replica counts)."""
+    meta = memory.plan.meta
+    new = inputs.config
+    if new is not None and (meta is None or new.shards == meta.shards):
+        return new, ""
+    if new is None:
+        reason = f"config unusable ({inputs.config_error or 'missing'}): planning with the"
+    else:
+        reason = (f"config asks for {new.shards} shards but the cluster holds"
+                  f" {meta.shards}: the shard count cannot change under live data; planning"
+                  " with")
+    if memory.config is not None:
+        return memory.config, f"{reason} the last config accepted"
+    if meta is None:
+        return None, reason.split(":")[0]
+    base = new or ClusterConfig(shards=meta.shards, replicas=meta.replicas)
+    return (replace(base, shards=meta.shards, replicas=base.replicas if new else meta.replicas),
+            f"{reason} the stored plan's {meta.shards} shards")
+
+
+def live_members(members: Mapping[str, MemberInfo], statuses: Mapping[str, AgentStatus],
+                 known: Mapping[str, MemberInfo]) -> dict[str, MemberInfo]:
+    """Members by their member znode, plus agents whose member znode is gone (deleted or
+    damaged) while their status znode, ephemeral to the same session, is still there: the
+    session is alive, so the agent is, and it will register again by itself."""
+    out = dict(members)
+    for agent in statuses:
+        if agent not in out and agent in known:
+            out[agent] = known[agent]
+    return out
+
+
 def steer_maintenance(
-    inputs: Inputs, live: frozenset[str], departed_at: Mapping[str, float], paths: Paths,
-    writes: list[Write], audit: _Audit, gen: int,
+    inputs: Inputs, config: ClusterConfig, live: frozenset[str],
+    departed_at: Mapping[str, float], paths: Paths, writes: list[Write], audit: _Audit,
+    gen: int,
 ) -> Maintenance | None:
     """Enter or leave automatic maintenance as the mass-departure guard says."""
     current = inputs.maintenance
-    wanted = policy.guard(current, live, departed_at, inputs.config, inputs.now)
+    wanted = policy.guard(current, live, departed_at, config, inputs.now)
     if wanted == current:
         return current
     if wanted is None:

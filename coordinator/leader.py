@@ -32,8 +32,10 @@ from kazoo.exceptions import (
 )
 
 from coordinator.decide import Inputs, Memory, decide
+from coordinator.recover import rebuild
 from coordinator.writes import Write, batches
 from shardkeeper import cluster
+from shardkeeper.config import ClusterConfig
 from shardkeeper.layout import (
     AgentStatus,
     Maintenance,
@@ -42,12 +44,14 @@ from shardkeeper.layout import (
     Paths,
     encode_epoch,
 )
+from shardkeeper.plan import PlanState
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
 
 EVENTS_CAP = 1000  # audit log entries kept; the oldest are trimmed
+RETRY_FIRST, RETRY_MAX = 0.05, 2.0  # pause after a failed pass, doubling while it fails
 
 
 class Deposed(Exception):
@@ -144,11 +148,23 @@ class LeaderTerm:
         self.events_kept = 0
 
     # -- fenced writes -----------------------------------------------------------------
-    def claim_epoch(self) -> int:
-        """Bump the epoch; its new zk version fences every write of this term."""
+    def claim_epoch(self, plan: PlanState) -> int:
+        """Bump the epoch; its new zk version fences every write of this term.
+
+        A deleted epoch znode comes back at version 0: bump it past every epoch the
+        stored plan was written under, so that no earlier leader's token is valid again.
+        """
+        created = False
         with contextlib.suppress(NodeExistsError):
             self.client.create(self.paths.epoch, encode_epoch(self.leader_id))
+            created = True
+        floor = max([plan.meta.epoch if plan.meta else 0]
+                    + [a.epoch for a in plan.agents.values()])
         stat = self.client.set(self.paths.epoch, encode_epoch(self.leader_id))
+        if created and floor:
+            log.error("the epoch znode was missing: recreated past epoch %d", floor)
+            while stat.version <= floor:
+                stat = self.client.set(self.paths.epoch, encode_epoch(self.leader_id))
         return stat.version
 
     def commit(self, writes: list[Write]) -> None:
@@ -169,6 +185,10 @@ class LeaderTerm:
             results = tx.commit()
             if isinstance(results[0], BadVersionError):
                 raise Deposed(f"epoch moved past {self.token}")
+            if isinstance(results[0], NoNodeError):
+                # Someone deleted the epoch: step down; the next leader recreates it past
+                # every epoch in use.
+                raise Deposed("the epoch znode is gone")
             failed = [(w.path, r) for w, r in zip(batch, results[1:], strict=True)
                       if isinstance(r, Exception)]
             if failed:
@@ -232,10 +252,20 @@ class LeaderTerm:
         return changed and not first
 
     # -- one pass --------------------------------------------------------------------
+    def read_config(self) -> tuple[ClusterConfig | None, str]:
+        """The config znode, or None and why not: a missing or damaged config must not
+        stop failover (decide keeps the last accepted one)."""
+        try:
+            return cluster.read_config(self.client, self.paths), ""
+        except (cluster.NoConfig, CorruptZnode) as e:
+            return None, str(e)
+
     def read_inputs(self, now: float) -> Inputs:
+        config, config_error = self.read_config()
         return Inputs(
             now=now,
-            config=cluster.read_config(self.client, self.paths),
+            config=config,
+            config_error=config_error,
             members=self.members.snapshot(),
             statuses=self.statuses.snapshot(),
             maintenance=self.read_maintenance(),
@@ -261,20 +291,34 @@ class LeaderTerm:
             log.info("plan generation %d written: %d members, %d znodes", outcome.generation,
                      len(outcome.memory.live_before), len(outcome.writes))
 
+    def load_plan(self) -> Memory:
+        """The stored plan, rebuilt where plan znodes are damaged or missing: a damaged
+        znode is repaired by the next plan, never a reason to give up leadership."""
+        stored = cluster.read_stored_plan(self.client, self.paths)
+        config, _ = self.read_config()
+        shards = config.shards if config else (stored.meta.shards if stored.meta else 0)
+        replicas = config.replicas if config else (stored.meta.replicas if stored.meta else 1)
+        rebuilt = rebuild(stored, self.statuses.snapshot(), self.paths, shards=shards,
+                          replicas=replicas)
+        for note in rebuilt.notes:
+            log.error("damaged plan: %s", note)
+        return replace(Memory.at_start(rebuilt.plan, rebuilt.notes), config=self.memory.config)
+
     def run(self) -> None:
-        self.token = self.claim_epoch()
-        log.info("%s leads with epoch %d", self.leader_id, self.token)
-        self.memory = Memory.at_start(cluster.read_plan(self.client, self.paths))
-        self.events_kept = len(self.client.get_children(self.paths.events))
         self.members = ChildCache(self.client, self.paths.members, MemberInfo.decode,
                                   self._poke, self._active)
         self.statuses = ChildCache(self.client, self.paths.status, AgentStatus.decode,
                                    self._poke, self._active)
+        self.memory = self.load_plan()
+        self.token = self.claim_epoch(self.memory.plan)
+        log.info("%s leads with epoch %d", self.leader_id, self.token)
+        self.events_kept = len(self.client.get_children(self.paths.events))
         for path in (self.paths.config, self.paths.maintenance, self.paths.rebalance):
             self.client.DataWatch(path, self._poke)
         for path in (self.paths.drains, self.paths.moves):
             self.client.ChildrenWatch(path, self._poke)
         self.wake.set()
+        failures = 0
         while True:
             timeout = 0.5
             if self.deadline is not None:
@@ -290,14 +334,20 @@ class LeaderTerm:
             self._check_term()
             try:
                 self.reconcile(time.time())
-            except (cluster.NoConfig, CorruptZnode) as e:
-                log.warning("%s", e)
+                failures = 0
             except (BadVersionError, Deposed):
                 raise
             except KazooException as e:
-                log.warning("reconcile failed (%s): reloading the stored plan", e)
-                self.memory = replace(self.memory,
-                                      plan=cluster.read_plan(self.client, self.paths))
+                # Our view of the stored plan was wrong (a znode deleted or written behind
+                # our back): read it again, rebuilding what is damaged, and retry with a
+                # growing pause so that a fault we cannot fix costs no busy loop.
+                failures += 1
+                pause = min(RETRY_MAX, RETRY_FIRST * 2 ** (failures - 1))
+                log.warning("reconcile failed (%s): reloading the stored plan, retrying in"
+                            " %.2fs", e, pause)
+                self.stop.wait(pause)
+                self._check_term()
+                self.memory = self.load_plan()
                 self.wake.set()
 
 

@@ -117,6 +117,7 @@ def plan_writes(
     members = tuple(sorted(members))
     if (
         prev.meta is not None
+        and not prev.rewrite
         and prev.shards == shards
         and prev.targets == targets
         and prev.meta.members == members
@@ -124,6 +125,12 @@ def plan_writes(
         return [], prev
     generation = prev.generation + 1
     writes: list[Write] = []
+    existing = set(prev.existing)
+
+    def put(path: str, data: bytes) -> None:
+        writes.append(Write("set" if path in existing else "create", path, data))
+        existing.add(path)
+
     new_agents: dict[str, AgentPlan] = {}
     wanted = agent_targets(prev, shards)
     live = set(members)
@@ -132,21 +139,30 @@ def plan_writes(
         mine = wanted.get(agent, old.replicas if old is not None else {})
         path = paths.plan_agent(agent)
         if not mine and agent not in live:
-            if old is not None:
+            if path in existing:
                 writes.append(Write("delete", path))
+                existing.discard(path)
             continue
-        if old is not None and old.replicas == mine:
+        if old is not None and old.replicas == mine and path not in prev.rewrite:
             new_agents[agent] = old
             continue
         plan = AgentPlan(generation=generation, epoch=epoch, replicas=mine)
         new_agents[agent] = plan
-        writes.append(Write("create" if old is None else "set", path, plan.encode()))
-    old_chunks = (len(prev.shards) + ROUTING_CHUNK - 1) // ROUTING_CHUNK
+        put(path, plan.encode())
+    kept = {paths.plan_agent(a) for a in new_agents}
+    for path in sorted(p for p in existing if p.startswith(paths.plan_agents + "/")):
+        if path not in kept:  # a leftover no agent owns (damaged, or a stray name)
+            writes.append(Write("delete", path))
+            existing.discard(path)
     n_chunks = (len(shards) + ROUTING_CHUNK - 1) // ROUTING_CHUNK
-    for c in changed_chunks(prev, shards, targets):
-        data = chunk_of(shards, targets, c, generation).encode()
-        writes.append(Write("create" if c >= old_chunks else "set", paths.routing_chunk(c), data))
-    writes += [Write("delete", paths.routing_chunk(c)) for c in range(n_chunks, old_chunks)]
+    forced = {c for c in range(n_chunks) if paths.routing_chunk(c) in prev.rewrite}
+    for c in sorted(set(changed_chunks(prev, shards, targets)) | forced):
+        put(paths.routing_chunk(c), chunk_of(shards, targets, c, generation).encode())
+    chunk_paths = {paths.routing_chunk(c) for c in range(n_chunks)}
+    for path in sorted(p for p in existing if p.startswith(paths.routing + "/")):
+        if path not in chunk_paths:  # past the end (fewer shards), or a stray name
+            writes.append(Write("delete", path))
+            existing.discard(path)
     meta = PlanMeta(
         generation=generation,
         epoch=epoch,
@@ -159,8 +175,11 @@ def plan_writes(
         created=now,
         summary=summary or {},
     )
-    writes.append(Write("create" if prev.meta is None else "set", paths.plan_meta, meta.encode()))
-    return writes, PlanState(meta=meta, agents=new_agents, shards=shards, targets=targets)
+    put(paths.plan_meta, meta.encode())
+    return writes, PlanState(meta=meta, agents=new_agents, shards=shards, targets=targets,
+                             existing=frozenset(existing))
+
+
 def batches(writes: Sequence[Write], max_bytes: int = 512 * 1024) -> list[list[Write]]:
     """Split writes into multi() batches that stay well under jute.maxbuffer (1 MiB)."""
     out: list[list[Write]] = [[]]

@@ -17,6 +17,7 @@ from kazoo.exceptions import NoNodeError
 
 from shardkeeper.config import ClusterConfig
 from shardkeeper.layout import (
+    ROUTING_CHUNK,
     AgentPlan,
     AgentStatus,
     MemberInfo,
@@ -24,8 +25,9 @@ from shardkeeper.layout import (
     PlanMeta,
     RoutingChunk,
     decode_epoch,
+    valid_name,
 )
-from shardkeeper.plan import PlanState, ShardPlan
+from shardkeeper.plan import PlanState, ShardPlan, StoredPlan
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 
 log = logging.getLogger(__name__)
@@ -93,31 +95,91 @@ def read_plan_meta(client: KazooClient, paths: Paths) -> PlanMeta | None:
     return PlanMeta.decode(paths.plan_meta, data)
 
 
+def _decode_all(client: KazooClient, parent: str, decode: Callable[[str, bytes], T],
+                damaged: dict[str, str], existing: set[str]) -> dict[str, T]:
+    try:
+        names = client.get_children(parent)
+    except NoNodeError:
+        return {}
+    pending = {n: client.get_async(f"{parent}/{n}") for n in sorted(names)}
+    out: dict[str, T] = {}
+    for name, result in pending.items():
+        path = f"{parent}/{name}"
+        try:
+            data, _ = result.get()
+        except NoNodeError:
+            continue
+        existing.add(path)
+        try:
+            out[name] = decode(path, data)
+        except CorruptZnode as e:
+            damaged[path] = str(e)
+    return out
+
+
+def read_stored_plan(client: KazooClient, paths: Paths) -> StoredPlan:
+    """Read every plan znode without failing on a damaged one (see StoredPlan)."""
+    damaged: dict[str, str] = {}
+    existing: set[str] = set()
+    meta = None
+    try:
+        data, _ = client.get(paths.plan_meta)
+        existing.add(paths.plan_meta)
+        meta = PlanMeta.decode(paths.plan_meta, data)
+    except NoNodeError:
+        pass
+    except CorruptZnode as e:
+        damaged[paths.plan_meta] = str(e)
+    agents = _decode_all(client, paths.plan_agents, AgentPlan.decode, damaged, existing)
+    for name in [n for n in agents if not valid_name(n)]:
+        damaged[paths.plan_agent(name)] = f"{paths.plan_agent(name)}: not an agent id"
+        del agents[name]
+    chunks: dict[int, RoutingChunk] = {}
+    for name, chunk in _decode_all(client, paths.routing, RoutingChunk.decode, damaged,
+                                   existing).items():
+        path = f"{paths.routing}/{name}"
+        index = int(name) if name.isdigit() else -1
+        if index < 0 or path != paths.routing_chunk(index):
+            damaged[path] = f"{path}: not a routing chunk name"
+        elif chunk.first != index * ROUTING_CHUNK or len(chunk.replicas) > ROUTING_CHUNK:
+            damaged[path] = (f"{path}: starts at shard {chunk.first} with"
+                             f" {len(chunk.replicas)} rows, expected {index * ROUTING_CHUNK}")
+        else:
+            chunks[index] = chunk
+    return StoredPlan(meta, agents, chunks, damaged, frozenset(existing))
+
+
 def read_plan(client: KazooClient, paths: Paths) -> PlanState:
-    """The stored plan: meta, every agent's znode, and the routing table in shard order."""
-    meta = read_plan_meta(client, paths)
+    """The stored plan: meta, every agent's znode, and the routing table in shard order.
+
+    Raises CorruptZnode if a plan znode is damaged or one is missing: the leader rebuilds
+    the plan on its next term (``coordinator.recover``); readers only report it.
+    """
+    stored = read_stored_plan(client, paths)
+    if stored.damaged:
+        reason = stored.damaged[min(stored.damaged)]
+        raise CorruptZnode(f"{reason} (the leader rebuilds a damaged plan when it next leads)")
+    meta = stored.meta
     if meta is None:
+        if stored.agents or stored.chunks:
+            raise CorruptZnode(f"{paths.plan_meta}: missing while other plan znodes exist")
         return PlanState()
-    agents = read_many(client, paths.plan_agents, AgentPlan.decode)
-    chunks = read_many(client, paths.routing, RoutingChunk.decode)
     shards: list[ShardPlan] = []
     targets: list[tuple[str, ...]] = []
-    for name in sorted(chunks):
-        chunk = chunks[name]
-        if chunk.first != len(shards):
-            raise CorruptZnode(
-                f"{paths.routing_chunk(int(name))}: starts at shard {chunk.first},"
-                f" expected {len(shards)}"
-            )
+    for index in range(meta.chunks):
+        chunk = stored.chunks.get(index)
+        if chunk is None or chunk.first != len(shards):
+            raise CorruptZnode(f"{paths.routing_chunk(index)}: missing")
         for i, replicas in enumerate(chunk.replicas):
             shard = chunk.first + i
             # The term is kept in the agents' assignments (the primary's carries it).
-            primary = agents.get(replicas[0]) if replicas else None
+            primary = stored.agents.get(replicas[0]) if replicas else None
             assignment = primary.replicas.get(shard) if primary else None
             term = assignment.term if assignment else 0
             shards.append(ShardPlan(replicas, chunk.bootstrapping.get(shard, ()), term))
             targets.append(chunk.targets.get(shard, replicas))
-    return PlanState(meta=meta, agents=agents, shards=tuple(shards), targets=tuple(targets))
+    return PlanState(meta=meta, agents=stored.agents, shards=tuple(shards),
+                     targets=tuple(targets), existing=stored.existing)
 
 
 def read_leader(client: KazooClient, paths: Paths) -> tuple[str | None, int]:

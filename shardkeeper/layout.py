@@ -38,6 +38,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and bool(_NAME.match(name))
+
+
 def validate_name(kind: str, name: str) -> str:
     """Cluster and agent names become znode names: keep them short and path-safe."""
     if not isinstance(name, str) or not _NAME.match(name):
@@ -264,12 +268,12 @@ class Assignment:
             raise bad
         head = raw[0]
         if head == "P" and len(raw) == 4 and _is_term(raw[3]) and all(
-            isinstance(x, list) and all(_is_name(a) for a in x) for x in raw[1:3]
+            isinstance(x, list) and all(valid_name(a) for a in x) for x in raw[1:3]
         ):
             return cls(Role.PRIMARY, peers=tuple(raw[1]), bootstrapping=tuple(raw[2]),
                        term=raw[3])
-        if head == "R" and len(raw) in (3, 4) and _is_name(raw[1]) and _is_term(raw[2]) and (
-            len(raw) == 3 or _is_name(raw[3])
+        if head == "R" and len(raw) in (3, 4) and valid_name(raw[1]) and _is_term(raw[2]) and (
+            len(raw) == 3 or valid_name(raw[3])
         ):
             return cls(Role.REPLICA, primary=raw[1], source=raw[3] if len(raw) == 4 else None,
                        term=raw[2])
@@ -282,10 +286,6 @@ def _is_count(value: Any) -> bool:
 
 def _is_term(value: Any) -> bool:
     return _is_count(value) and value >= 1
-
-
-def _is_name(value: Any) -> bool:
-    return isinstance(value, str) and bool(_NAME.match(value))
 
 
 @dataclass(frozen=True)

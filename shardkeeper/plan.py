@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from shardkeeper.layout import AgentPlan, Assignment, PlanMeta
+from shardkeeper.layout import AgentPlan, Assignment, PlanMeta, RoutingChunk
 from shardkeeper.vocab import Role
 
 # shard -> agents, primary first (a placement target, or the in-sync replicas)
@@ -40,12 +40,19 @@ class ShardPlan:
 @dataclass(frozen=True)
 class PlanState:
     """The plan as stored in ZooKeeper: meta, every plan/agents znode, every shard's plan,
-    and the placement target it is moving toward."""
+    and the placement target it is moving toward.
+
+    ``existing`` holds the path of every plan znode that exists (so that the next write
+    creates or sets it); ``rewrite`` the plan znodes the next generation must write even
+    if their content is unchanged, because they were found damaged or missing.
+    """
 
     meta: PlanMeta | None = None
     agents: dict[str, AgentPlan] = field(default_factory=dict)
     shards: tuple[ShardPlan, ...] = ()
     targets: Targets = ()
+    existing: frozenset[str] = frozenset()
+    rewrite: frozenset[str] = frozenset()
 
     @property
     def generation(self) -> int:
@@ -80,3 +87,23 @@ def assignments(shards: Sequence[ShardPlan]) -> dict[str, dict[int, Assignment]]
         for agent, assignment in shard_assignments(shard).items():
             out.setdefault(agent, {})[s] = assignment
     return out
+
+
+@dataclass(frozen=True)
+class StoredPlan:
+    """Every plan znode as read, readable or not: what the leader rebuilds a plan from.
+
+    ``damaged`` maps the path of each plan znode that exists but cannot be decoded (or
+    does not fit the rest) to the reason (which names the path); a path in neither the
+    readable parts nor ``damaged`` does not exist.
+    """
+
+    meta: PlanMeta | None = None
+    agents: dict[str, AgentPlan] = field(default_factory=dict)
+    chunks: dict[int, RoutingChunk] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)
+    existing: frozenset[str] = frozenset()  # every plan znode path that exists
+
+    @property
+    def empty(self) -> bool:
+        return not self.existing

@@ -29,10 +29,12 @@ def members(*ids: str) -> dict[str, MemberInfo]:
     return {a: MemberInfo(a, f"127.0.0.1:{i + 1}") for i, a in enumerate(ids)}
 
 
-def in_sync_statuses(memory: Memory) -> dict[str, AgentStatus]:
-    """Every agent applied its plan and holds what it asks, in sync (copies finished)."""
+def in_sync_statuses(memory: Memory, live) -> dict[str, AgentStatus]:
+    """Every live agent applied its plan and holds what it asks, in sync (copies done)."""
     out = {}
     for agent, plan in memory.plan.agents.items():
+        if agent not in live:
+            continue
         shards = {s: ShardStatus("PRIMARY" if a.role == Role.PRIMARY else "REPLICA")
                   for s, a in plan.replicas.items()}
         out[agent] = AgentStatus(agent, plan.generation, shards)
@@ -41,7 +43,7 @@ def in_sync_statuses(memory: Memory) -> dict[str, AgentStatus]:
 
 def run(memory: Memory, now: float, live, **kw) -> Outcome:
     inputs = Inputs(now=now, config=kw.pop("config", CONFIG), members=live,
-                    statuses=kw.pop("statuses", in_sync_statuses(memory)), **kw)
+                    statuses=kw.pop("statuses", in_sync_statuses(memory, live)), **kw)
     return decide(memory, inputs, paths=PATHS, leader="c1", epoch=7)
 
 
@@ -163,3 +165,49 @@ def test_decide_is_deterministic_and_writes_meta_last(history) -> None:
             assert plan_writes[-1].path == PATHS.plan_meta
             assert out.writes[-1].path == PATHS.plan_meta
         memory, now = out.memory, now + 2 * INITIAL_SETTLE
+
+
+def test_a_config_that_changes_the_shard_count_is_refused_once_and_the_old_one_kept() -> None:
+    live = members("a1", "a2", "a3")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    bad = ClusterConfig(shards=64, replicas=2)
+    out = run(memory, now, live, config=bad)
+    assert audit_of(out) == ["config-refused"]
+    assert "64 shards" in out.audit[0].message and "8" in out.audit[0].message
+    assert len(out.memory.plan.shards) == 8
+    # The cluster keeps planning (a departure fails over) and says it only once.
+    out = run(out.memory, now + 1, members("a1", "a2"), config=bad)
+    assert "config-refused" not in audit_of(out) and "member-left" in audit_of(out)
+    assert len(out.memory.plan.shards) == 8 and out.memory.plan.meta.shards == 8
+
+
+def test_an_unreadable_config_keeps_the_last_one_and_failover_goes_on() -> None:
+    live = members("a1", "a2", "a3")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    out = run(memory, now, members("a1", "a2"), config=None, config_error="not valid JSON")
+    assert "config-refused" in audit_of(out) and "member-left" in audit_of(out)
+    assert all(p.primary in ("a1", "a2") for p in out.memory.plan.shards)
+    # A new term with no config read yet: the stored plan's counts are used.
+    fresh = Memory.at_start(out.memory.plan)
+    again = run(fresh, now + 1, members("a1"), config=None, config_error="missing")
+    assert again.plan_written and len(again.memory.plan.shards) == 8
+    # A new cluster without a config plans nothing.
+    assert run(Memory(), now, live, config=None).writes == ()
+
+
+def test_an_agent_whose_member_znode_vanished_but_whose_session_lives_stays_placed() -> None:
+    live = members("a1", "a2", "a3")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    statuses = in_sync_statuses(memory, live)  # a3's status znode is still there
+    out = run(memory, now, members("a1", "a2"), statuses=statuses)
+    assert "member-left" not in [e.kind for e in out.audit]
+    assert out.memory.plan.shards == memory.plan.shards
+
+
+def test_repairs_found_at_the_start_of_a_term_are_audited_once() -> None:
+    live = members("a1", "a2")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    fresh = Memory.at_start(memory.plan, notes=("/x/plan/meta: missing: rewritten",))
+    out = run(fresh, now, live)
+    assert audit_of(out) == ["plan-repaired"]
+    assert run(out.memory, now + 1, live).audit == ()
