@@ -56,24 +56,12 @@ def read_many(
     skip_corrupt: bool = False,
 ) -> dict[str, T]:
     """Decode every child of ``parent``; missing parent or children read as absent."""
-    try:
-        names = client.get_children(parent)
-    except NoNodeError:
-        return {}
-    pending = {n: client.get_async(f"{parent}/{n}") for n in sorted(names)}
-    out: dict[str, T] = {}
-    for name, result in pending.items():
-        path = f"{parent}/{name}"
-        try:
-            data, _ = result.get()
-        except NoNodeError:
-            continue
-        try:
-            out[name] = decode(path, data)
-        except CorruptZnode as e:
-            if not skip_corrupt:
-                raise
-            log.error("ignoring corrupt znode: %s", e)
+    damaged: dict[str, str] = {}
+    out = _decode_all(client, parent, decode, damaged, set())
+    if damaged and not skip_corrupt:
+        raise CorruptZnode(damaged[min(damaged)])
+    for reason in damaged.values():
+        log.error("ignoring corrupt znode: %s", reason)
     return out
 
 
