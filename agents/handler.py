@@ -44,13 +44,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 
-from agents.dataplane import (
-    DEFAULT_PAGE_ROWS,
-    PeerClient,
-    catch_up_from_peers,
-    copy_shard,
-    repair_shard,
-)
+from agents.dataplane import catch_up_from_peers, copy_shard, repair_shard
 from agents.shardsm import (
     Action,
     BecomeReplica,
@@ -67,6 +61,8 @@ from agents.shardsm import (
     Synced,
 )
 from agents.store import StoreSet
+from shardkeeper.peer import PeerClient
+from shardkeeper.wire import DEFAULT_PAGE_ROWS
 
 
 class ShardHandler(ABC):

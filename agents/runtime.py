@@ -65,7 +65,7 @@ from tenacity import (
 )
 
 from agents import shardsm
-from agents.dataplane import DataPlane, PeerClient, ShardRoute, ShardTable
+from agents.dataplane import DataPlane, ShardRoute, ShardTable
 from agents.handler import KVShardHandler, ShardHandler, perform
 from agents.shardsm import (
     SYNC_ACTIONS,
@@ -102,6 +102,7 @@ from coordinator.layout import (
     ShardStatus,
 )
 from coordinator.zk import ShardkeeperError, ZkUnavailable, close, connect, ensure_layout
+from shardkeeper.peer import PeerClient
 
 log = logging.getLogger(__name__)
 VERSION = "0.2.0"

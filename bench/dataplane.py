@@ -36,9 +36,11 @@ from pathlib import Path
 
 import click
 
-from agents.dataplane import DataPlane, PeerClient, ShardRoute, ShardTable, copy_shard
+from agents.dataplane import DataPlane, ShardRoute, ShardTable, copy_shard
 from agents.shardsm import ShardState
-from agents.store import Row, StoreSet, make_lsn
+from agents.store import StoreSet, make_lsn
+from shardkeeper.peer import PeerClient
+from shardkeeper.wire import Row
 
 TOKEN = "bench-token"
 SHARD = 1

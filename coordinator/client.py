@@ -40,10 +40,10 @@ from tenacity import (
     wait_exponential,
 )
 
-from agents.dataplane import NotPrimary, PeerClient, PeerError, PeerUnavailable, ShardInfo
 from coordinator import cluster as clusterstate
 from coordinator.layout import Paths, RoutingChunk
 from coordinator.zk import ShardkeeperError, close, connect
+from shardkeeper.peer import NotPrimary, PeerClient, PeerError, PeerUnavailable, ShardInfo
 from shardkeeper.ring import shard_for_key
 
 T = TypeVar("T")

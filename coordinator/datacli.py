@@ -13,10 +13,10 @@ import click
 import xxhash
 from tenacity import retry, retry_if_result, stop_after_attempt, wait_fixed
 
-from agents.dataplane import ShardInfo
 from coordinator.client import DataClient
 from coordinator.cliutil import operator_errors, zk_options, zk_session
 from coordinator.layout import Paths
+from shardkeeper.peer import ShardInfo
 
 LOAD_BATCH = 500
 

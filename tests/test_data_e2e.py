@@ -12,10 +12,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from agents.dataplane import b64, key_path
-from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, StoreSet
+from agents.store import StoreSet
 from coordinator.client import DataClient, DataError
 from coordinator.datacli import load_key, load_value
+from shardkeeper.wire import MAX_KEY_BYTES, MAX_VALUE_BYTES, b64, key_path
 from tests.harness import Cluster, wait_for
 
 AGENTS = ("agent-1", "agent-2", "agent-3", "agent-4")

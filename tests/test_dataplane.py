@@ -13,21 +13,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from agents import dataplane
-from agents.dataplane import (
-    CopyCancelled,
-    DataPlane,
-    PeerClient,
-    PeerError,
-    PeerUnavailable,
-    ShardRoute,
-    ShardTable,
-    b64,
-    copy_shard,
-    key_path,
-    repair_shard,
-    repair_start,
-)
+from agents.dataplane import DataPlane, ShardRoute, ShardTable, transfer
+from agents.dataplane.repair import copy_shard, repair_shard, repair_start
+from agents.dataplane.transfer import CopyCancelled, fetch_snapshot
 from agents.handler import KVShardHandler, perform
 from agents.shardsm import (
     BecomeReplica,
@@ -39,7 +27,10 @@ from agents.shardsm import (
     StartBootstrap,
     Synced,
 )
-from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, Row, StoreSet, make_lsn
+from agents.store import StoreSet, make_lsn
+from coordinator.poll import poll_until
+from shardkeeper.peer import PeerClient, PeerError, PeerUnavailable
+from shardkeeper.wire import MAX_KEY_BYTES, MAX_VALUE_BYTES, Row, b64, key_path
 
 TOKEN = "test-cluster-token"
 SHARD = 7
@@ -144,14 +135,6 @@ def raw(address: str, method: str, path: str, body=None, token: str | None = TOK
     data = resp.read()
     conn.close()
     return resp.status, json.loads(data) if data else {}, dict(resp.getheaders())
-
-
-def wait_until(condition, timeout=10.0, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(interval)
 
 
 def load(client: PeerClient, node: Node, count: int, prefix: str = "k", batch: int = 1000):
@@ -359,11 +342,11 @@ def test_bootstrap_copies_20000_rows_while_writes_continue(cluster, trio):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        wait_until(lambda: len(written) > 20)
+        poll_until(lambda: len(written) > 20, 10.0, "the first writes", interval=0.01)
 
         def let_writes_interleave(_cursor, _fetched):
             seen = len(written)
-            wait_until(lambda: len(written) >= seen + 5)
+            poll_until(lambda: len(written) >= seen + 5, 10.0, "5 more writes", interval=0.01)
 
         result = copy_shard(
             new.store, SHARD, p.address, WritesWhilePagesAreInFlight(p),
@@ -373,7 +356,8 @@ def test_bootstrap_copies_20000_rows_while_writes_continue(cluster, trio):
         follow(new, p, 1)
         lead(p, 1, in_sync=(r1, r2, new))
         count = len(written)
-        wait_until(lambda: len(written) > count + 20)
+        poll_until(lambda: len(written) > count + 20, 10.0, "writes to the joined replica",
+                   interval=0.01)
     finally:
         stop_writing.set()
         thread.join()
@@ -520,20 +504,6 @@ def test_repair_after_missing_a_whole_primary_generation(cluster, trio):
     assert len(digests(r1, r3)) == 1
 
 
-def test_rows_pages_round_trip_and_reject_garbage():
-    from agents.dataplane import MalformedPage, decode_rows_page, encode_rows_page
-
-    entries = [(b"a", b"1", 3, 0), (b"b", None, 4, 1), (b"c", b"", 9, 0)]
-    data = encode_rows_page(entries, 12, True)
-    assert decode_rows_page(data) == (entries, 12, True)
-    assert decode_rows_page(encode_rows_page([], 0, False)) == ([], 0, False)
-    huge_key = encode_rows_page([(b"k" * (MAX_KEY_BYTES + 1), b"v", 1, 0)], 1, True)
-    zero_lsn = encode_rows_page([(b"k", b"v", 0, 0)], 1, True)
-    for bad in (data[:-1], data + b"x", b"JUNK" + data[4:], data[:5], huge_key, zero_lsn):
-        with pytest.raises(MalformedPage):
-            decode_rows_page(bad)
-
-
 def test_rows_stream_is_binary_and_still_needs_the_token(cluster, trio):
     p, *_ = trio
     cluster.client.put(p.address, SHARD, b"k", b"v")
@@ -566,7 +536,8 @@ def test_bootstrap_from_a_file_image_while_writes_continue(cluster, trio):
         follow(new, p, 1)
         lead(p, 1, in_sync=(r1, r2, new))
         count = p.store.max_lsn()
-        wait_until(lambda: p.store.max_lsn() > count + 20)
+        poll_until(lambda: p.store.max_lsn() > count + 20, 10.0, "writes to the joined replica",
+                   interval=0.01)
     finally:
         stop_writing.set()
         thread.join()
@@ -614,10 +585,10 @@ def receive_path(request, monkeypatch):
     """Every snapshot test runs on both receive paths: splice where the platform has it,
     and the recv_into fallback, forced."""
     if request.param == "splice":
-        if not dataplane.SPLICE_SNAPSHOTS:
+        if not transfer.SPLICE_SNAPSHOTS:
             pytest.skip("no os.splice on this platform")
     else:
-        monkeypatch.setattr(dataplane, "SPLICE_SNAPSHOTS", False)
+        monkeypatch.setattr(transfer, "SPLICE_SNAPSHOTS", False)
     return request.param
 
 
@@ -686,7 +657,7 @@ def test_snapshot_download_is_the_source_file_byte_for_byte(cluster, big_primary
                                                            tmp_path):
     p = big_primary
     dest = tmp_path / "image"
-    size = cluster.client.fetch_snapshot(p.address, SHARD, dest)
+    size = fetch_snapshot(p.address, SHARD, dest, token=TOKEN, timeout=2.0)
     source = p.stores.path_for(SHARD).read_bytes()  # the image checkpointed it; no writes since
     assert size == len(source) > 5_000_000
     assert dest.read_bytes() == source
@@ -698,7 +669,7 @@ def test_head_split_anywhere_and_body_bytes_behind_it_are_kept(receive_path, tmp
     # The end of the headers straddles two reads, and body bytes follow it in the same read.
     pieces = [head[:7], head[7:-2], head[-2:] + body[:1_000], body[1_000:]]
     with ScriptedPeer(pieces) as peer:
-        size = PeerClient(TOKEN, timeout=5.0).fetch_snapshot(peer.address, SHARD, tmp_path / "i")
+        size = fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=5.0)
     assert size == len(body) and (tmp_path / "i").read_bytes() == body
     assert f"GET /v1/shards/{SHARD}/snapshot HTTP/1.1".encode() in peer.request
     assert f"Authorization: Bearer {TOKEN}".encode() in peer.request
@@ -708,13 +679,13 @@ def test_a_snapshot_cut_short_is_peer_unavailable(receive_path, tmp_path):
     body = b"x" * 300_000
     peer = ScriptedPeer([snapshot_head(1_000_000) + body[:1_000], body[1_000:]])
     with peer, pytest.raises(PeerUnavailable, match="truncated at 300000 of 1000000"):
-        PeerClient(TOKEN, timeout=5.0).fetch_snapshot(peer.address, SHARD, tmp_path / "i")
+        fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=5.0)
 
 
 def test_a_peer_that_closes_inside_the_headers_is_peer_unavailable(receive_path, tmp_path):
     peer = ScriptedPeer([snapshot_head(10)[:20]])
     with peer, pytest.raises(PeerUnavailable) as err:
-        PeerClient(TOKEN, timeout=5.0).fetch_snapshot(peer.address, SHARD, tmp_path / "i")
+        fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=5.0)
     assert err.value.status is None
 
 
@@ -722,7 +693,7 @@ def test_a_stalled_snapshot_times_out(receive_path, tmp_path):
     with ScriptedPeer([snapshot_head(100_000) + b"x" * 1_000], hold=True) as peer:
         started = time.monotonic()
         with pytest.raises(PeerUnavailable, match="no bytes for 0.3 s"):
-            PeerClient(TOKEN, timeout=0.3).fetch_snapshot(peer.address, SHARD, tmp_path / "i")
+            fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=0.3)
         assert time.monotonic() - started < 5
 
 
@@ -744,44 +715,45 @@ def test_stop_cancels_a_snapshot_download_between_chunks(cluster, big_primary, r
                                                          tmp_path):
     dest = tmp_path / "image"
     with pytest.raises(CopyCancelled):
-        cluster.client.fetch_snapshot(big_primary.address, SHARD, dest, StopAfter(3))
+        fetch_snapshot(big_primary.address, SHARD, dest, token=TOKEN, timeout=2.0,
+                       stop=StopAfter(3))
     assert 0 < dest.stat().st_size < big_primary.stores.path_for(SHARD).stat().st_size
 
     def downloaded() -> bool:
         try:
-            return cluster.client.fetch_snapshot(big_primary.address, SHARD, dest) > 0
+            return fetch_snapshot(big_primary.address, SHARD, dest, token=TOKEN, timeout=2.0) > 0
         except PeerError as exc:
             assert exc.status == 409  # busy until the server sees the cancelled copy leave
             return False
 
-    wait_until(downloaded)  # the server releases the image once the copier has gone
+    # The server releases the image once it sees the cancelled copier go.
+    poll_until(downloaded, 10.0, "the image released", interval=0.01)
 
 
 def test_snapshot_refusals_keep_their_status_and_body(cluster, trio, receive_path, tmp_path):
     p, r1, _ = trio
     dest = tmp_path / "image"
 
-    def refusal(client, address, shard=SHARD):
+    def refusal(address, shard=SHARD, token=TOKEN):
         with pytest.raises(PeerError) as err:
-            client.fetch_snapshot(address, shard, dest)
+            fetch_snapshot(address, shard, dest, token=token, timeout=2.0)
         return type(err.value), err.value.status, err.value.body.get("error")
 
-    wrong = PeerClient("not-the-token", timeout=2.0)
-    assert refusal(wrong, p.address) == (PeerError, 401, "unauthorized")
-    assert refusal(cluster.client, p.address, SHARD + 1)[:2] == (PeerError, 404)
+    assert refusal(p.address, token="not-the-token") == (PeerError, 401, "unauthorized")
+    assert refusal(p.address, SHARD + 1)[:2] == (PeerError, 404)
     held = p.store.open_image()
     try:
-        assert refusal(cluster.client, p.address) == (PeerError, 409, "busy")
+        assert refusal(p.address) == (PeerError, 409, "busy")
     finally:
         held.close()
     follow(r1, p, 1, state=ShardState.BOOTSTRAPPING)
-    assert refusal(cluster.client, r1.address) == (PeerError, 409, "not_a_source")
+    assert refusal(r1.address) == (PeerError, 409, "not_a_source")
     p.table.set_serving(False)
-    assert refusal(cluster.client, p.address)[:2] == (PeerUnavailable, 503)
+    assert refusal(p.address)[:2] == (PeerUnavailable, 503)
 
 
 def test_bootstrap_from_a_file_image_on_the_fallback_path(cluster, big_primary, monkeypatch):
-    monkeypatch.setattr(dataplane, "SPLICE_SNAPSHOTS", False)
+    monkeypatch.setattr(transfer, "SPLICE_SNAPSHOTS", False)
     new = cluster.start("new")
     follow(new, big_primary, 1, state=ShardState.BOOTSTRAPPING)
     result = copy_shard(new.store, SHARD, big_primary.address, cluster.client,
@@ -800,5 +772,5 @@ def test_the_server_gives_up_on_a_reader_that_stops_reading(tmp_path):
         with conn:
             conn.settimeout(60)
             with pytest.raises(TimeoutError):
-                dataplane._send_file(conn, f.fileno(), 64 << 20, 0.2)
+                transfer.send_file(conn, f.fileno(), 64 << 20, 0.2)
             assert conn.gettimeout() == 60

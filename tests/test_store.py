@@ -7,19 +7,15 @@ import random
 import pytest
 
 from agents.store import (
-    MAX_KEY_BYTES,
-    MAX_VALUE_BYTES,
-    OversizedError,
-    Row,
     ShardStore,
     StoreBusy,
     StoreError,
     StoreSet,
-    check_row,
     lsn_generation,
     make_lsn,
     next_lsn,
 )
+from shardkeeper.wire import Row
 
 
 @pytest.fixture
@@ -121,16 +117,6 @@ def test_a_failed_transaction_changes_nothing(store):
     with pytest.raises(Exception):  # noqa: B017 - whatever sqlite raises for a NULL key
         store.apply([Row(b"b", b"2", 2), Row(None, b"x", 3)])  # type: ignore[arg-type]
     assert store.get(b"b") is None and store.max_lsn() == 1
-
-
-def test_size_bounds():
-    check_row(Row(b"k" * MAX_KEY_BYTES, b"v" * MAX_VALUE_BYTES, 1))
-    with pytest.raises(OversizedError):
-        check_row(Row(b"k" * (MAX_KEY_BYTES + 1), b"v", 1))
-    with pytest.raises(OversizedError):
-        check_row(Row(b"k", b"v" * (MAX_VALUE_BYTES + 1), 1))
-    with pytest.raises(StoreError):
-        check_row(Row(b"", b"v", 1))
 
 
 def test_lsn_encoding_orders_generations():
