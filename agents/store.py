@@ -18,8 +18,8 @@ A small ``meta`` table keeps the replica's progress markers, so they survive a c
 - ``image_tried``: 1 once a bootstrap asked for its source's file image (``open_image``);
   a retry then streams rows, which resume, instead of downloading the file again.
 
-LSNs are ``(generation << 32) | seq``: a primary promoted at plan generation ``g`` issues
-LSNs above ``g << 32``, hence above every LSN of a primary of an older generation.
+LSNs are ``(term << 32) | seq``: a primary of term ``t`` (the plan generation that made it
+primary) issues LSNs above ``t << 32``, hence above every LSN of a primary of an older term.
 Rows, their limits and checks are the wire's (``shardkeeper.wire``): what a client may send
 is what the store keeps.
 
@@ -41,8 +41,8 @@ import xxhash
 
 from shardkeeper.wire import Entry, Row, entry_to_row
 
-GENERATION_SHIFT = 32
-SEQ_MASK = (1 << GENERATION_SHIFT) - 1
+TERM_SHIFT = 32
+SEQ_MASK = (1 << TERM_SHIFT) - 1
 
 META_BOOTSTRAP_CURSOR = "bootstrap_cursor"
 META_SYNC_LSN = "sync_lsn"
@@ -116,22 +116,22 @@ class FileImage:
     close: Callable[[], None]
 
 
-def make_lsn(generation: int, seq: int) -> int:
-    """The LSN of write number ``seq`` of a primary promoted at ``generation``."""
-    return (generation << GENERATION_SHIFT) | (seq & SEQ_MASK)
+def make_lsn(term: int, seq: int) -> int:
+    """The LSN of write number ``seq`` of a primary of ``term``."""
+    return (term << TERM_SHIFT) | (seq & SEQ_MASK)
 
 
-def lsn_generation(lsn: int) -> int:
-    """The primary generation that issued ``lsn``."""
-    return lsn >> GENERATION_SHIFT
+def lsn_term(lsn: int) -> int:
+    """The term of the primary that issued ``lsn``."""
+    return lsn >> TERM_SHIFT
 
 
-def next_lsn(generation: int, max_lsn: int) -> int:
-    """The next LSN a primary of ``generation`` issues, given the shard's local ``max_lsn``.
+def next_lsn(term: int, max_lsn: int) -> int:
+    """The next LSN a primary of ``term`` issues, given the shard's local ``max_lsn``.
 
-    It exceeds ``max_lsn`` (monotonic on this replica) and every LSN of older generations.
+    It exceeds ``max_lsn`` (monotonic on this replica) and every LSN of older terms.
     """
-    return max(max_lsn + 1, make_lsn(generation, 1))
+    return max(max_lsn + 1, make_lsn(term, 1))
 
 
 def _params(row: Row) -> Entry:

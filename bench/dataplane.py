@@ -66,11 +66,10 @@ class Node:
     def lead(self, replicas: Sequence[Node] = ()) -> None:
         self.store.mark_promoted()
         self.table.set_route(SHARD, ShardRoute(
-            ShardState.PRIMARY, generation=1, primary=self.address, primary_generation=1,
+            ShardState.PRIMARY, term=1, primary=self.address,
             in_sync=tuple(r.address for r in replicas)))
         for r in replicas:
-            r.table.set_route(SHARD, ShardRoute(
-                ShardState.REPLICA, generation=1, primary=self.address, primary_generation=1))
+            r.table.set_route(SHARD, ShardRoute(ShardState.REPLICA, term=1, primary=self.address))
 
     def close(self) -> None:
         self.plane.stop()

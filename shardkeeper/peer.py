@@ -86,7 +86,7 @@ class Page:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """A holder's view of one shard (``GET .../digest``)."""
+    """A holder's view of one shard (``GET .../digest``); ``term`` is its route's term."""
 
     digest: str
     max_lsn: int
@@ -94,7 +94,7 @@ class ShardInfo:
     promotion_lsn: int
     rows: int
     state: str
-    generation: int
+    term: int
 
 
 class PeerClient:
@@ -212,7 +212,7 @@ class PeerClient:
         address: str,
         shard: int,
         *,
-        generation: int,
+        term: int,
         prev_lsn: int,
         rows: Sequence[Row],
         sync: bool,
@@ -220,7 +220,7 @@ class PeerClient:
     ) -> Reply:
         """One forward, answered as is (the primary decides what a refusal means)."""
         body = {
-            "generation": generation,
+            "term": term,
             "prev_lsn": prev_lsn,
             "sync": sync,
             "rows": [row_to_json(r) for r in rows],

@@ -12,13 +12,14 @@ Endpoints (``S`` is the shard number, ``K`` the percent-encoded key)::
     PUT    /v1/shards/S/keys/K  {"value"}  200 {"lsn"}
     DELETE /v1/shards/S/keys/K             200 {"lsn"}        (writes a tombstone)
     POST   /v1/shards/S/batch   {"puts":[{"key","value"}]}   200 {"lsns":[...]}
-    POST   /v1/shards/S/replicate {"generation","prev_lsn","sync","rows":[row]}
-                                           200 {"sync_lsn"} | 409 {"error": "stale_generation"
-                                           | "gap" | "diverged" | "not_replica", "sync_lsn"}
+    POST   /v1/shards/S/replicate {"term","prev_lsn","sync","rows":[row]}   primary -> replica
+                                           200 {"sync_lsn"} | 409 {"error": "stale_term"
+                                           | "term_ahead", "term"} | 409 {"error": "gap"
+                                           | "diverged", "sync_lsn"} | 409 not_replica
     GET    /v1/shards/S/rows?after=N&limit=M   200 a rows page (binary, ``encode_rows_page``)
     GET    /v1/shards/S/snapshot           200 the store file, a consistent image | 409 busy
     GET    /v1/shards/S/digest             200 {"digest","max_lsn","sync_lsn","promotion_lsn",
-                                                "rows","state","generation"}
+                                                "rows","state","term"}
     POST   /v1/shards/S/repair  {"keys":[key]}  200 {"rows":[{"key", "row": row | null}]}
 
 A row is ``{"key": b64, "value": b64 | null, "lsn": int}``; ``null`` marks a tombstone.
@@ -29,6 +30,13 @@ holder answers ``307`` with ``Location`` and ``{"error": "not_primary", "primary
 ``MAX_KEY_BYTES``, values over ``MAX_VALUE_BYTES``, bodies over ``MAX_BODY_BYTES``, batches
 over ``MAX_BATCH_KEYS``), 503 unavailable (fenced, not serving, replication failed). A
 request that gets a 4xx changes nothing.
+
+**Terms and fencing.** Each shard's primary holds a *term*: the plan generation that made it
+primary. Its LSNs are ``(term << 32) | seq`` and every forward it sends carries its term. A
+replica takes a forward only at exactly the term its own plan gives the shard's primary: a
+lower term is a deposed primary (409 ``stale_term``), a higher one a primary the replica's
+plan does not know yet (409 ``term_ahead``; the primary retries briefly). Neither changes
+anything, so a forged forward cannot move a replica's fence.
 """
 
 from __future__ import annotations
@@ -70,7 +78,8 @@ class ErrorCode(StrEnum):
     NO_SUCH_ENDPOINT = "no_such_endpoint"  # 404
     METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
     NOT_PRIMARY = "not_primary"  # 307, with "primary"
-    STALE_GENERATION = "stale_generation"  # 409: a forward from a deposed primary
+    STALE_TERM = "stale_term"  # 409: a forward from a deposed primary
+    TERM_AHEAD = "term_ahead"  # 409: a forward from a primary this replica's plan lacks
     GAP = "gap"  # 409: the replica misses rows before the forward's prev_lsn
     DIVERGED = "diverged"  # 409: the replica holds rows past prev_lsn the forward lacks
     NOT_REPLICA = "not_replica"  # 409: a forward to a holder that takes none

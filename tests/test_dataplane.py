@@ -60,10 +60,11 @@ class Cluster:
         self.nodes: list[Node] = []
         self.client = PeerClient(TOKEN, timeout=2.0, attempts=3)
 
-    def start(self, name: str, stores: StoreSet | None = None, table: ShardTable | None = None):
+    def start(self, name: str, stores: StoreSet | None = None, table: ShardTable | None = None,
+              **options):
         stores = stores or StoreSet(self.tmp_path / name)
         table = table or ShardTable()
-        plane = DataPlane(stores, table, TOKEN, forward_timeout=1.0).start()
+        plane = DataPlane(stores, table, TOKEN, forward_timeout=1.0, **options).start()
         node = Node(name, stores, table, plane)
         self.nodes.append(node)
         return node
@@ -78,27 +79,22 @@ class Cluster:
             node.stores.close_all()
 
 
-def lead(primary: Node, generation: int, in_sync=(), catching_up=()):
+def lead(primary: Node, term: int, in_sync=(), bootstrapping=()):
     primary.table.set_route(
         SHARD,
         ShardRoute(
             ShardState.PRIMARY,
-            generation=generation,
+            term=term,
             primary=primary.address,
-            primary_generation=generation,
             in_sync=tuple(n.address for n in in_sync),
-            catching_up=tuple(n.address for n in catching_up),
+            bootstrapping=tuple(n.address for n in bootstrapping),
         ),
     )
 
 
-def follow(replica: Node, primary: Node, generation: int, state=ShardState.REPLICA):
-    replica.table.set_route(
-        SHARD,
-        ShardRoute(
-            state, generation=generation, primary=primary.address, primary_generation=generation
-        ),
-    )
+def follow(replica: Node, primary: Node, term: int, state=ShardState.REPLICA):
+    """The route the runtime gives a replica whose plan names ``primary`` at ``term``."""
+    replica.table.set_route(SHARD, ShardRoute(state, term=term, primary=primary.address))
 
 
 @pytest.fixture
@@ -110,7 +106,7 @@ def cluster(tmp_path):
 
 @pytest.fixture
 def trio(cluster):
-    """A primary and two in-sync replicas of SHARD at generation 1."""
+    """A primary and two in-sync replicas of SHARD at term 1."""
     p, r1, r2 = cluster.start("p"), cluster.start("r1"), cluster.start("r2")
     p.store.mark_promoted()
     r1.store, r2.store  # noqa: B018 - open the replicas' stores
@@ -161,7 +157,7 @@ def test_write_is_acknowledged_only_after_every_in_sync_replica_applied(cluster,
     assert cluster.client.get(p.address, SHARD, b"b").value == b"2"
     assert all(n.store.get(b"a").tombstone for n in trio)
     assert len(digests(*trio)) == 1
-    assert lsn >> 32 == 1, "LSNs carry the primary's generation"
+    assert lsn >> 32 == 1, "LSNs carry the primary's term"
 
 
 def test_dead_in_sync_replica_means_no_acknowledgement(cluster, trio):
@@ -189,30 +185,124 @@ def test_lagging_in_sync_replica_is_pushed_what_it_missed(cluster, trio):
     assert r2.store.sync_lsn() == p.store.max_lsn()
 
 
-def test_replica_rejects_a_primary_of_an_older_generation(cluster, trio):
+# -- fencing: a replica takes forwards at exactly its route's term ------------------------
+
+
+def test_replica_refuses_a_forward_of_an_older_term(cluster, trio):
     p, r1, _ = trio
-    r1.table.update(SHARD, primary_generation=2)  # it learned of a generation-2 primary
+    follow(r1, p, 2)  # r1's plan names a primary of term 2: p (term 1) was deposed
     before = r1.store.digest()
     reply = cluster.client.replicate(
-        r1.address, SHARD, generation=1, prev_lsn=0, rows=[Row(b"k", b"v", 5)], sync=True
+        r1.address, SHARD, term=1, prev_lsn=0, rows=[Row(b"k", b"v", make_lsn(1, 5))], sync=True
     )
-    assert reply.status == 409 and reply.body["error"] == "stale_generation"
-    assert r1.store.digest() == before
-    with pytest.raises(PeerError) as failed:
+    assert (reply.status, reply.body) == (409, {"error": "stale_term", "term": 2})
+    assert r1.store.digest() == before and r1.table.route(SHARD).term == 2
+    # The deposed primary applies the write locally but cannot get it acknowledged.
+    with pytest.raises(PeerUnavailable) as failed:
         cluster.client.put(p.address, SHARD, b"k", b"v")
-    assert failed.value.status == 503 and r1.store.get(b"k") is None
+    assert failed.value.body == {"error": "replication_failed", "replicas": [r1.address]}
+    assert r1.store.get(b"k") is None
 
 
-def test_newer_primary_raises_the_fence(cluster, trio):
-    _, r1, _ = trio
-    ok = cluster.client.replicate(
-        r1.address, SHARD, generation=3, prev_lsn=0, rows=[Row(b"k", b"v", 3 << 32 | 1)], sync=True
+def test_replica_and_bootstrapping_replica_take_forwards_at_their_term(cluster, trio):
+    p, r1, r2 = trio
+    row = Row(b"k", b"v", make_lsn(1, 1))
+    ok = cluster.client.replicate(r1.address, SHARD, term=1, prev_lsn=0, rows=[row], sync=True)
+    assert (ok.status, ok.body) == (200, {"sync_lsn": row.lsn})
+    assert r1.store.get(b"k") == row and r1.store.sync_lsn() == row.lsn
+    follow(r2, p, 1, state=ShardState.BOOTSTRAPPING)
+    copied = cluster.client.replicate(r2.address, SHARD, term=1, prev_lsn=0, rows=[row],
+                                      sync=False)
+    assert copied.status == 200 and r2.store.get(b"k") == row
+    ahead = cluster.client.replicate(r2.address, SHARD, term=2, prev_lsn=0,
+                                     rows=[Row(b"j", b"v", make_lsn(2, 1))], sync=False)
+    assert (ahead.status, ahead.body) == (409, {"error": "term_ahead", "term": 1})
+    assert r2.store.get(b"j") is None
+
+
+def test_a_forged_forward_of_a_huge_term_moves_no_fence(cluster, trio):
+    """Issue 10: one forged forward with a huge term used to raise the replica's fence and
+    make every later put to the shard fail with 503 until the replica's session bounced."""
+    p, r1, r2 = trio
+    cluster.client.put(p.address, SHARD, b"before", b"1")
+    before = digests(r1, r2)
+    for sync in (True, False):
+        forged = {"term": 10**15, "prev_lsn": p.store.max_lsn(), "sync": sync,
+                  "rows": [{"key": b64(b"k"), "value": b64(b"forged"), "lsn": make_lsn(9, 1)}]}
+        status, body, _ = raw(r1.address, "POST", f"/v1/shards/{SHARD}/replicate", forged)
+        assert (status, body) == (409, {"error": "term_ahead", "term": 1})
+    assert r1.table.route(SHARD).term == 1 and digests(r1, r2) == before
+    for i in range(3):
+        cluster.client.put(p.address, SHARD, f"after-{i}".encode(), b"acknowledged")
+    assert r1.store.get(b"after-2").value == b"acknowledged" and r1.store.get(b"k") is None
+    assert len(digests(*trio)) == 1
+
+
+class RecordingClient(PeerClient):
+    """A primary's forwarding client that keeps the error of every answer it gets."""
+
+    def __init__(self) -> None:
+        super().__init__(TOKEN, timeout=1.0, attempts=1)
+        self.errors: list[str | None] = []
+
+    def replicate(self, *args, **kwargs):
+        reply = super().replicate(*args, **kwargs)
+        self.errors.append(reply.body.get("error"))
+        return reply
+
+
+def test_a_new_primary_gets_through_once_its_replica_reads_the_plan(cluster):
+    forwards = RecordingClient()
+    p, r1 = cluster.start("p", client=forwards), cluster.start("r1")
+    p.store.mark_promoted()
+    r1.store  # noqa: B018 - open the replica's store
+    # Plan 2 made p primary at term 2; r1 has not read it yet and still routes by term 1.
+    lead(p, 2, in_sync=(r1,))
+    follow(r1, p, 1)
+    lsns: list[int] = []
+    writer = threading.Thread(
+        target=lambda: lsns.append(cluster.client.put(p.address, SHARD, b"k", b"v"))
     )
-    assert ok.status == 200 and r1.table.route(SHARD).primary_generation == 3
-    stale = cluster.client.replicate(
-        r1.address, SHARD, generation=2, prev_lsn=0, rows=[Row(b"j", b"v", 2 << 32 | 1)], sync=False
-    )
-    assert stale.status == 409
+    writer.start()
+    try:
+        poll_until(lambda: "term_ahead" in forwards.errors, 5.0, "r1 refusing term 2",
+                   interval=0.002)
+        assert r1.store.get(b"k") is None and not lsns, "refused, and not acknowledged"
+        follow(r1, p, 2)  # r1 reads plan 2, from another thread than the waiting write
+    finally:
+        writer.join(10)
+    assert lsns and lsns[0] >> 32 == 2, "acknowledged once r1 took the forward"
+    assert r1.store.get(b"k") == Row(b"k", b"v", lsns[0])
+    assert forwards.errors[-1] is None
+
+
+def test_a_replica_that_never_reads_the_plan_fails_the_write_after_a_bounded_wait(cluster):
+    forwards = RecordingClient()
+    p, r1 = cluster.start("p", client=forwards, term_ahead_wait=0.3), cluster.start("r1")
+    p.store.mark_promoted()
+    r1.store  # noqa: B018 - open the replica's store
+    lead(p, 2, in_sync=(r1,))
+    follow(r1, p, 1)
+    started = time.monotonic()
+    with pytest.raises(PeerUnavailable) as failed:
+        cluster.client.put(p.address, SHARD, b"k", b"v")
+    waited = time.monotonic() - started
+    assert failed.value.body == {"error": "replication_failed", "replicas": [r1.address]}
+    assert forwards.errors.count("term_ahead") > 1, "asked again before giving up"
+    assert 0.3 <= waited < 5 and r1.store.get(b"k") is None
+
+
+def test_a_bootstrapping_replica_behind_on_the_plan_does_not_hold_writes_up(cluster):
+    forwards = RecordingClient()
+    p, new = cluster.start("p", client=forwards, term_ahead_wait=30.0), cluster.start("new")
+    p.store.mark_promoted()
+    new.store  # noqa: B018 - the copy opened its store
+    lead(p, 2, bootstrapping=(new,))
+    follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
+    started = time.monotonic()
+    cluster.client.put(p.address, SHARD, b"k", b"v")
+    assert time.monotonic() - started < 10, "acknowledged without asking again for 30 s"
+    assert forwards.errors == ["term_ahead"] and new.store.get(b"k") is None
 
 
 def test_non_primary_redirects_to_the_primary(cluster, trio):
@@ -266,7 +356,7 @@ def test_wrong_or_missing_token_gets_401_and_changes_nothing(cluster, trio):
             {"puts": [{"key": "aw==", "value": "dg=="}, {"key": "A" * 2000, "value": "dg=="}]},
             413,
         ),
-        ("POST", f"/v1/shards/{SHARD}/replicate", {"generation": 1, "rows": "x"}, 400),
+        ("POST", f"/v1/shards/{SHARD}/replicate", {"term": 1, "rows": "x"}, 400),
         ("GET", f"/v1/shards/{SHARD}/rows?after=-1", None, 400),
         ("PATCH", key_path(SHARD, b"k"), None, 405),
         ("POST", key_path(SHARD, b"k"), None, 405),
@@ -324,7 +414,7 @@ def test_bootstrap_copies_20000_rows_while_writes_continue(cluster, trio):
     load(cluster.client, p, 20_000)
     new = cluster.start("r3")
     follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
-    lead(p, 1, in_sync=(r1, r2), catching_up=(new,))
+    lead(p, 1, in_sync=(r1, r2), bootstrapping=(new,))
 
     stop_writing = threading.Event()
     written = []
@@ -519,7 +609,7 @@ def test_bootstrap_from_a_file_image_while_writes_continue(cluster, trio):
     load(cluster.client, p, 5_000)
     new = cluster.start("r3")
     follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
-    lead(p, 1, in_sync=(r1, r2), catching_up=(new,))
+    lead(p, 1, in_sync=(r1, r2), bootstrapping=(new,))
     stop_writing = threading.Event()
 
     def writer():

@@ -11,7 +11,7 @@ from agents.store import (
     StoreBusy,
     StoreError,
     StoreSet,
-    lsn_generation,
+    lsn_term,
     make_lsn,
     next_lsn,
 )
@@ -119,12 +119,12 @@ def test_a_failed_transaction_changes_nothing(store):
     assert store.get(b"b") is None and store.max_lsn() == 1
 
 
-def test_lsn_encoding_orders_generations():
+def test_lsn_encoding_orders_terms():
     old_max = make_lsn(3, 999_999)
     assert next_lsn(4, old_max) == make_lsn(4, 1) > old_max
     assert next_lsn(4, make_lsn(4, 7)) == make_lsn(4, 8)
     assert next_lsn(3, make_lsn(4, 7)) == make_lsn(4, 8), "never below the local max"
-    assert lsn_generation(make_lsn(12, 5)) == 12
+    assert lsn_term(make_lsn(12, 5)) == 12
 
 
 def test_store_set_opens_lists_and_drops(tmp_path):

@@ -2,7 +2,7 @@
 
 - ``table``: ShardRoute, ShardTable -- what the runtime lets the data plane serve.
 - ``server``: DataPlane -- the HTTP server, request parsing, the primary's write path.
-- ``replication``: the replicate call, both ends (forwarding, pushing, applying).
+- ``replication``: the replicate call, both ends (forwarding, pushing, the fencing rule).
 - ``transfer``: the snapshot (store file) transfer, both ends, in the kernel.
 - ``repair``: copy_shard, repair_shard, catch_up_from_peers -- the KV handler's work.
 

@@ -22,7 +22,7 @@ from agents.store import (
     META_SYNC_LSN,
     ShardStore,
     StoreError,
-    lsn_generation,
+    lsn_term,
     make_lsn,
 )
 from shardkeeper.peer import PeerClient, PeerError
@@ -165,12 +165,12 @@ def repair_start(promotion_lsn: int, sync_lsn: int) -> int:
 
     The new primary holds every LSN up to its promotion point, and the replica every LSN up
     to its ``sync_lsn``, of the stream they both followed. If the promotion point is from a
-    later generation than the replica's last one, the replica missed a whole primary and
-    anything it got from its last one may be that primary's unacknowledged tail.
+    later term than the replica's last one, the replica missed a whole primary and anything
+    it got from its last one may be that primary's unacknowledged tail.
     """
     start = min(promotion_lsn, sync_lsn)
-    if lsn_generation(sync_lsn) < lsn_generation(promotion_lsn):
-        start = min(start, make_lsn(lsn_generation(sync_lsn), 0))
+    if lsn_term(sync_lsn) < lsn_term(promotion_lsn):
+        start = min(start, make_lsn(lsn_term(sync_lsn), 0))
     return start
 
 
@@ -186,7 +186,7 @@ def catch_up_from_peers(
     reachable peer; returns the rows fetched. Used by a replica about to become primary.
 
     A replica that joined the in-sync set got the writes acknowledged during its last
-    moments of catching up only as best-effort forwards; every such write is on every
+    moments of bootstrapping only as best-effort forwards; every such write is on every
     in-sync peer, so pulling from the peers closes that gap. A peer that fails is skipped:
     the plan names the live ones, and any one of them holds every acknowledged write.
     """

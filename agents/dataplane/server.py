@@ -3,11 +3,10 @@
 ``DataPlane`` parses and checks each request, looks the shard up in the ``ShardTable`` the
 runtime keeps, and answers from the shard's store. The primary's write path runs here
 under the shard's write lock: assign LSNs above the local maximum and above every older
-generation's (``store.next_lsn``), apply locally, forward (``replication.Replicator``),
-and acknowledge only if every in-sync replica applied the rows and the agent is still
-writable. A replica refuses forwards from a primary older than its fence, then takes them
-through ``replication.accept_forward`` under the shard's replica lock. Snapshots go out
-with ``transfer.send_file``.
+term's (``store.next_lsn``), apply locally, forward (``replication.Replicator``), and
+acknowledge only if every in-sync replica applied the rows and the agent is still
+writable. A replica takes forwards through ``replication.accept_forward`` under the
+shard's replica lock. Snapshots go out with ``transfer.send_file``.
 """
 
 from __future__ import annotations
@@ -24,7 +23,12 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from agents.dataplane.replication import Refused, Replicator, accept_forward
+from agents.dataplane.replication import (
+    TERM_AHEAD_SECONDS,
+    Refused,
+    Replicator,
+    accept_forward,
+)
 from agents.dataplane.table import ShardRoute, ShardTable
 from agents.dataplane.transfer import send_file
 from agents.shardsm import ShardState
@@ -86,7 +90,8 @@ class DataPlane:
 
     ``stores`` holds the shard files, ``table`` says what each local shard is (the runtime
     keeps it current), ``token`` is the cluster token; ``forward_timeout`` bounds each
-    forward, ``client`` (tests) replaces the forwarding client. ``start()`` binds ``host:port``
+    forward, ``term_ahead_wait`` how long a replica that answers ``term_ahead`` is asked
+    again, ``client`` (tests) replaces the forwarding client. ``start()`` binds ``host:port``
     (port 0 picks a free one; see ``address``), ``stop()`` closes the listener and every open
     connection, so peers see this agent go away at once.
     """
@@ -100,6 +105,7 @@ class DataPlane:
         host: str = "127.0.0.1",
         port: int = 0,
         forward_timeout: float = 2.0,
+        term_ahead_wait: float = TERM_AHEAD_SECONDS,
         client: PeerClient | None = None,
     ):
         if not token:
@@ -109,7 +115,9 @@ class DataPlane:
         self.token = token
         self.forward_timeout = forward_timeout
         self.replicator = Replicator(
-            client or PeerClient(token, timeout=forward_timeout, attempts=1), forward_timeout
+            client or PeerClient(token, timeout=forward_timeout, attempts=1),
+            forward_timeout,
+            term_ahead_wait=term_ahead_wait,
         )
         self._write_locks: dict[int, threading.Lock] = {}
         self._replica_locks: dict[int, threading.Lock] = {}
@@ -267,11 +275,11 @@ class DataPlane:
         self._primary_route(shard)
         store = self._store_of(shard)
         with self._lock_for(self._write_locks, shard):
-            # Re-read under the lock: a demotion or fence may have landed while we waited.
+            # Re-read under the lock: a demotion or a new term may have landed meanwhile.
             route = self._primary_route(shard)
             self._require_writable()
             prev = store.max_lsn()
-            first = next_lsn(route.generation, prev)
+            first = next_lsn(route.term, prev)
             rows = [Row(key, value, first + i) for i, (key, value) in enumerate(changes)]
             store.apply_forward(rows, sync_lsn=rows[-1].lsn)
             failed = self.replicator.forward(shard, route, store, prev, rows)
@@ -286,7 +294,7 @@ class DataPlane:
 
     def replicate(self, request: Request, shard: int) -> Response:
         """A replica applies a primary's forward (``replication.accept_forward``)."""
-        generation = int_field(request, "generation")
+        term = int_field(request, "term")
         prev = int_field(request, "prev_lsn")
         sync = body_field(request, "sync")
         raw_rows = body_field(request, "rows")
@@ -294,15 +302,13 @@ class DataPlane:
             raise HttpError(400, ErrorCode.MALFORMED,
                             detail="sync must be a bool, rows a non-empty list")
         rows = [row_from_json(r) for r in raw_rows]
-        route = self._route_of(shard)
-        if route.state not in (ShardState.REPLICA, ShardState.BOOTSTRAPPING):
-            raise HttpError(409, ErrorCode.NOT_REPLICA, state=str(route.state))
+        self._route_of(shard)
         store = self._store_of(shard)
-        if not self.table.fence(shard, generation):
-            raise HttpError(409, ErrorCode.STALE_GENERATION, generation=route.primary_generation)
         with self._lock_for(self._replica_locks, shard):
+            # The route as the runtime set it last, read under the lock that orders forwards.
+            route = self._route_of(shard)
             try:
-                sync_lsn = accept_forward(store, prev, rows, sync)
+                sync_lsn = accept_forward(route, store, term, prev, rows, sync)
             except Refused as exc:
                 raise HttpError(409, exc.error, **exc.details) from exc
         return Response(200, {"sync_lsn": sync_lsn})
@@ -342,7 +348,7 @@ class DataPlane:
             "promotion_lsn": store.promotion_lsn(),
             "rows": store.count(),
             "state": str(route.state),
-            "generation": route.generation,
+            "term": route.term,
         }
         return Response(200, body)
 

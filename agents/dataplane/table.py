@@ -1,16 +1,15 @@
 """The shard table: what the data plane may serve, as the agent runtime last set it.
 
-The runtime sets each shard's route from its plan and the shard state machine, and
-switches the whole agent's writability (ZooKeeper SUSPENDED) and serving (LOST). The data
-plane itself only raises a route's ``primary_generation`` (``fence``) when a newer primary
-forwards to this replica.
+The runtime is the table's only writer: it sets each shard's route from its plan and the
+shard state machine, and switches the whole agent's writability (ZooKeeper SUSPENDED) and
+serving (LOST). The data plane only reads it; in particular a forward never changes a
+route's term, so no request can move the fence (see ``replication.accept_forward``).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 from agents.shardsm import ShardState
 
@@ -21,26 +20,25 @@ class ShardRoute:
 
     - ``state``: the local state from the shard state machine; only PRIMARY takes writes,
       only REPLICA and BOOTSTRAPPING take forwards, only REPLICA and PRIMARY are sources.
-    - ``generation``: plan generation at which this agent took its role; as primary, the
-      high bits of every LSN it issues (``Promote.generation``).
+    - ``term``: the shard's primary's term (the plan generation that made it primary). As
+      primary, the high bits of every LSN it issues and the term its forwards carry; as a
+      replica or bootstrapping replica, the only term whose forwards it accepts.
     - ``primary``: the current primary's address, for redirects and repair.
-    - ``primary_generation``: replicas refuse forwards from primaries older than this.
     - ``in_sync``: replica addresses that must apply a write before it is acknowledged.
-    - ``catching_up``: replica addresses that get forwards best effort (bootstrapping ones).
+    - ``bootstrapping``: replica addresses copying the shard, which get forwards best effort.
     """
 
     state: ShardState
-    generation: int = 0
+    term: int = 0
     primary: str | None = None
-    primary_generation: int = 0
     in_sync: tuple[str, ...] = ()
-    catching_up: tuple[str, ...] = ()
+    bootstrapping: tuple[str, ...] = ()
 
 
 class ShardTable:
     """The agent runtime's view of its shards, read by the data plane. Thread-safe.
 
-    ``set_route`` / ``update`` / ``remove`` per shard, ``set_writable(False)`` on SUSPENDED
+    ``set_route`` / ``remove`` per shard, ``set_writable(False)`` on SUSPENDED
     (primaries refuse writes with 503), ``set_serving(False)`` on LOST (every request 503).
     """
 
@@ -54,13 +52,6 @@ class ShardTable:
         with self._lock:
             self._routes[shard] = route
 
-    def update(self, shard: int, **changes: Any) -> ShardRoute:
-        """Change some fields of a shard's route (which must exist); returns the new route."""
-        with self._lock:
-            route = replace(self._routes[shard], **changes)
-            self._routes[shard] = route
-            return route
-
     def remove(self, shard: int) -> None:
         with self._lock:
             self._routes.pop(shard, None)
@@ -72,16 +63,6 @@ class ShardTable:
     def routes(self) -> dict[int, ShardRoute]:
         with self._lock:
             return dict(self._routes)
-
-    def fence(self, shard: int, generation: int) -> bool:
-        """Accept a forward from a primary of ``generation``? Raises the fence if newer."""
-        with self._lock:
-            route = self._routes.get(shard)
-            if route is None or generation < route.primary_generation:
-                return False
-            if generation > route.primary_generation:
-                self._routes[shard] = replace(route, primary_generation=generation)
-            return True
 
     @property
     def writable(self) -> bool:
