@@ -22,7 +22,8 @@ Endpoints (``S`` is the shard number, ``K`` the percent-encoded key)::
                                                 "rows","state","term"}
     POST   /v1/shards/S/repair  {"keys":[key]}  200 {"rows":[{"key", "row": row | null}]}
 
-A row is ``{"key": b64, "value": b64 | null, "lsn": int}``; ``null`` marks a tombstone.
+A row is ``{"key": b64, "value": b64 | null, "lsn": int}``; ``null`` marks a tombstone, and
+the LSN is in ``1..MAX_LSN`` (what a store's SQLite INTEGER holds).
 Client reads and writes, and repair, are served by the shard's primary only; any other
 holder answers ``307`` with ``Location`` and ``{"error": "not_primary", "primary": address}``
 (or 503 ``no_primary`` when it knows none). Errors (``ErrorCode``): 400 malformed, 401 token,
@@ -61,6 +62,7 @@ MAX_BATCH_KEYS = 10_000
 MAX_PAGE_ROWS = 10_000
 DEFAULT_PAGE_ROWS = 10_000
 MAX_PAGE_BYTES = 8 << 20  # keys + values per rows page (at least one row)
+MAX_LSN = (1 << 63) - 1  # stores keep LSNs in SQLite's signed 64-bit INTEGER
 
 # The rows stream (bootstrap, catch-up) is binary: per-row JSON and base64 cost more than
 # the SQLite work on both ends. Snapshots are the store file itself.
@@ -172,8 +174,8 @@ def check_value(value: bytes | None) -> None:
 def check_row(row: Row) -> None:
     check_key(row.key)
     check_value(row.value)
-    if row.lsn <= 0:
-        raise Malformed(f"row LSN must be positive, got {row.lsn}")
+    if not 0 < row.lsn <= MAX_LSN:
+        raise Malformed(f"row LSN must be in 1..{MAX_LSN}, got {row.lsn}")
 
 
 # -- JSON --------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ def decode_rows_page(data: bytes) -> tuple[list[Entry], int, bool]:
         size = key_len + (0 if tombstone else value_len)
         if not (0 < key_len <= MAX_KEY_BYTES and (tombstone or value_len <= MAX_VALUE_BYTES)):
             raise MalformedPage(f"row at LSN {lsn}: key or value size out of bounds")
-        if lsn <= 0 or at + size > end:
+        if not 0 < lsn <= MAX_LSN or at + size > end:
             raise MalformedPage(f"row at LSN {lsn}: bad LSN or truncated")
         key = bytes(view[at : at + key_len])
         value = None if tombstone else bytes(view[at + key_len : at + size])

@@ -357,6 +357,13 @@ def test_wrong_or_missing_token_gets_401_and_changes_nothing(cluster, trio):
             413,
         ),
         ("POST", f"/v1/shards/{SHARD}/replicate", {"term": 1, "rows": "x"}, 400),
+        (
+            "POST",
+            f"/v1/shards/{SHARD}/replicate",  # an LSN SQLite cannot hold (a replica: 500)
+            {"term": 1, "prev_lsn": 0, "sync": False,
+             "rows": [{"key": "aw==", "value": "dg==", "lsn": 1 << 63}]},
+            400,
+        ),
         ("GET", f"/v1/shards/{SHARD}/rows?after=-1", None, 400),
         ("PATCH", key_path(SHARD, b"k"), None, 405),
         ("POST", key_path(SHARD, b"k"), None, 405),

@@ -6,6 +6,7 @@ import pytest
 
 from shardkeeper.wire import (
     MAX_KEY_BYTES,
+    MAX_LSN,
     MAX_VALUE_BYTES,
     Malformed,
     MalformedPage,
@@ -30,8 +31,10 @@ def test_size_bounds():
     with pytest.raises(Malformed) as empty:
         check_row(Row(b"", b"v", 1))
     assert not isinstance(empty.value, Oversized) and empty.value.status == 400
-    with pytest.raises(Malformed):
-        check_row(Row(b"k", b"v", 0))
+    for lsn in (0, MAX_LSN + 1):  # SQLite could not store the latter
+        with pytest.raises(Malformed):
+            check_row(Row(b"k", b"v", lsn))
+    check_row(Row(b"k", b"v", MAX_LSN))
 
 
 def test_rows_round_trip_through_json_and_garbage_is_malformed():
@@ -56,6 +59,8 @@ def test_rows_pages_round_trip_and_reject_garbage():
     assert decode_rows_page(encode_rows_page([], 0, False)) == ([], 0, False)
     huge_key = encode_rows_page([(b"k" * (MAX_KEY_BYTES + 1), b"v", 1, 0)], 1, True)
     zero_lsn = encode_rows_page([(b"k", b"v", 0, 0)], 1, True)
-    for bad in (data[:-1], data + b"x", b"JUNK" + data[4:], data[:5], huge_key, zero_lsn):
+    huge_lsn = encode_rows_page([(b"k", b"v", MAX_LSN + 1, 0)], 1, True)
+    for bad in (data[:-1], data + b"x", b"JUNK" + data[4:], data[:5], huge_key, zero_lsn,
+                huge_lsn):
         with pytest.raises(MalformedPage):
             decode_rows_page(bad)
