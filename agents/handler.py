@@ -18,10 +18,10 @@ hold its own data instead by implementing ``ShardHandler``::
         def on_become_replica(self, shard, generation, primary_address):
             (self.root / str(shard)).mkdir(exist_ok=True)
 
-        def on_become_primary(self, shard, generation):
+        def on_become_primary(self, shard, term):
             return 0
 
-        def on_new_primary(self, shard, primary_address, generation):
+        def on_new_primary(self, shard, primary_address, term):
             pass  # files are immutable here: nothing to repair
 
         def on_catch_up(self, shard, source_address, primary_address, stop):
@@ -44,13 +44,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 
-from agents.dataplane import (
-    DEFAULT_PAGE_ROWS,
-    PeerClient,
-    catch_up_from_peers,
-    copy_shard,
-    repair_shard,
-)
+from agents.dataplane import catch_up_from_peers, copy_shard, repair_shard
 from agents.shardsm import (
     Action,
     BecomeReplica,
@@ -67,6 +61,8 @@ from agents.shardsm import (
     Synced,
 )
 from agents.store import StoreSet
+from shardkeeper.peer import PeerClient
+from shardkeeper.wire import DEFAULT_PAGE_ROWS
 
 
 class ShardHandler(ABC):
@@ -84,12 +80,13 @@ class ShardHandler(ABC):
         """Serve the shard as a replica (after a copy, after a demotion, or new and empty)."""
 
     @abstractmethod
-    def on_become_primary(self, shard: int, generation: int) -> int:
-        """Take writes for the shard from now on; return the promotion point (an LSN)."""
+    def on_become_primary(self, shard: int, term: int) -> int:
+        """Take writes for the shard from now on, as primary of ``term`` (the plan generation
+        that made it primary); return the promotion point (an LSN)."""
 
     @abstractmethod
-    def on_new_primary(self, shard: int, primary_address: str, generation: int) -> None:
-        """Another agent became the shard's primary: reconcile local data with it."""
+    def on_new_primary(self, shard: int, primary_address: str, term: int) -> None:
+        """Another agent became the shard's primary, of ``term``: reconcile local data."""
 
     @abstractmethod
     def on_drop(self, shard: int) -> None:
@@ -149,10 +146,10 @@ class KVShardHandler(ShardHandler):
             repair_shard(store, shard, primary_address, self.client)
             store.mark_demoted()
 
-    def on_become_primary(self, shard: int, generation: int) -> int:
+    def on_become_primary(self, shard: int, term: int) -> int:
         return self.stores.open(shard).mark_promoted()
 
-    def on_new_primary(self, shard: int, primary_address: str, generation: int) -> None:
+    def on_new_primary(self, shard: int, primary_address: str, term: int) -> None:
         repair_shard(self.stores.open(shard), shard, primary_address, self.client)
 
     def on_catch_up(
@@ -200,13 +197,13 @@ def perform(handler: ShardHandler, action: Action, stop: threading.Event) -> Eve
     if isinstance(action, BecomeReplica | Demote):
         handler.on_become_replica(action.shard, action.generation, action.primary)
         return Synced(action.shard, 0)
-    if isinstance(action, Repair):
+    if isinstance(action, Repair):  # Repair.generation is the new primary's term
         handler.on_new_primary(action.shard, action.primary, action.generation)
         return Synced(action.shard, 0)
     if isinstance(action, CatchUp):
         lsn = handler.on_catch_up(action.shard, action.source, action.primary, stop)
         return Synced(action.shard, lsn or 0)
-    if isinstance(action, Promote):
+    if isinstance(action, Promote):  # Promote.generation is this primary's term
         handler.on_become_primary(action.shard, action.generation)
     elif isinstance(action, StartDrop):
         stop.set()

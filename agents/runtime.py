@@ -64,7 +64,7 @@ from tenacity import (
 )
 
 from agents import shardsm
-from agents.dataplane import DataPlane, PeerClient, ShardRoute, ShardTable
+from agents.dataplane import DataPlane, ShardRoute, ShardTable
 from agents.handler import KVShardHandler, ShardHandler, perform
 from agents.shardsm import (
     SYNC_ACTIONS,
@@ -89,6 +89,7 @@ from agents.shardsm import (
 )
 from agents.store import StoreSet
 from shardkeeper.layout import AgentPlan, AgentStatus, Assignment, MemberInfo, Paths, ShardStatus
+from shardkeeper.peer import PeerClient
 from shardkeeper.token import NoToken, no_token_message, read_token
 from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError, ShardState
 from shardkeeper.zk import ZkUnavailable, close, connect, ensure_layout
@@ -656,31 +657,28 @@ class Agent:
             self.table.remove(shard)
         for shard, served in self._served.items():
             route = self._route_for(shard, served)
-            current = self.table.route(shard)
-            if current is not None:
-                # The data plane raises the fence itself when a newer primary forwards.
-                fence = max(route.primary_generation, current.primary_generation)
-                route = ShardRoute(route.state, route.generation, route.primary, fence,
-                                   route.in_sync, route.catching_up)
-            if route != current:
+            if route != self.table.route(shard):
                 self.table.set_route(shard, route)
 
     def _route_for(self, shard: int, served: ShardState) -> ShardRoute:
         record = self.state.shards.get(shard, shardsm.ShardRecord())
         assignment = self.assignments.get(shard)
-        fence = self._fence.get(shard, 0)
         if served == ShardState.PRIMARY:
             peers: tuple[str, ...] = ()
             copying: tuple[str, ...] = ()
             if assignment is not None and assignment.role == Role.PRIMARY:
                 peers = tuple(self.address_of(a) for a in assignment.peers)
                 copying = tuple(self.address_of(a) for a in assignment.bootstrapping)
-            return ShardRoute(ShardState.PRIMARY, record.generation, self.address, fence,
-                              peers, copying)
+            # Its own term (Promote's): the high bits of its LSNs, the term of its forwards.
+            return ShardRoute(ShardState.PRIMARY, record.generation, self.address, peers, copying)
         primary = None
         if assignment is not None and assignment.primary:
             primary = self.address_of(assignment.primary)
-        return ShardRoute(served, record.generation, primary, fence)
+        # A replica takes forwards at exactly the term its plan gives the shard's primary
+        # (the data plane never moves it); from a plan without terms, the last Repair's or
+        # Demote's. Terms only grow, so the larger of the two is the current one.
+        since = assignment.term if assignment is not None else 0
+        return ShardRoute(served, max(since, self._fence.get(shard, 0)), primary)
 
     # -- status -------------------------------------------------------------------------
     def status(self) -> AgentStatus:

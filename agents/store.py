@@ -18,8 +18,10 @@ A small ``meta`` table keeps the replica's progress markers, so they survive a c
 - ``image_tried``: 1 once a bootstrap asked for its source's file image (``open_image``);
   a retry then streams rows, which resume, instead of downloading the file again.
 
-LSNs are ``(generation << 32) | seq``: a primary promoted at plan generation ``g`` issues
-LSNs above ``g << 32``, hence above every LSN of a primary of an older generation.
+LSNs are ``(term << 32) | seq``: a primary of term ``t`` (the plan generation that made it
+primary) issues LSNs above ``t << 32``, hence above every LSN of a primary of an older term.
+Rows, their limits and checks are the wire's (``shardkeeper.wire``): what a client may send
+is what the store keeps.
 
 Durability: WAL mode with ``synchronous=NORMAL`` survives a process crash (SIGKILL) without
 losing a committed transaction; a power loss may lose the last ones. Replication to R
@@ -37,10 +39,10 @@ from pathlib import Path
 
 import xxhash
 
-MAX_KEY_BYTES = 1024
-MAX_VALUE_BYTES = 1 << 20
-GENERATION_SHIFT = 32
-SEQ_MASK = (1 << GENERATION_SHIFT) - 1
+from shardkeeper.wire import Entry, Row, entry_to_row
+
+TERM_SHIFT = 32
+SEQ_MASK = (1 << TERM_SHIFT) - 1
 
 META_BOOTSTRAP_CURSOR = "bootstrap_cursor"
 META_SYNC_LSN = "sync_lsn"
@@ -100,10 +102,6 @@ class StoreError(Exception):
     """A shard store could not do what was asked."""
 
 
-class OversizedError(StoreError, ValueError):
-    """A key or value is larger than the store accepts."""
-
-
 class StoreBusy(StoreError):
     """The store cannot hand out a file image now."""
 
@@ -118,75 +116,26 @@ class FileImage:
     close: Callable[[], None]
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One stored version of a key; ``value is None`` marks a tombstone (a delete)."""
-
-    key: bytes
-    value: bytes | None
-    lsn: int
-
-    @property
-    def tombstone(self) -> bool:
-        return self.value is None
+def make_lsn(term: int, seq: int) -> int:
+    """The LSN of write number ``seq`` of a primary of ``term``."""
+    return (term << TERM_SHIFT) | (seq & SEQ_MASK)
 
 
-def make_lsn(generation: int, seq: int) -> int:
-    """The LSN of write number ``seq`` of a primary promoted at ``generation``."""
-    return (generation << GENERATION_SHIFT) | (seq & SEQ_MASK)
+def lsn_term(lsn: int) -> int:
+    """The term of the primary that issued ``lsn``."""
+    return lsn >> TERM_SHIFT
 
 
-def lsn_generation(lsn: int) -> int:
-    """The primary generation that issued ``lsn``."""
-    return lsn >> GENERATION_SHIFT
+def next_lsn(term: int, max_lsn: int) -> int:
+    """The next LSN a primary of ``term`` issues, given the shard's local ``max_lsn``.
 
-
-def next_lsn(generation: int, max_lsn: int) -> int:
-    """The next LSN a primary of ``generation`` issues, given the shard's local ``max_lsn``.
-
-    It exceeds ``max_lsn`` (monotonic on this replica) and every LSN of older generations.
+    It exceeds ``max_lsn`` (monotonic on this replica) and every LSN of older terms.
     """
-    return max(max_lsn + 1, make_lsn(generation, 1))
-
-
-def check_key(key: bytes) -> None:
-    if not isinstance(key, bytes) or not key:
-        raise StoreError("key must be non-empty bytes")
-    if len(key) > MAX_KEY_BYTES:
-        raise OversizedError(f"key is {len(key)} bytes, the limit is {MAX_KEY_BYTES}")
-
-
-def check_value(value: bytes | None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, bytes):
-        raise StoreError("value must be bytes")
-    if len(value) > MAX_VALUE_BYTES:
-        raise OversizedError(f"value is {len(value)} bytes, the limit is {MAX_VALUE_BYTES}")
-
-
-def check_row(row: Row) -> None:
-    check_key(row.key)
-    check_value(row.value)
-    if row.lsn <= 0:
-        raise StoreError(f"row LSN must be positive, got {row.lsn}")
-
-
-# A row as stored and streamed: (key, value or None, lsn, tombstone 0/1).
-Entry = tuple[bytes, bytes | None, int, int]
-
-
-def entry_to_row(entry: Entry) -> Row:
-    key, value, lsn, tombstone = entry
-    return _row_from_db(key, value, lsn, tombstone)
+    return max(max_lsn + 1, make_lsn(term, 1))
 
 
 def _params(row: Row) -> Entry:
     return (row.key, row.value, row.lsn, 1 if row.tombstone else 0)
-
-
-def _row_from_db(key: bytes, value: bytes | None, lsn: int, tombstone: int) -> Row:
-    return Row(bytes(key), None if tombstone else bytes(value or b""), lsn)
 
 
 def _digest_bytes(row: Row) -> bytes:
@@ -260,7 +209,7 @@ class ShardStore:
             found = self._db.execute(
                 "SELECT key, value, lsn, tombstone FROM rows WHERE key = ?", (key,)
             ).fetchone()
-        return _row_from_db(*found) if found else None
+        return entry_to_row(found) if found else None
 
     def get_many(self, keys: Iterable[bytes]) -> dict[bytes, Row]:
         with self._lock:
@@ -326,7 +275,7 @@ class ShardStore:
                 "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ? ORDER BY lsn LIMIT ?",
                 (lsn, limit),
             ).fetchall()
-        return [_row_from_db(*r) for r in found]
+        return [entry_to_row(r) for r in found]
 
     def page_after(self, lsn: int, limit: int) -> tuple[list[Row], int]:
         """``rows_after`` plus ``max_lsn`` read consistently under one lock."""
@@ -346,7 +295,7 @@ class ShardStore:
                 " ORDER BY lsn LIMIT ?",
                 (lsn, upto, limit),
             ).fetchall()
-        return [_row_from_db(*r) for r in found], upto
+        return [entry_to_row(r) for r in found], upto
 
     def synced_entries(
         self, lsn: int, limit: int, max_bytes: int
@@ -385,7 +334,7 @@ class ShardStore:
             found = self._db.execute(
                 "SELECT key, value, lsn, tombstone FROM rows ORDER BY key"
             ).fetchall()
-        return (_row_from_db(*r) for r in found)
+        return (entry_to_row(r) for r in found)
 
     def digest(self) -> str:
         """A stable hash of the live state, tombstones and LSNs included, in key order."""

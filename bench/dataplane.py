@@ -36,9 +36,11 @@ from pathlib import Path
 
 import click
 
-from agents.dataplane import DataPlane, PeerClient, ShardRoute, ShardTable, copy_shard
+from agents.dataplane import DataPlane, ShardRoute, ShardTable, copy_shard
 from agents.shardsm import ShardState
-from agents.store import Row, StoreSet, make_lsn
+from agents.store import StoreSet, make_lsn
+from shardkeeper.peer import PeerClient
+from shardkeeper.wire import Row
 
 TOKEN = "bench-token"
 SHARD = 1
@@ -64,11 +66,10 @@ class Node:
     def lead(self, replicas: Sequence[Node] = ()) -> None:
         self.store.mark_promoted()
         self.table.set_route(SHARD, ShardRoute(
-            ShardState.PRIMARY, generation=1, primary=self.address, primary_generation=1,
+            ShardState.PRIMARY, term=1, primary=self.address,
             in_sync=tuple(r.address for r in replicas)))
         for r in replicas:
-            r.table.set_route(SHARD, ShardRoute(
-                ShardState.REPLICA, generation=1, primary=self.address, primary_generation=1))
+            r.table.set_route(SHARD, ShardRoute(ShardState.REPLICA, term=1, primary=self.address))
 
     def close(self) -> None:
         self.plane.stop()

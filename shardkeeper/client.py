@@ -38,9 +38,9 @@ from tenacity import (
     wait_exponential,
 )
 
-from agents.dataplane import NotPrimary, PeerClient, PeerError, PeerUnavailable, ShardInfo
 from shardkeeper import cluster as clusterstate
 from shardkeeper.layout import Paths, RoutingChunk
+from shardkeeper.peer import NotPrimary, PeerClient, PeerError, PeerUnavailable, ShardInfo
 from shardkeeper.ring import shard_for_key
 from shardkeeper.token import require_token
 from shardkeeper.vocab import ShardkeeperError

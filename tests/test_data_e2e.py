@@ -12,11 +12,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from agents.dataplane import b64, key_path
-from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, StoreSet
+from agents.store import StoreSet
 from shardkeeper.cli.data import load_key, load_value
 from shardkeeper.client import DataClient, DataError
 from shardkeeper.poll import poll_until
+from shardkeeper.wire import MAX_KEY_BYTES, MAX_VALUE_BYTES, b64, key_path
 from tests.harness import Cluster
 
 AGENTS = ("agent-1", "agent-2", "agent-3", "agent-4")

@@ -13,21 +13,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from agents import dataplane
-from agents.dataplane import (
-    CopyCancelled,
-    DataPlane,
-    PeerClient,
-    PeerError,
-    PeerUnavailable,
-    ShardRoute,
-    ShardTable,
-    b64,
-    copy_shard,
-    key_path,
-    repair_shard,
-    repair_start,
-)
+from agents.dataplane import DataPlane, ShardRoute, ShardTable, transfer
+from agents.dataplane.repair import copy_shard, repair_shard, repair_start
+from agents.dataplane.transfer import CopyCancelled, fetch_snapshot
 from agents.handler import KVShardHandler, perform
 from agents.shardsm import (
     BecomeReplica,
@@ -39,7 +27,10 @@ from agents.shardsm import (
     StartBootstrap,
     Synced,
 )
-from agents.store import MAX_KEY_BYTES, MAX_VALUE_BYTES, Row, StoreSet, make_lsn
+from agents.store import StoreSet, make_lsn
+from shardkeeper.peer import PeerClient, PeerError, PeerUnavailable
+from shardkeeper.poll import poll_until
+from shardkeeper.wire import MAX_KEY_BYTES, MAX_VALUE_BYTES, Row, b64, key_path
 
 TOKEN = "test-cluster-token"
 SHARD = 7
@@ -69,10 +60,11 @@ class Cluster:
         self.nodes: list[Node] = []
         self.client = PeerClient(TOKEN, timeout=2.0, attempts=3)
 
-    def start(self, name: str, stores: StoreSet | None = None, table: ShardTable | None = None):
+    def start(self, name: str, stores: StoreSet | None = None, table: ShardTable | None = None,
+              **options):
         stores = stores or StoreSet(self.tmp_path / name)
         table = table or ShardTable()
-        plane = DataPlane(stores, table, TOKEN, forward_timeout=1.0).start()
+        plane = DataPlane(stores, table, TOKEN, forward_timeout=1.0, **options).start()
         node = Node(name, stores, table, plane)
         self.nodes.append(node)
         return node
@@ -87,27 +79,22 @@ class Cluster:
             node.stores.close_all()
 
 
-def lead(primary: Node, generation: int, in_sync=(), catching_up=()):
+def lead(primary: Node, term: int, in_sync=(), bootstrapping=()):
     primary.table.set_route(
         SHARD,
         ShardRoute(
             ShardState.PRIMARY,
-            generation=generation,
+            term=term,
             primary=primary.address,
-            primary_generation=generation,
             in_sync=tuple(n.address for n in in_sync),
-            catching_up=tuple(n.address for n in catching_up),
+            bootstrapping=tuple(n.address for n in bootstrapping),
         ),
     )
 
 
-def follow(replica: Node, primary: Node, generation: int, state=ShardState.REPLICA):
-    replica.table.set_route(
-        SHARD,
-        ShardRoute(
-            state, generation=generation, primary=primary.address, primary_generation=generation
-        ),
-    )
+def follow(replica: Node, primary: Node, term: int, state=ShardState.REPLICA):
+    """The route the runtime gives a replica whose plan names ``primary`` at ``term``."""
+    replica.table.set_route(SHARD, ShardRoute(state, term=term, primary=primary.address))
 
 
 @pytest.fixture
@@ -119,7 +106,7 @@ def cluster(tmp_path):
 
 @pytest.fixture
 def trio(cluster):
-    """A primary and two in-sync replicas of SHARD at generation 1."""
+    """A primary and two in-sync replicas of SHARD at term 1."""
     p, r1, r2 = cluster.start("p"), cluster.start("r1"), cluster.start("r2")
     p.store.mark_promoted()
     r1.store, r2.store  # noqa: B018 - open the replicas' stores
@@ -146,14 +133,6 @@ def raw(address: str, method: str, path: str, body=None, token: str | None = TOK
     return resp.status, json.loads(data) if data else {}, dict(resp.getheaders())
 
 
-def wait_until(condition, timeout=10.0, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(interval)
-
-
 def load(client: PeerClient, node: Node, count: int, prefix: str = "k", batch: int = 1000):
     for start in range(0, count, batch):
         items = [
@@ -178,7 +157,7 @@ def test_write_is_acknowledged_only_after_every_in_sync_replica_applied(cluster,
     assert cluster.client.get(p.address, SHARD, b"b").value == b"2"
     assert all(n.store.get(b"a").tombstone for n in trio)
     assert len(digests(*trio)) == 1
-    assert lsn >> 32 == 1, "LSNs carry the primary's generation"
+    assert lsn >> 32 == 1, "LSNs carry the primary's term"
 
 
 def test_dead_in_sync_replica_means_no_acknowledgement(cluster, trio):
@@ -206,30 +185,124 @@ def test_lagging_in_sync_replica_is_pushed_what_it_missed(cluster, trio):
     assert r2.store.sync_lsn() == p.store.max_lsn()
 
 
-def test_replica_rejects_a_primary_of_an_older_generation(cluster, trio):
+# -- fencing: a replica takes forwards at exactly its route's term ------------------------
+
+
+def test_replica_refuses_a_forward_of_an_older_term(cluster, trio):
     p, r1, _ = trio
-    r1.table.update(SHARD, primary_generation=2)  # it learned of a generation-2 primary
+    follow(r1, p, 2)  # r1's plan names a primary of term 2: p (term 1) was deposed
     before = r1.store.digest()
     reply = cluster.client.replicate(
-        r1.address, SHARD, generation=1, prev_lsn=0, rows=[Row(b"k", b"v", 5)], sync=True
+        r1.address, SHARD, term=1, prev_lsn=0, rows=[Row(b"k", b"v", make_lsn(1, 5))], sync=True
     )
-    assert reply.status == 409 and reply.body["error"] == "stale_generation"
-    assert r1.store.digest() == before
-    with pytest.raises(PeerError) as failed:
+    assert (reply.status, reply.body) == (409, {"error": "stale_term", "term": 2})
+    assert r1.store.digest() == before and r1.table.route(SHARD).term == 2
+    # The deposed primary applies the write locally but cannot get it acknowledged.
+    with pytest.raises(PeerUnavailable) as failed:
         cluster.client.put(p.address, SHARD, b"k", b"v")
-    assert failed.value.status == 503 and r1.store.get(b"k") is None
+    assert failed.value.body == {"error": "replication_failed", "replicas": [r1.address]}
+    assert r1.store.get(b"k") is None
 
 
-def test_newer_primary_raises_the_fence(cluster, trio):
-    _, r1, _ = trio
-    ok = cluster.client.replicate(
-        r1.address, SHARD, generation=3, prev_lsn=0, rows=[Row(b"k", b"v", 3 << 32 | 1)], sync=True
+def test_replica_and_bootstrapping_replica_take_forwards_at_their_term(cluster, trio):
+    p, r1, r2 = trio
+    row = Row(b"k", b"v", make_lsn(1, 1))
+    ok = cluster.client.replicate(r1.address, SHARD, term=1, prev_lsn=0, rows=[row], sync=True)
+    assert (ok.status, ok.body) == (200, {"sync_lsn": row.lsn})
+    assert r1.store.get(b"k") == row and r1.store.sync_lsn() == row.lsn
+    follow(r2, p, 1, state=ShardState.BOOTSTRAPPING)
+    copied = cluster.client.replicate(r2.address, SHARD, term=1, prev_lsn=0, rows=[row],
+                                      sync=False)
+    assert copied.status == 200 and r2.store.get(b"k") == row
+    ahead = cluster.client.replicate(r2.address, SHARD, term=2, prev_lsn=0,
+                                     rows=[Row(b"j", b"v", make_lsn(2, 1))], sync=False)
+    assert (ahead.status, ahead.body) == (409, {"error": "term_ahead", "term": 1})
+    assert r2.store.get(b"j") is None
+
+
+def test_a_forged_forward_of_a_huge_term_moves_no_fence(cluster, trio):
+    """Issue 10: one forged forward with a huge term used to raise the replica's fence and
+    make every later put to the shard fail with 503 until the replica's session bounced."""
+    p, r1, r2 = trio
+    cluster.client.put(p.address, SHARD, b"before", b"1")
+    before = digests(r1, r2)
+    for sync in (True, False):
+        forged = {"term": 10**15, "prev_lsn": p.store.max_lsn(), "sync": sync,
+                  "rows": [{"key": b64(b"k"), "value": b64(b"forged"), "lsn": make_lsn(9, 1)}]}
+        status, body, _ = raw(r1.address, "POST", f"/v1/shards/{SHARD}/replicate", forged)
+        assert (status, body) == (409, {"error": "term_ahead", "term": 1})
+    assert r1.table.route(SHARD).term == 1 and digests(r1, r2) == before
+    for i in range(3):
+        cluster.client.put(p.address, SHARD, f"after-{i}".encode(), b"acknowledged")
+    assert r1.store.get(b"after-2").value == b"acknowledged" and r1.store.get(b"k") is None
+    assert len(digests(*trio)) == 1
+
+
+class RecordingClient(PeerClient):
+    """A primary's forwarding client that keeps the error of every answer it gets."""
+
+    def __init__(self) -> None:
+        super().__init__(TOKEN, timeout=1.0, attempts=1)
+        self.errors: list[str | None] = []
+
+    def replicate(self, *args, **kwargs):
+        reply = super().replicate(*args, **kwargs)
+        self.errors.append(reply.body.get("error"))
+        return reply
+
+
+def test_a_new_primary_gets_through_once_its_replica_reads_the_plan(cluster):
+    forwards = RecordingClient()
+    p, r1 = cluster.start("p", client=forwards), cluster.start("r1")
+    p.store.mark_promoted()
+    r1.store  # noqa: B018 - open the replica's store
+    # Plan 2 made p primary at term 2; r1 has not read it yet and still routes by term 1.
+    lead(p, 2, in_sync=(r1,))
+    follow(r1, p, 1)
+    lsns: list[int] = []
+    writer = threading.Thread(
+        target=lambda: lsns.append(cluster.client.put(p.address, SHARD, b"k", b"v"))
     )
-    assert ok.status == 200 and r1.table.route(SHARD).primary_generation == 3
-    stale = cluster.client.replicate(
-        r1.address, SHARD, generation=2, prev_lsn=0, rows=[Row(b"j", b"v", 2 << 32 | 1)], sync=False
-    )
-    assert stale.status == 409
+    writer.start()
+    try:
+        poll_until(lambda: "term_ahead" in forwards.errors, 5.0, "r1 refusing term 2",
+                   interval=0.002)
+        assert r1.store.get(b"k") is None and not lsns, "refused, and not acknowledged"
+        follow(r1, p, 2)  # r1 reads plan 2, from another thread than the waiting write
+    finally:
+        writer.join(10)
+    assert lsns and lsns[0] >> 32 == 2, "acknowledged once r1 took the forward"
+    assert r1.store.get(b"k") == Row(b"k", b"v", lsns[0])
+    assert forwards.errors[-1] is None
+
+
+def test_a_replica_that_never_reads_the_plan_fails_the_write_after_a_bounded_wait(cluster):
+    forwards = RecordingClient()
+    p, r1 = cluster.start("p", client=forwards, term_ahead_wait=0.3), cluster.start("r1")
+    p.store.mark_promoted()
+    r1.store  # noqa: B018 - open the replica's store
+    lead(p, 2, in_sync=(r1,))
+    follow(r1, p, 1)
+    started = time.monotonic()
+    with pytest.raises(PeerUnavailable) as failed:
+        cluster.client.put(p.address, SHARD, b"k", b"v")
+    waited = time.monotonic() - started
+    assert failed.value.body == {"error": "replication_failed", "replicas": [r1.address]}
+    assert forwards.errors.count("term_ahead") > 1, "asked again before giving up"
+    assert 0.3 <= waited < 5 and r1.store.get(b"k") is None
+
+
+def test_a_bootstrapping_replica_behind_on_the_plan_does_not_hold_writes_up(cluster):
+    forwards = RecordingClient()
+    p, new = cluster.start("p", client=forwards, term_ahead_wait=30.0), cluster.start("new")
+    p.store.mark_promoted()
+    new.store  # noqa: B018 - the copy opened its store
+    lead(p, 2, bootstrapping=(new,))
+    follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
+    started = time.monotonic()
+    cluster.client.put(p.address, SHARD, b"k", b"v")
+    assert time.monotonic() - started < 10, "acknowledged without asking again for 30 s"
+    assert forwards.errors == ["term_ahead"] and new.store.get(b"k") is None
 
 
 def test_non_primary_redirects_to_the_primary(cluster, trio):
@@ -283,7 +356,14 @@ def test_wrong_or_missing_token_gets_401_and_changes_nothing(cluster, trio):
             {"puts": [{"key": "aw==", "value": "dg=="}, {"key": "A" * 2000, "value": "dg=="}]},
             413,
         ),
-        ("POST", f"/v1/shards/{SHARD}/replicate", {"generation": 1, "rows": "x"}, 400),
+        ("POST", f"/v1/shards/{SHARD}/replicate", {"term": 1, "rows": "x"}, 400),
+        (
+            "POST",
+            f"/v1/shards/{SHARD}/replicate",  # an LSN SQLite cannot hold (a replica: 500)
+            {"term": 1, "prev_lsn": 0, "sync": False,
+             "rows": [{"key": "aw==", "value": "dg==", "lsn": 1 << 63}]},
+            400,
+        ),
         ("GET", f"/v1/shards/{SHARD}/rows?after=-1", None, 400),
         ("PATCH", key_path(SHARD, b"k"), None, 405),
         ("POST", key_path(SHARD, b"k"), None, 405),
@@ -341,7 +421,7 @@ def test_bootstrap_copies_20000_rows_while_writes_continue(cluster, trio):
     load(cluster.client, p, 20_000)
     new = cluster.start("r3")
     follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
-    lead(p, 1, in_sync=(r1, r2), catching_up=(new,))
+    lead(p, 1, in_sync=(r1, r2), bootstrapping=(new,))
 
     stop_writing = threading.Event()
     written = []
@@ -359,11 +439,11 @@ def test_bootstrap_copies_20000_rows_while_writes_continue(cluster, trio):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        wait_until(lambda: len(written) > 20)
+        poll_until(lambda: len(written) > 20, 10.0, "the first writes", interval=0.01)
 
         def let_writes_interleave(_cursor, _fetched):
             seen = len(written)
-            wait_until(lambda: len(written) >= seen + 5)
+            poll_until(lambda: len(written) >= seen + 5, 10.0, "5 more writes", interval=0.01)
 
         result = copy_shard(
             new.store, SHARD, p.address, WritesWhilePagesAreInFlight(p),
@@ -373,7 +453,8 @@ def test_bootstrap_copies_20000_rows_while_writes_continue(cluster, trio):
         follow(new, p, 1)
         lead(p, 1, in_sync=(r1, r2, new))
         count = len(written)
-        wait_until(lambda: len(written) > count + 20)
+        poll_until(lambda: len(written) > count + 20, 10.0, "writes to the joined replica",
+                   interval=0.01)
     finally:
         stop_writing.set()
         thread.join()
@@ -520,20 +601,6 @@ def test_repair_after_missing_a_whole_primary_generation(cluster, trio):
     assert len(digests(r1, r3)) == 1
 
 
-def test_rows_pages_round_trip_and_reject_garbage():
-    from agents.dataplane import MalformedPage, decode_rows_page, encode_rows_page
-
-    entries = [(b"a", b"1", 3, 0), (b"b", None, 4, 1), (b"c", b"", 9, 0)]
-    data = encode_rows_page(entries, 12, True)
-    assert decode_rows_page(data) == (entries, 12, True)
-    assert decode_rows_page(encode_rows_page([], 0, False)) == ([], 0, False)
-    huge_key = encode_rows_page([(b"k" * (MAX_KEY_BYTES + 1), b"v", 1, 0)], 1, True)
-    zero_lsn = encode_rows_page([(b"k", b"v", 0, 0)], 1, True)
-    for bad in (data[:-1], data + b"x", b"JUNK" + data[4:], data[:5], huge_key, zero_lsn):
-        with pytest.raises(MalformedPage):
-            decode_rows_page(bad)
-
-
 def test_rows_stream_is_binary_and_still_needs_the_token(cluster, trio):
     p, *_ = trio
     cluster.client.put(p.address, SHARD, b"k", b"v")
@@ -549,7 +616,7 @@ def test_bootstrap_from_a_file_image_while_writes_continue(cluster, trio):
     load(cluster.client, p, 5_000)
     new = cluster.start("r3")
     follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
-    lead(p, 1, in_sync=(r1, r2), catching_up=(new,))
+    lead(p, 1, in_sync=(r1, r2), bootstrapping=(new,))
     stop_writing = threading.Event()
 
     def writer():
@@ -566,7 +633,8 @@ def test_bootstrap_from_a_file_image_while_writes_continue(cluster, trio):
         follow(new, p, 1)
         lead(p, 1, in_sync=(r1, r2, new))
         count = p.store.max_lsn()
-        wait_until(lambda: p.store.max_lsn() > count + 20)
+        poll_until(lambda: p.store.max_lsn() > count + 20, 10.0, "writes to the joined replica",
+                   interval=0.01)
     finally:
         stop_writing.set()
         thread.join()
@@ -614,10 +682,10 @@ def receive_path(request, monkeypatch):
     """Every snapshot test runs on both receive paths: splice where the platform has it,
     and the recv_into fallback, forced."""
     if request.param == "splice":
-        if not dataplane.SPLICE_SNAPSHOTS:
+        if not transfer.SPLICE_SNAPSHOTS:
             pytest.skip("no os.splice on this platform")
     else:
-        monkeypatch.setattr(dataplane, "SPLICE_SNAPSHOTS", False)
+        monkeypatch.setattr(transfer, "SPLICE_SNAPSHOTS", False)
     return request.param
 
 
@@ -686,7 +754,7 @@ def test_snapshot_download_is_the_source_file_byte_for_byte(cluster, big_primary
                                                            tmp_path):
     p = big_primary
     dest = tmp_path / "image"
-    size = cluster.client.fetch_snapshot(p.address, SHARD, dest)
+    size = fetch_snapshot(p.address, SHARD, dest, token=TOKEN, timeout=2.0)
     source = p.stores.path_for(SHARD).read_bytes()  # the image checkpointed it; no writes since
     assert size == len(source) > 5_000_000
     assert dest.read_bytes() == source
@@ -698,7 +766,7 @@ def test_head_split_anywhere_and_body_bytes_behind_it_are_kept(receive_path, tmp
     # The end of the headers straddles two reads, and body bytes follow it in the same read.
     pieces = [head[:7], head[7:-2], head[-2:] + body[:1_000], body[1_000:]]
     with ScriptedPeer(pieces) as peer:
-        size = PeerClient(TOKEN, timeout=5.0).fetch_snapshot(peer.address, SHARD, tmp_path / "i")
+        size = fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=5.0)
     assert size == len(body) and (tmp_path / "i").read_bytes() == body
     assert f"GET /v1/shards/{SHARD}/snapshot HTTP/1.1".encode() in peer.request
     assert f"Authorization: Bearer {TOKEN}".encode() in peer.request
@@ -708,13 +776,13 @@ def test_a_snapshot_cut_short_is_peer_unavailable(receive_path, tmp_path):
     body = b"x" * 300_000
     peer = ScriptedPeer([snapshot_head(1_000_000) + body[:1_000], body[1_000:]])
     with peer, pytest.raises(PeerUnavailable, match="truncated at 300000 of 1000000"):
-        PeerClient(TOKEN, timeout=5.0).fetch_snapshot(peer.address, SHARD, tmp_path / "i")
+        fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=5.0)
 
 
 def test_a_peer_that_closes_inside_the_headers_is_peer_unavailable(receive_path, tmp_path):
     peer = ScriptedPeer([snapshot_head(10)[:20]])
     with peer, pytest.raises(PeerUnavailable) as err:
-        PeerClient(TOKEN, timeout=5.0).fetch_snapshot(peer.address, SHARD, tmp_path / "i")
+        fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=5.0)
     assert err.value.status is None
 
 
@@ -722,7 +790,7 @@ def test_a_stalled_snapshot_times_out(receive_path, tmp_path):
     with ScriptedPeer([snapshot_head(100_000) + b"x" * 1_000], hold=True) as peer:
         started = time.monotonic()
         with pytest.raises(PeerUnavailable, match="no bytes for 0.3 s"):
-            PeerClient(TOKEN, timeout=0.3).fetch_snapshot(peer.address, SHARD, tmp_path / "i")
+            fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=0.3)
         assert time.monotonic() - started < 5
 
 
@@ -744,44 +812,45 @@ def test_stop_cancels_a_snapshot_download_between_chunks(cluster, big_primary, r
                                                          tmp_path):
     dest = tmp_path / "image"
     with pytest.raises(CopyCancelled):
-        cluster.client.fetch_snapshot(big_primary.address, SHARD, dest, StopAfter(3))
+        fetch_snapshot(big_primary.address, SHARD, dest, token=TOKEN, timeout=2.0,
+                       stop=StopAfter(3))
     assert 0 < dest.stat().st_size < big_primary.stores.path_for(SHARD).stat().st_size
 
     def downloaded() -> bool:
         try:
-            return cluster.client.fetch_snapshot(big_primary.address, SHARD, dest) > 0
+            return fetch_snapshot(big_primary.address, SHARD, dest, token=TOKEN, timeout=2.0) > 0
         except PeerError as exc:
             assert exc.status == 409  # busy until the server sees the cancelled copy leave
             return False
 
-    wait_until(downloaded)  # the server releases the image once the copier has gone
+    # The server releases the image once it sees the cancelled copier go.
+    poll_until(downloaded, 10.0, "the image released", interval=0.01)
 
 
 def test_snapshot_refusals_keep_their_status_and_body(cluster, trio, receive_path, tmp_path):
     p, r1, _ = trio
     dest = tmp_path / "image"
 
-    def refusal(client, address, shard=SHARD):
+    def refusal(address, shard=SHARD, token=TOKEN):
         with pytest.raises(PeerError) as err:
-            client.fetch_snapshot(address, shard, dest)
+            fetch_snapshot(address, shard, dest, token=token, timeout=2.0)
         return type(err.value), err.value.status, err.value.body.get("error")
 
-    wrong = PeerClient("not-the-token", timeout=2.0)
-    assert refusal(wrong, p.address) == (PeerError, 401, "unauthorized")
-    assert refusal(cluster.client, p.address, SHARD + 1)[:2] == (PeerError, 404)
+    assert refusal(p.address, token="not-the-token") == (PeerError, 401, "unauthorized")
+    assert refusal(p.address, SHARD + 1)[:2] == (PeerError, 404)
     held = p.store.open_image()
     try:
-        assert refusal(cluster.client, p.address) == (PeerError, 409, "busy")
+        assert refusal(p.address) == (PeerError, 409, "busy")
     finally:
         held.close()
     follow(r1, p, 1, state=ShardState.BOOTSTRAPPING)
-    assert refusal(cluster.client, r1.address) == (PeerError, 409, "not_a_source")
+    assert refusal(r1.address) == (PeerError, 409, "not_a_source")
     p.table.set_serving(False)
-    assert refusal(cluster.client, p.address)[:2] == (PeerUnavailable, 503)
+    assert refusal(p.address)[:2] == (PeerUnavailable, 503)
 
 
 def test_bootstrap_from_a_file_image_on_the_fallback_path(cluster, big_primary, monkeypatch):
-    monkeypatch.setattr(dataplane, "SPLICE_SNAPSHOTS", False)
+    monkeypatch.setattr(transfer, "SPLICE_SNAPSHOTS", False)
     new = cluster.start("new")
     follow(new, big_primary, 1, state=ShardState.BOOTSTRAPPING)
     result = copy_shard(new.store, SHARD, big_primary.address, cluster.client,
@@ -800,5 +869,5 @@ def test_the_server_gives_up_on_a_reader_that_stops_reading(tmp_path):
         with conn:
             conn.settimeout(60)
             with pytest.raises(TimeoutError):
-                dataplane._send_file(conn, f.fileno(), 64 << 20, 0.2)
+                transfer.send_file(conn, f.fileno(), 64 << 20, 0.2)
             assert conn.gettimeout() == 60

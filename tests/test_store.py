@@ -7,19 +7,15 @@ import random
 import pytest
 
 from agents.store import (
-    MAX_KEY_BYTES,
-    MAX_VALUE_BYTES,
-    OversizedError,
-    Row,
     ShardStore,
     StoreBusy,
     StoreError,
     StoreSet,
-    check_row,
-    lsn_generation,
+    lsn_term,
     make_lsn,
     next_lsn,
 )
+from shardkeeper.wire import Row
 
 
 @pytest.fixture
@@ -123,22 +119,12 @@ def test_a_failed_transaction_changes_nothing(store):
     assert store.get(b"b") is None and store.max_lsn() == 1
 
 
-def test_size_bounds():
-    check_row(Row(b"k" * MAX_KEY_BYTES, b"v" * MAX_VALUE_BYTES, 1))
-    with pytest.raises(OversizedError):
-        check_row(Row(b"k" * (MAX_KEY_BYTES + 1), b"v", 1))
-    with pytest.raises(OversizedError):
-        check_row(Row(b"k", b"v" * (MAX_VALUE_BYTES + 1), 1))
-    with pytest.raises(StoreError):
-        check_row(Row(b"", b"v", 1))
-
-
-def test_lsn_encoding_orders_generations():
+def test_lsn_encoding_orders_terms():
     old_max = make_lsn(3, 999_999)
     assert next_lsn(4, old_max) == make_lsn(4, 1) > old_max
     assert next_lsn(4, make_lsn(4, 7)) == make_lsn(4, 8)
     assert next_lsn(3, make_lsn(4, 7)) == make_lsn(4, 8), "never below the local max"
-    assert lsn_generation(make_lsn(12, 5)) == 12
+    assert lsn_term(make_lsn(12, 5)) == 12
 
 
 def test_store_set_opens_lists_and_drops(tmp_path):

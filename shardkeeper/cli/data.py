@@ -13,10 +13,10 @@ import click
 import xxhash
 from tenacity import retry, retry_if_result, stop_after_attempt, wait_fixed
 
-from agents.dataplane import ShardInfo
 from shardkeeper.cli.options import operator_errors, zk_options, zk_session
 from shardkeeper.client import DataClient
 from shardkeeper.layout import Paths
+from shardkeeper.peer import ShardInfo
 
 LOAD_BATCH = 500
 
