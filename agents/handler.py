@@ -15,7 +15,7 @@ hold its own data instead by implementing ``ShardHandler``::
             rsync(f"{source_address}:shards/{shard}/", self.root / str(shard), stop=stop)
             return 0  # no LSNs here: report 0
 
-        def on_become_replica(self, shard, generation, primary_address):
+        def on_become_replica(self, shard, term, primary_address):
             (self.root / str(shard)).mkdir(exist_ok=True)
 
         def on_become_primary(self, shard, term):
@@ -46,18 +46,18 @@ from abc import ABC, abstractmethod
 
 from agents.dataplane import catch_up_from_peers, copy_shard, repair_shard
 from agents.shardsm import (
-    Action,
     BecomeReplica,
     CatchUp,
     CopyDone,
     CopyFailed,
     Demote,
     DropDone,
-    Event,
     Promote,
+    Promoted,
     Repair,
+    ShardAction,
+    ShardEvent,
     StartBootstrap,
-    StartDrop,
     Synced,
 )
 from agents.store import StoreSet
@@ -76,7 +76,7 @@ class ShardHandler(ABC):
         """
 
     @abstractmethod
-    def on_become_replica(self, shard: int, generation: int, primary_address: str | None) -> None:
+    def on_become_replica(self, shard: int, term: int, primary_address: str | None) -> None:
         """Serve the shard as a replica (after a copy, after a demotion, or new and empty)."""
 
     @abstractmethod
@@ -90,7 +90,8 @@ class ShardHandler(ABC):
 
     @abstractmethod
     def on_drop(self, shard: int) -> None:
-        """The plan no longer places the shard here: delete its local data."""
+        """The plan no longer places the shard here: put its local data aside (the KV
+        handler moves it to the agent's trash) or delete it."""
 
     def on_catch_up(
         self,
@@ -139,7 +140,7 @@ class KVShardHandler(ShardHandler):
         )
         return result.lsn
 
-    def on_become_replica(self, shard: int, generation: int, primary_address: str | None) -> None:
+    def on_become_replica(self, shard: int, term: int, primary_address: str | None) -> None:
         store = self.stores.open(shard)
         # A demoted primary may hold writes it never got acknowledged: repair them away.
         if primary_address is not None and store.was_primary():
@@ -172,7 +173,7 @@ class KVShardHandler(ShardHandler):
         return result.caught_up.lsn
 
     def on_drop(self, shard: int) -> None:
-        self.stores.drop(shard)
+        self.stores.drop(shard, "the plan no longer places it here")
 
     def catch_up(self, shard: int, peer_addresses: tuple[str, ...]) -> None:
         catch_up_from_peers(self.stores.open(shard), shard, peer_addresses, self.quick_client)
@@ -181,32 +182,34 @@ class KVShardHandler(ShardHandler):
         return self.stores.on_disk()
 
 
-def perform(handler: ShardHandler, action: Action, stop: threading.Event) -> Event | None:
-    """Carry out one shard action through ``handler``; return the event to feed back, if any.
+def perform(handler: ShardHandler, action: ShardAction, stop: threading.Event) -> ShardEvent:
+    """Carry out one shard action through ``handler``; return the event to feed back,
+    carrying the action's work number.
 
-    A copy returns CopyDone or CopyFailed; a repair, demotion or catch-up returns Synced
-    (and raises on failure: the runtime retries, then reports SyncFailed). Global actions
-    (SetWritable, SetServing, ReportStatus) are the runtime's, not the handler's, and return
-    None here. ``stop`` is the shard's cancel flag for copies.
+    A copy returns CopyDone or CopyFailed; a promotion Promoted; a repair, demotion or
+    catch-up Synced (and raises on failure: the runtime retries, then reports SyncFailed,
+    or PromoteFailed for a promotion). ``stop`` is the shard's cancel flag.
     """
+    shard, work = action.shard, action.work
     if isinstance(action, StartBootstrap):
         try:
-            return CopyDone(action.shard, handler.on_bootstrap(action.shard, action.source, stop))
+            return CopyDone(shard, handler.on_bootstrap(shard, action.source, stop), work)
         except Exception as exc:  # any failure is a failed copy; the machine bounds retries
-            return CopyFailed(action.shard, f"{type(exc).__name__}: {exc}")
+            return CopyFailed(shard, f"{type(exc).__name__}: {exc}", work)
     if isinstance(action, BecomeReplica | Demote):
-        handler.on_become_replica(action.shard, action.generation, action.primary)
-        return Synced(action.shard, 0)
-    if isinstance(action, Repair):  # Repair.generation is the new primary's term
-        handler.on_new_primary(action.shard, action.primary, action.generation)
-        return Synced(action.shard, 0)
+        handler.on_become_replica(shard, action.term, action.primary)
+        return Synced(shard, 0, work)
+    if isinstance(action, Repair):
+        handler.on_new_primary(shard, action.primary, action.term)
+        return Synced(shard, 0, work)
     if isinstance(action, CatchUp):
-        lsn = handler.on_catch_up(action.shard, action.source, action.primary, stop)
-        return Synced(action.shard, lsn or 0)
-    if isinstance(action, Promote):  # Promote.generation is this primary's term
-        handler.on_become_primary(action.shard, action.generation)
-    elif isinstance(action, StartDrop):
-        stop.set()
-        handler.on_drop(action.shard)
-        return DropDone(action.shard)
-    return None
+        lsn = handler.on_catch_up(shard, action.source, action.primary, stop)
+        return Synced(shard, lsn or 0, work)
+    if isinstance(action, Promote):
+        # Writes acknowledged while this replica was joining may have reached it only
+        # best effort: take them from the in-sync peers before taking writes.
+        handler.catch_up(shard, action.peers)
+        return Promoted(shard, handler.on_become_primary(shard, action.term) or 0, work)
+    stop.set()
+    handler.on_drop(shard)
+    return DropDone(shard, work)

@@ -24,9 +24,16 @@ What it does on each ZooKeeper event:
   demoted primary or a replica that fell behind repairs, the rest is dropped).
 * A member znode left by an earlier incarnation of this agent (killed before its session
   expired): wait, bounded, for the server to expire it, then register.
-* A corrupt or stale plan znode: keep what is applied, log the reason, wait for the next.
+* A plan znode that is corrupt, stale, or that no leader could have committed (its epoch
+  is past the epoch znode's, its generation past plan/meta's, or it is older than the
+  applied one): keep what is applied and every replica, log the reason, wait for the
+  next (``shardsm.distrust``).
+* Its own member or status znode deleted or overwritten while the session lives (a
+  mistake or an attack): write it again at once (both are watched).
 * A failed ZooKeeper read or status write: retried from the main loop after a short delay.
 * SIGTERM: close the session, so that the member znode vanishes at once.
+
+Dropped replicas go to the data dir's trash (``agents.trash``), not to deletion.
 
 Other agents are known by id in the plan; their data-plane addresses are read from their
 ``members/<id>`` znodes (read, never watched) each time the plan is read.
@@ -34,15 +41,15 @@ Other agents are known by id in the plan; their data-plane addresses are read fr
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,37 +72,39 @@ from tenacity import (
 
 from agents import shardsm
 from agents.dataplane import DataPlane, ShardRoute, ShardTable
-from agents.handler import KVShardHandler, ShardHandler, perform
+from agents.handler import KVShardHandler, ShardHandler
 from agents.shardsm import (
-    SYNC_ACTIONS,
     Action,
     AgentState,
-    BecomeReplica,
-    CatchUp,
     CopyFailed,
-    Demote,
     Event,
     Limits,
-    Promote,
-    Repair,
     ReportStatus,
     Session,
     SetServing,
     SetWritable,
-    StartBootstrap,
-    StartDrop,
-    SyncFailed,
+    ShardEvent,
     Target,
 )
 from agents.store import StoreSet
-from shardkeeper.layout import AgentPlan, AgentStatus, Assignment, MemberInfo, Paths, ShardStatus
+from agents.trash import DEFAULT_KEEP_SECONDS, Trash
+from agents.work import Job, ShardWork
+from shardkeeper import __version__
+from shardkeeper.layout import (
+    AgentPlan,
+    AgentStatus,
+    Assignment,
+    MemberInfo,
+    Paths,
+    PlanMeta,
+    ShardStatus,
+)
 from shardkeeper.peer import PeerClient
 from shardkeeper.token import NoToken, no_token_message, read_token
-from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError, ShardState
+from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError
 from shardkeeper.zk import ZkUnavailable, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
-VERSION = "0.2.0"
 
 # An address that refuses connections at once: stands in for a member whose znode is gone,
 # so that a copy from it fails (and is retried) instead of looking like a new, empty shard.
@@ -104,7 +113,6 @@ RETRY_DELAY = 0.2  # before re-trying a failed ZooKeeper read or status write
 # Other agents' addresses are read, not watched: read again this often when idle (an
 # agent that restarts at a new address without a plan change is found this way).
 REFRESH_SECONDS = 5.0
-HANDLER_RETRY_SECONDS = 30.0  # a repair or promotion keeps trying this long, then logs
 # ZooKeeper errors that a new attempt on the same client may not meet again.
 ZK_TRANSIENT = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
 
@@ -119,14 +127,32 @@ class StillRegistered(ShardkeeperError):
     pass
 
 
-@dataclass(frozen=True)
-class _Job:
-    """One shard action queued for a worker; ``seq`` tells stale copy results apart."""
+class DataDirInUse(ShardkeeperError):
+    pass
 
-    action: Action
-    seq: int
-    stop: threading.Event
-    peers: tuple[str, ...] = ()  # for Promote: in-sync peer addresses to catch up from
+
+class DataDirLock:
+    """An exclusive lock on a data dir, held for the agent's life: two agents on one data
+    dir would overwrite each other's shards, and the trash is only edited offline."""
+
+    def __init__(self, data_dir: Path):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "agent.lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise DataDirInUse(f"data dir {data_dir} is in use by another agent (pid"
+                               f" {holder}): stop it first") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 @dataclass
@@ -136,18 +162,24 @@ class _Inputs:
     events: list[Event] = field(default_factory=list)
     plan: bool = False
     status: bool = False
+    register: bool = False
     stop: bool = False
 
 
 def target_of(assignment: Assignment, address_of: Any) -> Target:
     """Pure: the state machine's target for one plan assignment (agent ids -> addresses)."""
     if assignment.role == Role.PRIMARY:
-        return Target(Role.PRIMARY, since=assignment.term)
+        return Target(
+            Role.PRIMARY,
+            term=assignment.term,
+            peers=tuple(address_of(a) for a in assignment.peers),
+            bootstrapping=tuple(address_of(a) for a in assignment.bootstrapping),
+        )
     return Target(
         Role.REPLICA,
+        term=assignment.term,
         source=address_of(assignment.source) if assignment.source else None,
         primary=address_of(assignment.primary) if assignment.primary else None,
-        since=assignment.term,
     )
 
 
@@ -175,6 +207,7 @@ class Agent:
         session_timeout: float = 10.0,
         limits: Limits = Limits(max_bootstraps=4),  # noqa: B008 - frozen
         handler: ShardHandler | None = None,
+        trash_keep: float = DEFAULT_KEEP_SECONDS,
     ):
         self.hosts = hosts
         self.paths = Paths(cluster)
@@ -185,41 +218,35 @@ class Agent:
             address=address,
             zone=zone,
             weight=weight,
-            version=VERSION,
+            version=__version__,
             started=time.time(),
         )
         self.session_timeout = session_timeout
         self.limits = limits
-        self.stores = StoreSet(Path(data_dir) / "shards")
+        self.trash = Trash(Path(data_dir) / "trash", trash_keep)
+        self.stores = StoreSet(Path(data_dir) / "shards", self.trash)
         # Nothing is served until the first connected reconcile says so.
         self.table = ShardTable(writable=False, serving=False)
         self.plane: DataPlane | None = None
         self.peer_client: PeerClient | None = None
         self.catch_up_client: PeerClient | None = None
-        self._custom_handler = handler
         self.handler: ShardHandler | None = handler
         self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.stop_event = threading.Event()
         self.state = AgentState()
-        self.assignments: dict[int, Assignment] = {}
         self.addresses: dict[str, str] = {}
         self.client: KazooClient | None = None
-        self._plan_replicas: dict[int, Assignment] = {}
         self._session = Session.CONNECTED
         self._must_register = False
         # Read our plan znode in this session yet? Until then nothing is served.
         self._plan_current = False
         self._pruned = False
-        # shard work: one action at a time per shard
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="shard")
-        self._queues: dict[int, deque[_Job]] = {}
-        self._running: dict[int, _Job] = {}
-        self._copy_seq: dict[int, int] = {}
-        self._sync_seq: dict[int, int] = {}  # the latest repair/catch-up: older results are stale
-        self._seq = 0
-        # what the data plane may serve: advanced when the handler finished the work
-        self._served: dict[int, ShardState] = {}
-        self._fence: dict[int, int] = {}
+        self._report = ReportStatus(0, ())  # the status the machine last asked for
+        self._written: dict[str, bytes] = {}  # path -> what we last wrote to our znodes
+        self.refused = 0  # plans not acted on because they could not be trusted
+        self._refusal = ""  # why the current plan znode is not acted on, for status
+        self.work = ShardWork(lambda: self.handler, self._job_done,
+                              retry_hint=lambda: self.inbox.put(("plan",)))
 
     # -- the data plane -------------------------------------------------------------------
     def attach_plane(self, host: str, port: int) -> DataPlane:
@@ -240,7 +267,8 @@ class Agent:
         self.peer_client = PeerClient(token, timeout=5.0, attempts=4)
         self.catch_up_client = PeerClient(token, timeout=1.0, attempts=1)
         if self.handler is None:
-            self.handler = KVShardHandler(self.stores, self.peer_client)
+            self.handler = KVShardHandler(self.stores, self.peer_client,
+                                          quick_client=self.catch_up_client)
         if self.plane is not None:
             self.plane.set_token(token)
 
@@ -271,10 +299,29 @@ class Agent:
         self.inbox.put(("plan",))
         return not self.stop_event.is_set()
 
+    def _watch_own(self, path: str, kind: str):
+        """A watch on our own member or status znode: if it vanishes or changes while our
+        session lives (deleted or overwritten by someone else), write it again."""
+
+        def on_data(data: bytes | None, _stat: object) -> bool:
+            if self.stop_event.is_set():
+                return False
+            written = self._written.get(path)
+            if written is not None and data != written and self._session == Session.CONNECTED:
+                log.warning("%s was %s behind our back: writing it again", path,
+                            "deleted" if data is None else "changed")
+                self.inbox.put((kind,))
+            return True
+
+        return on_data
+
     def _later(self, *item: Any) -> None:
         timer = threading.Timer(RETRY_DELAY, self.inbox.put, args=(item,))
         timer.daemon = True
         timer.start()
+
+    def _job_done(self, job: Job, event: ShardEvent | None) -> None:
+        self.inbox.put(("done", job, event))
 
     # -- main loop ----------------------------------------------------------------------
     def stop(self) -> None:
@@ -322,14 +369,12 @@ class Agent:
                     break
                 self._turn(inputs)
         finally:
-            for job in self._running.values():
-                job.stop.set()
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.work.shutdown()
             close(self.client)
             log.info("agent %s stopped; session closed", self.id)
 
     def _start(self) -> None:
-        """Layout, token, registration and the plan watch, retried (bounded) while the
+        """Layout, token, registration and the watches, retried (bounded) while the
         session is lost or the connection drops: a loaded host or ZooKeeper can expire a
         short session before the agent is up, and kazoo reconnects on its own."""
 
@@ -343,9 +388,14 @@ class Agent:
             nonlocal watching
             ensure_layout(self.client, self.paths)
             self._use_token(self.read_token())
-            self.register()
+            self.register(wait=True)
             if not watching:
                 self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
+                # A plan written ahead of its commit is acted on once plan/meta catches up.
+                self.client.DataWatch(self.paths.plan_meta, self._on_plan)
+                for path, kind in ((self.paths.member(self.id), "register"),
+                                   (self.paths.agent_status(self.id), "status")):
+                    self.client.DataWatch(path, self._watch_own(path, kind))
                 watching = True
 
         policy = retry(
@@ -356,6 +406,8 @@ class Agent:
             reraise=True,
         )
         policy(steps)()
+        for name in self.trash.purge():
+            log.info("trash: purged %s (kept longer than %gs)", name, self.trash.keep_seconds)
 
     def _collect(self, first: tuple[Any, ...]) -> _Inputs:
         """Fold the first inbox item and everything else already queued into one turn."""
@@ -377,6 +429,8 @@ class Agent:
             inputs.plan = True
         elif kind == "status":
             inputs.status = True
+        elif kind == "register":
+            self._must_register = True
         elif kind == "session":
             session = item[1]
             if session == Session.LOST:
@@ -386,7 +440,11 @@ class Agent:
                 inputs.plan = True  # the plan may have changed while we were away
             self._session = session
         elif kind == "done":
-            self._finished(item[1], item[2], item[3], inputs)
+            event = item[2]
+            if event is not None:
+                inputs.events.append(event)
+            if isinstance(event, CopyFailed):
+                inputs.plan = True  # the source may have moved: read addresses again
 
     def _turn(self, inputs: _Inputs) -> None:
         plan = None
@@ -404,9 +462,6 @@ class Agent:
         decision = shardsm.reconcile(
             self.state, plan=plan, events=inputs.events, session=session, limits=self.limits
         )
-        applied = decision.agent.plan
-        if plan is not None and applied is not None and applied.generation == plan.generation:
-            self.assignments = self._plan_replicas
         self.state = decision.agent
         for t in decision.transitions:
             log.info("shard %d: %s -> %s", t.shard, t.before, t.after)
@@ -425,23 +480,31 @@ class Agent:
         """A ZooKeeper step of the main loop; on failure, another turn comes shortly."""
         try:
             return fn()
-        except KazooException as e:
-            log.warning("%s failed (%s); retrying", what, type(e).__name__)
-            self._later("plan")
+        except (KazooException, StillRegistered) as e:
+            log.warning("%s failed (%s); retrying", what, e if isinstance(e, StillRegistered)
+                        else type(e).__name__)
+            self._later("register" if isinstance(e, StillRegistered) else "plan")
             return None
 
     # -- registration -------------------------------------------------------------------
-    def register(self) -> bool:
-        """Create our ephemeral member and status znodes for the current session."""
-        self._create_ephemeral(self.paths.member(self.id), self.info.encode())
+    def register(self, wait: bool = False) -> bool:
+        """Create our ephemeral member and status znodes for the current session.
+
+        ``wait``: at start-up, a member znode held by an earlier incarnation (killed before
+        its session expired) is waited for, bounded; later, a znode held by another
+        session is reported and registration retried from the main loop."""
+        path = self.paths.member(self.id)
+        data = self.info.encode()
+        self._written[path] = data
+        self._create_ephemeral(path, data, wait)
         self.report()
         log.info("registered as %s at %s", self.id, self.info.address)
         return True
 
-    def _create_ephemeral(self, path: str, data: bytes) -> None:
+    def _create_ephemeral(self, path: str, data: bytes, wait: bool = True) -> None:
         @retry(
             retry=retry_if_exception_type(NodeExistsError),
-            stop=stop_after_delay(max(30.0, 3 * self.session_timeout)),
+            stop=stop_after_delay(max(30.0, 3 * self.session_timeout) if wait else 0),
             wait=wait_exponential(multiplier=0.05, max=1.0),
             reraise=True,
         )
@@ -451,7 +514,7 @@ class Agent:
             except NodeExistsError:
                 _, stat = self.client.get(path)
                 if stat.ephemeralOwner != self.client.client_id[0]:
-                    log.info("%s is held by an earlier session; waiting for it to expire", path)
+                    log.info("%s is held by another session; waiting for it to expire", path)
                     raise
                 self.client.set(path, data)
 
@@ -464,7 +527,8 @@ class Agent:
 
     # -- plan ---------------------------------------------------------------------------
     def read_plan(self) -> shardsm.Plan | None:
-        """Our plan znode as state-machine targets, with the addresses of the agents named."""
+        """Our plan znode as state-machine targets, with the addresses of the agents named,
+        if it can be trusted (``shardsm.distrust``)."""
         path = self.paths.plan_agent(self.id)
         try:
             data, _ = self.client.get(path)
@@ -474,21 +538,43 @@ class Agent:
                          " writes one (keeping %d shards' data)", len(self.state.shards))
             return None
         try:
-            plan = AgentPlan.decode(path, data)
+            stored = AgentPlan.decode(path, data)
         except CorruptZnode as e:
-            log.error("keeping generation %d: %s", self.applied_generation, e)
+            self._refuse(f"damaged: {e}")
             return None
-        if plan.generation < self.applied_generation:
-            log.warning("ignoring plan generation %d: generation %d is applied",
-                        plan.generation, self.applied_generation)
+        offered = shardsm.Plan(stored.generation, {}, stored.epoch)
+        problem = shardsm.distrust(offered, self.state.plan, epoch=self._epoch(),
+                                   committed=self._committed())
+        if problem is not None:
+            self._refuse(f"generation {stored.generation}: {problem}")
             return None
+        self._refusal = ""
         self._plan_current = True
-        self._read_addresses(referenced_agents(plan.replicas))
-        self._plan_replicas = plan.replicas
-        targets = {s: target_of(a, self.address_of) for s, a in plan.replicas.items()}
-        level = logging.INFO if plan.generation != self.applied_generation else logging.DEBUG
-        log.log(level, "read plan generation %d: %d replicas", plan.generation, len(targets))
-        return shardsm.Plan(plan.generation, targets)
+        self._read_addresses(referenced_agents(stored.replicas))
+        targets = {s: target_of(a, self.address_of) for s, a in stored.replicas.items()}
+        level = logging.INFO if stored.generation != self.applied_generation else logging.DEBUG
+        log.log(level, "read plan generation %d: %d replicas", stored.generation, len(targets))
+        return shardsm.Plan(stored.generation, targets, stored.epoch)
+
+    def _refuse(self, reason: str) -> None:
+        """Keep the applied plan and every replica; say why in the log and in status."""
+        self.refused += 1
+        if reason != self._refusal:
+            log.error("not acting on plan znode (keeping generation %d and every replica):"
+                      " %s", self.applied_generation, reason)
+            self._refusal = reason
+            self.report()
+
+    def _epoch(self) -> int | None:
+        stat = self.client.exists(self.paths.epoch)
+        return stat.version if stat is not None else None
+
+    def _committed(self) -> int | None:
+        try:
+            data, _ = self.client.get(self.paths.plan_meta)
+            return PlanMeta.decode(self.paths.plan_meta, data).generation
+        except (NoNodeError, CorruptZnode):
+            return None
 
     def _read_addresses(self, ids: Iterable[str]) -> None:
         pending = {
@@ -509,12 +595,15 @@ class Agent:
         return self.addresses.get(agent, UNREACHABLE)
 
     def _prune_unowned(self) -> None:
-        """Delete store files left from an earlier run for shards the plan does not place here."""
+        """Put aside store files left from an earlier run for shards the plan does not
+        place here (into the trash, like any drop)."""
         self._pruned = True
-        wanted = set(self.assignments) | set(self.state.shards)
+        targets = self.state.plan.targets if self.state.plan else {}
+        wanted = set(targets) | set(self.state.shards)
         for shard in sorted(self.stores.on_disk() - wanted):
-            log.info("shard %d: not in the plan; deleting its old store", shard)
-            self.stores.drop(shard)
+            log.info("shard %d: not in the plan; putting its old store in the trash", shard)
+            self.stores.drop(shard, f"not in plan generation {self.applied_generation} at"
+                                    " start-up")
 
     # -- shard actions ------------------------------------------------------------------
     def _carry_out(self, action: Action) -> None:
@@ -527,172 +616,35 @@ class Agent:
                 self._refresh_table()  # no request may see the routes of before the loss
             self.table.set_serving(action.serving)
         elif isinstance(action, ReportStatus):
+            self._report = action
             self.report()
         else:
-            self._enqueue(action)
-
-    def _enqueue(self, action: Action) -> None:
-        shard = action.shard
-        jobs = self._queues.setdefault(shard, deque())
-        self._supersede(shard, action, jobs)
-        self._seq += 1
-        if isinstance(action, SYNC_ACTIONS):
-            self._sync_seq[shard] = self._seq
-        if isinstance(action, StartBootstrap):
-            self._copy_seq[shard] = self._seq
-            self.stores.open(shard)
-            self._served[shard] = ShardState.BOOTSTRAPPING  # takes forwards while copying
-        elif isinstance(action, Demote):
-            self._served[shard] = ShardState.REPLICA  # refuse writes before repairing
-            self._raise_fence(shard, action.generation)
-        elif isinstance(action, Repair):
-            self._raise_fence(shard, action.generation)  # refuse the old primary's forwards
-        elif isinstance(action, StartDrop):
-            self._served.pop(shard, None)
-        peers: tuple[str, ...] = ()
-        if isinstance(action, Promote):
-            assignment = self.assignments.get(shard)
-            peers = tuple(self.address_of(p) for p in assignment.peers) if assignment else ()
-        jobs.append(_Job(action, self._seq, threading.Event(), peers))
-        self._kick(shard)
-
-    def _supersede(self, shard: int, action: Action, jobs: deque[_Job]) -> None:
-        """Cancel the work a new action makes moot, so it does not wait behind it.
-
-        A newer copy or a drop ends any copy; any newer action ends a repair or promotion
-        still retrying against a peer (perhaps a dead one, or one at an old address).
-        """
-        ends_copies = isinstance(action, StartBootstrap | StartDrop)
-        running = self._running.get(shard)
-        if (
-            running is not None
-            and not isinstance(running.action, StartDrop)
-            and (ends_copies or not isinstance(running.action, StartBootstrap))
-        ):
-            running.stop.set()
-        moot = (StartBootstrap, Repair, CatchUp) if ends_copies else (Repair, CatchUp)
-        for job in [j for j in jobs if isinstance(j.action, moot)]:
-            jobs.remove(job)
-
-    def _raise_fence(self, shard: int, generation: int) -> None:
-        self._fence[shard] = max(self._fence.get(shard, 0), generation)
-
-    def _kick(self, shard: int) -> None:
-        jobs = self._queues.get(shard)
-        if shard in self._running or not jobs:
-            return
-        job = jobs.popleft()
-        self._running[shard] = job
-        self._pool.submit(self._work, job)
-
-    def _work(self, job: _Job) -> None:
-        """Worker thread: carry out one shard action, report back to the main loop."""
-        action = job.action
-        event = None
-        ok = False
-        try:
-            if isinstance(action, StartBootstrap | CatchUp) and action.attempt:
-                job.stop.wait(min(0.25 * 2**action.attempt, 3.0))
-            if isinstance(action, Promote):
-                # Writes acknowledged while this replica was joining may have reached it
-                # only best effort: take them from the in-sync peers before taking writes.
-                self.handler.catch_up(action.shard, job.peers)
-            if isinstance(action, StartBootstrap | StartDrop):
-                event = perform(self.handler, action, job.stop)
-            else:
-                event = self._handler_call(lambda: perform(self.handler, action, job.stop), job)
-            ok = True
-        except Exception as exc:
-            log.exception("shard %d: %s failed", action.shard, type(action).__name__)
-            if isinstance(action, SYNC_ACTIONS):
-                event = SyncFailed(action.shard, f"{type(exc).__name__}: {exc}")
-        self.inbox.put(("done", job, event, ok))
-
-    def _handler_call(self, fn: Any, job: _Job) -> Any:
-        """Repairs and promotions wait on peers that may be mid-transition: retry, bounded."""
-
-        def log_retry(state: Any) -> None:
-            log.warning("shard %d: %s failed (%s); retrying", job.action.shard,
-                        type(job.action).__name__, state.outcome.exception())
-            # The peer may have come back at a new address: read the plan and members again.
-            self.inbox.put(("plan",))
-
-        policy = retry(
-            stop=stop_after_delay(HANDLER_RETRY_SECONDS),
-            wait=wait_exponential(multiplier=0.1, max=2.0),
-            retry=lambda state: state.outcome.failed and not job.stop.is_set(),
-            before_sleep=log_retry,
-            reraise=True,
-        )
-        return policy(fn)()
-
-    def _finished(self, job: _Job, event: Event | None, ok: bool, inputs: _Inputs) -> None:
-        action = job.action
-        shard = action.shard
-        if self._running.get(shard) is job:
-            del self._running[shard]
-        record = self.state.shards.get(shard)
-        now = record.state if record is not None else None
-        # Serve the new role only once the handler has done its part, and only if the
-        # machine still wants that role.
-        if ok and isinstance(action, BecomeReplica | CatchUp) and now == ShardState.REPLICA:
-            self._served[shard] = ShardState.REPLICA
-        elif ok and isinstance(action, Promote) and now == ShardState.PRIMARY:
-            self._served[shard] = ShardState.PRIMARY
-        if isinstance(event, CopyFailed):
-            inputs.plan = True  # the source may have moved: read addresses again
-        if event is not None:
-            stale = (
-                isinstance(action, StartBootstrap) and self._copy_seq.get(shard) != job.seq
-            ) or (isinstance(action, SYNC_ACTIONS) and self._sync_seq.get(shard) != job.seq)
-            if not stale:
-                inputs.events.append(event)
-        if isinstance(action, StartDrop):
-            self._fence.pop(shard, None)
-        self._kick(shard)
+            if isinstance(action, shardsm.StartBootstrap):
+                self.stores.open(action.shard)  # forwards land in it while it copies
+            self.work.submit(action)
 
     # -- the data plane's table ---------------------------------------------------------
     def _refresh_table(self) -> None:
-        for shard in set(self.table.routes()) - set(self._served):
+        serving = shardsm.serving(self.state, self.address)
+        for shard in set(self.table.routes()) - set(serving):
             self.table.remove(shard)
-        for shard, served in self._served.items():
-            route = self._route_for(shard, served)
+        for shard, serve in serving.items():
+            route = ShardRoute(**asdict(serve))
             if route != self.table.route(shard):
                 self.table.set_route(shard, route)
 
-    def _route_for(self, shard: int, served: ShardState) -> ShardRoute:
-        record = self.state.shards.get(shard, shardsm.ShardRecord())
-        assignment = self.assignments.get(shard)
-        if served == ShardState.PRIMARY:
-            peers: tuple[str, ...] = ()
-            copying: tuple[str, ...] = ()
-            if assignment is not None and assignment.role == Role.PRIMARY:
-                peers = tuple(self.address_of(a) for a in assignment.peers)
-                copying = tuple(self.address_of(a) for a in assignment.bootstrapping)
-            # Its own term (Promote's): the high bits of its LSNs, the term of its forwards.
-            return ShardRoute(ShardState.PRIMARY, record.generation, self.address, peers, copying)
-        primary = None
-        if assignment is not None and assignment.primary:
-            primary = self.address_of(assignment.primary)
-        # A replica takes forwards at exactly the term its plan gives the shard's primary
-        # (the data plane never moves it); from a plan without terms, the last Repair's or
-        # Demote's. Terms only grow, so the larger of the two is the current one.
-        since = assignment.term if assignment is not None else 0
-        return ShardRoute(served, max(since, self._fence.get(shard, 0)), primary)
-
     # -- status -------------------------------------------------------------------------
     def status(self) -> AgentStatus:
-        shards = {}
-        for shard, record in self.state.shards.items():
-            store = self.stores.get(shard)
-            lsn = store.sync_lsn() if store is not None else record.lsn
-            shards[shard] = ShardStatus(str(record.state), lsn, record.syncing)
-        return AgentStatus(self.id, self.applied_generation, shards)
+        """status/<id> as the state machine last reported it."""
+        shards = {e.shard: ShardStatus(str(e.state), e.lsn, e.catching_up)
+                  for e in self._report.shards}
+        return AgentStatus(self.id, self._report.generation, shards, self._refusal)
 
     def report(self) -> None:
         """Write status/<id>; if ZooKeeper is unavailable, try again shortly."""
         path = self.paths.agent_status(self.id)
         data = self.status().encode()
+        self._written[path] = data
         try:
             try:
                 self.client.set(path, data)
@@ -704,7 +656,8 @@ class Agent:
 
 
 class HealthServer:
-    """The agent's data plane (client and replication API, and GET /healthz) on --listen.
+    """The agent's data plane (client and replication API, and GET /healthz) on --listen,
+    and the lock on its data dir.
 
     Kept under this name for `shardkeeper agent run`: it binds at construction (so a bad
     --listen fails before the agent registers) and serves once the agent knows the token.
@@ -712,7 +665,12 @@ class HealthServer:
 
     def __init__(self, agent: Agent, host: str, port: int):
         self.agent = agent
-        self.plane = agent.attach_plane(host, port)
+        self.lock = DataDirLock(agent.stores.data_dir.parent)
+        try:
+            self.plane = agent.attach_plane(host, port)
+        except OSError:
+            self.lock.release()
+            raise
 
     def start(self) -> None:
         self.plane.start()
@@ -720,3 +678,4 @@ class HealthServer:
     def stop(self) -> None:
         self.plane.stop()
         self.agent.stores.close_all()
+        self.lock.release()

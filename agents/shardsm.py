@@ -6,24 +6,37 @@ Each shard replica on an agent moves through::
     (OFFLINE -> REPLICA / PRIMARY directly for a new, empty shard; ERROR after failed copies)
 
 ``reconcile`` takes the agent's current records, the latest plan it has read (its own
-targets), local events and the ZooKeeper session state, and returns the new records plus the
-actions the I/O shell must carry out, in order. Given the same input it returns the same
-output. The shell never decides policy: it performs actions and feeds back events.
+targets), local events and the ZooKeeper session state, and returns the new records plus
+the actions the I/O shell must carry out, in order. Given the same input it returns the
+same output. The shell decides nothing: it performs actions, feeds back their events,
+serves what :func:`serving` says and writes the status that ``ReportStatus`` carries.
 
 Rules it enforces:
 
 - a plan older than the applied one is ignored (a late watch or a deposed leader's write);
 - at most ``Limits.max_bootstraps`` shards copy at once on this agent; the rest wait in
   OFFLINE, in shard order, and start as slots free up;
-- a failed copy is retried (resuming from its cursor) up to ``Limits.max_copy_retries`` times,
-  then the shard goes to ERROR until the plan re-issues it at a newer generation;
+- a failed copy is retried (resuming from its cursor) up to ``Limits.max_copy_retries``
+  times, then the shard goes to ERROR until the plan re-issues it at a newer generation;
 - SUSPENDED fences the agent (primaries stop acknowledging writes) and LOST stops all
   serving; the plan is not acted on while LOST, because it cannot be trusted then;
 - a replica whose data the handler must still bring into line (a repair against a new
-  primary, a demotion, a catch-up) is ``syncing`` and reported as catching up, which the
-  leader does not count as in sync, until the shell reports ``Synced``. A replica kept
-  through a lost session that the plan lists as copying again catches up from its
-  source instead of counting as in sync at once: it missed the writes of its absence.
+  primary, a demotion, a catch-up) is **catching up** and reported so, which the leader
+  does not count as in sync, until the shell reports ``Synced``. A replica kept through a
+  lost session that the plan lists as copying again catches up from its source instead
+  of counting as in sync at once: it missed the writes of its absence.
+
+What the data plane serves is decided here too (``ShardRecord.served``): a copy takes
+forwards as soon as it starts; a demoted primary refuses writes the moment the demotion
+is decided; a replica serves reads, and a primary takes writes, only once the handler
+finished the work (``Synced``, ``Promoted``). Every route carries the shard's **term**:
+a primary's own (the high bits of its LSNs), or for a replica the term its plan gives
+the primary it follows, the only term whose forwards it accepts.
+
+Every shard action carries a ``work`` number, unique for the agent's life; its event
+comes back with it, and an event whose work is not the shard's latest is stale and
+ignored (a copy cancelled by a drop, a repair overtaken by a newer one). Which running
+or queued work a new action makes moot is :func:`cancels` and :func:`replaces`.
 """
 
 from __future__ import annotations
@@ -61,25 +74,50 @@ LEGAL_TRANSITIONS: Mapping[ShardState, frozenset[ShardState]] = {
 
 @dataclass(frozen=True)
 class Target:
-    """What the plan wants this agent to hold for one shard."""
+    """What the plan wants this agent to hold for one shard (agents as addresses)."""
 
     role: Role
-    source: str | None = None  # bootstrap source address; None: a new, empty shard
-    primary: str | None = None  # the shard's primary address, for replicas to follow
-    # The primary's term (the plan generation that made it primary): the LSN generation
-    # and fence every agent uses for the shard. 0 (older plans): the plan's generation.
-    since: int = 0
-
-    def term(self, generation: int) -> int:
-        return self.since or generation
+    term: int = 0  # the primary's term (the plan generation that made it primary)
+    source: str | None = None  # bootstrap source; None: a new, empty shard
+    primary: str | None = None  # the shard's primary, for replicas to follow
+    peers: tuple[str, ...] = ()  # a primary's in-sync replicas (they ack every write)
+    bootstrapping: tuple[str, ...] = ()  # a primary's copying replicas (forwards best effort)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """This agent's slice of plan ``generation``: shard -> target. Treat as read-only."""
+    """This agent's slice of plan ``generation``, written under leader ``epoch``: shard ->
+    target. Treat as read-only."""
 
     generation: int
     targets: Mapping[int, Target] = field(default_factory=dict)
+    epoch: int = 0
+
+
+def distrust(offered: Plan, applied: Plan | None, *, epoch: int | None,
+             committed: int | None) -> str | None:
+    """Why the agent must not act on ``offered`` (it may drop data), or None to act on it.
+
+    ``epoch`` is the epoch znode's version (the current leader's fencing number) and
+    ``committed`` plan/meta's generation (the leader's commit point), None when they could
+    not be read. A plan is trusted only if a leader that exists could have written it as
+    part of a committed plan, and it is not older than the one applied: a forged or
+    damaged znode with an absurd generation or epoch, or one written ahead of its commit,
+    changes nothing.
+    """
+    if applied is not None and offered.generation < applied.generation:
+        return (f"generation {offered.generation} is older than the applied"
+                f" {applied.generation}")
+    if applied is not None and offered.epoch < applied.epoch:
+        return f"epoch {offered.epoch} is older than the applied plan's {applied.epoch}"
+    if epoch is None or committed is None:
+        return "the epoch or plan/meta cannot be read to check it"
+    if offered.epoch > epoch:
+        return f"epoch {offered.epoch} is past the current epoch {epoch}"
+    if offered.generation > committed:
+        return (f"generation {offered.generation} is past the committed generation"
+                f" {committed} (plan/meta)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -92,17 +130,20 @@ class Limits:
 class CopyDone:
     shard: int
     lsn: int
+    work: int = 0
 
 
 @dataclass(frozen=True)
 class CopyFailed:
     shard: int
     reason: str
+    work: int = 0
 
 
 @dataclass(frozen=True)
 class DropDone:
     shard: int
+    work: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,12 +152,30 @@ class Synced:
 
     shard: int
     lsn: int
+    work: int = 0
 
 
 @dataclass(frozen=True)
 class SyncFailed:
     shard: int
     reason: str
+    work: int = 0
+
+
+@dataclass(frozen=True)
+class Promoted:
+    """The handler made this replica the primary; ``lsn`` is its promotion point."""
+
+    shard: int
+    lsn: int
+    work: int = 0
+
+
+@dataclass(frozen=True)
+class PromoteFailed:
+    shard: int
+    reason: str
+    work: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,7 +185,8 @@ class PeerLost:
     address: str
 
 
-Event = CopyDone | CopyFailed | DropDone | PeerLost | Synced | SyncFailed
+ShardEvent = CopyDone | CopyFailed | DropDone | Synced | SyncFailed | Promoted | PromoteFailed
+Event = ShardEvent | PeerLost
 
 
 # -- state -------------------------------------------------------------------------------
@@ -137,18 +197,21 @@ class ShardRecord:
     """What the agent knows about one local shard replica."""
 
     state: ShardState = ShardState.OFFLINE
-    generation: int = 0  # plan generation of the last role change (fences LSNs and forwards)
+    # The shard's term as this replica knows it: a primary's own, else the term of the
+    # primary it follows (or copies from).
+    term: int = 0
     # Bootstrap source in use; for a replica, the source of its last copy or catch-up
     # (forgotten when the session is lost, so that a plan listing it as copying again
     # makes it catch up).
     source: str | None = None
-    primary: str | None = None  # primary this replica follows
-    attempts: int = 0  # failed copies in a row
+    primary: str | None = None  # the primary this replica follows
+    attempts: int = 0  # failed copies, syncs or promotions in a row
     failed_at: int = 0  # plan generation that saw the shard enter ERROR
-    lsn: int = 0  # LSN at the last copy completion, for status
+    lsn: int = 0  # LSN at the last copy, sync or promotion, for status
     reason: str | None = None
-    syncing: bool = False  # REPLICA only: repair or catch-up not finished (not in sync)
-    term: int = 0  # REPLICA only: the term of the primary it follows
+    catching_up: bool = False  # REPLICA: repair or catch-up not finished (not in sync)
+    served: ShardState | None = None  # what the data plane may serve for it now
+    work: int = 0  # the latest action issued for the shard; older results are stale
 
 
 @dataclass(frozen=True)
@@ -161,6 +224,7 @@ class AgentState:
     shards: Mapping[int, ShardRecord] = field(default_factory=dict)
     plan: Plan | None = None
     session: Session = Session.LOST
+    work: int = 0  # the last work number issued
 
     @property
     def applied_generation(self) -> int:
@@ -172,51 +236,59 @@ class AgentState:
 
 @dataclass(frozen=True)
 class StartBootstrap:
-    """Copy the shard from ``source`` (resuming from the stored cursor); report CopyDone/Failed.
-
-    ``attempt`` > 0 is a retry: the shell backs off before it.
-    """
+    """Copy the shard from ``source`` (resuming from the stored cursor); report CopyDone or
+    CopyFailed. ``attempt`` > 0 is a retry: the shell backs off before it."""
 
     shard: int
     source: str
-    generation: int
     attempt: int = 0
+    work: int = 0
 
 
 @dataclass(frozen=True)
 class BecomeReplica:
-    """Serve the shard as a replica of ``primary`` (open an empty store if there is none)."""
+    """Serve the shard as a replica of ``primary`` at ``term`` (open an empty store if there
+    is none); report Synced."""
 
     shard: int
-    generation: int
+    term: int
     primary: str | None
+    work: int = 0
 
 
 @dataclass(frozen=True)
 class Promote:
-    """Become the shard's primary at ``generation``: record the promotion point, take writes."""
+    """Become the shard's primary at ``term``: first take from the in-sync ``peers`` what
+    they hold that this replica may have missed, then record the promotion point; report
+    Promoted."""
 
     shard: int
-    generation: int
+    term: int
+    peers: tuple[str, ...] = ()
+    attempt: int = 0
+    work: int = 0
 
 
 @dataclass(frozen=True)
 class Demote:
-    """Stop taking writes; serve as a replica of ``primary`` after repairing against it."""
+    """Stop taking writes; serve as a replica of ``primary`` at ``term`` after repairing
+    against it; report Synced."""
 
     shard: int
-    generation: int
+    term: int
     primary: str | None
+    work: int = 0
 
 
 @dataclass(frozen=True)
 class Repair:
-    """The shard has a new primary, promoted at ``generation``: fence older primaries,
-    repair rows after its promotion point, then catch up."""
+    """The shard has a new primary, of ``term``: repair rows after its promotion point,
+    then catch up; report Synced."""
 
     shard: int
     primary: str
-    generation: int
+    term: int
+    work: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,22 +296,21 @@ class CatchUp:
     """A replica that already holds the shard must catch up before it counts as in sync:
     the plan lists it as copying from ``source`` again (it was away), or an earlier repair
     failed. Repair against ``primary`` where there is one, then stream what is missing.
-
-    ``attempt`` > 0 is a retry: the shell backs off before it.
-    """
+    ``attempt`` > 0 is a retry: the shell backs off before it."""
 
     shard: int
     source: str | None
     primary: str | None
-    generation: int
     attempt: int = 0
+    work: int = 0
 
 
 @dataclass(frozen=True)
 class StartDrop:
-    """Stop serving the shard, cancel any copy, delete its data; report DropDone."""
+    """Stop serving the shard, cancel any copy, put its data aside; report DropDone."""
 
     shard: int
+    work: int = 0
 
 
 @dataclass(frozen=True)
@@ -257,7 +328,7 @@ class SetServing:
 
 
 @dataclass(frozen=True)
-class ShardStatus:
+class ShardReport:
     shard: int
     state: ShardState
     lsn: int
@@ -269,24 +340,13 @@ class ReportStatus:
     """Write ``status/<agent>``: the applied generation and every shard's state."""
 
     generation: int
-    shards: tuple[ShardStatus, ...]
+    shards: tuple[ShardReport, ...]
 
 
 # Actions after which a replica is in sync only once the handler reports Synced.
 SYNC_ACTIONS = (BecomeReplica, Demote, Repair, CatchUp)
-
-Action = (
-    StartBootstrap
-    | BecomeReplica
-    | Promote
-    | Demote
-    | Repair
-    | CatchUp
-    | StartDrop
-    | SetWritable
-    | SetServing
-    | ReportStatus
-)
+ShardAction = StartBootstrap | BecomeReplica | Promote | Demote | Repair | CatchUp | StartDrop
+Action = ShardAction | SetWritable | SetServing | ReportStatus
 
 
 @dataclass(frozen=True)
@@ -303,14 +363,26 @@ class Decision:
     transitions: tuple[Transition, ...]
 
 
+@dataclass(frozen=True)
+class Serve:
+    """What the data plane serves for one shard (field for field the data plane's route)."""
+
+    state: ShardState
+    term: int
+    primary: str | None
+    in_sync: tuple[str, ...] = ()
+    bootstrapping: tuple[str, ...] = ()
+
+
 # -- the machine -------------------------------------------------------------------------
 
 
 class _Step:
     """Accumulates one reconcile's records, actions and transitions."""
 
-    def __init__(self, shards: Mapping[int, ShardRecord]):
-        self.shards = dict(shards)
+    def __init__(self, agent: AgentState):
+        self.shards = dict(agent.shards)
+        self.work = agent.work
         self.actions: list[Action] = []
         self.transitions: list[Transition] = []
         self.synced = False  # a replica finished syncing: report it, though no state changed
@@ -321,14 +393,17 @@ class _Step:
     def record(self, shard: int) -> ShardRecord:
         return self.shards.get(shard, ShardRecord())
 
-    def move(self, shard: int, record: ShardRecord, *actions: Action) -> None:
+    def move(self, shard: int, record: ShardRecord, *actions: ShardAction) -> None:
+        """Set the shard's record and issue ``actions`` for it, numbering their work."""
         before = self.record(shard).state
         if record.state != before:
             self.transitions.append(Transition(shard, before, record.state))
-        self.shards[shard] = record
-        self.actions.extend(actions)
-        if actions:
+        for action in actions:
+            self.work += 1
+            self.actions.append(replace(action, work=self.work))
+            record = replace(record, work=self.work)
             self.issued.add(shard)
+        self.shards[shard] = record
 
     def bootstrapping(self) -> int:
         return sum(1 for r in self.shards.values() if r.state == ShardState.BOOTSTRAPPING)
@@ -346,7 +421,7 @@ def reconcile(
     applied = choose_plan(agent.plan, plan, session)
     generation = applied.generation if applied else 0
     targets: Mapping[int, Target] = applied.targets if applied else {}
-    step = _Step(agent.shards)
+    step = _Step(agent)
     fence_actions, unfence_actions = session_actions(agent.session, session)
     step.actions.extend(fence_actions)
 
@@ -357,14 +432,14 @@ def reconcile(
     if session != Session.LOST:
         for shard in sorted(set(step.shards) | set(targets)):
             follow_target(step, shard, targets.get(shard), generation)
-        start_waiting_bootstraps(step, targets, generation, limits)
+        start_waiting_bootstraps(step, targets, limits)
 
     forget_idle(step, targets)
     prune_superseded_copies(step)
     step.actions.extend(unfence_actions)
     if worth_reporting(step) or step.synced or generation != agent.applied_generation:
         step.actions.append(status_report(step.shards, generation))
-    new_agent = AgentState(shards=step.shards, plan=applied, session=session)
+    new_agent = AgentState(shards=step.shards, plan=applied, session=session, work=step.work)
     return Decision(new_agent, tuple(step.actions), tuple(step.transitions))
 
 
@@ -400,7 +475,8 @@ def session_actions(
 def apply_event(
     step: _Step, event: Event, targets: Mapping[int, Target], generation: int, limits: Limits
 ) -> None:
-    """Fold one local event in; events for a shard in another state are stale and ignored."""
+    """Fold one local event in. An event for earlier work than the shard's latest, or for
+    a shard in another state, is stale and ignored."""
     if isinstance(event, PeerLost):
         for shard in sorted(step.shards):
             record = step.shards[shard]
@@ -408,32 +484,42 @@ def apply_event(
                 copy_failed(step, shard, f"source {event.address} lost", generation, limits)
         return
     record = step.shards.get(event.shard)
-    if record is None or event.shard in step.issued:
+    if record is None or event.shard in step.issued or event.work != record.work:
         return
-    if isinstance(event, CopyDone) and record.state == ShardState.BOOTSTRAPPING:
-        copy_done(step, event, targets.get(event.shard), generation)
-    elif isinstance(event, CopyFailed) and record.state == ShardState.BOOTSTRAPPING:
+    state = record.state
+    if isinstance(event, CopyDone) and state == ShardState.BOOTSTRAPPING:
+        copy_done(step, event, targets.get(event.shard))
+    elif isinstance(event, CopyFailed) and state == ShardState.BOOTSTRAPPING:
         copy_failed(step, event.shard, event.reason, generation, limits)
-    elif isinstance(event, DropDone) and record.state == ShardState.DROPPING:
+    elif isinstance(event, DropDone) and state == ShardState.DROPPING:
         step.move(event.shard, ShardRecord())
-    elif isinstance(event, Synced) and syncs(step, event.shard):
-        synced = replace(record, syncing=False, lsn=event.lsn or record.lsn, attempts=0,
-                         reason=None)
+    elif isinstance(event, Synced) and state == ShardState.REPLICA and record.catching_up:
+        synced = replace(record, catching_up=False, lsn=event.lsn or record.lsn, attempts=0,
+                         reason=None, served=ShardState.REPLICA)
         step.move(event.shard, synced)
         step.synced = True
-    elif isinstance(event, SyncFailed) and syncs(step, event.shard):
-        sync_failed(step, event.shard, event.reason, targets.get(event.shard), generation, limits)
+    elif isinstance(event, SyncFailed) and state == ShardState.REPLICA and record.catching_up:
+        sync_failed(step, event.shard, event.reason, targets.get(event.shard), limits)
+    elif isinstance(event, Promoted) and state == ShardState.PRIMARY:
+        promoted = replace(record, lsn=event.lsn or record.lsn, attempts=0, reason=None,
+                           served=ShardState.PRIMARY)
+        step.move(event.shard, promoted)
+    elif isinstance(event, PromoteFailed) and state == ShardState.PRIMARY:
+        # Promotion is local work (a marker in the store): a full disk is the likely
+        # cause, so it is retried, with the shell's backoff, until it succeeds or the
+        # plan moves the primary elsewhere.
+        retry = replace(record, attempts=record.attempts + 1, reason=event.reason)
+        step.move(event.shard, retry, Promote(event.shard, record.term,
+                                              peers_of(targets.get(event.shard)),
+                                              attempt=record.attempts + 1))
 
 
-def syncs(step: _Step, shard: int) -> bool:
-    """True for a replica whose repair or catch-up runs."""
-    record = step.record(shard)
-    return record.state == ShardState.REPLICA and record.syncing
+def peers_of(target: Target | None) -> tuple[str, ...]:
+    return target.peers if target is not None and target.role == Role.PRIMARY else ()
 
 
-def sync_failed(
-    step: _Step, shard: int, reason: str, target: Target | None, generation: int, limits: Limits
-) -> None:
+def sync_failed(step: _Step, shard: int, reason: str, target: Target | None,
+                limits: Limits) -> None:
     """Retry a failed repair or catch-up (bounded); then, if the plan does not count this
     replica in sync (it lists it as copying), drop its data and copy the shard afresh.
     A replica the plan counts in sync keeps its data: it holds every acknowledged write."""
@@ -441,12 +527,15 @@ def sync_failed(
     attempts = record.attempts + 1
     if attempts <= limits.max_copy_retries:
         retry = replace(record, attempts=attempts, reason=reason)
-        step.move(shard, retry, CatchUp(shard, record.source, record.primary, generation,
-                                        attempts))
+        step.move(shard, retry, CatchUp(shard, record.source, record.primary, attempts))
     elif target is not None and target.source is not None:
-        step.move(shard, ShardRecord(state=ShardState.DROPPING), StartDrop(shard))
+        drop(step, shard)
     else:
         step.move(shard, replace(record, attempts=attempts, reason=reason))
+
+
+def drop(step: _Step, shard: int) -> None:
+    step.move(shard, ShardRecord(state=ShardState.DROPPING), StartDrop(shard))
 
 
 def forget_sources(step: _Step) -> None:
@@ -457,32 +546,30 @@ def forget_sources(step: _Step) -> None:
             step.shards[shard] = replace(record, source=None)
 
 
-def copy_done(step: _Step, event: CopyDone, target: Target | None, generation: int) -> None:
+def copy_done(step: _Step, event: CopyDone, target: Target | None) -> None:
     if target is None:
         return  # the plan dropped the shard meanwhile; follow_target drops it
     record = replace(step.record(event.shard), lsn=event.lsn, attempts=0, reason=None)
-    term = target.term(generation)
     if target.role == Role.PRIMARY:
-        promoted = replace(record, state=ShardState.PRIMARY, generation=term)
-        step.move(event.shard, promoted, Promote(event.shard, term))
+        promoted = replace(record, state=ShardState.PRIMARY, term=target.term)
+        step.move(event.shard, promoted, Promote(event.shard, target.term, target.peers))
         return
-    online = replace(record, state=ShardState.REPLICA, primary=target.primary, syncing=True,
-                     term=term)
-    step.move(event.shard, online, BecomeReplica(event.shard, generation, target.primary))
+    online = replace(record, state=ShardState.REPLICA, primary=target.primary,
+                     catching_up=True, term=target.term)
+    step.move(event.shard, online, BecomeReplica(event.shard, target.term, target.primary))
 
 
 def copy_failed(step: _Step, shard: int, reason: str, generation: int, limits: Limits) -> None:
     record = step.record(shard)
     attempts = record.attempts + 1
     if attempts > limits.max_copy_retries:
-        failed = replace(
-            record, state=ShardState.ERROR, attempts=attempts, failed_at=generation, reason=reason
-        )
+        failed = replace(record, state=ShardState.ERROR, attempts=attempts,
+                         failed_at=generation, reason=reason, served=None)
         step.move(shard, failed)
         return
     retry = replace(record, attempts=attempts, reason=reason)
     assert record.source is not None  # a BOOTSTRAPPING record always has its source
-    step.move(shard, retry, StartBootstrap(shard, record.source, generation, attempts))
+    step.move(shard, retry, StartBootstrap(shard, record.source, attempts))
 
 
 def follow_target(step: _Step, shard: int, target: Target | None, generation: int) -> None:
@@ -491,86 +578,79 @@ def follow_target(step: _Step, shard: int, target: Target | None, generation: in
     state = record.state
     if target is None:
         if state not in (ShardState.OFFLINE, ShardState.DROPPING):
-            step.move(shard, ShardRecord(state=ShardState.DROPPING), StartDrop(shard))
+            drop(step, shard)
         return
     if state == ShardState.ERROR and generation > record.failed_at:
         step.move(shard, ShardRecord())  # re-issued by a newer plan: try afresh
         state = ShardState.OFFLINE
     if state == ShardState.OFFLINE and target.source is None:
-        open_empty(step, shard, target, generation)
+        open_empty(step, shard, target)
     elif state == ShardState.BOOTSTRAPPING:
-        follow_new_source(step, shard, record, target, generation)
+        follow_new_source(step, shard, record, target)
     elif state == ShardState.REPLICA:
-        follow_as_replica(step, shard, record, target, generation)
+        follow_as_replica(step, shard, record, target)
     elif state == ShardState.PRIMARY and target.role == Role.REPLICA:
-        term = target.term(generation)
         demoted = replace(
-            record, state=ShardState.REPLICA, generation=term, primary=target.primary,
-            source=target.source, syncing=True, attempts=0, term=term,
+            record, state=ShardState.REPLICA, term=target.term, primary=target.primary,
+            source=target.source, catching_up=True, attempts=0, served=ShardState.REPLICA,
         )
-        step.move(shard, demoted, Demote(shard, term, target.primary))
-    elif state == ShardState.PRIMARY and target.since and target.since != record.generation:
-        # Still primary, in a new term (a plan from before terms were stamped, or a
-        # re-election): number LSNs from it, so that replicas fenced at it accept ours.
-        promoted = replace(record, generation=target.since)
-        step.move(shard, promoted, Promote(shard, target.since))
+        step.move(shard, demoted, Demote(shard, target.term, target.primary))
+    elif state == ShardState.PRIMARY and target.term != record.term:
+        # Still primary, in a new term (a re-election): number LSNs from it, so that
+        # replicas fenced at it accept ours.
+        step.move(shard, replace(record, term=target.term),
+                  Promote(shard, target.term, target.peers))
 
 
-def open_empty(step: _Step, shard: int, target: Target, generation: int) -> None:
+def open_empty(step: _Step, shard: int, target: Target) -> None:
     """A shard with no source is new: it starts empty, no copy needed."""
-    term = target.term(generation)
     if target.role == Role.PRIMARY:
-        record = ShardRecord(state=ShardState.PRIMARY, generation=term)
-        step.move(shard, record, Promote(shard, term))
+        record = ShardRecord(state=ShardState.PRIMARY, term=target.term)
+        step.move(shard, record, Promote(shard, target.term, target.peers))
         return
-    record = ShardRecord(
-        state=ShardState.REPLICA, generation=generation, primary=target.primary, syncing=True,
-        term=term,
-    )
-    step.move(shard, record, BecomeReplica(shard, generation, target.primary))
+    record = ShardRecord(state=ShardState.REPLICA, term=target.term, primary=target.primary,
+                         catching_up=True)
+    step.move(shard, record, BecomeReplica(shard, target.term, target.primary))
 
 
-def follow_new_source(
-    step: _Step, shard: int, record: ShardRecord, target: Target, generation: int
-) -> None:
+def follow_new_source(step: _Step, shard: int, record: ShardRecord, target: Target) -> None:
     """Restart the copy from a new source; start over if the shard's primary changed.
 
     Forwards from a primary that then failed may be writes nobody acknowledged; a copy
     cannot tell them apart, so it drops what it has and copies afresh from the new primary.
     """
     if record.primary is not None and target.primary not in (None, record.primary):
-        step.move(shard, ShardRecord(state=ShardState.DROPPING), StartDrop(shard))
+        drop(step, shard)
         return
+    if target.term != record.term:
+        # The same primary in a new term: take its forwards at the new term.
+        record = replace(record, term=target.term)
+        step.move(shard, record)
     if target.source is None or target.source == record.source:
         return
     restarted = replace(record, source=target.source, attempts=0, reason=None)
-    step.move(shard, restarted, StartBootstrap(shard, target.source, generation))
+    step.move(shard, restarted, StartBootstrap(shard, target.source))
 
 
-def follow_as_replica(
-    step: _Step, shard: int, record: ShardRecord, target: Target, generation: int
-) -> None:
-    term = target.term(generation)
+def follow_as_replica(step: _Step, shard: int, record: ShardRecord, target: Target) -> None:
     if target.role == Role.PRIMARY:
-        promoted = replace(record, state=ShardState.PRIMARY, generation=term,
-                           syncing=False, attempts=0)
-        step.move(shard, promoted, Promote(shard, term))
+        promoted = replace(record, state=ShardState.PRIMARY, term=target.term,
+                           catching_up=False, attempts=0)
+        step.move(shard, promoted, Promote(shard, target.term, target.peers))
     elif target.primary is not None and (
-        target.primary != record.primary or (target.since and target.since != record.term)
+        target.primary != record.primary or target.term != record.term
     ):
         # A new primary, or a new term of the same one: fence at its term, then repair.
         followed = replace(record, primary=target.primary, source=target.source,
-                           syncing=True, attempts=0, term=term)
-        step.move(shard, followed, Repair(shard, target.primary, term))
+                           catching_up=True, attempts=0, term=target.term)
+        step.move(shard, followed, Repair(shard, target.primary, target.term))
     elif target.source is not None and target.source != record.source:
         # Listed as copying, though it holds the shard: it was away (or its source moved).
-        rejoin = replace(record, source=target.source, syncing=True, attempts=0)
-        step.move(shard, rejoin, CatchUp(shard, target.source, target.primary, generation))
+        rejoin = replace(record, source=target.source, catching_up=True, attempts=0)
+        step.move(shard, rejoin, CatchUp(shard, target.source, target.primary))
 
 
-def start_waiting_bootstraps(
-    step: _Step, targets: Mapping[int, Target], generation: int, limits: Limits
-) -> None:
+def start_waiting_bootstraps(step: _Step, targets: Mapping[int, Target], limits: Limits) -> None:
     """Start copies for OFFLINE shards with a source, in shard order, while slots remain."""
     free = limits.max_bootstraps - step.bootstrapping()
     for shard in sorted(targets):
@@ -581,17 +661,18 @@ def start_waiting_bootstraps(
             continue
         record = ShardRecord(
             state=ShardState.BOOTSTRAPPING,
-            generation=generation,
+            term=target.term,
             source=target.source,
             primary=target.primary,
+            served=ShardState.BOOTSTRAPPING,  # takes forwards while it copies
         )
-        step.move(shard, record, StartBootstrap(shard, target.source, generation))
+        step.move(shard, record, StartBootstrap(shard, target.source))
         free -= 1
 
 
 def prune_superseded_copies(step: _Step) -> None:
     """Keep only the last StartBootstrap of a shard, and only if it is still copying; keep a
-    CatchUp only if no later action for its shard follows and the replica still syncs.
+    CatchUp only if no later action for its shard follows and the replica still catches up.
 
     Several events in one batch (a retry, then a drop) must not leave the shell a copy to
     start that the same decision already made pointless.
@@ -612,8 +693,7 @@ def prune_superseded_copies(step: _Step) -> None:
                 and step.record(action.shard).state == ShardState.BOOTSTRAPPING
             )
         if isinstance(action, CatchUp):
-            record = step.record(action.shard)
-            return last_any[action.shard] == index and record.syncing
+            return last_any[action.shard] == index and step.record(action.shard).catching_up
         return True
 
     step.actions = [a for i, a in enumerate(step.actions) if wanted(i, a)]
@@ -627,21 +707,66 @@ def forget_idle(step: _Step, targets: Mapping[int, Target]) -> None:
 
 
 def worth_reporting(step: _Step) -> bool:
-    """A state change the leader can act on. A shard that became a replica still syncing is
-    not one (the leader does not count it yet): its report waits for Synced, which halves
-    the status writes while shards copy, each of them a whole status znode."""
+    """A state change the leader can act on. A shard that became a replica still catching
+    up is not one (the leader does not count it yet): its report waits for Synced, which
+    halves the status writes while shards copy, each of them a whole status znode."""
     return any(
-        not (t.after == ShardState.REPLICA and step.record(t.shard).syncing)
+        not (t.after == ShardState.REPLICA and step.record(t.shard).catching_up)
         for t in step.transitions
     )
 
 
 def status_report(shards: Mapping[int, ShardRecord], generation: int) -> ReportStatus:
     entries = tuple(
-        ShardStatus(shard, record.state, record.lsn, record.syncing)
+        ShardReport(shard, record.state, record.lsn, record.catching_up)
         for shard, record in sorted(shards.items())
     )
     return ReportStatus(generation, entries)
+
+
+# -- what the shell asks of the state ------------------------------------------------------
+
+
+def serving(agent: AgentState, me: str) -> dict[int, Serve]:
+    """shard -> what the data plane serves for it, for the shards it serves at all.
+
+    ``me`` is this agent's own address (a primary's route names itself)."""
+    targets = agent.plan.targets if agent.plan else {}
+    out: dict[int, Serve] = {}
+    for shard, record in agent.shards.items():
+        if record.served is None:
+            continue
+        if record.served == ShardState.PRIMARY:
+            target = targets.get(shard)
+            if target is not None and target.role == Role.PRIMARY:
+                in_sync, copying = target.peers, target.bootstrapping
+            else:
+                in_sync, copying = (), ()
+            out[shard] = Serve(ShardState.PRIMARY, record.term, me, in_sync, copying)
+        else:
+            out[shard] = Serve(record.served, record.term, record.primary)
+    return out
+
+
+def cancels(new: ShardAction, running: ShardAction) -> bool:
+    """Does issuing ``new`` for a shard stop the work ``running`` for it?
+
+    A newer copy or a drop ends any copy; any newer action ends a repair, catch-up or
+    promotion still retrying against a peer (perhaps a dead one, or one at an old address).
+    A drop always finishes (its data is being put aside).
+    """
+    if isinstance(running, StartDrop):
+        return False
+    if isinstance(new, StartBootstrap | StartDrop):
+        return True
+    return not isinstance(running, StartBootstrap)
+
+
+def replaces(new: ShardAction, queued: ShardAction) -> bool:
+    """Does ``new`` make a queued, not yet started action for the same shard moot?"""
+    if isinstance(new, StartBootstrap | StartDrop):
+        return isinstance(queued, StartBootstrap | Repair | CatchUp)
+    return isinstance(queued, Repair | CatchUp)
 
 
 def waiting_shards(agent: AgentState) -> list[int]:

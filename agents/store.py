@@ -39,6 +39,7 @@ from pathlib import Path
 
 import xxhash
 
+from agents.trash import Trash
 from shardkeeper.wire import Entry, Row, entry_to_row
 
 TERM_SHIFT = 32
@@ -496,11 +497,16 @@ class _Transaction:
 
 
 class StoreSet:
-    """The shard stores of one agent, one file each under ``data_dir``. Thread-safe."""
+    """The shard stores of one agent, one file each under ``data_dir``. Thread-safe.
 
-    def __init__(self, data_dir: str | os.PathLike[str]):
+    A dropped store is not deleted but put in ``trash`` (if given), so that no single
+    plan, right or wrong, destroys a shard's data at once (see agents.trash).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], trash: Trash | None = None):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.trash = trash
         self._lock = threading.Lock()
         self._open: dict[int, ShardStore] = {}
 
@@ -533,15 +539,21 @@ class StoreSet:
         with self._lock:
             return self._open.get(shard)
 
-    def drop(self, shard: int) -> None:
-        """Close the shard's store and delete its files."""
+    def drop(self, shard: int, reason: str = "dropped") -> None:
+        """Close the shard's store and put its files in the trash (delete them if there is
+        no trash). A partial image being copied in is deleted: it holds nothing yet."""
         with self._lock:
             store = self._open.pop(shard, None)
         if store is not None:
             store.close()
         base = self.path_for(shard)
-        for suffix in ("", "-wal", "-shm", ".incoming", ".incoming-wal", ".incoming-shm"):
+        for suffix in (".incoming", ".incoming-wal", ".incoming-shm"):
             Path(f"{base}{suffix}").unlink(missing_ok=True)
+        files = [Path(f"{base}{suffix}") for suffix in ("", "-wal", "-shm")]
+        if self.trash is not None:
+            self.trash.keep(shard, files, reason)
+        for f in files:
+            f.unlink(missing_ok=True)
 
     def close_all(self) -> None:
         with self._lock:

@@ -149,8 +149,8 @@ def read_plan(client: KazooClient, paths: Paths) -> PlanState:
         raise CorruptZnode(f"{reason} (the leader rebuilds a damaged plan when it next leads)")
     meta = stored.meta
     if meta is None:
-        if stored.agents or stored.chunks:
-            raise CorruptZnode(f"{paths.plan_meta}: missing while other plan znodes exist")
+        # No plan committed yet (or plan/meta was deleted: the leader rebuilds it). Plan
+        # znodes without a meta can also be a first plan being written as we read.
         return PlanState()
     shards: list[ShardPlan] = []
     targets: list[tuple[str, ...]] = []

@@ -23,11 +23,14 @@ Layout under ``/shardkeeper/<cluster>`` (see ARCHITECTURE.md):
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardkeeper.vocab import HOLDING, CorruptZnode, Role
+from shardkeeper.vocab import HOLDING, CorruptZnode, Role, ShardState
+
+STATES = frozenset(str(s) for s in ShardState)
 
 ROOT = "/shardkeeper"
 # Shards per routing chunk. At 100,000 shards, R=3 and 64-character agent ids a chunk
@@ -173,13 +176,21 @@ def encode(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
+# Bounds on what a decoder accepts: a damaged or forged znode must not become a huge or
+# non-finite number that later code trusts (an LSN, a generation, a shard index).
+MAX_COUNT = (1 << 63) - 1  # fits SQLite's INTEGER and ZooKeeper's versions
+MAX_SHARD = 999_999  # shard numbers are below config.MAX_SHARDS
+
+
 def decode_object(path: str, data: bytes | None) -> dict[str, Any]:
+    """The znode's JSON object, or CorruptZnode: never another exception, whatever the
+    bytes (invalid UTF-8, deep nesting, numbers past Python's int-string limit, ...)."""
     if not data:
         raise CorruptZnode(f"{path}: empty znode")
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptZnode(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeError included
+        raise CorruptZnode(f"{path}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise CorruptZnode(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -193,8 +204,56 @@ def _field(path: str, obj: dict[str, Any], key: str, kind: type | tuple[type, ..
     if isinstance(value, bool) and kind in (int, float, (int, float)):
         raise CorruptZnode(f"{path}: field {key!r} must be a number, got {value!r}")
     if not isinstance(value, kind):
-        raise CorruptZnode(f"{path}: field {key!r} has the wrong type ({value!r})")
+        raise CorruptZnode(f"{path}: field {key!r} has the wrong type ({_show(value)})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CorruptZnode(f"{path}: field {key!r} must be finite, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_COUNT:
+        raise CorruptZnode(f"{path}: field {key!r} is out of range")
     return value
+
+
+def _count(path: str, obj: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A non-negative integer field (a generation, an epoch, an LSN, a count)."""
+    if key not in obj and default is not None:
+        return default
+    value = _field(path, obj, key, int)
+    if value < 0:
+        raise CorruptZnode(f"{path}: field {key!r} must be >= 0, got {value}")
+    return value
+
+
+def _number(path: str, obj: dict[str, Any], key: str, default: float | None = None) -> float:
+    if key not in obj and default is not None:
+        return default
+    return float(_field(path, obj, key, (int, float)))
+
+
+def _text(path: str, obj: dict[str, Any], key: str, default: str | None = None,
+          limit: int = 4096) -> str:
+    if key not in obj and default is not None:
+        return default
+    value = _field(path, obj, key, str)
+    if len(value) > limit:
+        raise CorruptZnode(f"{path}: field {key!r} is longer than {limit} characters")
+    return value
+
+
+def _shard(path: str, key: Any) -> int:
+    """A shard number used as a JSON object key: ASCII digits, within range."""
+    if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 6):
+        raise CorruptZnode(f"{path}: bad shard number {_show(key)}")
+    return int(key)
+
+
+def _names(path: str, value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(valid_name(a) for a in value):
+        raise CorruptZnode(f"{path}: {what} must be a list of agent ids, got {_show(value)}")
+    return tuple(value)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -223,16 +282,22 @@ class MemberInfo:
     @classmethod
     def decode(cls, path: str, data: bytes | None) -> MemberInfo:
         obj = decode_object(path, data)
-        weight = float(_field(path, obj, "weight", (int, float)))
-        if weight <= 0:
-            raise CorruptZnode(f"{path}: weight must be > 0, got {weight}")
+        weight = _number(path, obj, "weight")
+        if not 0 < weight <= 1e6:
+            raise CorruptZnode(f"{path}: weight must be in (0, 1e6], got {weight}")
+        member = _text(path, obj, "id")
+        if not valid_name(member):
+            raise CorruptZnode(f"{path}: bad agent id {_show(member)}")
+        zone = obj.get("zone") or ""
+        if not isinstance(zone, str) or len(zone) > 64:
+            raise CorruptZnode(f"{path}: bad zone {_show(zone)}")
         return cls(
-            id=_field(path, obj, "id", str),
-            address=_field(path, obj, "address", str),
-            zone=obj.get("zone", "") or "",
+            id=member,
+            address=_text(path, obj, "address", limit=300),
+            zone=zone,
             weight=weight,
-            version=str(obj.get("version", "")),
-            started=float(obj.get("started", 0.0)),
+            version=_text(path, obj, "version", "", limit=64),
+            started=_number(path, obj, "started", 0.0),
         )
 
 
@@ -315,12 +380,11 @@ class AgentPlan:
         raw = _field(path, obj, "replicas", dict)
         replicas: dict[int, Assignment] = {}
         for key, entry in raw.items():
-            if not key.isdigit():
-                raise CorruptZnode(f"{path}: bad shard number {key!r}")
-            replicas[int(key)] = Assignment.from_json(path, key, entry)
+            shard = _shard(path, key)
+            replicas[shard] = Assignment.from_json(path, key, entry)
         return cls(
-            generation=_field(path, obj, "generation", int),
-            epoch=_field(path, obj, "epoch", int),
+            generation=_count(path, obj, "generation"),
+            epoch=_count(path, obj, "epoch"),
             replicas=replicas,
         )
 
@@ -357,16 +421,20 @@ class PlanMeta:
     @classmethod
     def decode(cls, path: str, data: bytes | None) -> PlanMeta:
         obj = decode_object(path, data)
+        shards = _count(path, obj, "shards")
+        chunks = _count(path, obj, "chunks")
+        if shards > MAX_SHARD + 1 or chunks != (shards + ROUTING_CHUNK - 1) // ROUTING_CHUNK:
+            raise CorruptZnode(f"{path}: {shards} shards in {chunks} chunks do not add up")
         return cls(
-            generation=_field(path, obj, "generation", int),
-            epoch=_field(path, obj, "epoch", int),
-            leader=_field(path, obj, "leader", str),
-            shards=_field(path, obj, "shards", int),
-            replicas=_field(path, obj, "replicas", int),
-            members=tuple(_field(path, obj, "members", list)),
-            chunks=_field(path, obj, "chunks", int),
-            shortfall=int(obj.get("shortfall", 0)),
-            created=float(obj.get("created", 0.0)),
+            generation=_count(path, obj, "generation"),
+            epoch=_count(path, obj, "epoch"),
+            leader=_text(path, obj, "leader", limit=300),
+            shards=shards,
+            replicas=_count(path, obj, "replicas"),
+            members=_names(path, obj.get("members"), "members"),
+            chunks=chunks,
+            shortfall=_count(path, obj, "shortfall", 0),
+            created=_number(path, obj, "created", 0.0),
             summary=obj.get("summary") if isinstance(obj.get("summary"), dict) else {},
         )
 
@@ -405,25 +473,30 @@ class RoutingChunk:
     def decode(cls, path: str, data: bytes | None) -> RoutingChunk:
         obj = decode_object(path, data)
         rows = _field(path, obj, "replicas", list)
-        if not all(isinstance(r, list) and all(isinstance(a, str) for a in r) for r in rows):
-            raise CorruptZnode(f"{path}: replicas must be lists of agent ids")
+        if len(rows) > ROUTING_CHUNK:
+            raise CorruptZnode(f"{path}: {len(rows)} rows, at most {ROUTING_CHUNK}")
+        replicas = tuple(_names(path, r, "replicas") for r in rows)
         boot: dict[int, tuple[tuple[str, str], ...]] = {}
-        for key, pairs in (obj.get("bootstrapping") or {}).items():
-            if not key.isdigit() or not all(
-                isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+        raw_boot = obj.get("bootstrapping") or {}
+        if not isinstance(raw_boot, dict):
+            raise CorruptZnode(f"{path}: bootstrapping must be an object")
+        for key, pairs in raw_boot.items():
+            if not isinstance(pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(valid_name(x) for x in p)
                 for p in pairs
             ):
-                raise CorruptZnode(f"{path}: bad bootstrapping entry for shard {key!r}")
-            boot[int(key)] = tuple((a, src) for a, src in pairs)
+                raise CorruptZnode(f"{path}: bad bootstrapping entry for shard {_show(key)}")
+            boot[_shard(path, key)] = tuple((a, src) for a, src in pairs)
         targets: dict[int, tuple[str, ...]] = {}
-        for key, agents in (obj.get("targets") or {}).items():
-            if not key.isdigit() or not all(isinstance(a, str) for a in agents):
-                raise CorruptZnode(f"{path}: bad target for shard {key!r}")
-            targets[int(key)] = tuple(agents)
+        raw_targets = obj.get("targets") or {}
+        if not isinstance(raw_targets, dict):
+            raise CorruptZnode(f"{path}: targets must be an object")
+        for key, agents in raw_targets.items():
+            targets[_shard(path, key)] = _names(path, agents, "a target")
         return cls(
-            generation=_field(path, obj, "generation", int),
-            first=_field(path, obj, "first", int),
-            replicas=tuple(tuple(r) for r in rows),
+            generation=_count(path, obj, "generation"),
+            first=_count(path, obj, "first"),
+            replicas=replicas,
             bootstrapping=boot,
             targets=targets,
         )
@@ -459,15 +532,19 @@ class AgentStatus:
     agent: str
     generation: int
     shards: dict[int, ShardStatus] = field(default_factory=dict)
+    # Why the agent is not acting on its current plan znode ("" when it is): the leader
+    # then writes that agent's plan afresh.
+    refused: str = ""
 
     def encode(self) -> bytes:
-        return encode(
-            {
-                "agent": self.agent,
-                "generation": self.generation,
-                "shards": {str(s): st.encode() for s, st in sorted(self.shards.items())},
-            }
-        )
+        obj: dict[str, Any] = {
+            "agent": self.agent,
+            "generation": self.generation,
+            "shards": {str(s): st.encode() for s, st in sorted(self.shards.items())},
+        }
+        if self.refused:
+            obj["refused"] = self.refused
+        return encode(obj)
 
     @classmethod
     def decode(cls, path: str, data: bytes | None) -> AgentStatus:
@@ -475,17 +552,20 @@ class AgentStatus:
         raw = _field(path, obj, "shards", dict)
         shards: dict[int, ShardStatus] = {}
         for key, entry in raw.items():
-            if not key.isdigit() or not isinstance(entry, dict) or "state" not in entry:
-                raise CorruptZnode(f"{path}: bad shard entry {key!r}")
-            shards[int(key)] = ShardStatus(
-                state=str(entry["state"]),
-                lsn=int(entry.get("lsn", 0)),
+            shard = _shard(path, key)
+            state = entry.get("state") if isinstance(entry, dict) else None
+            if not isinstance(state, str) or state not in STATES:
+                raise CorruptZnode(f"{path}: bad entry for shard {shard}: {_show(entry)}")
+            shards[shard] = ShardStatus(
+                state=entry["state"],
+                lsn=_count(path, entry, "lsn", 0),
                 catching_up=entry.get("catching_up") is True,
             )
         return cls(
-            agent=_field(path, obj, "agent", str),
-            generation=_field(path, obj, "generation", int),
+            agent=_text(path, obj, "agent", limit=64),
+            generation=_count(path, obj, "generation"),
             shards=shards,
+            refused=_text(path, obj, "refused", "", limit=1024),
         )
 
 
@@ -494,7 +574,7 @@ def encode_epoch(leader: str) -> bytes:
 
 
 def decode_epoch(path: str, data: bytes | None) -> str:
-    return _field(path, decode_object(path, data), "leader", str)
+    return _text(path, decode_object(path, data), "leader", limit=300)
 
 
 @dataclass(frozen=True)
@@ -516,10 +596,10 @@ class Maintenance:
     def decode(cls, path: str, data: bytes | None) -> Maintenance:
         obj = decode_object(path, data)
         return cls(
-            reason=_field(path, obj, "reason", str),
-            since=float(_field(path, obj, "since", (int, float))),
-            note=str(obj.get("note", "")),
-            missing=tuple(str(a) for a in obj.get("missing", [])),
+            reason=_text(path, obj, "reason", limit=64),
+            since=_number(path, obj, "since"),
+            note=_text(path, obj, "note", "", limit=4096),
+            missing=_names(path, obj.get("missing", []), "missing"),
         )
 
 
@@ -538,9 +618,9 @@ class MoveRequest:
     def decode(cls, path: str, data: bytes | None) -> MoveRequest:
         obj = decode_object(path, data)
         return cls(
-            shard=_field(path, obj, "shard", int),
-            source=_field(path, obj, "from", str),
-            dest=_field(path, obj, "to", str),
+            shard=_count(path, obj, "shard"),
+            source=_text(path, obj, "from", limit=64),
+            dest=_text(path, obj, "to", limit=64),
         )
 
 
@@ -560,10 +640,10 @@ class AuditEvent:
     def decode(cls, path: str, data: bytes | None) -> AuditEvent:
         obj = decode_object(path, data)
         return cls(
-            time=float(_field(path, obj, "time", (int, float))),
-            kind=_field(path, obj, "kind", str),
-            message=_field(path, obj, "message", str),
-            generation=int(obj.get("generation", 0)),
+            time=_number(path, obj, "time"),
+            kind=_text(path, obj, "kind", limit=64),
+            message=_text(path, obj, "message", limit=65536),
+            generation=_count(path, obj, "generation", 0),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -496,12 +496,12 @@ def test_bootstrap_through_the_handler_reports_copy_done(cluster, trio):
     new = cluster.start("r3")
     follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
     handler = KVShardHandler(new.stores, cluster.client, page_size=500)
-    event = perform(handler, StartBootstrap(SHARD, p.address, 1), threading.Event())
+    event = perform(handler, StartBootstrap(SHARD, p.address), threading.Event())
     assert event == CopyDone(SHARD, p.store.max_lsn())
     assert new.store.digest() == p.store.digest()
     became = perform(handler, BecomeReplica(SHARD, 1, p.address), threading.Event())
     assert became == Synced(SHARD, 0)
-    failed = perform(handler, StartBootstrap(SHARD, "127.0.0.1:1", 1), threading.Event())
+    failed = perform(handler, StartBootstrap(SHARD, "127.0.0.1:1"), threading.Event())
     assert type(failed).__name__ == "CopyFailed"
 
 

@@ -33,7 +33,7 @@ def test_catch_up_brings_a_replica_that_was_away_into_line(nodes):
     nodes.client.delete(p.address, SHARD, b"before000007")
     assert away.store.digest() != p.store.digest()
     handler = KVShardHandler(away.stores, nodes.client, page_size=128)
-    event = perform(handler, CatchUp(SHARD, r1.address, p.address, 2), threading.Event())
+    event = perform(handler, CatchUp(SHARD, r1.address, p.address), threading.Event())
     assert event == Synced(SHARD, p.store.sync_lsn())
     assert away.store.digest() == p.store.digest() == r1.store.digest()
     assert away.store.sync_lsn() == p.store.sync_lsn()
@@ -45,7 +45,7 @@ def test_catch_up_from_an_unreachable_primary_raises_for_the_runtime_to_retry(no
     away.store  # noqa: B018 - the replica holds the shard
     handler = KVShardHandler(away.stores, nodes.client)
     with pytest.raises(Exception, match="127.0.0.1:1"):
-        perform(handler, CatchUp(SHARD, "127.0.0.1:1", "127.0.0.1:1", 2), threading.Event())
+        perform(handler, CatchUp(SHARD, "127.0.0.1:1", "127.0.0.1:1"), threading.Event())
 
 
 class CopyOnly(ShardHandler):
@@ -73,8 +73,8 @@ class CopyOnly(ShardHandler):
 
 def test_default_catch_up_resumes_the_bootstrap_from_the_source():
     handler = CopyOnly()
-    event = perform(handler, CatchUp(3, "src:1", "prim:1", 5), threading.Event())
+    event = perform(handler, CatchUp(3, "src:1", "prim:1"), threading.Event())
     assert event == Synced(3, 41) and handler.copies == [(3, "src:1")]
     # No source named (an earlier repair failed): the primary is the place to copy from.
-    perform(handler, CatchUp(4, None, "prim:1", 5), threading.Event())
+    perform(handler, CatchUp(4, None, "prim:1"), threading.Event())
     assert handler.copies[-1] == (4, "prim:1")
