@@ -91,7 +91,7 @@ from agents.store import StoreSet
 from shardkeeper.layout import AgentPlan, AgentStatus, Assignment, MemberInfo, Paths, ShardStatus
 from shardkeeper.token import NoToken, no_token_message, read_token
 from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError, ShardState
-from shardkeeper.zk import ZkUnavailable, close, connect, ensure_layout
+from shardkeeper.zk import ZkTarget, ZkUnavailable, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
 VERSION = "0.2.0"
@@ -163,7 +163,7 @@ def referenced_agents(replicas: dict[int, Assignment]) -> set[str]:
 class Agent:
     def __init__(
         self,
-        hosts: str,
+        zk: ZkTarget,
         cluster: str,
         agent_id: str,
         *,
@@ -175,7 +175,7 @@ class Agent:
         limits: Limits = Limits(max_bootstraps=4),  # noqa: B008 - frozen
         handler: ShardHandler | None = None,
     ):
-        self.hosts = hosts
+        self.zk = zk
         self.paths = Paths(cluster)
         self.id = agent_id
         self.address = address
@@ -296,7 +296,9 @@ class Agent:
             reraise=True,
         )
         try:
-            return policy(connect)(self.hosts, self.session_timeout)
+            # root: without credentials the cluster's ACL grants, NotAuthorised (a
+            # ZkUnavailable) is logged and retried like an unreachable ZooKeeper.
+            return policy(connect)(self.zk, self.session_timeout, root=self.paths.root)
         except ZkUnavailable:
             if self.stop_event.is_set():
                 return None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
 from shardkeeper.dev.zkserver import free_port
 from shardkeeper.poll import poll_until
+from shardkeeper.process import cli_command
 from tests.harness import Cluster
 
 
@@ -106,3 +108,25 @@ def test_help_lists_every_command() -> None:
     r = subprocess.run(cli_command("--help"), capture_output=True, text=True)
     for command in ("init", "status", "shards", "agent", "coordinator", "dev"):
         assert command in r.stdout
+
+
+# -- issue 10, finding 8: every bad input is one line and exit 2, never a traceback ------
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("zk", "reason"), [
+    ("", "no ZooKeeper servers given"),
+    ("127.0.0.1:notaport", "'notaport' is not a number"),
+    ("127.0.0.1:99999", "99999 is outside 1-65535"),
+    ("[::1", "unbalanced '['"),
+    (",,,", "empty server entry"),
+    ("127.0.0.1:", "missing"),
+    ("::1", "IPv6 addresses need brackets"),
+    ("zk1:2181/chroot", "chroot"),
+])
+def test_bad_zk_strings_are_refused_in_one_line(zk: str, reason: str) -> None:
+    r = cli("status", "--zk", zk)
+    assert r.returncode == 2
+    assert one_line_error(r).startswith("Error: --zk: ") and reason in r.stderr

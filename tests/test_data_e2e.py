@@ -512,7 +512,7 @@ def test_agent_start_survives_a_connection_loss(cluster, monkeypatch, tmp_path) 
     from agents.runtime import Agent
 
     cluster.init(4, 1)
-    agent = Agent(cluster.hosts, cluster.name, "agent-x", address="127.0.0.1:1",
+    agent = Agent(cluster.target, cluster.name, "agent-x", address="127.0.0.1:1",
                   data_dir=tmp_path / "agent-x", session_timeout=SESSION)
     real = agent.read_token
     failures = iter([ConnectionLoss()])

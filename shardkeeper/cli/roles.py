@@ -10,6 +10,7 @@ import click
 from shardkeeper.cli.options import operator_errors, zk_options
 from shardkeeper.layout import Paths, validate_name
 from shardkeeper.vocab import ShardkeeperError
+from shardkeeper.zk import ZkTarget
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -17,8 +18,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise click.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint="--listen")
     return host.strip("[]"), int(port)
-
-
 
 
 @click.group()
@@ -39,8 +38,8 @@ def agent() -> None:
               show_default=True, help="ZooKeeper session timeout in seconds.")
 @click.option("--log-level", default="info", show_default=True)
 @operator_errors
-def agent_run(zk_hosts: str, paths: Paths, agent_id: str, zone: str, weight: float, listen: str,
-              data_dir: Path, session_timeout: float, log_level: str) -> None:
+def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: float,
+              listen: str, data_dir: Path, session_timeout: float, log_level: str) -> None:
     """Register with the cluster and hold the replicas the plan gives this agent."""
     from agents.runtime import Agent, HealthServer
     from shardkeeper.process import run_until_signal, setup_logging
@@ -51,7 +50,7 @@ def agent_run(zk_hosts: str, paths: Paths, agent_id: str, zone: str, weight: flo
         raise click.BadParameter(str(e), param_hint="--id") from None
     host, port = parse_listen(listen)
     setup_logging(log_level)
-    a = Agent(zk_hosts, paths.cluster, agent_id, address=f"{host}:{port}", zone=zone,
+    a = Agent(target, paths.cluster, agent_id, address=f"{host}:{port}", zone=zone,
               weight=weight, data_dir=data_dir, session_timeout=session_timeout)
     try:
         health = HealthServer(a, host, port)
@@ -77,7 +76,7 @@ def coordinator() -> None:
               show_default=True, help="ZooKeeper session timeout in seconds; bounds failover.")
 @click.option("--log-level", default="info", show_default=True)
 @operator_errors
-def coordinator_run(zk_hosts: str, paths: Paths, candidate_id: str | None,
+def coordinator_run(target: ZkTarget, paths: Paths, candidate_id: str | None,
                     session_timeout: float, log_level: str) -> None:
     """Campaign for leadership; when leading, plan on every membership or config change."""
     import os
@@ -87,7 +86,7 @@ def coordinator_run(zk_hosts: str, paths: Paths, candidate_id: str | None,
 
     setup_logging(log_level)
     cid = candidate_id or f"{socket.gethostname()}-{os.getpid()}"
-    c = Coordinator(zk_hosts, paths.cluster, cid, session_timeout=session_timeout)
+    c = Coordinator(target, paths.cluster, cid, session_timeout=session_timeout)
     run_until_signal(c.run, c.stop)
 
 

@@ -22,17 +22,25 @@ import click
 
 from shardkeeper import admin
 from shardkeeper import cluster as clusterstate
-from shardkeeper.cli.options import DEFAULT_CLUSTER, operator_errors
+from shardkeeper.cli.options import (
+    DEFAULT_CLUSTER,
+    auth_options,
+    build_target,
+    operator_errors,
+    read_credentials,
+    write_credentials,
+)
 from shardkeeper.config import ClusterConfig
 from shardkeeper.dev.zkserver import ZkServer, free_port
 from shardkeeper.layout import Paths
 from shardkeeper.poll import poll_until
 from shardkeeper.process import cli_command, spawn
-from shardkeeper.vocab import ConfigError, ShardkeeperError
-from shardkeeper.zk import close, connect
+from shardkeeper.vocab import ShardkeeperError
+from shardkeeper.zk import Credential, ZkTarget, close, connect
 
 DEFAULT_DIR = Path(".shardkeeper-dev")
 STATE_FILE = "state.json"
+AUTH_FILE = "zk-auth"
 
 
 @dataclass
@@ -50,6 +58,17 @@ class DevState:
     cluster: str
     session_timeout: float
     processes: list[Proc] = field(default_factory=list)
+    # The ZooKeeper credentials' file (mode 0600 under the state directory), "" without:
+    # the processes get its path, never the password itself, so `ps` does not show it.
+    zk_auth_file: str = ""
+
+    def target(self) -> ZkTarget:
+        auth = read_credentials(Path(self.zk_auth_file)) if self.zk_auth_file else ()
+        return ZkTarget.parse(self.zk, auth)
+
+    def zk_args(self) -> tuple[str, ...]:
+        auth = ("--zk-auth-file", self.zk_auth_file) if self.zk_auth_file else ()
+        return ("--zk", self.zk, "--cluster", self.cluster, *auth)
 
     def save(self, root: Path) -> None:
         (root / STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -94,7 +113,7 @@ def start_agent(root: Path, state: DevState, name: str) -> Proc:
     port = free_port()
     log = root / "logs" / f"{name}.log"
     argv = cli_command(
-        "agent", "run", "--zk", state.zk, "--cluster", state.cluster, "--id", name,
+        "agent", "run", *state.zk_args(), "--id", name,
         "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / "data" / name),
         "--session-timeout", str(state.session_timeout),
     )
@@ -105,7 +124,7 @@ def start_agent(root: Path, state: DevState, name: str) -> Proc:
 def start_coordinator(root: Path, state: DevState, name: str) -> Proc:
     log = root / "logs" / f"{name}.log"
     argv = cli_command(
-        "coordinator", "run", "--zk", state.zk, "--cluster", state.cluster, "--id", name,
+        "coordinator", "run", *state.zk_args(), "--id", name,
         "--session-timeout", str(state.session_timeout),
     )
     p = spawn(argv, log, detach=True)
@@ -113,7 +132,8 @@ def start_coordinator(root: Path, state: DevState, name: str) -> Proc:
 
 
 def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int,
-       zk: str | None, zk_port: int, cluster: str, session_timeout: float) -> DevState:
+       zk: str | None, zk_port: int, cluster: str, session_timeout: float,
+       credentials: tuple[Credential, ...] = ()) -> DevState:
     if (root / STATE_FILE).exists():
         old = DevState.load(root)
         if any(alive(p.pid) for p in old.processes):
@@ -124,6 +144,8 @@ def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int
     root.mkdir(parents=True, exist_ok=True)
     state = DevState(zk=zk or f"127.0.0.1:{zk_port}", cluster=cluster,
                      session_timeout=session_timeout)
+    if credentials:
+        state.zk_auth_file = str(write_credentials(root / AUTH_FILE, credentials))
     if zk is None:
         server = ZkServer(data_dir=(root / "zookeeper").resolve(), client_port=zk_port,
                           tick_ms=250)
@@ -137,7 +159,7 @@ def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int
         state.save(root)
         server.wait_ready()
     paths = Paths(cluster)
-    client = connect(state.zk)
+    client = connect(state.target())
     try:
         admin.init_cluster(client, paths, config, overwrite=True)
         for i in range(1, coordinators + 1):
@@ -177,6 +199,7 @@ def down(root: Path, timeout: float = 10.0) -> list[str]:
     # A dev cluster is throw-away: the next `dev up` starts from an empty ZooKeeper.
     for sub in ("zookeeper", "data"):
         shutil.rmtree(root / sub, ignore_errors=True)
+    (root / AUTH_FILE).unlink(missing_ok=True)
     return stopped
 
 
@@ -194,7 +217,7 @@ def kill_and_watch(root: Path, name: str, sig: signal.Signals, timeout: float = 
     state = DevState.load(root)
     proc = state.proc(name)
     paths = Paths(state.cluster)
-    client = connect(state.zk)
+    client = connect(state.target(), root=paths.root)
     try:
         clusterstate.read_config(client, paths)
         before = clusterstate.read_plan(client, paths)
@@ -251,27 +274,33 @@ def dev() -> None:
 @click.option("--shards", type=int, default=64, show_default=True)
 @click.option("--replicas", type=int, default=2, show_default=True)
 @click.option("--zk", default=None, envvar="SHARDKEEPER_ZK",
-              help="Use this ZooKeeper instead of starting one.")
+              help="Use this ZooKeeper (HOST:PORT[,...]) instead of starting one.")
 @click.option("--zk-port", type=int, default=2181, show_default=True,
               help="Client port of the ZooKeeper that dev up starts.")
+@auth_options
 @click.option("--cluster", default=DEFAULT_CLUSTER, envvar="SHARDKEEPER_CLUSTER",
               show_default=True)
 @click.option("--session-timeout", type=click.FloatRange(min=0.5), default=2.0,
               show_default=True, help="Session timeout of agents and coordinators (s).")
 @operator_errors
 def dev_up(root: Path, agents: int, coordinators: int, shards: int, replicas: int,
-           zk: str | None, zk_port: int, cluster: str, session_timeout: float) -> None:
-    """Start a local cluster and wait until every agent holds its plan."""
-    try:
-        ClusterConfig(shards=shards, replicas=replicas)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+           zk: str | None, zk_port: int, zk_auth: tuple[Credential, ...],
+           zk_auth_file: Path | None, cluster: str, session_timeout: float) -> None:
+    """Start a local cluster and wait until every agent holds its plan.
+
+    With --zk-auth (or --zk-auth-file) the cluster's znodes get that credential's ACL;
+    `shardkeeper` commands then need it too (SHARDKEEPER_ZK_AUTH)."""
+    ClusterConfig(shards=shards, replicas=replicas)
+    target = build_target(zk or f"127.0.0.1:{zk_port}", zk_auth, zk_auth_file)
     t0 = time.monotonic()
     state = up(root, agents=agents, shards=shards, replicas=replicas, coordinators=coordinators,
-               zk=zk, zk_port=zk_port, cluster=cluster, session_timeout=session_timeout)
+               zk=target.connect_string if zk else None, zk_port=zk_port, cluster=cluster,
+               session_timeout=session_timeout, credentials=target.credentials)
+    users = ", ".join(c.user for c in target.credentials)
+    acl = f"; its znodes grant access to ZooKeeper user {users} only" if users else ""
     click.echo(
         f"dev cluster {cluster!r} up in {time.monotonic() - t0:.1f}s: ZooKeeper {state.zk},"
-        f" {coordinators} coordinators, {agents} agents; logs in {root}/logs"
+        f" {coordinators} coordinators, {agents} agents; logs in {root}/logs{acl}"
     )
 
 
