@@ -88,6 +88,7 @@ def read_routing(client: KazooClient, paths: Paths) -> Routing:
     if meta is None:
         raise DataError(f"cluster {paths.cluster!r} has no plan yet: start a coordinator")
     chunks = clusterstate.read_many(client, paths.routing, RoutingChunk.decode)
+    clusterstate.check_chunks(paths, meta, chunks)
     rows: list[tuple[str, ...]] = []
     for name in sorted(chunks):
         rows.extend(chunks[name].replicas)

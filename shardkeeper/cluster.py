@@ -93,13 +93,46 @@ def read_plan_meta(client: KazooClient, paths: Paths) -> PlanMeta | None:
     return PlanMeta.decode(paths.plan_meta, data)
 
 
-def read_plan(client: KazooClient, paths: Paths) -> PlanState:
-    """The stored plan: meta, every agent's znode, and the routing table in shard order."""
+class IncompletePlan(CorruptZnode):
+    """The routing chunks do not add up to the plan plan/meta announces."""
+
+
+def check_chunks(paths: Paths, meta: PlanMeta, chunks: dict[str, RoutingChunk]) -> None:
+    """Raise IncompletePlan unless ``chunks`` are exactly the routing table ``meta`` commits:
+    routing by a partial table would send keys to the wrong shards."""
+    fix = (f"a new leader writes the whole plan: restart the leading coordinator"
+           f" ({meta.leader}) and check its log")
+    names = [paths.routing_chunk(i).rsplit("/", 1)[1] for i in range(meta.chunks)]
+    missing = [n for n in names if n not in chunks]
+    if missing:
+        raise IncompletePlan(
+            f"the plan (generation {meta.generation}) is incomplete: routing chunk"
+            f" {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} missing under"
+            f" {paths.routing}; {fix}")
+    rows = 0
+    for name in sorted(chunks):
+        if chunks[name].first != rows:
+            raise IncompletePlan(f"{paths.routing}/{name}: starts at shard"
+                                 f" {chunks[name].first}, expected {rows}; {fix}")
+        rows += len(chunks[name].replicas)
+    if rows != meta.shards:
+        raise IncompletePlan(
+            f"the plan (generation {meta.generation}) is inconsistent: its routing chunks"
+            f" hold {rows} shards, plan/meta says {meta.shards}; {fix}")
+
+
+def read_plan(client: KazooClient, paths: Paths, complete: bool = False) -> PlanState:
+    """The stored plan: meta, every agent's znode, and the routing table in shard order.
+
+    ``complete``: raise IncompletePlan when routing chunks are missing (what a reader
+    wants). The leader reads without it: it heals a partial plan by writing it whole."""
     meta = read_plan_meta(client, paths)
     if meta is None:
         return PlanState()
     agents = read_many(client, paths.plan_agents, AgentPlan.decode)
     chunks = read_many(client, paths.routing, RoutingChunk.decode)
+    if complete:
+        check_chunks(paths, meta, chunks)
     shards: list[ShardPlan] = []
     targets: list[tuple[str, ...]] = []
     for name in sorted(chunks):

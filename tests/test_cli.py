@@ -130,3 +130,23 @@ def test_bad_zk_strings_are_refused_in_one_line(zk: str, reason: str) -> None:
     r = cli("status", "--zk", zk)
     assert r.returncode == 2
     assert one_line_error(r).startswith("Error: --zk: ") and reason in r.stderr
+
+
+def test_get_with_the_routing_chunk_deleted_says_the_plan_is_incomplete(cluster: Cluster
+                                                                         ) -> None:
+    cluster.init(8, 1)  # one routing chunk
+    cluster.start_coordinator("coord-1")
+    cluster.start_agent("agent-1")
+    poll_until(lambda: cluster.settled({"agent-1"}), 20, "the agent to hold its plan")
+    assert cluster.cli("put", "k", "v").returncode == 0
+    cluster.client.delete(cluster.paths.routing_chunk(0))  # was `shards must be >= 1`
+    for command in (["get", "k"], ["put", "k", "w"], ["status"], ["shards"]):
+        r = cluster.cli(*command)
+        assert r.returncode == 2, (command, r.stderr)
+        line = one_line_error(r)
+        assert "the plan (generation 1) is incomplete: routing chunk 00000 missing" in line
+        assert "restart the leading coordinator (coord-1)" in line
+    # The advice works: a new leader writes the whole plan again.
+    cluster.procs["coord-1"].term()
+    cluster.start_coordinator("coord-2")
+    poll_until(lambda: cluster.cli("get", "k").stdout == "v\n", 20, "a complete plan again")

@@ -62,7 +62,7 @@ def read_summary(target: ZkTarget, paths: Paths) -> dict[str, Any]:
             epoch=epoch,
             shards=config.shards,
             replicas=config.replicas,
-            plan=clusterstate.read_plan(client, paths),
+            plan=clusterstate.read_plan(client, paths, complete=True),
             members=clusterstate.read_members(client, paths, skip_corrupt=True),
             statuses=clusterstate.read_statuses(client, paths),
             maintenance=admin.maintenance(client, paths),
@@ -130,7 +130,7 @@ def shards(target: ZkTarget, paths: Paths, agent: str | None, as_json: bool) -> 
     """Shard -> replicas, primary first."""
     with zk_session(target, paths) as client:
         clusterstate.read_config(client, paths)
-        plan = clusterstate.read_plan(client, paths)
+        plan = clusterstate.read_plan(client, paths, complete=True)
     rows = [
         {"shard": shard, "replicas": list(replicas)}
         for shard, replicas in enumerate(plan.routing)
