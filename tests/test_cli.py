@@ -150,3 +150,30 @@ def test_get_with_the_routing_chunk_deleted_says_the_plan_is_incomplete(cluster:
     cluster.procs["coord-1"].term()
     cluster.start_coordinator("coord-2")
     poll_until(lambda: cluster.cli("get", "k").stdout == "v\n", 20, "a complete plan again")
+
+
+REFUSED_SETTINGS = [
+    ("auto_maintenance_fraction=1e-400", "would become 0"),  # was silently 0: guard off
+    ("auto_maintenance_fraction=-1e-400", "would become 0"),
+    ("auto_maintenance_fraction=1e400", "not a finite number"),
+    ("rebalance_delay=nan", "not a finite number"),
+    ("rebalance_delay=-inf", "not a finite number"),
+    ("max_moves_total=1e400", "must be an integer between 1 and 100000"),
+    ("max_moves_total=99999999999999999999999", "between 1 and 100000"),
+]
+
+
+def test_config_values_that_do_not_survive_conversion_are_refused(cluster: Cluster) -> None:
+    from click.testing import CliRunner
+
+    from shardkeeper.cli import main
+
+    cluster.init(4, 1)
+    for setting, reason in REFUSED_SETTINGS:
+        r = CliRunner().invoke(main, ["config", "set", setting, *cluster.zk_args()])
+        assert r.exit_code == 2, r.output
+        key = setting.split("=")[0]
+        assert r.output.startswith(f"Error: {key} must be") and r.output.count("\n") == 1
+        assert "between" in r.output and reason in r.output, r.output
+    shown = json.loads(cluster.cli("config", "show", "--json").stdout)
+    assert shown["auto_maintenance_fraction"] == 0.5 and shown["rebalance_delay"] == 0
