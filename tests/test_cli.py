@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +151,39 @@ def test_get_with_the_routing_chunk_deleted_says_the_plan_is_incomplete(cluster:
     cluster.procs["coord-1"].term()
     cluster.start_coordinator("coord-2")
     poll_until(lambda: cluster.cli("get", "k").stdout == "v\n", 20, "a complete plan again")
+
+
+@pytest.mark.parametrize("where", ["/proc/x", "FILE/sub"])
+def test_agent_data_dir_that_cannot_be_created_is_one_line(tmp_path: Path, where: str) -> None:
+    (tmp_path / "FILE").write_text("")
+    data_dir = where.replace("FILE", str(tmp_path / "FILE"))
+    r = cli("agent", "run", "--zk", "127.0.0.1:1", "--id", "a", "--listen", "127.0.0.1:1",
+            "--data-dir", data_dir)
+    assert r.returncode == 2
+    assert one_line_error(r).startswith(f"Error: --data-dir {data_dir}: cannot create or write")
+
+
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--weight", "nan", "not a finite number"),  # FloatRange alone lets NaN through
+    ("--weight", "inf", "is not in the range"),
+    ("--session-timeout", "nan", "not a finite number"),
+    ("--log-level", "root", "'root' is not one of"),  # was a TypeError from logging
+    ("--listen", "host", "missing port"),
+    ("--listen", "[::1:80", "unbalanced '['"),
+    ("--listen", "127.0.0.1:0", "outside 1-65535"),
+    ("--listen", "a\x00b:80", "bad host"),  # was a ValueError from bind
+])
+def test_agent_run_refuses_bad_options(tmp_path: Path, option: str, value: str,
+                                       expected: str) -> None:
+    from click.testing import CliRunner
+
+    from shardkeeper.cli import main
+
+    args = {"--zk": "127.0.0.1:1", "--id": "a", "--listen": "127.0.0.1:1",
+            "--data-dir": str(tmp_path / "d"), option: value}
+    r = CliRunner().invoke(main, ["agent", "run", *[x for kv in args.items() for x in kv]])
+    assert r.exit_code == 2 and expected in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
 
 
 REFUSED_SETTINGS = [

@@ -91,3 +91,16 @@ def test_dev_up_with_credentials_keeps_them_out_of_ps(tmp_path: Path) -> None:
         down = sk("dev", "down", "--dir", str(root))
     assert down.returncode == 0, down.stderr
     assert not (root / "zk-auth").exists()
+
+
+def test_dev_up_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    for args, expected in [
+        (["--dir", str(tmp_path / "file" / "dev")], "cannot create or write"),
+        (["--cluster", "../x"], "invalid cluster name"),
+        (["--zk-port", "99999"], "99999 is not in the range"),
+        (["--zk", "127.0.0.1:notaport"], "'notaport' is not a number"),
+    ]:
+        r = sk("dev", "up", *args)
+        assert r.returncode == 2 and expected in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr

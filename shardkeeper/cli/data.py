@@ -23,7 +23,7 @@ LOAD_BATCH = 500
 
 
 def load_key(i: int, prefix: str = "key-") -> bytes:
-    return f"{prefix}{i:08d}".encode()
+    return f"{prefix}{i:08d}".encode(errors="surrogateescape")
 
 
 def load_value(key: bytes, size: int) -> bytes:
@@ -33,7 +33,11 @@ def load_value(key: bytes, size: int) -> bytes:
 
 
 def _encoded(text: str, what: str, empty: bool = False) -> bytes:
-    data = text.encode()
+    # Command-line bytes that are not UTF-8 arrive as lone surrogates: store them as given.
+    try:
+        data = text.encode(errors="surrogateescape")
+    except UnicodeEncodeError:
+        raise click.BadParameter(f"{what} is not text the command line can carry") from None
     if not data and not empty:
         raise click.BadParameter(f"{what} must not be empty")
     return data
@@ -87,6 +91,7 @@ def delete(target: ZkTarget, paths: Paths, key: str) -> None:
 def load(target: ZkTarget, paths: Paths, count: int, value_size: int, prefix: str,
          parallel: int) -> None:
     """Bulk-load keys with deterministic values, batched per shard, with a progress bar."""
+    _encoded(prefix, "--prefix", empty=True)
     with zk_session(target, paths) as zk:
         kv = DataClient(zk, paths)
         items = ((k, load_value(k, value_size)) for k in map(

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,30 @@ def build_target(hosts: str, auth: tuple[Credential, ...] = (), auth_file: Path 
 
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange lets NaN through (every comparison with it is false)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+def writable_dir(path: Path, option: str) -> Path:
+    """Create ``path`` if needed and prove it writable now: a bad directory is one line at
+    start-up, not a traceback from the first file written in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise InputError(f"{option} {path}: cannot create or write it ({reason})") from None
+    return path
 
 
 def auth_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -24,10 +24,12 @@ from shardkeeper import admin
 from shardkeeper import cluster as clusterstate
 from shardkeeper.cli.options import (
     DEFAULT_CLUSTER,
+    FiniteFloatRange,
     auth_options,
     build_target,
     operator_errors,
     read_credentials,
+    writable_dir,
     write_credentials,
 )
 from shardkeeper.config import ClusterConfig
@@ -77,12 +79,18 @@ class DevState:
     def load(cls, root: Path) -> DevState:
         try:
             obj = json.loads((root / STATE_FILE).read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ShardkeeperError(
                 f"no dev cluster in {root}: start one with `shardkeeper dev up`"
             ) from None
-        obj["processes"] = [Proc(**p) for p in obj["processes"]]
-        return cls(**obj)
+        except (OSError, ValueError) as e:
+            raise ShardkeeperError(f"cannot read {root / STATE_FILE}: {e}") from None
+        try:
+            obj["processes"] = [Proc(**p) for p in obj["processes"]]
+            return cls(**obj)
+        except (TypeError, KeyError) as e:
+            raise ShardkeeperError(f"{root / STATE_FILE} is damaged ({e}): remove {root}"
+                                   " after stopping what it started") from None
 
     def proc(self, name: str) -> Proc:
         for p in self.processes:
@@ -141,7 +149,7 @@ def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int
                 f"a dev cluster is already running from {root}: `shardkeeper dev down` first"
             )
     config = ClusterConfig(shards=shards, replicas=replicas)
-    root.mkdir(parents=True, exist_ok=True)
+    writable_dir(root, "--dir")
     state = DevState(zk=zk or f"127.0.0.1:{zk_port}", cluster=cluster,
                      session_timeout=session_timeout)
     if credentials:
@@ -275,12 +283,12 @@ def dev() -> None:
 @click.option("--replicas", type=int, default=2, show_default=True)
 @click.option("--zk", default=None, envvar="SHARDKEEPER_ZK",
               help="Use this ZooKeeper (HOST:PORT[,...]) instead of starting one.")
-@click.option("--zk-port", type=int, default=2181, show_default=True,
+@click.option("--zk-port", type=click.IntRange(1, 65535), default=2181, show_default=True,
               help="Client port of the ZooKeeper that dev up starts.")
 @auth_options
 @click.option("--cluster", default=DEFAULT_CLUSTER, envvar="SHARDKEEPER_CLUSTER",
               show_default=True)
-@click.option("--session-timeout", type=click.FloatRange(min=0.5), default=2.0,
+@click.option("--session-timeout", type=FiniteFloatRange(min=0.5, max=600), default=2.0,
               show_default=True, help="Session timeout of agents and coordinators (s).")
 @operator_errors
 def dev_up(root: Path, agents: int, coordinators: int, shards: int, replicas: int,
@@ -291,6 +299,10 @@ def dev_up(root: Path, agents: int, coordinators: int, shards: int, replicas: in
     With --zk-auth (or --zk-auth-file) the cluster's znodes get that credential's ACL;
     `shardkeeper` commands then need it too (SHARDKEEPER_ZK_AUTH)."""
     ClusterConfig(shards=shards, replicas=replicas)
+    try:
+        Paths(cluster)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--cluster") from None
     target = build_target(zk or f"127.0.0.1:{zk_port}", zk_auth, zk_auth_file)
     t0 = time.monotonic()
     state = up(root, agents=agents, shards=shards, replicas=replicas, coordinators=coordinators,
