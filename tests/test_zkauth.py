@@ -209,3 +209,25 @@ def test_password_rotation_without_downtime(secured: Cluster) -> None:
     assert invoke(c, "status", credentials=(ALICE,)).exit_code == 2
     for proc in c.procs.values():
         assert "not authorised" not in proc.output(), proc.name
+
+
+def test_acl_apply_closes_a_cluster_created_open(fresh_zk: ZkServer, tmp_path: Path) -> None:
+    c = Cluster(fresh_zk.address, tmp_path)
+    try:
+        c.init(4, 1)
+        assert invoke(c, "acl", "show").output.rstrip().endswith("znodes  world:anyone=rwcda")
+        assert invoke(c, "acl", "apply").exit_code == 2  # no credentials: nothing to grant
+        noted = invoke(c, "init", "--shards", "4", "--replicas", "1", "--force",
+                       credentials=(ALICE,))
+        assert noted.exit_code == 0 and "`shardkeeper acl apply`" in noted.output
+        r = invoke(c, "acl", "apply", credentials=(ALICE,))
+        assert r.exit_code == 0 and "alice only" in r.output
+        denied = invoke(c, "status")
+        assert denied.exit_code == 2 and "pass --zk-auth" in denied.output
+        assert invoke(c, "status", credentials=(ALICE,)).exit_code == 0
+        # init with the credentials on the (now closed) cluster notes nothing to fix.
+        again = invoke(c, "init", "--shards", "4", "--replicas", "1", "--force",
+                       credentials=(ALICE,))
+        assert again.exit_code == 0 and "note:" not in again.output
+    finally:
+        c.close()
