@@ -102,7 +102,7 @@ from shardkeeper.layout import (
 from shardkeeper.peer import PeerClient
 from shardkeeper.token import NoToken, no_token_message, read_token
 from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError
-from shardkeeper.zk import ZkUnavailable, close, connect, ensure_layout
+from shardkeeper.zk import ZkTarget, ZkUnavailable, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def referenced_agents(replicas: dict[int, Assignment]) -> set[str]:
 class Agent:
     def __init__(
         self,
-        hosts: str,
+        zk: ZkTarget,
         cluster: str,
         agent_id: str,
         *,
@@ -209,7 +209,7 @@ class Agent:
         handler: ShardHandler | None = None,
         trash_keep: float = DEFAULT_KEEP_SECONDS,
     ):
-        self.hosts = hosts
+        self.zk = zk
         self.paths = Paths(cluster)
         self.id = agent_id
         self.address = address
@@ -344,7 +344,9 @@ class Agent:
             reraise=True,
         )
         try:
-            return policy(connect)(self.hosts, self.session_timeout)
+            # root: without credentials the cluster's ACL grants, NotAuthorised (a
+            # ZkUnavailable) is logged and retried like an unreachable ZooKeeper.
+            return policy(connect)(self.zk, self.session_timeout, root=self.paths.root)
         except ZkUnavailable:
             if self.stop_event.is_set():
                 return None

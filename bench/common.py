@@ -39,6 +39,7 @@ from shardkeeper.poll import poll_until
 from shardkeeper.process import cli_command
 from shardkeeper.summary import under_replicated
 from shardkeeper.vocab import CorruptZnode, ShardState
+from shardkeeper.zk import ZkTarget
 
 T = TypeVar("T")
 
@@ -240,6 +241,10 @@ class Workspace:
     @property
     def hosts(self) -> str:
         return self.zk.address
+
+    @property
+    def target(self) -> ZkTarget:
+        return ZkTarget.parse(self.zk.address)
 
 
 def _interrupt(*_args: object) -> None:

@@ -65,7 +65,7 @@ from shardkeeper.layout import MoveRequest, Paths
 from shardkeeper.plan import Targets
 from shardkeeper.poll import poll_until
 from shardkeeper.token import TOKEN_ENV
-from shardkeeper.zk import close, connect, ensure_layout
+from shardkeeper.zk import ZkTarget, close, connect, ensure_layout
 
 CLUSTER = "bench"
 CANDIDATES = ("c1", "c2")
@@ -151,7 +151,7 @@ class Fleet:
         # before the config exists, so that the first plan seeds them all at once.
         self.token = secrets.token_urlsafe(32)
         self._next_agent = 0
-        self.client: KazooClient = connect(ws.hosts, session_timeout=10.0)
+        self.client: KazooClient = connect(ws.target, session_timeout=10.0)
         ensure_layout(self.client, self.paths)
         self.watch = ClusterWatch(self.client, self.paths).start()
 
@@ -852,7 +852,7 @@ def partitioner_member(
     hosts: str, path: str, member: str, items: int, session_timeout: float, time_boundary: float
 ) -> None:
     """One SetPartitioner member (the baseline); prints a JSON line per transition."""
-    client = connect(hosts, session_timeout=session_timeout)
+    client = connect(ZkTarget.parse(hosts), session_timeout=session_timeout)
     try:
         partitioner_loop(client, path, member, items, time_boundary)
     finally:

@@ -58,7 +58,7 @@ from shardkeeper.config import ClusterConfig
 from shardkeeper.layout import AgentPlan, AgentStatus, MemberInfo, Paths, RoutingChunk, ShardStatus
 from shardkeeper.poll import poll_until
 from shardkeeper.vocab import Role
-from shardkeeper.zk import close, connect, ensure_layout
+from shardkeeper.zk import ZkTarget, close, connect, ensure_layout
 
 CLUSTER = "scale"
 CANDIDATE = "c1"
@@ -76,11 +76,11 @@ def progress(message: str) -> None:
 class SimulatedAgents:
     """Member (and later status) znodes of many agents, spread over a few sessions."""
 
-    def __init__(self, hosts: str, paths: Paths, agents: int, sessions: int):
+    def __init__(self, target: ZkTarget, paths: Paths, agents: int, sessions: int):
         self.paths = paths
         self.ids = [f"sim{i:04d}" for i in range(agents)]
         self.clients = [
-            connect(hosts, session_timeout=SIM_SESSION_TIMEOUT) for _ in range(sessions)
+            connect(target, session_timeout=SIM_SESSION_TIMEOUT) for _ in range(sessions)
         ]
         self.owner = {a: self.clients[i % sessions] for i, a in enumerate(self.ids)}
 
@@ -206,7 +206,7 @@ class CoordinatorUnderTest:
         from coordinator.leader import Coordinator
 
         self.profiler.install()
-        self._coordinator = Coordinator(self.ws.hosts, CLUSTER, CANDIDATE, session_timeout=10.0)
+        self._coordinator = Coordinator(self.ws.target, CLUSTER, CANDIDATE, session_timeout=10.0)
         self._thread = threading.Thread(target=self._coordinator.run, daemon=True)
         self._thread.start()
 
@@ -326,8 +326,8 @@ def run(opts: dict[str, Any], keep: bool) -> tuple[dict[str, Any], str]:
     agents, shards, replicas = opts["agents"], opts["shards"], opts["replicas"]
     paths = Paths(CLUSTER)
     with workspace("scale", heap_mb=opts["zk_heap_mb"], keep=keep) as ws:
-        client = connect(ws.hosts, session_timeout=SIM_SESSION_TIMEOUT)
-        sims = SimulatedAgents(ws.hosts, paths, agents, opts["sessions"])
+        client = connect(ws.target, session_timeout=SIM_SESSION_TIMEOUT)
+        sims = SimulatedAgents(ws.target, paths, agents, opts["sessions"])
         leader = CoordinatorUnderTest(ws, opts["profile"])
         try:
             ensure_layout(client, paths)

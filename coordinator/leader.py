@@ -46,7 +46,7 @@ from shardkeeper.layout import (
 )
 from shardkeeper.plan import PlanState
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
-from shardkeeper.zk import close, connect, ensure_layout
+from shardkeeper.zk import ZkTarget, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
 
@@ -354,9 +354,9 @@ class LeaderTerm:
 class Coordinator:
     """A candidate that campaigns until stopped, leading whenever it wins."""
 
-    def __init__(self, hosts: str, cluster_name: str, candidate_id: str,
+    def __init__(self, zk: ZkTarget, cluster_name: str, candidate_id: str,
                  session_timeout: float = 10.0, debounce: float = 0.02):
-        self.hosts = hosts
+        self.zk = zk
         self.paths = Paths(cluster_name)
         self.id = candidate_id
         self.session_timeout = session_timeout
@@ -382,7 +382,9 @@ class Coordinator:
             self.stop_event.wait(self._backoff)
 
     def _campaign(self) -> None:
-        client = connect(self.hosts, self.session_timeout)
+        # NotAuthorised (no credentials the cluster's ACL grants) is a ShardkeeperError:
+        # run() logs it and campaigns again after a pause.
+        client = connect(self.zk, self.session_timeout, root=self.paths.root)
         lost = threading.Event()
 
         def on_state(state: str) -> None:

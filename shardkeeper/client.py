@@ -2,7 +2,7 @@
 
 ::
 
-    with DataClient.connect("127.0.0.1:2181", "prod") as kv:
+    with DataClient.connect(ZkTarget.parse("127.0.0.1:2181"), "prod") as kv:
         kv.put(b"user:1", b"alice")
         kv.get(b"user:1")            # b"alice"; None when absent
 
@@ -44,7 +44,7 @@ from shardkeeper.peer import NotPrimary, PeerClient, PeerError, PeerUnavailable,
 from shardkeeper.ring import shard_for_key
 from shardkeeper.token import require_token
 from shardkeeper.vocab import ShardkeeperError
-from shardkeeper.zk import close, connect
+from shardkeeper.zk import ZkTarget, close, connect
 
 T = TypeVar("T")
 Item = tuple[bytes, bytes]
@@ -88,6 +88,7 @@ def read_routing(client: KazooClient, paths: Paths) -> Routing:
     if meta is None:
         raise DataError(f"cluster {paths.cluster!r} has no plan yet: start a coordinator")
     chunks = clusterstate.read_many(client, paths.routing, RoutingChunk.decode)
+    clusterstate.check_chunks(paths, meta, chunks)
     rows: list[tuple[str, ...]] = []
     for name in sorted(chunks):
         rows.extend(chunks[name].replicas)
@@ -119,10 +120,11 @@ class DataClient:
 
     @classmethod
     @contextmanager
-    def connect(cls, hosts: str, cluster: str, **kwargs: Any) -> Iterator[DataClient]:
-        zk = connect(hosts)
+    def connect(cls, target: ZkTarget, cluster: str, **kwargs: Any) -> Iterator[DataClient]:
+        paths = Paths(cluster)
+        zk = connect(target, root=paths.root)
         try:
-            yield cls(zk, Paths(cluster), **kwargs)
+            yield cls(zk, paths, **kwargs)
         finally:
             close(zk)
 

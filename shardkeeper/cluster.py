@@ -137,11 +137,40 @@ def read_stored_plan(client: KazooClient, paths: Paths) -> StoredPlan:
     return StoredPlan(meta, agents, chunks, damaged, frozenset(existing))
 
 
-def read_plan(client: KazooClient, paths: Paths) -> PlanState:
+class IncompletePlan(CorruptZnode):
+    """The routing chunks do not add up to the plan plan/meta announces."""
+
+
+def check_chunks(paths: Paths, meta: PlanMeta, chunks: dict[str, RoutingChunk]) -> None:
+    """Raise IncompletePlan unless ``chunks`` are exactly the routing table ``meta`` commits:
+    routing by a partial table would send keys to the wrong shards."""
+    fix = (f"a new leader writes the whole plan: restart the leading coordinator"
+           f" ({meta.leader}) and check its log")
+    names = [paths.routing_chunk(i).rsplit("/", 1)[1] for i in range(meta.chunks)]
+    missing = [n for n in names if n not in chunks]
+    if missing:
+        raise IncompletePlan(
+            f"the plan (generation {meta.generation}) is incomplete: routing chunk"
+            f" {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} missing under"
+            f" {paths.routing}; {fix}")
+    rows = 0
+    for name in sorted(chunks):
+        if chunks[name].first != rows:
+            raise IncompletePlan(f"{paths.routing}/{name}: starts at shard"
+                                 f" {chunks[name].first}, expected {rows}; {fix}")
+        rows += len(chunks[name].replicas)
+    if rows != meta.shards:
+        raise IncompletePlan(
+            f"the plan (generation {meta.generation}) is inconsistent: its routing chunks"
+            f" hold {rows} shards, plan/meta says {meta.shards}; {fix}")
+
+
+def read_plan(client: KazooClient, paths: Paths, complete: bool = False) -> PlanState:
     """The stored plan: meta, every agent's znode, and the routing table in shard order.
 
-    Raises CorruptZnode if a plan znode is damaged or one is missing: the leader rebuilds
-    the plan on its next term (``coordinator.recover``); readers only report it.
+    Raises CorruptZnode if a plan znode is damaged: the leader rebuilds the plan
+    (``coordinator.recover``); readers only report it. ``complete``: also raise
+    IncompletePlan when routing chunks are missing (what a reader that routes wants).
     """
     stored = read_stored_plan(client, paths)
     if stored.damaged:
@@ -152,12 +181,18 @@ def read_plan(client: KazooClient, paths: Paths) -> PlanState:
         # No plan committed yet (or plan/meta was deleted: the leader rebuilds it). Plan
         # znodes without a meta can also be a first plan being written as we read.
         return PlanState()
+    if complete:
+        check_chunks(paths, meta, {paths.routing_chunk(i).rsplit("/", 1)[1]: c
+                                   for i, c in stored.chunks.items()})
     shards: list[ShardPlan] = []
     targets: list[tuple[str, ...]] = []
     for index in range(meta.chunks):
         chunk = stored.chunks.get(index)
         if chunk is None or chunk.first != len(shards):
-            raise CorruptZnode(f"{paths.routing_chunk(index)}: missing")
+            # Missing (deleted, or a torn read of a plan being rewritten): the leader
+            # repairs it; an unplaced row stands in for it here.
+            chunk = RoutingChunk(meta.generation, len(shards),
+                                 ((),) * min(ROUTING_CHUNK, meta.shards - len(shards)))
         for i, replicas in enumerate(chunk.replicas):
             shard = chunk.first + i
             # The term is kept in the agents' assignments (the primary's carries it).

@@ -6,6 +6,8 @@ and are changed at run time with `shardkeeper config set KEY=VALUE`.
 
 from __future__ import annotations
 
+import decimal
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -34,6 +36,38 @@ KNOBS: dict[str, tuple[type, float, float, str]] = {
     ),
     "auto_maintenance_window": (float, 1, 3_600, "seconds over which departures are counted"),
 }
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def parse_knob(key: str, text: str) -> int | float:
+    """A `config set` value, refused (ConfigError with the allowed range) unless it is a
+    finite number that survives the conversion: "1e-400" would silently become 0.0 and
+    "1e400" infinity."""
+    kind, low, high, _ = KNOBS[key]
+    expected = (f"{key} must be {'an integer' if kind is int else 'a number'} between"
+                f" {low:g} and {high:g}")
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{expected}, got {_shown(text)}") from None
+    if kind is float:
+        if not math.isfinite(value):
+            raise ConfigError(f"{expected}, got {_shown(text)} (not a finite number)")
+        if value == 0 and _nonzero(text):
+            raise ConfigError(f"{expected}, got {_shown(text)}: too small for a float (it"
+                              " would become 0); write 0 to mean 0")
+        value += 0.0  # -0.0 reads as a typo in `config show`: store 0.0
+    return value
+
+
+def _nonzero(text: str) -> bool:
+    try:
+        return decimal.Decimal(text.strip()) != 0
+    except decimal.InvalidOperation:
+        return False
 
 
 @dataclass(frozen=True)
@@ -71,11 +105,7 @@ class ClusterConfig:
                 raise ConfigError(
                     "shards cannot change after init: keys would map to other shards"
                 )
-            kind = KNOBS[key][0]
-            try:
-                changes[key] = kind(text)
-            except ValueError:
-                raise ConfigError(f"{key} must be {kind.__name__}, got {text!r}") from None
+            changes[key] = parse_knob(key, text)
         return replace(self, **changes)
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,16 +12,22 @@ from shardkeeper.dev.zkserver import ZkServer, connect_string, ensemble, standal
 from tests.harness import Cluster
 
 
-@pytest.fixture(scope="session")
-def zk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZkServer]:
-    """One standalone server for the session; tickTime 250 ms allows 0.5 s sessions."""
-    server = standalone(tmp_path_factory.mktemp("zk"), tick_ms=250)
+@contextlib.contextmanager
+def running(server: ZkServer) -> Iterator[ZkServer]:
+    """``server`` started and serving; stopped on exit."""
     server.start()
     try:
         server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def zk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZkServer]:
+    """One standalone server for the session; tickTime 250 ms allows 0.5 s sessions."""
+    with running(standalone(tmp_path_factory.mktemp("zk"), tick_ms=250)) as server:
+        yield server
 
 
 @pytest.fixture()

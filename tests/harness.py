@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import uuid
@@ -15,7 +16,7 @@ from shardkeeper import cluster as clusterstate
 from shardkeeper.dev.zkserver import free_port
 from shardkeeper.layout import Paths
 from shardkeeper.process import cli_command, spawn
-from shardkeeper.zk import close, connect
+from shardkeeper.zk import Credential, ZkTarget, close, connect
 
 T = TypeVar("T")
 
@@ -23,10 +24,11 @@ T = TypeVar("T")
 class RoleProcess:
     """An agent or coordinator running as a real child process."""
 
-    def __init__(self, name: str, argv: list[str], log: Path):
+    def __init__(self, name: str, argv: list[str], log: Path,
+                 env: dict[str, str] | None = None):
         self.name = name
         self.log = log
-        self.popen = spawn(argv, log)
+        self.popen = spawn(argv, log, env=env)
 
     @property
     def pid(self) -> int:
@@ -58,26 +60,59 @@ class RoleProcess:
 
 
 class Cluster:
-    """A cluster with a unique name on a shared ZooKeeper, and the processes a test starts."""
+    """A cluster with a unique name on a shared ZooKeeper, and the processes a test starts.
 
-    def __init__(self, hosts: str, workdir: Path):
-        self.hosts = hosts
-        self.name = "t" + uuid.uuid4().hex[:10]
+    The target's credentials reach the CLI and the roles through SHARDKEEPER_ZK_AUTH (as an
+    operator would keep them out of `ps`), its TLS files through --zk-tls-* options."""
+
+    def __init__(self, target: ZkTarget | str, workdir: Path, name: str | None = None):
+        self.target = target if isinstance(target, ZkTarget) else ZkTarget.parse(target)
+        self.hosts = self.target.connect_string
+        self.name = name or "t" + uuid.uuid4().hex[:10]
         self.paths = Paths(self.name)
         self.workdir = workdir
         self.procs: dict[str, RoleProcess] = {}
         self._client: KazooClient | None = None
+        self._views: list[Cluster] = []
+
+    def as_user(self, *credentials: Credential) -> Cluster:
+        """This cluster seen with other ZooKeeper credentials (none: anonymous). What the
+        view starts belongs to this cluster (stopped with it); its session closes with it."""
+        view = Cluster(ZkTarget.parse(self.hosts, credentials, self.target.tls), self.workdir,
+                       self.name)
+        view.procs = self.procs
+        self._views.append(view)
+        return view
 
     @property
     def client(self) -> KazooClient:
         if self._client is None:
-            self._client = connect(self.hosts)
+            self._client = connect(self.target)
         return self._client
+
+    def zk_args(self) -> list[str]:
+        args = ["--zk", self.hosts, "--cluster", self.name]
+        tls = self.target.tls
+        if tls is not None:
+            args.append("--zk-tls")
+            for option, path in (("--zk-tls-ca", tls.ca), ("--zk-tls-cert", tls.cert),
+                                 ("--zk-tls-key", tls.key)):
+                args += [option, str(path)] if path else []
+        return args
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of a child: ours, with the target's credentials (or none)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDKEEPER_ZK")}
+        if self.target.credentials:
+            env["SHARDKEEPER_ZK_AUTH"] = "\n".join(
+                f"{c.user}:{c.password}" for c in self.target.credentials)
+        return {**env, **(extra or {})}
 
     def cli(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        argv = cli_command(*args, "--zk", self.hosts, "--cluster", self.name)
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        argv = cli_command(*args, *self.zk_args())
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              env=env if env is not None else self.env())
 
     def init(self, shards: int, replicas: int) -> None:
         r = self.cli("init", "--shards", str(shards), "--replicas", str(replicas))
@@ -86,20 +121,20 @@ class Cluster:
     def start_agent(self, name: str, session_timeout: float = 1.0, zone: str = "",
                     weight: float = 1.0) -> RoleProcess:
         argv = cli_command(
-            "agent", "run", "--zk", self.hosts, "--cluster", self.name, "--id", name,
+            "agent", "run", *self.zk_args(), "--id", name,
             "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(self.workdir / name),
             "--session-timeout", str(session_timeout), "--zone", zone, "--weight", str(weight),
             "--log-level", "debug",
         )
-        self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log")
+        self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log", self.env())
         return self.procs[name]
 
     def start_coordinator(self, name: str, session_timeout: float = 1.0) -> RoleProcess:
         argv = cli_command(
-            "coordinator", "run", "--zk", self.hosts, "--cluster", self.name, "--id", name,
+            "coordinator", "run", *self.zk_args(), "--id", name,
             "--session-timeout", str(session_timeout), "--log-level", "debug",
         )
-        self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log")
+        self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log", self.env())
         return self.procs[name]
 
     # -- reads ---------------------------------------------------------------------
@@ -129,5 +164,6 @@ class Cluster:
             p.signal(signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.popen.wait(10)
-        if self._client is not None:
-            close(self._client)
+        for client in [v._client for v in self._views] + [self._client]:
+            if client is not None:
+                close(client)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from shardkeeper.dev.zkserver import free_port
 from shardkeeper.poll import poll_until
+from shardkeeper.process import cli_command
 from tests.harness import Cluster
 
 
@@ -106,3 +109,105 @@ def test_help_lists_every_command() -> None:
     r = subprocess.run(cli_command("--help"), capture_output=True, text=True)
     for command in ("init", "status", "shards", "agent", "coordinator", "dev"):
         assert command in r.stdout
+
+
+# -- issue 10, finding 8: every bad input is one line and exit 2, never a traceback ------
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("zk", "reason"), [
+    ("", "no ZooKeeper servers given"),
+    ("127.0.0.1:notaport", "'notaport' is not a number"),
+    ("127.0.0.1:99999", "99999 is outside 1-65535"),
+    ("[::1", "unbalanced '['"),
+    (",,,", "empty server entry"),
+    ("127.0.0.1:", "missing"),
+    ("::1", "IPv6 addresses need brackets"),
+    ("zk1:2181/chroot", "chroot"),
+])
+def test_bad_zk_strings_are_refused_in_one_line(zk: str, reason: str) -> None:
+    r = cli("status", "--zk", zk)
+    assert r.returncode == 2
+    assert one_line_error(r).startswith("Error: --zk: ") and reason in r.stderr
+
+
+def test_get_with_the_routing_chunk_deleted_says_the_plan_is_incomplete(cluster: Cluster
+                                                                         ) -> None:
+    cluster.init(8, 1)  # one routing chunk
+    cluster.start_coordinator("coord-1")
+    cluster.start_agent("agent-1")
+    poll_until(lambda: cluster.settled({"agent-1"}), 20, "the agent to hold its plan")
+    assert cluster.cli("put", "k", "v").returncode == 0
+    cluster.client.delete(cluster.paths.routing_chunk(0))  # was `shards must be >= 1`
+    for command in (["get", "k"], ["put", "k", "w"], ["status"], ["shards"]):
+        r = cluster.cli(*command)
+        assert r.returncode == 2, (command, r.stderr)
+        line = one_line_error(r)
+        assert "the plan (generation 1) is incomplete: routing chunk 00000 missing" in line
+        assert "restart the leading coordinator (coord-1)" in line
+    # The advice works: a new leader writes the whole plan again.
+    cluster.procs["coord-1"].term()
+    cluster.start_coordinator("coord-2")
+    poll_until(lambda: cluster.cli("get", "k").stdout == "v\n", 20, "a complete plan again")
+
+
+@pytest.mark.parametrize("where", ["/proc/x", "FILE/sub"])
+def test_agent_data_dir_that_cannot_be_created_is_one_line(tmp_path: Path, where: str) -> None:
+    (tmp_path / "FILE").write_text("")
+    data_dir = where.replace("FILE", str(tmp_path / "FILE"))
+    r = cli("agent", "run", "--zk", "127.0.0.1:1", "--id", "a", "--listen", "127.0.0.1:1",
+            "--data-dir", data_dir)
+    assert r.returncode == 2
+    assert one_line_error(r).startswith(f"Error: --data-dir {data_dir}: cannot create or write")
+
+
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--weight", "nan", "not a finite number"),  # FloatRange alone lets NaN through
+    ("--weight", "inf", "is not in the range"),
+    ("--session-timeout", "nan", "not a finite number"),
+    ("--log-level", "root", "'root' is not one of"),  # was a TypeError from logging
+    ("--listen", "host", "missing port"),
+    ("--listen", "[::1:80", "unbalanced '['"),
+    ("--listen", "127.0.0.1:0", "outside 1-65535"),
+    ("--listen", "a\x00b:80", "bad host"),  # was a ValueError from bind
+])
+def test_agent_run_refuses_bad_options(tmp_path: Path, option: str, value: str,
+                                       expected: str) -> None:
+    from click.testing import CliRunner
+
+    from shardkeeper.cli import main
+
+    args = {"--zk": "127.0.0.1:1", "--id": "a", "--listen": "127.0.0.1:1",
+            "--data-dir": str(tmp_path / "d"), option: value}
+    r = CliRunner().invoke(main, ["agent", "run", *[x for kv in args.items() for x in kv]])
+    assert r.exit_code == 2 and expected in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+REFUSED_SETTINGS = [
+    ("auto_maintenance_fraction=1e-400", "would become 0"),  # was silently 0: guard off
+    ("auto_maintenance_fraction=-1e-400", "would become 0"),
+    ("auto_maintenance_fraction=1e400", "not a finite number"),
+    ("rebalance_delay=nan", "not a finite number"),
+    ("rebalance_delay=-inf", "not a finite number"),
+    ("max_moves_total=1e400", "must be an integer between 1 and 100000"),
+    ("max_moves_total=99999999999999999999999", "between 1 and 100000"),
+]
+
+
+def test_config_values_that_do_not_survive_conversion_are_refused(cluster: Cluster) -> None:
+    from click.testing import CliRunner
+
+    from shardkeeper.cli import main
+
+    cluster.init(4, 1)
+    for setting, reason in REFUSED_SETTINGS:
+        r = CliRunner().invoke(main, ["config", "set", setting, *cluster.zk_args()])
+        assert r.exit_code == 2, r.output
+        key = setting.split("=")[0]
+        assert r.output.startswith(f"Error: {key} must be") and r.output.count("\n") == 1
+        assert "between" in r.output and reason in r.output, r.output
+    shown = json.loads(cluster.cli("config", "show", "--json").stdout)
+    assert shown["auto_maintenance_fraction"] == 0.5 and shown["rebalance_delay"] == 0

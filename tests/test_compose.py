@@ -1,7 +1,9 @@
-"""docker-compose.yml: every shardkeeper command it runs exists in the CLI as written."""
+"""docker-compose.yml: every shardkeeper command it runs exists in the CLI as written, and
+no secret has a default: compose refuses to start until the operator sets them."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +15,24 @@ import yaml
 from shardkeeper.cli import main
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
+# What an operator exports before `docker compose up` (the test's stand-ins).
+SECRETS = {"SHARDKEEPER_TOKEN": "test-token", "SHARDKEEPER_ZK_AUTH": "compose:test-password"}
+SECRET_NAME = re.compile(r"TOKEN|AUTH|PASSWORD|SECRET|KEY")
+VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}."""
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if name in env and (env[name] or op not in (":-", ":?")):
+            return env[name]
+        if op in (":?", "?"):
+            raise ValueError(f"{name}: {arg}")
+        return arg if op in (":-", "-") else ""
+
+    return VARIABLE.sub(one, value)
 
 
 def shardkeeper_services() -> dict[str, dict]:
@@ -53,12 +73,39 @@ def test_compose_has_an_ensemble_coordinators_and_agents() -> None:
 def test_every_command_and_option_exists(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
     s = shardkeeper_services()[service]
     for key, value in s.get("environment", {}).items():
-        monkeypatch.setenv(key, str(value))
+        monkeypatch.setenv(key, interpolate(str(value), SECRETS))
     command = parse(s["command"])
     assert command.callback is not None
     health = s.get("healthcheck", {}).get("test", [])
     if health[:2] == ["CMD", "shardkeeper"]:
         parse(health[2:])
+
+
+def test_secrets_are_required_and_have_no_default() -> None:
+    services = shardkeeper_services()
+    assert services
+    for name, s in services.items():
+        env = s.get("environment", {})
+        assert set(SECRETS) <= set(env), f"{name} lacks a secret"
+        for key, value in env.items():
+            if SECRET_NAME.search(key):
+                m = VARIABLE.fullmatch(str(value))
+                assert m and m.group(1) == key and m.group(2) == ":?", f"{name}: {key}={value}"
+                with pytest.raises(ValueError):
+                    interpolate(str(value), {})
+    # Nowhere in the file (comments, health checks, other services) a fallback secret.
+    text = COMPOSE.read_text()
+    for m in VARIABLE.finditer(text):
+        if SECRET_NAME.search(m.group(1)):
+            assert m.group(2) in (":?", "?"), f"default for {m.group(1)}: {m.group(0)}"
+    assert "change-me" not in text
+
+
+def test_interpolate_follows_compose() -> None:
+    assert interpolate("${A:-x}", {}) == "x" and interpolate("${A:-x}", {"A": ""}) == "x"
+    assert interpolate("${A-x}", {"A": ""}) == "" and interpolate("${A}", {"A": "v"}) == "v"
+    with pytest.raises(ValueError, match="A: set it"):
+        interpolate("${A:?set it}", {"A": ""})
 
 
 def test_parse_rejects_an_unknown_option() -> None:

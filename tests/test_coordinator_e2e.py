@@ -11,7 +11,7 @@ from shardkeeper.layout import Paths
 from shardkeeper.poll import poll_until
 from shardkeeper.process import cli_command
 from shardkeeper.vocab import HOLDING
-from shardkeeper.zk import close, connect
+from shardkeeper.zk import ZkTarget, close, connect
 from tests.harness import Cluster, RoleProcess
 
 
@@ -45,8 +45,8 @@ def event_kinds(c: Cluster) -> list[str]:
 class History:
     """Samples every shard's holders (from status) and in-sync set (from the plan)."""
 
-    def __init__(self, hosts: str, paths: Paths, replicas: int):
-        self.client = connect(hosts)
+    def __init__(self, target: ZkTarget, paths: Paths, replicas: int):
+        self.client = connect(target)
         self.paths = paths
         self.min_held: dict[int, int] = {}
         self.min_in_sync: dict[int, int] = {}
@@ -80,7 +80,7 @@ class History:
 def test_drain_moves_everything_off_without_an_under_replicated_moment(cluster: Cluster) -> None:
     agents = start(cluster, agents=4, shards=32, replicas=2)
     config_set(cluster, "max_moves_total=2", "max_moves_per_agent=1")
-    history = History(cluster.hosts, cluster.paths, 2)
+    history = History(cluster.target, cluster.paths, 2)
     try:
         held_before = sum(1 for r in cluster.plan().routing if "agent-4" in r)
         assert held_before > 0
@@ -233,7 +233,7 @@ def test_config_show_set_and_events(cluster: Cluster) -> None:
     shown = json.loads(cluster.cli("config", "show", "--json").stdout)
     assert shown["shards"] == 8 and shown["max_moves_total"] == 64
     r = cluster.cli("config", "set", "shards=16")
-    assert r.returncode == 1 and "shards cannot change" in r.stderr
+    assert r.returncode == 2 and "shards cannot change" in r.stderr
     r = cluster.cli("config", "set", "nonsense")
     assert r.returncode == 2 and "expected KEY=VALUE" in r.stderr
     config_set(cluster, "max_moves_total=5")

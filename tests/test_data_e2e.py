@@ -310,7 +310,7 @@ def test_bad_requests_get_4xx_and_change_nothing(cluster) -> None:
 
 
 def test_cli_put_get_delete_verify(cluster) -> None:
-    start(cluster, agents=AGENTS[:2], shards=4, replicas=2)
+    kv = start(cluster, agents=AGENTS[:2], shards=4, replicas=2)
     cli_ok(cluster, "put", "greeting", "hello world")
     assert cli_ok(cluster, "get", "greeting") == "hello world\n"
     cli_ok(cluster, "delete", "greeting")
@@ -318,6 +318,9 @@ def test_cli_put_get_delete_verify(cluster) -> None:
     assert missing.returncode == 1 and missing.stdout == ""
     assert "not found" in missing.stderr
     assert "4 shards verified" in cli_ok(cluster, "verify")
+    # Arguments that are not UTF-8 (here the byte 0xff) are stored as the bytes given.
+    cli_ok(cluster, "put", "\udcff-key", "\udcfe")
+    assert kv.get(b"\xff-key") == b"\xfe"
     wrong = cluster.cli("get", "greeting", env={"SHARDKEEPER_TOKEN": "wrong", "PATH": ""})
     assert wrong.returncode == 1 and "401" in wrong.stderr
 
@@ -512,7 +515,7 @@ def test_agent_start_survives_a_connection_loss(cluster, monkeypatch, tmp_path) 
     from agents.runtime import Agent
 
     cluster.init(4, 1)
-    agent = Agent(cluster.hosts, cluster.name, "agent-x", address="127.0.0.1:1",
+    agent = Agent(cluster.target, cluster.name, "agent-x", address="127.0.0.1:1",
                   data_dir=tmp_path / "agent-x", session_timeout=SESSION)
     real = agent.read_token
     failures = iter([ConnectionLoss()])

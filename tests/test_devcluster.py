@@ -63,3 +63,44 @@ def test_dev_up_refuses_a_busy_port(tmp_path: Path) -> None:
     assert r.returncode == 1 and f"port {port} is in use" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "dev" / "state.json").exists()
+
+
+def test_dev_up_with_credentials_keeps_them_out_of_ps(tmp_path: Path) -> None:
+    root = tmp_path / "dev"
+    secret = tmp_path / "zk-auth"
+    secret.write_text("dev:hunter2-dev\n")
+    r = sk("dev", "up", "--dir", str(root), "--zk-port", str(free_port()), "--agents", "1",
+           "--coordinators", "1", "--shards", "4", "--replicas", "1", "--session-timeout", "1",
+           "--zk-auth-file", str(secret))
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "grant access to ZooKeeper user dev only" in r.stdout
+        state = DevState.load(root)
+        for p in state.processes:
+            with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+                assert b"hunter2" not in f.read(), p.name
+        assert (root / "zk-auth").stat().st_mode & 0o077 == 0
+        denied = sk("status", "--zk", state.zk)
+        assert denied.returncode == 2 and "not authorised" in denied.stderr
+        allowed = sk("status", "--json", "--zk", state.zk, "--zk-auth-file", str(secret))
+        assert json.loads(allowed.stdout)["under_replicated"] == 0
+        killed = sk("dev", "kill", "agent-1", "--dir", str(root), "--signal", "TERM",
+                    "--no-wait")
+        assert killed.returncode == 0, killed.stderr
+    finally:
+        down = sk("dev", "down", "--dir", str(root))
+    assert down.returncode == 0, down.stderr
+    assert not (root / "zk-auth").exists()
+
+
+def test_dev_up_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    for args, expected in [
+        (["--dir", str(tmp_path / "file" / "dev")], "cannot create or write"),
+        (["--cluster", "../x"], "invalid cluster name"),
+        (["--zk-port", "99999"], "99999 is not in the range"),
+        (["--zk", "127.0.0.1:notaport"], "'notaport' is not a number"),
+    ]:
+        r = sk("dev", "up", *args)
+        assert r.returncode == 2 and expected in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr

@@ -144,7 +144,7 @@ def test_config_set_parses_types_and_refuses_bad_keys_and_shard_changes() -> Non
         cfg.with_settings({"colour": "red"})
     with pytest.raises(ConfigError, match="shards cannot change"):
         cfg.with_settings({"shards": "128"})
-    with pytest.raises(ConfigError, match="max_moves_total must be int"):
+    with pytest.raises(ConfigError, match="max_moves_total must be an integer between 1 and"):
         cfg.with_settings({"max_moves_total": "many"})
     with pytest.raises(ConfigError, match="auto_maintenance_fraction must be between 0 and 1"):
         cfg.with_settings({"auto_maintenance_fraction": "1.5"})

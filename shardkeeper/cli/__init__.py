@@ -13,10 +13,25 @@ import logging
 import click
 
 from shardkeeper.cli import admin, data, roles
-from shardkeeper.dev.cluster import dev
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The commands, with `dev` loaded when first used: shardkeeper.dev.cluster imports the
+    shared options from this package, so importing it from here at the top would make
+    `import shardkeeper.dev.cluster` (before this package) fail half-initialised."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "dev"})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "dev":
+            from shardkeeper.dev.cluster import dev
+
+            return dev
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="shardkeeper")
 def main() -> None:
     """shardkeeper: a ZooKeeper-coordinated cluster manager.
@@ -29,7 +44,7 @@ def main() -> None:
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)
 
 
-for _command in (*admin.COMMANDS, *data.COMMANDS, *roles.COMMANDS, dev):
+for _command in (*admin.COMMANDS, *data.COMMANDS, *roles.COMMANDS):
     main.add_command(_command)
 
 if __name__ == "__main__":

@@ -14,12 +14,18 @@ import click
 
 from shardkeeper import admin
 from shardkeeper import cluster as clusterstate
-from shardkeeper.cli.options import emit_json, operator_errors, zk_options, zk_session
+from shardkeeper.cli.options import (
+    InputError,
+    emit_json,
+    operator_errors,
+    zk_options,
+    zk_session,
+)
 from shardkeeper.config import KNOBS, ClusterConfig
 from shardkeeper.layout import AuditEvent, MoveRequest, Paths, validate_name
 from shardkeeper.summary import summarize
-from shardkeeper.vocab import ConfigError, ShardkeeperError
-from shardkeeper.zk import close, connect
+from shardkeeper.vocab import ShardkeeperError
+from shardkeeper.zk import AUTH_HINT, ZkTarget, acl_census, set_acl_tree
 
 
 @click.command()
@@ -28,14 +34,16 @@ from shardkeeper.zk import close, connect
 @click.option("--replicas", type=int, required=True, help="Replicas per shard R (>= 1).")
 @click.option("--force", is_flag=True, help="Overwrite an existing config.")
 @operator_errors
-def init(zk_hosts: str, paths: Paths, shards: int, replicas: int, force: bool) -> None:
+def init(target: ZkTarget, paths: Paths, shards: int, replicas: int, force: bool) -> None:
     """Create the cluster's config (shards and replicas)."""
-    try:
-        config = ClusterConfig(shards=shards, replicas=replicas)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-    with zk_session(zk_hosts) as client:
+    config = ClusterConfig(shards=shards, replicas=replicas)
+    with zk_session(target, paths) as client:
         existing = admin.init_cluster(client, paths, config, overwrite=force)
+        other_acl = target.credentials and set(client.get_acls(paths.root)[0]) != set(
+            target.acl() or ())
+    if other_acl:
+        click.echo(f"note: cluster {paths.cluster!r} existed with another ACL: `shardkeeper acl"
+                   " apply` gives its znodes the ACL of these credentials", err=True)
     if existing is not None:
         raise ShardkeeperError(
             f"cluster {paths.cluster!r} already has a config ({existing}): pass --force to"
@@ -44,9 +52,8 @@ def init(zk_hosts: str, paths: Paths, shards: int, replicas: int, force: bool) -
     click.echo(f"cluster {paths.cluster!r}: {shards} shards, {replicas} replicas per shard")
 
 
-def read_summary(zk_hosts: str, paths: Paths) -> dict[str, Any]:
-    client = connect(zk_hosts)
-    try:
+def read_summary(target: ZkTarget, paths: Paths) -> dict[str, Any]:
+    with zk_session(target, paths) as client:
         config = clusterstate.read_config(client, paths)
         _, epoch = clusterstate.read_leader(client, paths)
         return summarize(
@@ -55,14 +62,12 @@ def read_summary(zk_hosts: str, paths: Paths) -> dict[str, Any]:
             epoch=epoch,
             shards=config.shards,
             replicas=config.replicas,
-            plan=clusterstate.read_plan(client, paths),
+            plan=clusterstate.read_plan(client, paths, complete=True),
             members=clusterstate.read_members(client, paths, skip_corrupt=True),
             statuses=clusterstate.read_statuses(client, paths),
             maintenance=admin.maintenance(client, paths),
             draining=admin.draining(client, paths),
         )
-    finally:
-        close(client)
 
 
 def render_status(s: dict[str, Any]) -> str:
@@ -107,9 +112,9 @@ def render_status(s: dict[str, Any]) -> str:
 @zk_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @operator_errors
-def status(zk_hosts: str, paths: Paths, as_json: bool) -> None:
+def status(target: ZkTarget, paths: Paths, as_json: bool) -> None:
     """Leader, epoch, plan generation, members and balance."""
-    s = read_summary(zk_hosts, paths)
+    s = read_summary(target, paths)
     if as_json:
         emit_json(s)
     else:
@@ -121,14 +126,11 @@ def status(zk_hosts: str, paths: Paths, as_json: bool) -> None:
 @click.option("--agent", default=None, help="Only shards with a replica on this agent.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @operator_errors
-def shards(zk_hosts: str, paths: Paths, agent: str | None, as_json: bool) -> None:
+def shards(target: ZkTarget, paths: Paths, agent: str | None, as_json: bool) -> None:
     """Shard -> replicas, primary first."""
-    client = connect(zk_hosts)
-    try:
+    with zk_session(target, paths) as client:
         clusterstate.read_config(client, paths)
-        plan = clusterstate.read_plan(client, paths)
-    finally:
-        close(client)
+        plan = clusterstate.read_plan(client, paths, complete=True)
     rows = [
         {"shard": shard, "replicas": list(replicas)}
         for shard, replicas in enumerate(plan.routing)
@@ -156,10 +158,10 @@ def check_agent_name(agent_id: str) -> str:
 @zk_options
 @click.argument("agent_id", metavar="AGENT")
 @operator_errors
-def drain(zk_hosts: str, paths: Paths, agent_id: str) -> None:
+def drain(target: ZkTarget, paths: Paths, agent_id: str) -> None:
     """Move every replica off AGENT, make-before-break, then report it drained."""
     check_agent_name(agent_id)
-    with zk_session(zk_hosts) as client:
+    with zk_session(target, paths) as client:
         clusterstate.read_config(client, paths)
         members = clusterstate.read_members(client, paths, skip_corrupt=True)
         new = admin.drain(client, paths, agent_id)
@@ -172,10 +174,10 @@ def drain(zk_hosts: str, paths: Paths, agent_id: str) -> None:
 @zk_options
 @click.argument("agent_id", metavar="AGENT")
 @operator_errors
-def undrain(zk_hosts: str, paths: Paths, agent_id: str) -> None:
+def undrain(target: ZkTarget, paths: Paths, agent_id: str) -> None:
     """Let AGENT receive replicas again."""
     check_agent_name(agent_id)
-    with zk_session(zk_hosts) as client:
+    with zk_session(target, paths) as client:
         removed = admin.undrain(client, paths, agent_id)
     click.echo(f"{agent_id} {'is no longer' if removed else 'was not'} draining")
 
@@ -184,9 +186,9 @@ def undrain(zk_hosts: str, paths: Paths, agent_id: str) -> None:
 @zk_options
 @click.option("--note", default="", help="Why: shown by `shardkeeper status`.")
 @operator_errors
-def pause(zk_hosts: str, paths: Paths, note: str) -> None:
+def pause(target: ZkTarget, paths: Paths, note: str) -> None:
     """Enter maintenance mode: no moves; primaries of departed agents still fail over."""
-    with zk_session(zk_hosts) as client:
+    with zk_session(target, paths) as client:
         clusterstate.read_config(client, paths)
         current = admin.pause(client, paths, note)
     if current is None:
@@ -198,9 +200,9 @@ def pause(zk_hosts: str, paths: Paths, note: str) -> None:
 @click.command()
 @zk_options
 @operator_errors
-def resume(zk_hosts: str, paths: Paths) -> None:
+def resume(target: ZkTarget, paths: Paths) -> None:
     """Leave maintenance mode (manual or automatic): moves resume."""
-    with zk_session(zk_hosts) as client:
+    with zk_session(target, paths) as client:
         left = admin.resume(client, paths)
     click.echo("maintenance mode off: moves resume" if left else "not in maintenance mode")
 
@@ -208,9 +210,9 @@ def resume(zk_hosts: str, paths: Paths) -> None:
 @click.command()
 @zk_options
 @operator_errors
-def rebalance(zk_hosts: str, paths: Paths) -> None:
+def rebalance(target: ZkTarget, paths: Paths) -> None:
     """Re-plan now: re-replicate departed agents' replicas without waiting out the delay."""
-    with zk_session(zk_hosts) as client:
+    with zk_session(target, paths) as client:
         clusterstate.read_config(client, paths)
         admin.request_rebalance(client, paths)
     click.echo("rebalance requested")
@@ -222,11 +224,11 @@ def rebalance(zk_hosts: str, paths: Paths) -> None:
 @click.option("--from", "source", required=True, help="Agent that holds the replica now.")
 @click.option("--to", "dest", required=True, help="Agent that should hold it.")
 @operator_errors
-def move(zk_hosts: str, paths: Paths, shard: int, source: str, dest: str) -> None:
+def move(target: ZkTarget, paths: Paths, shard: int, source: str, dest: str) -> None:
     """Move one replica of SHARD from one agent to another (make-before-break)."""
     check_agent_name(source)
     check_agent_name(dest)
-    with zk_session(zk_hosts) as client:
+    with zk_session(target, paths) as client:
         name = admin.request_move(client, paths, MoveRequest(shard, source, dest))
     click.echo(f"requested {name.rsplit('/', 1)[-1]}: move shard {shard} from {source} to"
                f" {dest}; the leader logs the outcome in `shardkeeper events`")
@@ -241,9 +243,9 @@ def config() -> None:
 @zk_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @operator_errors
-def config_show(zk_hosts: str, paths: Paths, as_json: bool) -> None:
+def config_show(target: ZkTarget, paths: Paths, as_json: bool) -> None:
     """Every setting with its value and meaning."""
-    with zk_session(zk_hosts) as client:
+    with zk_session(target, paths) as client:
         cfg = clusterstate.read_config(client, paths)
     if as_json:
         emit_json(dataclasses.asdict(cfg))
@@ -256,7 +258,7 @@ def config_show(zk_hosts: str, paths: Paths, as_json: bool) -> None:
 @zk_options
 @click.argument("settings", nargs=-1, required=True, metavar="KEY=VALUE...")
 @operator_errors
-def config_set(zk_hosts: str, paths: Paths, settings: tuple[str, ...]) -> None:
+def config_set(target: ZkTarget, paths: Paths, settings: tuple[str, ...]) -> None:
     """Change settings, e.g. `config set rebalance_delay=60 max_moves_total=32`."""
     parsed = {}
     for item in settings:
@@ -264,7 +266,7 @@ def config_set(zk_hosts: str, paths: Paths, settings: tuple[str, ...]) -> None:
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="SETTINGS")
         parsed[key.strip()] = value.strip()
-    with zk_session(zk_hosts) as client:
+    with zk_session(target, paths) as client:
         new = admin.set_config(client, paths, parsed)
     click.echo(", ".join(f"{k}={getattr(new, k)}" for k in parsed))
 
@@ -281,7 +283,7 @@ def render_event(e: AuditEvent) -> str:
               help="How many of the latest events to show first.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @operator_errors
-def events(zk_hosts: str, paths: Paths, follow: bool, limit: int, as_json: bool) -> None:
+def events(target: ZkTarget, paths: Paths, follow: bool, limit: int, as_json: bool) -> None:
     """The leader's audit log: joins, departures, plans, drains, maintenance."""
 
     def show(entries) -> str:
@@ -289,7 +291,7 @@ def events(zk_hosts: str, paths: Paths, follow: bool, limit: int, as_json: bool)
             click.echo(json.dumps(dataclasses.asdict(e)) if as_json else render_event(e))
         return entries[-1][0] if entries else ""
 
-    with zk_session(zk_hosts) as client:
+    with zk_session(target, paths) as client:
         clusterstate.read_config(client, paths)
         last = show(admin.events(client, paths)[-limit:])
         if not follow:
@@ -302,5 +304,39 @@ def events(zk_hosts: str, paths: Paths, follow: bool, limit: int, as_json: bool)
             last = show(admin.events(client, paths, after=last)) or last
 
 
+@click.group()
+def acl() -> None:
+    """Show or set the ACL of the cluster's znodes (ZooKeeper digest credentials)."""
+
+
+@acl.command("show")
+@zk_options
+@operator_errors
+def acl_show(target: ZkTarget, paths: Paths) -> None:
+    """How many of the cluster's znodes carry each ACL (digest entries by user name)."""
+    with zk_session(target, paths) as client:
+        clusterstate.read_config(client, paths)
+        census = acl_census(client, paths.root)
+    for entries, count in sorted(census.items(), key=lambda item: -item[1]):
+        click.echo(f"{count:>7} znodes  {' '.join(entries)}")
+
+
+@acl.command("apply")
+@zk_options
+@operator_errors
+def acl_apply(target: ZkTarget, paths: Paths) -> None:
+    """Give the cluster's root and every znode below it an ACL that grants exactly the
+    credentials given (all of them: repeat --zk-auth during a password rotation)."""
+    acl_entries = target.acl()
+    if acl_entries is None:
+        raise InputError(f"acl apply needs the credentials to grant: {AUTH_HINT}")
+    with zk_session(target, paths) as client:
+        clusterstate.read_config(client, paths)
+        changed = set_acl_tree(client, paths.root, acl_entries)
+    users = ", ".join(c.user for c in target.credentials)
+    click.echo(f"cluster {paths.cluster!r}: {changed} znodes changed; every znode now grants"
+               f" all permissions to digest user(s) {users} only")
+
+
 COMMANDS = (init, status, shards, drain, undrain, pause, resume, rebalance, move, config,
-            events)
+            events, acl)

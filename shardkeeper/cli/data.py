@@ -17,12 +17,13 @@ from shardkeeper.cli.options import operator_errors, zk_options, zk_session
 from shardkeeper.client import DataClient
 from shardkeeper.layout import Paths
 from shardkeeper.peer import ShardInfo
+from shardkeeper.zk import ZkTarget
 
 LOAD_BATCH = 500
 
 
 def load_key(i: int, prefix: str = "key-") -> bytes:
-    return f"{prefix}{i:08d}".encode()
+    return f"{prefix}{i:08d}".encode(errors="surrogateescape")
 
 
 def load_value(key: bytes, size: int) -> bytes:
@@ -31,9 +32,13 @@ def load_value(key: bytes, size: int) -> bytes:
     return (seed * (size // len(seed) + 1))[:size]
 
 
-def _encoded(text: str, what: str) -> bytes:
-    data = text.encode()
-    if not data:
+def _encoded(text: str, what: str, empty: bool = False) -> bytes:
+    # Command-line bytes that are not UTF-8 arrive as lone surrogates: store them as given.
+    try:
+        data = text.encode(errors="surrogateescape")
+    except UnicodeEncodeError:
+        raise click.BadParameter(f"{what} is not text the command line can carry") from None
+    if not data and not empty:
         raise click.BadParameter(f"{what} must not be empty")
     return data
 
@@ -44,19 +49,19 @@ def _encoded(text: str, what: str) -> bytes:
 @click.argument("key")
 @click.argument("value")
 @operator_errors
-def put(zk_hosts: str, paths: Paths, key: str, value: str) -> None:
+def put(target: ZkTarget, paths: Paths, key: str, value: str) -> None:
     """Store VALUE under KEY (acknowledged once every in-sync replica has it)."""
-    with zk_session(zk_hosts) as zk:
-        lsn = DataClient(zk, paths).put(_encoded(key, "KEY"), value.encode())
+    with zk_session(target, paths) as zk:
+        lsn = DataClient(zk, paths).put(_encoded(key, "KEY"), _encoded(value, "VALUE", empty=True))
     click.echo(f"stored {key!r} at lsn {lsn}", err=True)
 
 @click.command()
 @zk_options
 @click.argument("key")
 @operator_errors
-def get(zk_hosts: str, paths: Paths, key: str) -> None:
+def get(target: ZkTarget, paths: Paths, key: str) -> None:
     """Print KEY's value alone on stdout; exit 1 if the key is absent."""
-    with zk_session(zk_hosts) as zk:
+    with zk_session(target, paths) as zk:
         value = DataClient(zk, paths).get(_encoded(key, "KEY"))
     if value is None:
         click.echo(f"{key!r}: not found", err=True)
@@ -67,9 +72,9 @@ def get(zk_hosts: str, paths: Paths, key: str) -> None:
 @zk_options
 @click.argument("key")
 @operator_errors
-def delete(zk_hosts: str, paths: Paths, key: str) -> None:
+def delete(target: ZkTarget, paths: Paths, key: str) -> None:
     """Delete KEY (a tombstone that replicates like any write)."""
-    with zk_session(zk_hosts) as zk:
+    with zk_session(target, paths) as zk:
         lsn = DataClient(zk, paths).delete(_encoded(key, "KEY"))
     click.echo(f"deleted {key!r} at lsn {lsn}", err=True)
 
@@ -83,10 +88,11 @@ def delete(zk_hosts: str, paths: Paths, key: str) -> None:
 @click.option("--parallel", type=click.IntRange(min=1, max=64), default=8,
               show_default=True, help="Batches in flight at once.")
 @operator_errors
-def load(zk_hosts: str, paths: Paths, count: int, value_size: int, prefix: str,
+def load(target: ZkTarget, paths: Paths, count: int, value_size: int, prefix: str,
          parallel: int) -> None:
     """Bulk-load keys with deterministic values, batched per shard, with a progress bar."""
-    with zk_session(zk_hosts) as zk:
+    _encoded(prefix, "--prefix", empty=True)
+    with zk_session(target, paths) as zk:
         kv = DataClient(zk, paths)
         items = ((k, load_value(k, value_size)) for k in map(
             lambda i: load_key(i, prefix), range(count)))
@@ -108,9 +114,9 @@ def load(zk_hosts: str, paths: Paths, count: int, value_size: int, prefix: str,
 @click.command()
 @zk_options
 @operator_errors
-def verify(zk_hosts: str, paths: Paths) -> None:
+def verify(target: ZkTarget, paths: Paths) -> None:
     """Check that every shard's in-sync replicas have equal digests; exit 1 if not."""
-    with zk_session(zk_hosts) as zk:
+    with zk_session(target, paths) as zk:
         kv = DataClient(zk, paths)
         bad = {}
         for shard in range(kv.routing().shards):

@@ -22,17 +22,27 @@ import click
 
 from shardkeeper import admin
 from shardkeeper import cluster as clusterstate
-from shardkeeper.cli.options import DEFAULT_CLUSTER, operator_errors
+from shardkeeper.cli.options import (
+    DEFAULT_CLUSTER,
+    FiniteFloatRange,
+    auth_options,
+    build_target,
+    operator_errors,
+    read_credentials,
+    writable_dir,
+    write_credentials,
+)
 from shardkeeper.config import ClusterConfig
 from shardkeeper.dev.zkserver import ZkServer, free_port
 from shardkeeper.layout import Paths
 from shardkeeper.poll import poll_until
 from shardkeeper.process import cli_command, spawn
-from shardkeeper.vocab import ConfigError, ShardkeeperError
-from shardkeeper.zk import close, connect
+from shardkeeper.vocab import ShardkeeperError
+from shardkeeper.zk import Credential, ZkTarget, close, connect
 
 DEFAULT_DIR = Path(".shardkeeper-dev")
 STATE_FILE = "state.json"
+AUTH_FILE = "zk-auth"
 
 
 @dataclass
@@ -50,6 +60,17 @@ class DevState:
     cluster: str
     session_timeout: float
     processes: list[Proc] = field(default_factory=list)
+    # The ZooKeeper credentials' file (mode 0600 under the state directory), "" without:
+    # the processes get its path, never the password itself, so `ps` does not show it.
+    zk_auth_file: str = ""
+
+    def target(self) -> ZkTarget:
+        auth = read_credentials(Path(self.zk_auth_file)) if self.zk_auth_file else ()
+        return ZkTarget.parse(self.zk, auth)
+
+    def zk_args(self) -> tuple[str, ...]:
+        auth = ("--zk-auth-file", self.zk_auth_file) if self.zk_auth_file else ()
+        return ("--zk", self.zk, "--cluster", self.cluster, *auth)
 
     def save(self, root: Path) -> None:
         (root / STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -58,12 +79,18 @@ class DevState:
     def load(cls, root: Path) -> DevState:
         try:
             obj = json.loads((root / STATE_FILE).read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ShardkeeperError(
                 f"no dev cluster in {root}: start one with `shardkeeper dev up`"
             ) from None
-        obj["processes"] = [Proc(**p) for p in obj["processes"]]
-        return cls(**obj)
+        except (OSError, ValueError) as e:
+            raise ShardkeeperError(f"cannot read {root / STATE_FILE}: {e}") from None
+        try:
+            obj["processes"] = [Proc(**p) for p in obj["processes"]]
+            return cls(**obj)
+        except (TypeError, KeyError) as e:
+            raise ShardkeeperError(f"{root / STATE_FILE} is damaged ({e}): remove {root}"
+                                   " after stopping what it started") from None
 
     def proc(self, name: str) -> Proc:
         for p in self.processes:
@@ -94,7 +121,7 @@ def start_agent(root: Path, state: DevState, name: str) -> Proc:
     port = free_port()
     log = root / "logs" / f"{name}.log"
     argv = cli_command(
-        "agent", "run", "--zk", state.zk, "--cluster", state.cluster, "--id", name,
+        "agent", "run", *state.zk_args(), "--id", name,
         "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / "data" / name),
         "--session-timeout", str(state.session_timeout),
     )
@@ -105,7 +132,7 @@ def start_agent(root: Path, state: DevState, name: str) -> Proc:
 def start_coordinator(root: Path, state: DevState, name: str) -> Proc:
     log = root / "logs" / f"{name}.log"
     argv = cli_command(
-        "coordinator", "run", "--zk", state.zk, "--cluster", state.cluster, "--id", name,
+        "coordinator", "run", *state.zk_args(), "--id", name,
         "--session-timeout", str(state.session_timeout),
     )
     p = spawn(argv, log, detach=True)
@@ -113,7 +140,8 @@ def start_coordinator(root: Path, state: DevState, name: str) -> Proc:
 
 
 def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int,
-       zk: str | None, zk_port: int, cluster: str, session_timeout: float) -> DevState:
+       zk: str | None, zk_port: int, cluster: str, session_timeout: float,
+       credentials: tuple[Credential, ...] = ()) -> DevState:
     if (root / STATE_FILE).exists():
         old = DevState.load(root)
         if any(alive(p.pid) for p in old.processes):
@@ -121,9 +149,11 @@ def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int
                 f"a dev cluster is already running from {root}: `shardkeeper dev down` first"
             )
     config = ClusterConfig(shards=shards, replicas=replicas)
-    root.mkdir(parents=True, exist_ok=True)
+    writable_dir(root, "--dir")
     state = DevState(zk=zk or f"127.0.0.1:{zk_port}", cluster=cluster,
                      session_timeout=session_timeout)
+    if credentials:
+        state.zk_auth_file = str(write_credentials(root / AUTH_FILE, credentials))
     if zk is None:
         server = ZkServer(data_dir=(root / "zookeeper").resolve(), client_port=zk_port,
                           tick_ms=250)
@@ -137,7 +167,7 @@ def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int
         state.save(root)
         server.wait_ready()
     paths = Paths(cluster)
-    client = connect(state.zk)
+    client = connect(state.target())
     try:
         admin.init_cluster(client, paths, config, overwrite=True)
         for i in range(1, coordinators + 1):
@@ -177,6 +207,7 @@ def down(root: Path, timeout: float = 10.0) -> list[str]:
     # A dev cluster is throw-away: the next `dev up` starts from an empty ZooKeeper.
     for sub in ("zookeeper", "data"):
         shutil.rmtree(root / sub, ignore_errors=True)
+    (root / AUTH_FILE).unlink(missing_ok=True)
     return stopped
 
 
@@ -194,7 +225,7 @@ def kill_and_watch(root: Path, name: str, sig: signal.Signals, timeout: float = 
     state = DevState.load(root)
     proc = state.proc(name)
     paths = Paths(state.cluster)
-    client = connect(state.zk)
+    client = connect(state.target(), root=paths.root)
     try:
         clusterstate.read_config(client, paths)
         before = clusterstate.read_plan(client, paths)
@@ -251,27 +282,37 @@ def dev() -> None:
 @click.option("--shards", type=int, default=64, show_default=True)
 @click.option("--replicas", type=int, default=2, show_default=True)
 @click.option("--zk", default=None, envvar="SHARDKEEPER_ZK",
-              help="Use this ZooKeeper instead of starting one.")
-@click.option("--zk-port", type=int, default=2181, show_default=True,
+              help="Use this ZooKeeper (HOST:PORT[,...]) instead of starting one.")
+@click.option("--zk-port", type=click.IntRange(1, 65535), default=2181, show_default=True,
               help="Client port of the ZooKeeper that dev up starts.")
+@auth_options
 @click.option("--cluster", default=DEFAULT_CLUSTER, envvar="SHARDKEEPER_CLUSTER",
               show_default=True)
-@click.option("--session-timeout", type=click.FloatRange(min=0.5), default=2.0,
+@click.option("--session-timeout", type=FiniteFloatRange(min=0.5, max=600), default=2.0,
               show_default=True, help="Session timeout of agents and coordinators (s).")
 @operator_errors
 def dev_up(root: Path, agents: int, coordinators: int, shards: int, replicas: int,
-           zk: str | None, zk_port: int, cluster: str, session_timeout: float) -> None:
-    """Start a local cluster and wait until every agent holds its plan."""
+           zk: str | None, zk_port: int, zk_auth: tuple[Credential, ...],
+           zk_auth_file: Path | None, cluster: str, session_timeout: float) -> None:
+    """Start a local cluster and wait until every agent holds its plan.
+
+    With --zk-auth (or --zk-auth-file) the cluster's znodes get that credential's ACL;
+    `shardkeeper` commands then need it too (SHARDKEEPER_ZK_AUTH)."""
+    ClusterConfig(shards=shards, replicas=replicas)
     try:
-        ClusterConfig(shards=shards, replicas=replicas)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+        Paths(cluster)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--cluster") from None
+    target = build_target(zk or f"127.0.0.1:{zk_port}", zk_auth, zk_auth_file)
     t0 = time.monotonic()
     state = up(root, agents=agents, shards=shards, replicas=replicas, coordinators=coordinators,
-               zk=zk, zk_port=zk_port, cluster=cluster, session_timeout=session_timeout)
+               zk=target.connect_string if zk else None, zk_port=zk_port, cluster=cluster,
+               session_timeout=session_timeout, credentials=target.credentials)
+    users = ", ".join(c.user for c in target.credentials)
+    acl = f"; its znodes grant access to ZooKeeper user {users} only" if users else ""
     click.echo(
         f"dev cluster {cluster!r} up in {time.monotonic() - t0:.1f}s: ZooKeeper {state.zk},"
-        f" {coordinators} coordinators, {agents} agents; logs in {root}/logs"
+        f" {coordinators} coordinators, {agents} agents; logs in {root}/logs{acl}"
     )
 
 

@@ -3,6 +3,9 @@
 Debian's `zkServer.sh` wrapper is awkward to drive, so the server's main class is started
 directly with a generated zoo.cfg. A short tickTime allows sub-second sessions
 (ZooKeeper's minSessionTimeout is 2 x tickTime).
+
+TLS (``ServerTls``): a secureClientPort next to the plain clientPort (which the readiness
+probe keeps using), served by Netty with PEM key and trust stores (ZooKeeper >= 3.8).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from shardkeeper.vocab import ShardkeeperError
 ZK_JAR = Path(os.environ.get("SHARDKEEPER_ZK_JAR", "/usr/share/java/zookeeper.jar"))
 ZK_CONF_DIR = Path("/etc/zookeeper/conf")
 MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+# Debian's zookeeper.jar lists netty-handler in its Class-Path but not netty-codec, which
+# Netty's TLS handler needs (every handshake fails with NoClassDefFoundError without it),
+# nor netty-resolver: added for a TLS server when found next to the jar.
+TLS_EXTRA_JARS = ("netty-codec.jar", "netty-resolver.jar")
 
 
 class ZooKeeperNotInstalled(ShardkeeperError):
@@ -55,6 +62,32 @@ def four_letter(host: str, port: int, word: str = "ruok", timeout: float = 1.0) 
     return b"".join(chunks).decode(errors="replace")
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM files for a server's secureClientPort.
+
+    ``keystore``: the server's certificate (chain) and its unencrypted PKCS#8 private key in
+    one file; ``truststore``: the CA certificates that client certificates must chain to;
+    ``client_auth``: need (ZooKeeper's default: a client certificate is required), want or
+    none."""
+
+    keystore: Path
+    truststore: Path
+    client_auth: str = "need"
+
+    def config_lines(self, host: str, port: int) -> list[str]:
+        return [
+            f"secureClientPort={port}",
+            f"secureClientPortAddress={host}",
+            "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
+            f"ssl.keyStore.location={self.keystore}",
+            "ssl.keyStore.type=PEM",
+            f"ssl.trustStore.location={self.truststore}",
+            "ssl.trustStore.type=PEM",
+            f"ssl.clientAuth={self.client_auth}",
+        ]
+
+
 @dataclass
 class ZkServer:
     """One ZooKeeper server process (standalone, or one member of an ensemble)."""
@@ -66,10 +99,16 @@ class ZkServer:
     peers: list[tuple[int, int, int]] = field(default_factory=list)  # (id, peer, election)
     host: str = "127.0.0.1"
     process: subprocess.Popen | None = None
+    tls: ServerTls | None = None
+    secure_port: int = 0  # with tls: 0 picks a free port at start
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.client_port}"
+
+    @property
+    def secure_address(self) -> str:
+        return f"{self.host}:{self.secure_port}"
 
     def write_config(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +126,9 @@ class ZkServer:
             "4lw.commands.whitelist=*",
             "autopurge.purgeInterval=0",
         ]
+        if self.tls is not None:
+            self.secure_port = self.secure_port or free_port(self.host)
+            lines += self.tls.config_lines(self.host, self.secure_port)
         if self.peers:
             (self.data_dir / "myid").write_text(f"{self.server_id}\n")
             lines += [f"server.{i}={self.host}:{p}:{e}" for i, p, e in self.peers]
@@ -99,9 +141,12 @@ class ZkServer:
         cfg = self.write_config()
         log = open(self.data_dir / "zookeeper.log", "ab")  # noqa: SIM115 - owned by the child
         env = dict(os.environ, JVMFLAGS="-Xmx256m")
+        classpath = [str(ZK_CONF_DIR), str(jar)]
+        if self.tls is not None:
+            classpath += [str(p) for p in (jar.parent / j for j in TLS_EXTRA_JARS) if p.exists()]
         self.process = subprocess.Popen(
             [java, "-Xmx256m", "-Dzookeeper.log.dir=" + str(self.data_dir),
-             "-cp", f"{ZK_CONF_DIR}:{jar}", MAIN_CLASS, str(cfg)],
+             "-cp", ":".join(classpath), MAIN_CLASS, str(cfg)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
