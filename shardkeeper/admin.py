@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from dataclasses import replace
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
@@ -16,7 +17,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ra
 from shardkeeper import cluster
 from shardkeeper.config import ClusterConfig
 from shardkeeper.layout import AuditEvent, Maintenance, MoveRequest, Paths, decode_events
-from shardkeeper.vocab import CorruptZnode, ShardkeeperError
+from shardkeeper.vocab import ConfigError, CorruptZnode, ShardkeeperError
 from shardkeeper.zk import ensure_layout
 
 
@@ -25,7 +26,9 @@ def init_cluster(client: KazooClient, paths: Paths, config: ClusterConfig,
     """Create the cluster's znodes, its data-plane token and its config.
 
     Returns the config already in place, untouched, when there is one and ``overwrite`` is
-    false; None when ``config`` was written.
+    false; None when ``config`` was written. With ``overwrite``, an existing config takes
+    the new replica count and keeps its policies (set with `config set`); a damaged one
+    is replaced. The shard count never changes: ConfigError if it would.
     """
     ensure_layout(client, paths)
     with contextlib.suppress(NodeExistsError):
@@ -33,10 +36,31 @@ def init_cluster(client: KazooClient, paths: Paths, config: ClusterConfig,
         client.create(paths.token, secrets.token_urlsafe(32).encode())
     try:
         client.create(paths.config, config.encode())
+        return None
     except NodeExistsError:
-        if not overwrite:
-            return cluster.read_config(client, paths)
-        client.set(paths.config, config.encode())
+        pass
+    try:
+        existing: ClusterConfig | None = cluster.read_config(client, paths)
+    except CorruptZnode:
+        existing = None  # damaged: --force is how an operator replaces it
+    if not overwrite:
+        if existing is None:
+            raise ConfigError(f"cluster {paths.cluster!r} has a damaged config: pass --force"
+                              " with its shard count to replace it")
+        return existing
+    try:
+        meta = cluster.read_plan_meta(client, paths)
+    except CorruptZnode:
+        meta = None
+    fixed = existing.shards if existing else (meta.shards if meta else None)
+    if fixed is not None and fixed != config.shards:
+        raise ConfigError(
+            f"cluster {paths.cluster!r} has {fixed} shards and that is fixed: every key maps"
+            f" to a shard by it, so another count would strand data. To use {config.shards}"
+            f" shards, create a new cluster: shardkeeper init --cluster NEW-NAME --shards"
+            f" {config.shards} --replicas {config.replicas}")
+    new = replace(existing, replicas=config.replicas) if existing else config
+    client.set(paths.config, new.encode())
     return None
 
 

@@ -27,14 +27,36 @@ def test_init_refuses_zero_replicas(cluster: Cluster) -> None:
     assert "replicas must be between 1 and" in line
 
 
-def test_init_refuses_to_overwrite_without_force(cluster: Cluster) -> None:
+def test_init_is_idempotent_and_never_changes_the_shard_count(cluster: Cluster) -> None:
     cluster.init(8, 2)
+    assert cluster.cli("config", "set", "rebalance_delay=30").returncode == 0
+    again = cluster.cli("init", "--shards", "8", "--replicas", "2")
+    assert again.returncode == 0 and "already initialised" in again.stdout
     line = one_line_error(cluster.cli("init", "--shards", "16", "--replicas", "2"))
     assert "already has a config" in line and "--force" in line
-    r = cluster.cli("init", "--shards", "16", "--replicas", "3", "--force")
+    forced = cluster.cli("init", "--shards", "16", "--replicas", "3", "--force")
+    assert forced.returncode == 2 and "fixed" in forced.stderr
+    assert "--cluster NEW-NAME --shards 16" in forced.stderr
+    r = cluster.cli("init", "--shards", "8", "--replicas", "3", "--force")
     assert r.returncode == 0, r.stderr
     status = json.loads(cluster.cli("status", "--json").stdout)
-    assert (status["shards"], status["replicas"]) == (16, 3)
+    assert (status["shards"], status["replicas"]) == (8, 3)
+    config = json.loads(cluster.cli("config", "show", "--json").stdout)
+    assert config["rebalance_delay"] == 30, "a policy set with config set survives --force"
+
+
+def test_init_force_replaces_a_damaged_config_but_keeps_the_shard_count(
+        cluster: Cluster) -> None:
+    cluster.init(8, 2)
+    cluster.start_coordinator("coord-1")
+    cluster.start_agent("agent-1")
+    poll_until(lambda: cluster.settled({"agent-1"}), 20, "a plan")
+    cluster.client.set(cluster.paths.config, b"{garbage")
+    assert cluster.cli("init", "--shards", "8", "--replicas", "2").returncode == 2
+    refused = cluster.cli("init", "--shards", "4", "--replicas", "2", "--force")
+    assert refused.returncode == 2 and "8 shards" in refused.stderr, "from plan/meta"
+    r = cluster.cli("init", "--shards", "8", "--replicas", "1", "--force")
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("command", [["status"], ["shards"], ["status", "--json"]])

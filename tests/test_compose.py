@@ -129,3 +129,14 @@ def test_compose_config_is_valid_for_the_engine() -> None:
     r = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_init_runs_without_force_and_every_role_waits_for_it() -> None:
+    """`docker compose up` runs init every time: it must be idempotent (no --force, which
+    could reset policies), and no role may start before it completed."""
+    services = shardkeeper_services()
+    assert "--force" not in services["init"]["command"]
+    for name, service in services.items():
+        if name == "init":
+            continue
+        assert service["depends_on"] == {"init": {"condition": "service_completed_successfully"}}

@@ -32,10 +32,12 @@ from shardkeeper.zk import AUTH_HINT, ZkTarget, acl_census, set_acl_tree
 @zk_options
 @click.option("--shards", type=int, required=True, help="Number of shards S (>= 1).")
 @click.option("--replicas", type=int, required=True, help="Replicas per shard R (>= 1).")
-@click.option("--force", is_flag=True, help="Overwrite an existing config.")
+@click.option("--force", is_flag=True,
+              help="Change the replica count of an existing cluster (its policies are kept;"
+              " the shard count never changes), or replace a damaged config.")
 @operator_errors
 def init(target: ZkTarget, paths: Paths, shards: int, replicas: int, force: bool) -> None:
-    """Create the cluster's config (shards and replicas)."""
+    """Create the cluster's config (shards and replicas); a no-op if it exists as asked."""
     config = ClusterConfig(shards=shards, replicas=replicas)
     with zk_session(target, paths) as client:
         existing = admin.init_cluster(client, paths, config, overwrite=force)
@@ -44,10 +46,16 @@ def init(target: ZkTarget, paths: Paths, shards: int, replicas: int, force: bool
     if other_acl:
         click.echo(f"note: cluster {paths.cluster!r} existed with another ACL: `shardkeeper acl"
                    " apply` gives its znodes the ACL of these credentials", err=True)
+    if existing is not None and (existing.shards, existing.replicas) == (shards, replicas):
+        # Idempotent, so that deployment scripts (docker compose) can run it every time.
+        click.echo(f"cluster {paths.cluster!r} is already initialised: {shards} shards,"
+                   f" {replicas} replicas per shard")
+        return
     if existing is not None:
         raise ShardkeeperError(
-            f"cluster {paths.cluster!r} already has a config ({existing}): pass --force to"
-            " overwrite"
+            f"cluster {paths.cluster!r} already has a config ({existing.shards} shards,"
+            f" {existing.replicas} replicas): pass --force to change the replica count"
+            " (the shard count is fixed)"
         )
     click.echo(f"cluster {paths.cluster!r}: {shards} shards, {replicas} replicas per shard")
 
