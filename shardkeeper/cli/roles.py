@@ -10,6 +10,7 @@ import click
 from shardkeeper.cli.options import (
     FiniteFloatRange,
     InputError,
+    emit_json,
     operator_errors,
     writable_dir,
     zk_options,
@@ -46,10 +47,15 @@ def agent() -> None:
               help="Directory for the agent's shard replicas (created if missing).")
 @click.option("--session-timeout", type=SESSION_TIMEOUT, default=10.0,
               show_default=True, help="ZooKeeper session timeout in seconds.")
+@click.option("--trash-keep", type=FiniteFloatRange(min=0, max=365 * 86400), default=86400.0,
+              show_default=True, envvar="SHARDKEEPER_TRASH_KEEP",
+              help="Seconds to keep a dropped replica's files in <data-dir>/trash before"
+              " deleting them (0: delete at once). Env: SHARDKEEPER_TRASH_KEEP.")
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 @operator_errors
 def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: float,
-              listen: str, data_dir: Path, session_timeout: float, log_level: str) -> None:
+              listen: str, data_dir: Path, session_timeout: float, trash_keep: float,
+              log_level: str) -> None:
     """Register with the cluster and hold the replicas the plan gives this agent."""
     from agents.runtime import Agent, HealthServer
     from shardkeeper.process import run_until_signal, setup_logging
@@ -63,7 +69,8 @@ def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: 
     # Unbracketed, as the data plane splits an address at its last colon.
     setup_logging(log_level)
     a = Agent(target, paths.cluster, agent_id, address=f"{host}:{port}", zone=zone,
-              weight=weight, data_dir=data_dir, session_timeout=session_timeout)
+              weight=weight, data_dir=data_dir, session_timeout=session_timeout,
+              trash_keep=trash_keep)
     try:
         health = HealthServer(a, host, port)
     except OSError as e:
@@ -73,6 +80,84 @@ def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: 
         run_until_signal(a.run, a.stop)
     finally:
         health.stop()
+
+
+DATA_DIR = click.option(
+    "--data-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+    required=True, help="The agent's data dir.")
+
+
+@agent.group("trash")
+def trash() -> None:
+    """Dropped replicas the agent keeps for a while (see `agent run --trash-keep`).
+
+    Restore and purge work on a stopped agent only (they take the data dir's lock)."""
+
+
+@trash.command("list")
+@DATA_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@operator_errors
+def trash_list(data_dir: Path, as_json: bool) -> None:
+    """Every trash entry: name, shard, when it was dropped, why, size."""
+    import dataclasses
+    import time
+
+    from agents.trash import Trash
+
+    entries = Trash(data_dir / "trash").entries()
+    if as_json:
+        emit_json([dataclasses.asdict(e) for e in entries])
+        return
+    if not entries:
+        click.echo("the trash is empty")
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+        click.echo(f"{e.name}  shard {e.shard:<6} {when}  {e.bytes:>12,} B  {e.reason}")
+
+
+@trash.command("restore")
+@DATA_DIR
+@click.argument("entry")
+@operator_errors
+def trash_restore(data_dir: Path, entry: str) -> None:
+    """Put ENTRY's shard files back. On its next start the agent uses them if its plan
+    places the shard here (move a replica here with `shardkeeper move` if needed)."""
+    from agents.runtime import DataDirLock
+    from agents.store import StoreSet
+    from agents.trash import Trash, TrashError
+
+    lock = DataDirLock(data_dir)
+    try:
+        found = next((e for e in Trash(data_dir / "trash").entries() if e.name == entry), None)
+        if found is None:
+            raise InputError(f"no trash entry {entry!r}: see `shardkeeper agent trash list`")
+        target = StoreSet(data_dir / "shards").path_for(found.shard)
+        try:
+            Trash(data_dir / "trash").restore(entry, target)
+        except TrashError as e:
+            raise ShardkeeperError(str(e)) from None
+    finally:
+        lock.release()
+    click.echo(f"restored shard {found.shard} to {target}")
+
+
+@trash.command("purge")
+@DATA_DIR
+@click.option("--older-than", type=FiniteFloatRange(min=0), default=None,
+              help="Only entries older than this many seconds (default: every entry).")
+@operator_errors
+def trash_purge(data_dir: Path, older_than: float | None) -> None:
+    """Delete trash entries for good."""
+    from agents.runtime import DataDirLock
+    from agents.trash import Trash
+
+    lock = DataDirLock(data_dir)
+    try:
+        gone = Trash(data_dir / "trash").purge(older_than=older_than or 0)
+    finally:
+        lock.release()
+    click.echo(f"purged {len(gone)} entries")
 
 
 @click.group()
