@@ -44,7 +44,7 @@ from shardkeeper.layout import (
     Paths,
     encode_epoch,
 )
-from shardkeeper.plan import PlanState
+from shardkeeper.plan import PlanState, digest
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import ZkTarget, close, connect, ensure_layout
 
@@ -146,6 +146,11 @@ class LeaderTerm:
         self.rebalance_version: int | None = None
         self.deadline: float | None = None
         self.events_kept = 0
+        # What this term believes each plan znode holds (digest of its bytes): a watch
+        # that sees something else means a znode was changed or deleted behind our back.
+        self.digests: dict[str, int] = {}
+        self.tampered = threading.Event()
+        self._chunk_watches: set[str] = set()
 
     # -- fenced writes -----------------------------------------------------------------
     def claim_epoch(self, plan: PlanState) -> int:
@@ -169,6 +174,12 @@ class LeaderTerm:
 
     def commit(self, writes: list[Write]) -> None:
         """Apply writes in fenced multi() batches; plan/meta, last, is the commit point."""
+        for w in writes:
+            if w.path.startswith(self.paths.plan + "/") and w.op != "append":
+                if w.op == "delete":
+                    self.digests.pop(w.path, None)
+                else:
+                    self.digests[w.path] = digest(w.data)
         for batch in batches(writes):
             self._check_term()
             tx = self.client.transaction()
@@ -215,6 +226,53 @@ class LeaderTerm:
         self.wake.set()
         # Returning False removes the watch once this term is over.
         return self._active()
+
+    # -- watching our own plan -----------------------------------------------------------
+    def watch_plan(self) -> None:
+        """Watch plan/meta, the routing chunks and the list of agent plans: the leader is
+        the only writer, so any other change is damage to repair (clients route by the
+        chunks). Agents check their own plan znodes (shardsm.distrust)."""
+        self.client.DataWatch(self.paths.plan_meta, self._plan_data(self.paths.plan_meta))
+        self.client.ChildrenWatch(self.paths.routing, self._chunk_names)
+        self.client.ChildrenWatch(self.paths.plan_agents, self._agent_names)
+
+    def _plan_data(self, path: str):
+        def on_data(data: bytes | None, _stat: object) -> bool:
+            if not self._active():
+                return False
+            if path in self.digests and digest(data) != self.digests[path]:
+                self._tamper(path, "deleted" if data is None else "changed")
+            return data is not None or path == self.paths.plan_meta
+
+        return on_data
+
+    def _chunk_names(self, names: list[str]) -> bool:
+        if not self._active():
+            return False
+        present = {f"{self.paths.routing}/{n}" for n in names}
+        for path in sorted(present - self._chunk_watches):
+            self._chunk_watches.add(path)
+            self.client.DataWatch(path, self._plan_data(path))
+        self._chunk_watches &= present
+        self._missing(present, self.paths.routing)
+        return True
+
+    def _agent_names(self, names: list[str]) -> bool:
+        if not self._active():
+            return False
+        self._missing({f"{self.paths.plan_agents}/{n}" for n in names}, self.paths.plan_agents)
+        return True
+
+    def _missing(self, present: set[str], parent: str) -> None:
+        gone = [p for p in self.digests if p.startswith(parent + "/") and p not in present]
+        if gone:
+            self._tamper(gone[0], "deleted")
+
+    def _tamper(self, path: str, how: str) -> None:
+        log.error("%s was %s behind the leader's back: reading the plan again to repair it",
+                  path, how)
+        self.tampered.set()
+        self.wake.set()
 
     # -- reading admin state -------------------------------------------------------------
     def read_maintenance(self) -> Maintenance | None:
@@ -302,6 +360,7 @@ class LeaderTerm:
                           replicas=replicas)
         for note in rebuilt.notes:
             log.error("damaged plan: %s", note)
+        self.digests = {p: d for p, d in stored.digests.items() if p not in stored.damaged}
         return replace(Memory.at_start(rebuilt.plan, rebuilt.notes), config=self.memory.config)
 
     def run(self) -> None:
@@ -310,6 +369,7 @@ class LeaderTerm:
         self.statuses = ChildCache(self.client, self.paths.status, AgentStatus.decode,
                                    self._poke, self._active)
         self.memory = self.load_plan()
+        self.watch_plan()
         self.token = self.claim_epoch(self.memory.plan)
         log.info("%s leads with epoch %d", self.leader_id, self.token)
         self.events_kept = len(self.client.get_children(self.paths.events))
@@ -332,6 +392,10 @@ class LeaderTerm:
             self.stop.wait(self.debounce)
             self.wake.clear()
             self._check_term()
+            if self.tampered.is_set():
+                self.tampered.clear()
+                fresh = self.load_plan()
+                self.memory = replace(self.memory, plan=fresh.plan, notes=fresh.notes)
             try:
                 self.reconcile(time.time())
                 failures = 0

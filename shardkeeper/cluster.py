@@ -27,7 +27,7 @@ from shardkeeper.layout import (
     decode_epoch,
     valid_name,
 )
-from shardkeeper.plan import PlanState, ShardPlan, StoredPlan
+from shardkeeper.plan import PlanState, ShardPlan, StoredPlan, digest
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def read_many(
 ) -> dict[str, T]:
     """Decode every child of ``parent``; missing parent or children read as absent."""
     damaged: dict[str, str] = {}
-    out = _decode_all(client, parent, decode, damaged, set())
+    out = _decode_all(client, parent, decode, damaged, {})
     if damaged and not skip_corrupt:
         raise CorruptZnode(damaged[min(damaged)])
     for reason in damaged.values():
@@ -84,7 +84,7 @@ def read_plan_meta(client: KazooClient, paths: Paths) -> PlanMeta | None:
 
 
 def _decode_all(client: KazooClient, parent: str, decode: Callable[[str, bytes], T],
-                damaged: dict[str, str], existing: set[str]) -> dict[str, T]:
+                damaged: dict[str, str], existing: dict[str, int]) -> dict[str, T]:
     try:
         names = client.get_children(parent)
     except NoNodeError:
@@ -97,7 +97,7 @@ def _decode_all(client: KazooClient, parent: str, decode: Callable[[str, bytes],
             data, _ = result.get()
         except NoNodeError:
             continue
-        existing.add(path)
+        existing[path] = digest(data) or 0
         try:
             out[name] = decode(path, data)
         except CorruptZnode as e:
@@ -108,11 +108,11 @@ def _decode_all(client: KazooClient, parent: str, decode: Callable[[str, bytes],
 def read_stored_plan(client: KazooClient, paths: Paths) -> StoredPlan:
     """Read every plan znode without failing on a damaged one (see StoredPlan)."""
     damaged: dict[str, str] = {}
-    existing: set[str] = set()
+    existing: dict[str, int] = {}
     meta = None
     try:
         data, _ = client.get(paths.plan_meta)
-        existing.add(paths.plan_meta)
+        existing[paths.plan_meta] = digest(data) or 0
         meta = PlanMeta.decode(paths.plan_meta, data)
     except NoNodeError:
         pass
@@ -134,7 +134,7 @@ def read_stored_plan(client: KazooClient, paths: Paths) -> StoredPlan:
                              f" {len(chunk.replicas)} rows, expected {index * ROUTING_CHUNK}")
         else:
             chunks[index] = chunk
-    return StoredPlan(meta, agents, chunks, damaged, frozenset(existing))
+    return StoredPlan(meta, agents, chunks, damaged, frozenset(existing), existing)
 
 
 class IncompletePlan(CorruptZnode):

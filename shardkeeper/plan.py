@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import xxhash
+
 from shardkeeper.layout import AgentPlan, Assignment, PlanMeta, RoutingChunk
 from shardkeeper.vocab import Role
 
@@ -103,7 +105,14 @@ class StoredPlan:
     chunks: dict[int, RoutingChunk] = field(default_factory=dict)
     damaged: dict[str, str] = field(default_factory=dict)
     existing: frozenset[str] = frozenset()  # every plan znode path that exists
+    digests: dict[str, int] = field(default_factory=dict)  # path -> digest of its bytes
 
     @property
     def empty(self) -> bool:
         return not self.existing
+
+
+def digest(data: bytes | None) -> int | None:
+    """A plan znode's content in brief, so that the leader can tell whether a znode still
+    holds what it wrote without keeping every znode's bytes."""
+    return None if data is None else xxhash.xxh64_intdigest(data)

@@ -173,3 +173,21 @@ def test_damaged_znodes_of_every_kind_never_stall_failover_or_lose_a_key(
     epochs = cluster.epoch()
     assert epochs < 60, f"leadership looped: epoch {epochs}"
 
+
+
+def test_the_running_leader_repairs_plan_znodes_damaged_behind_its_back(
+        cluster: Cluster) -> None:
+    agents, kv = start(cluster, agents=3, coordinators=1)
+    chunk = cluster.paths.routing_chunk(0)
+    before = cluster.client.get(chunk)[0]
+    cluster.client.delete(chunk)
+    poll_until(lambda: cluster.client.exists(chunk), 10, "the chunk rewritten")
+    cluster.client.set(cluster.paths.plan_meta, b"[]")
+    poll_until(lambda: plan_members(cluster) == tuple(sorted(agents)), 10, "meta rewritten")
+    rewritten = cluster.client.get(chunk)[0]
+    assert json.loads(rewritten)["replicas"] == json.loads(before)["replicas"]
+    kinds = [e["kind"] for e in map(json.loads, cluster.cli(
+        "events", "--json", "--limit", "1000").stdout.splitlines())]
+    assert kinds.count("plan-repaired") >= 2
+    poll_until(lambda: settled(cluster, agents), 10, "settled")
+    all_keys_readable(kv)
