@@ -5,7 +5,7 @@ parse znode bytes themselves. Every znode holds compact UTF-8 JSON. Decoders val
 what they read and raise :class:`CorruptZnode` with the path and the reason, so that a
 damaged znode produces a clear error instead of a crash loop.
 
-Layout under ``/shardkeeper/<cluster>`` (see ARCHITECTURE.md):
+Layout under ``/shardkeeper/<cluster>`` (docs/architecture.md has the contracts):
 
     config                  persistent  admin        ClusterConfig
     token                   persistent  init         the data plane's cluster token
