@@ -638,7 +638,7 @@ class Agent:
     # -- status -------------------------------------------------------------------------
     def status(self) -> AgentStatus:
         """status/<id> as the state machine last reported it."""
-        shards = {e.shard: ShardStatus(str(e.state), e.lsn, e.catching_up)
+        shards = {e.shard: ShardStatus(str(e.state), e.lsn, e.catching_up, e.reason)
                   for e in self._report.shards}
         return AgentStatus(self.id, self._report.generation, shards, self._refusal)
 

@@ -333,6 +333,7 @@ class ShardReport:
     state: ShardState
     lsn: int
     catching_up: bool = False  # a REPLICA still repairing or catching up: not in sync
+    reason: str = ""  # why it is in ERROR
 
 
 @dataclass(frozen=True)
@@ -718,7 +719,8 @@ def worth_reporting(step: _Step) -> bool:
 
 def status_report(shards: Mapping[int, ShardRecord], generation: int) -> ReportStatus:
     entries = tuple(
-        ShardReport(shard, record.state, record.lsn, record.catching_up)
+        ShardReport(shard, record.state, record.lsn, record.catching_up,
+                    (record.reason or "") if record.state == ShardState.ERROR else "")
         for shard, record in sorted(shards.items())
     )
     return ReportStatus(generation, entries)

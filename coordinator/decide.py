@@ -153,6 +153,7 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         else:
             audit.add("move-refused", f"{o.name} refused: {o.reason}", gen)
 
+    failed = failed_copies(memory.plan, inputs.statuses)
     step = next_step(
         memory.plan.shards,
         target,
@@ -161,7 +162,13 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         Throttle(config.max_moves_per_agent, config.max_moves_total,
                  paused=maintenance is not None),
         min_in_sync=config.replicas,
+        failed=failed,
     )
+    for shard, agent, source, other in step.retried:
+        why = failed.get((agent, shard)) or "no reason given"
+        then = f"copying from {other} instead" if other else "issuing it afresh"
+        audit.add("copy-failed", f"{agent}'s copy of shard {shard} from {source} failed"
+                  f" ({why}): {then}", gen)
     summary = {
         "in_flight": step.in_flight,
         "deferred": step.deferred,
@@ -269,6 +276,21 @@ def caught_up(plan: PlanState, statuses: Mapping[str, AgentStatus]) -> set[tuple
         if mine is None or status.generation < mine.generation:
             continue
         out.update((agent, s) for s, st in status.shards.items() if st.in_sync)
+    return out
+
+
+def failed_copies(plan: PlanState, statuses: Mapping[str, AgentStatus]
+                  ) -> dict[tuple[str, int], str]:
+    """(agent, shard) -> reason, for the copies agents report failed (ERROR) under the
+    plan they were last given (an older report is answered already)."""
+    out = {}
+    for agent, status in statuses.items():
+        mine = plan.agents.get(agent)
+        if mine is None or status.generation < mine.generation:
+            continue
+        for shard, st in status.shards.items():
+            if st.state == "ERROR":
+                out[(agent, shard)] = st.reason
     return out
 
 

@@ -10,7 +10,10 @@ still copying (bootstrapping, each from a named in-sync source). One step:
 1. **Failover, at once and even when paused**: replicas on departed agents leave the
    in-sync set; if the primary departed, the first surviving in-sync replica becomes
    primary. A bootstrap whose source departed is re-pointed at a surviving replica.
-2. **Join**: a bootstrapping replica that reports caught up joins the in-sync set.
+2. **Join**: a bootstrapping replica that reports caught up joins the in-sync set. A copy
+   its agent reports failed (ERROR, after its own bounded retries) is re-pointed at
+   another in-sync source, or, with no other, withdrawn for one step so that the next
+   step issues it afresh at a newer generation: a failed copy always leads somewhere.
 3. **Start copies** for target replicas the shard lacks, within the per-agent and
    cluster throttles; shards below their replica count go before moves made for balance.
 4. **Promote** the target's primary once it is in sync.
@@ -51,6 +54,8 @@ class Step:
     deferred: int = 0  # copies the target wants but the throttle (or pause) holds back
     unavailable: tuple[int, ...] = ()  # shards with no live in-sync replica
     in_flight: int = 0  # copies running after this step
+    # Failed copies handled: (shard, agent, old source, new source or None if withdrawn).
+    retried: tuple[tuple[int, str, str, str | None], ...] = ()
 
 
 @dataclass
@@ -67,6 +72,8 @@ class _Tally:
     failovers: int = 0
     promotions: int = 0
     deferred: int = 0
+    retried: list[tuple[int, str, str, str | None]] = field(default_factory=list)
+    withdrawn: set[tuple[str, int]] = field(default_factory=set)
 
     def count(self, agent: str, source: str) -> None:
         self.copies_in[agent] += 1
@@ -81,9 +88,10 @@ class _Tally:
             and self.copies_in[agent] < t.max_moves_per_agent
         )
 
-    def pick_source(self, in_sync: Sequence[str]) -> str | None:
+    def pick_source(self, in_sync: Sequence[str], avoid: str | None = None) -> str | None:
         """The in-sync replica with the fewest outgoing copies (in-sync order breaks ties)."""
-        candidates = [a for a in in_sync if self.copies_out[a] < self.throttle.max_moves_per_agent]
+        candidates = [a for a in in_sync if a != avoid
+                      and self.copies_out[a] < self.throttle.max_moves_per_agent]
         if not candidates:
             return None
         return min(candidates, key=lambda a: (self.copies_out[a], in_sync.index(a)))
@@ -91,9 +99,10 @@ class _Tally:
 
 def fail_over(
     shard: ShardPlan, target: Sequence[str], live: Collection[str],
-    caught_up: Collection[str], tally: _Tally,
+    caught_up: Collection[str], tally: _Tally, failed: Collection[str] = (), index: int = -1,
 ) -> tuple[list[str], list[tuple[str, str]]] | None:
-    """Steps 1 and 2: drop departed replicas, re-point or join bootstraps.
+    """Steps 1 and 2: drop departed replicas, re-point or join bootstraps; re-point or
+    withdraw the copies in ``failed`` (agents whose copy of this shard failed).
 
     Returns (in_sync, bootstrapping), or None when no live in-sync replica is left.
     """
@@ -116,7 +125,16 @@ def fail_over(
             boot.append((agent, source))
     repointed = []
     for agent, source in boot:
-        if source not in in_sync:
+        if agent in failed:
+            other = tally.pick_source(in_sync, avoid=source)
+            if other is None:
+                # Only one source: withdraw the copy now, issue it afresh next step.
+                tally.retried.append((index, agent, source, None))
+                tally.withdrawn.add((agent, index))
+                continue
+            tally.retried.append((index, agent, source, other))
+            source = other
+        elif source not in in_sync:
             source = tally.pick_source(in_sync) or in_sync[0]
         repointed.append((agent, source))
         tally.count(agent, source)
@@ -125,12 +143,12 @@ def fail_over(
 
 def start_copies(
     in_sync: list[str], boot: list[tuple[str, str]], target: Sequence[str],
-    live: Collection[str], tally: _Tally,
+    live: Collection[str], tally: _Tally, shard: int = -1,
 ) -> None:
     """Step 3: bootstrap target replicas the shard lacks, as the throttle allows."""
     holding = set(in_sync) | {a for a, _ in boot}
     for agent in target:
-        if agent in holding or agent not in live:
+        if agent in holding or agent not in live or (agent, shard) in tally.withdrawn:
             continue
         source = tally.pick_source(in_sync) if tally.allows(agent) else None
         if source is None:
@@ -178,15 +196,20 @@ def next_step(
     caught_up: Collection[tuple[str, int]],
     throttle: Throttle = DEFAULT_THROTTLE,
     min_in_sync: int = 0,
+    failed: Collection[tuple[str, int]] = (),
 ) -> Step:
     """One step toward ``target`` (shard -> agents, primary first, as placement returns).
 
     ``live`` are the current members; ``caught_up`` the (agent, shard) pairs whose status
     reports the replica online and caught up with the plan that asked for it. Replicas
     outside the target are dropped only while at least ``min_in_sync`` (R) stay in sync.
+    ``failed`` are the (agent, shard) copies whose agent reports them failed.
     """
     live = set(live)
     caught = set(caught_up)
+    broken: dict[int, set[str]] = {}
+    for agent, s in failed:
+        broken.setdefault(s, set()).add(agent)
     n = len(target)
     shards = list(current[:n]) + [ShardPlan()] * (n - len(current))
     tally = _Tally(throttle)
@@ -198,7 +221,7 @@ def next_step(
         ):
             continue  # already at its target: the common case, kept cheap at 100k shards
         joined = {a for a, _ in shard.bootstrapping if (a, s) in caught}
-        result = fail_over(shard, target[s], live, joined, tally)
+        result = fail_over(shard, target[s], live, joined, tally, broken.get(s, ()), s)
         if result is None:
             unavailable.append(s)
         else:
@@ -206,7 +229,7 @@ def next_step(
     # Shards short of their replica count copy first; moves for balance wait their turn.
     order = sorted(staged, key=lambda s: (len(staged[s][0]) >= len(target[s]), s))
     for s in order:
-        start_copies(staged[s][0], staged[s][1], target[s], live, tally)
+        start_copies(staged[s][0], staged[s][1], target[s], live, tally, s)
     plan = list(shards)
     for s, (in_sync, boot) in staged.items():
         in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync)
@@ -223,6 +246,7 @@ def next_step(
         deferred=tally.deferred,
         unavailable=tuple(unavailable),
         in_flight=in_flight,
+        retried=tuple(tally.retried),
     )
 
 

@@ -512,6 +512,7 @@ class ShardStatus:
     state: str
     lsn: int = 0
     catching_up: bool = False
+    reason: str = ""  # why it is in ERROR (a failed copy)
 
     @property
     def in_sync(self) -> bool:
@@ -522,6 +523,8 @@ class ShardStatus:
         entry: dict[str, Any] = {"state": self.state, "lsn": self.lsn}
         if self.catching_up:
             entry["catching_up"] = True
+        if self.reason:
+            entry["reason"] = self.reason[:300]
         return entry
 
 
@@ -560,6 +563,7 @@ class AgentStatus:
                 state=entry["state"],
                 lsn=_count(path, entry, "lsn", 0),
                 catching_up=entry.get("catching_up") is True,
+                reason=_text(path, entry, "reason", "", limit=300),
             )
         return cls(
             agent=_text(path, obj, "agent", limit=64),

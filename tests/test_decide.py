@@ -211,3 +211,18 @@ def test_repairs_found_at_the_start_of_a_term_are_audited_once() -> None:
     out = run(fresh, now, live)
     assert audit_of(out) == ["plan-repaired"]
     assert run(out.memory, now + 1, live).audit == ()
+
+
+def test_a_copy_reported_failed_is_re_pointed_and_audited_with_its_reason() -> None:
+    live = members("a1", "a2", "a3")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    out = run(memory, now, members("a1", "a2", "a3", "a4"))
+    shard, (copier, source) = next((s, p.bootstrapping[0]) for s, p in
+                                   enumerate(out.memory.plan.shards) if p.bootstrapping)
+    statuses = in_sync_statuses(out.memory, live)
+    statuses[copier] = AgentStatus(copier, out.memory.plan.agents[copier].generation,
+                                   {shard: ShardStatus("ERROR", reason="404 unknown_shard")})
+    retried = run(out.memory, now + 1, members("a1", "a2", "a3", "a4"), statuses=statuses)
+    [event] = [e for e in retried.audit if e.kind == "copy-failed"]
+    assert f"shard {shard} from {source}" in event.message and "404" in event.message
+    assert (copier, source) not in retried.memory.plan.shards[shard].bootstrapping

@@ -246,3 +246,21 @@ def test_next_step_changes_no_term(data) -> None:
     step = next_step(current, target, live, set())
     for before, after in zip(current, step.plan, strict=True):
         assert after.term == before.term
+
+
+def test_a_failed_copy_is_re_pointed_or_issued_afresh() -> None:
+    """A copy its agent reports failed never stays stuck: another in-sync source takes it
+    over, or, with only one source, it is withdrawn for a step and issued again."""
+    live = {"a", "b", "c", "d"}
+    two = ShardPlan(("a", "b"), (("c", "a"),), term=2)
+    step = next_step((two,), [("a", "b", "c")], live, set(), failed={("c", 0)})
+    assert step.plan[0].bootstrapping == (("c", "b"),)
+    assert step.retried == ((0, "c", "a", "b"),)
+    one = ShardPlan(("a",), (("c", "a"),), term=2)
+    step = next_step((one,), [("a", "c")], live, set(), failed={("c", 0)})
+    assert step.plan[0].bootstrapping == () and step.retried == ((0, "c", "a", None),)
+    again = next_step(step.plan, [("a", "c")], live, set())
+    assert again.plan[0].bootstrapping == (("c", "a"),), "issued afresh the step after"
+    # Failures of other shards or agents change nothing here.
+    assert next_step((two,), [("a", "b", "c")], live, set(),
+                     failed={("d", 0), ("c", 1)}).plan[0] == two
