@@ -73,6 +73,7 @@ from tenacity import (
 from agents import shardsm
 from agents.dataplane import DataPlane, ShardRoute, ShardTable
 from agents.handler import KVShardHandler, ShardHandler
+from agents.leaderlink import LeaderLink
 from agents.shardsm import (
     Action,
     AgentState,
@@ -98,6 +99,7 @@ from shardkeeper.layout import (
     Paths,
     PlanMeta,
     ShardStatus,
+    decode_liveness,
 )
 from shardkeeper.peer import PeerClient
 from shardkeeper.token import NoToken, no_token_message, read_token
@@ -245,6 +247,7 @@ class Agent:
         self._written: dict[str, bytes] = {}  # path -> what we last wrote to our znodes
         self.refused = 0  # plans not acted on because they could not be trusted
         self._refusal = ""  # why the current plan znode is not acted on, for status
+        self.link: LeaderLink | None = None
         self.work = ShardWork(lambda: self.handler, self._job_done,
                               retry_hint=lambda: self.inbox.put(("plan",)))
 
@@ -262,6 +265,20 @@ class Agent:
     @property
     def applied_generation(self) -> int:
         return self.state.applied_generation
+
+    def _on_epoch(self, data: bytes | None, _stat: object) -> bool:
+        """A new leader: hold the liveness link to it (agents/leaderlink.py)."""
+        if self.stop_event.is_set():
+            return False
+        address = ""
+        if data:
+            try:
+                address = decode_liveness(self.paths.epoch, data)
+            except CorruptZnode as e:
+                log.debug("no liveness link: %s", e)
+        if self.link is not None:
+            self.link.follow(address or None)
+        return True
 
     def _use_token(self, token: str) -> None:
         self.peer_client = PeerClient(token, timeout=5.0, attempts=4)
@@ -371,6 +388,8 @@ class Agent:
                     break
                 self._turn(inputs)
         finally:
+            if self.link is not None:
+                self.link.stop()
             self.work.shutdown()
             close(self.client)
             log.info("agent %s stopped; session closed", self.id)
@@ -389,12 +408,16 @@ class Agent:
         def steps() -> None:
             nonlocal watching
             ensure_layout(self.client, self.paths)
-            self._use_token(self.read_token())
+            token = self.read_token()
+            self._use_token(token)
             self.register(wait=True)
+            if self.link is None:
+                self.link = LeaderLink(self.id, self.info.started, token).start()
             if not watching:
                 self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
                 # A plan written ahead of its commit is acted on once plan/meta catches up.
                 self.client.DataWatch(self.paths.plan_meta, self._on_plan)
+                self.client.DataWatch(self.paths.epoch, self._on_epoch)
                 for path, kind in ((self.paths.member(self.id), "register"),
                                    (self.paths.agent_status(self.id), "status")):
                     self.client.DataWatch(path, self._watch_own(path, kind))

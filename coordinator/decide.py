@@ -49,6 +49,9 @@ class Inputs:
     moves: tuple[tuple[str, MoveRequest | None], ...] = ()  # (znode name, request)
     rebalance: bool = False  # `shardkeeper rebalance` since the last pass
     config_error: str = ""
+    # Members whose process is known dead (its link closed, its port refuses) though
+    # its session has not expired yet: planned as departed now.
+    dead: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
     config, refusal = accept_config(memory, inputs)
     if config is None:
         return Outcome(replace(memory, config_refused=refusal))
-    members = live_members(inputs.members, inputs.statuses, memory.known)
+    members = live_members(inputs.members, inputs.statuses, memory.known, inputs.dead)
     live = frozenset(members)
     if live != memory.seen:
         memory = replace(memory, seen=live, membership_changed=now)
@@ -125,7 +128,8 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
     for agent in sorted(live - memory.live_before):
         audit.add("member-joined", f"{agent} joined", gen)
     for agent in sorted(memory.live_before - live):
-        audit.add("member-left", f"{agent} left", gen)
+        why = " (its process died)" if agent in inputs.dead else ""
+        audit.add("member-left", f"{agent} left{why}", gen)
     departed_at = policy.track_departures(memory.departed_at, memory.live_before, live, now)
     if inputs.rebalance:
         departed_at = {}
@@ -238,7 +242,8 @@ def accept_config(memory: Memory, inputs: Inputs) -> tuple[ClusterConfig | None,
 
 
 def live_members(members: Mapping[str, MemberInfo], statuses: Mapping[str, AgentStatus],
-                 known: Mapping[str, MemberInfo]) -> dict[str, MemberInfo]:
+                 known: Mapping[str, MemberInfo], dead: frozenset[str] = frozenset()
+                 ) -> dict[str, MemberInfo]:
     """Members by their member znode, plus agents whose member znode is gone (deleted or
     damaged) while their status znode, ephemeral to the same session, is still there: the
     session is alive, so the agent is, and it will register again by itself."""
@@ -246,6 +251,8 @@ def live_members(members: Mapping[str, MemberInfo], statuses: Mapping[str, Agent
     for agent in statuses:
         if agent not in out and agent in known:
             out[agent] = known[agent]
+    for agent in dead:
+        out.pop(agent, None)
     return out
 
 

@@ -32,6 +32,7 @@ from kazoo.exceptions import (
 )
 
 from coordinator.decide import Inputs, Memory, decide
+from coordinator.liveness import LivenessServer
 from coordinator.recover import rebuild
 from coordinator.writes import Write, batches
 from shardkeeper import cluster
@@ -45,6 +46,7 @@ from shardkeeper.layout import (
     encode_epoch,
 )
 from shardkeeper.plan import PlanState, digest
+from shardkeeper.token import read_token
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import ZkTarget, close, connect, ensure_layout
 
@@ -133,8 +135,13 @@ class LeaderTerm:
         lost: threading.Event,
         stop: threading.Event,
         debounce: float = 0.02,
+        liveness: tuple[str, int] | None = None,
     ):
         self.client = client
+        self.liveness_at = liveness
+        self.liveness: LivenessServer | None = None
+        # (agent, started) of member incarnations whose process is known dead.
+        self.dead: set[tuple[str, float]] = set()
         self.paths = paths
         self.leader_id = leader_id
         self.lost = lost
@@ -160,16 +167,17 @@ class LeaderTerm:
         stored plan was written under, so that no earlier leader's token is valid again.
         """
         created = False
+        data = encode_epoch(self.leader_id, self.liveness.address if self.liveness else "")
         with contextlib.suppress(NodeExistsError):
-            self.client.create(self.paths.epoch, encode_epoch(self.leader_id))
+            self.client.create(self.paths.epoch, data)
             created = True
         floor = max([plan.meta.epoch if plan.meta else 0]
                     + [a.epoch for a in plan.agents.values()])
-        stat = self.client.set(self.paths.epoch, encode_epoch(self.leader_id))
+        stat = self.client.set(self.paths.epoch, data)
         if created and floor:
             log.error("the epoch znode was missing: recreated past epoch %d", floor)
             while stat.version <= floor:
-                stat = self.client.set(self.paths.epoch, encode_epoch(self.leader_id))
+                stat = self.client.set(self.paths.epoch, data)
         return stat.version
 
     def commit(self, writes: list[Write]) -> None:
@@ -318,18 +326,45 @@ class LeaderTerm:
         except (cluster.NoConfig, CorruptZnode) as e:
             return None, str(e)
 
+    def start_liveness(self) -> None:
+        """Listen for the agents' liveness links (see coordinator/liveness.py). Without a
+        token (no `init` yet) or a free port, failover simply waits for sessions."""
+        if self.liveness_at is None:
+            return
+        token = read_token(self.client, self.paths)
+        if token is None:
+            return
+        try:
+            self.liveness = LivenessServer(*self.liveness_at, token, self._address_of,
+                                           self._died).start()
+        except OSError as e:
+            log.error("cannot listen for liveness links on %s:%d (%s): crashed agents are"
+                      " seen at their session timeout", *self.liveness_at, e.strerror)
+
+    def _address_of(self, agent: str) -> str | None:
+        info = self.members.snapshot().get(agent)
+        return info.address if info else None
+
+    def _died(self, agent: str, started: float) -> None:
+        self.dead.add((agent, started))
+        self.wake.set()
+
     def read_inputs(self, now: float) -> Inputs:
         config, config_error = self.read_config()
+        members = self.members.snapshot()
+        # A dead incarnation's member znode goes when its session expires: forget it then.
+        self.dead &= {(a, info.started) for a, info in members.items()}
         return Inputs(
             now=now,
             config=config,
             config_error=config_error,
-            members=self.members.snapshot(),
+            members=members,
             statuses=self.statuses.snapshot(),
             maintenance=self.read_maintenance(),
             draining=frozenset(self.client.get_children(self.paths.drains)),
             moves=tuple(self.read_moves()),
             rebalance=self.rebalance_requested(),
+            dead=frozenset(a for a, info in members.items() if (a, info.started) in self.dead),
         )
 
     def reconcile(self, now: float) -> None:
@@ -370,6 +405,7 @@ class LeaderTerm:
                                    self._poke, self._active)
         self.memory = self.load_plan()
         self.watch_plan()
+        self.start_liveness()
         self.token = self.claim_epoch(self.memory.plan)
         log.info("%s leads with epoch %d", self.leader_id, self.token)
         self.events_kept = len(self.client.get_children(self.paths.events))
@@ -419,8 +455,10 @@ class Coordinator:
     """A candidate that campaigns until stopped, leading whenever it wins."""
 
     def __init__(self, zk: ZkTarget, cluster_name: str, candidate_id: str,
-                 session_timeout: float = 10.0, debounce: float = 0.02):
+                 session_timeout: float = 10.0, debounce: float = 0.02,
+                 liveness: tuple[str, int] | None = ("127.0.0.1", 0)):
         self.zk = zk
+        self.liveness = liveness  # where agents hold a link to the leader; None: no link
         self.paths = Paths(cluster_name)
         self.id = candidate_id
         self.session_timeout = session_timeout
@@ -469,7 +507,8 @@ class Coordinator:
             close(client)
 
     def _lead(self, client: KazooClient, lost: threading.Event) -> None:
-        term = LeaderTerm(client, self.paths, self.id, lost, self.stop_event, self.debounce)
+        term = LeaderTerm(client, self.paths, self.id, lost, self.stop_event, self.debounce,
+                          self.liveness)
         try:
             term.run()
         except Deposed as e:
@@ -489,6 +528,8 @@ class Coordinator:
             log.exception("%s: leader term failed", self.id)
             self._backoff = 1.0
         finally:
+            if term.liveness is not None:
+                term.liveness.stop()
             # Drop the session before Election.run releases its lock: releasing needs the
             # server, which may be unreachable; closing ends the term either way.
             client.stop()

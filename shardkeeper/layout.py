@@ -573,12 +573,19 @@ class AgentStatus:
         )
 
 
-def encode_epoch(leader: str) -> bytes:
-    return encode({"leader": leader})
+def encode_epoch(leader: str, liveness: str = "") -> bytes:
+    """The epoch znode's content: the leader's id, and where agents hold their liveness
+    link to it (coordinator/liveness.py; "" when it serves none)."""
+    return encode({"leader": leader, "liveness": liveness} if liveness else {"leader": leader})
 
 
 def decode_epoch(path: str, data: bytes | None) -> str:
     return _text(path, decode_object(path, data), "leader", limit=300)
+
+
+def decode_liveness(path: str, data: bytes | None) -> str:
+    """The leader's liveness address from the epoch znode, "" if none."""
+    return _text(path, decode_object(path, data), "liveness", "", limit=300)
 
 
 @dataclass(frozen=True)

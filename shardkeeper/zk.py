@@ -60,13 +60,14 @@ class ZkTargetError(ValueError):
     """A connect string, credential or TLS setting is malformed; the message says how."""
 
 
-def _port(text: str, entry: str) -> int:
+def _port(text: str, entry: str, allow_zero: bool = False) -> int:
     if not re.fullmatch(r"[0-9]{1,5}", text):
         what = "missing" if not text else f"{text!r} is not a number"
         raise ZkTargetError(f"bad port in {entry!r}: {what}")
     port = int(text)
-    if not 1 <= port <= 65535:
-        raise ZkTargetError(f"bad port in {entry!r}: {port} is outside 1-65535")
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ZkTargetError(f"bad port in {entry!r}: {port} is outside {low}-65535")
     return port
 
 
@@ -88,9 +89,11 @@ def _hostname(host: str, entry: str) -> str:
     return host
 
 
-def split_host_port(entry: str, default_port: int | None = DEFAULT_PORT) -> tuple[str, int]:
+def split_host_port(entry: str, default_port: int | None = DEFAULT_PORT,
+                    allow_zero: bool = False) -> tuple[str, int]:
     """Parse ``host:port``, ``[v6]:port`` (or, with a default port, ``host``, ``[v6]``)
-    strictly: every malformed part raises ZkTargetError naming it."""
+    strictly: every malformed part raises ZkTargetError naming it. ``allow_zero``: port 0
+    (any free port) is allowed, for addresses to listen on."""
     if entry.startswith("["):
         end = entry.find("]")
         if end < 0:
@@ -115,7 +118,7 @@ def split_host_port(entry: str, default_port: int | None = DEFAULT_PORT) -> tupl
         if default_port is None:
             raise ZkTargetError(f"missing port in {entry!r}: expected HOST:PORT")
         return host, default_port
-    return host, _port(port_text, entry)
+    return host, _port(port_text, entry, allow_zero)
 
 
 def format_host_port(host: str, port: int) -> str:

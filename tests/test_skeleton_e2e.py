@@ -7,7 +7,7 @@ import time
 from kazoo.exceptions import BadVersionError
 
 from agents.store import StoreSet
-from shardkeeper.layout import AgentPlan, PlanMeta, encode_epoch
+from shardkeeper.layout import AgentPlan, PlanMeta, decode_epoch
 from shardkeeper.poll import poll_until
 from tests.harness import Cluster
 
@@ -135,7 +135,7 @@ def test_sigkill_leader_fails_over_and_old_epoch_is_fenced(cluster: Cluster) -> 
     assert cluster.plan().agents["agent-1"].generation != 999
     # And the epoch znode names the new leader.
     data, _ = cluster.client.get(cluster.paths.epoch)
-    assert data == encode_epoch(standby)
+    assert decode_epoch(cluster.paths.epoch, data) == standby
 
 
 def test_ensemble_survives_losing_one_zookeeper_server(ensemble_cluster: Cluster,
@@ -170,3 +170,29 @@ def test_agent_started_before_zookeeper_waits_for_it(tmp_path) -> None:
     finally:
         c.close()
         server.stop()
+
+
+def test_a_killed_agent_fails_over_at_once_a_frozen_one_at_its_session_timeout(
+        cluster: Cluster) -> None:
+    """The leader holds a liveness link to every agent: a SIGKILLed process closes it and
+    its port refuses connections, so its primaries move long before a 10 s session
+    expires; a SIGSTOPped process closes nothing, so only its session timeout decides."""
+    cluster.init(16, 2)
+    cluster.start_coordinator("coord-1", session_timeout=1.0)
+    for name in sorted(AGENTS):
+        cluster.start_agent(name, session_timeout=10.0)
+    poll_until(lambda: cluster.settled(AGENTS), 30, "initial convergence")
+    t0 = time.monotonic()
+    cluster.procs["agent-1"].kill()
+    poll_until(lambda: "agent-1" not in cluster.plan().meta.members, 5,
+               "a plan without the killed agent, well before its 10 s session expires")
+    killed = time.monotonic() - t0
+    plan = cluster.plan()
+    assert all(r and r[0] != "agent-1" for r in plan.routing), "its primaries moved"
+    cluster.procs["agent-2"].stop()
+    t0 = time.monotonic()
+    time_stopped = poll_until(lambda: "agent-2" not in cluster.plan().meta.members and
+                              time.monotonic() - t0, 30, "the frozen agent's session expires")
+    cluster.procs["agent-2"].cont()
+    print(f"\nSIGKILL -> plan {killed:.2f}s, SIGSTOP -> plan {time_stopped:.2f}s (T = 10 s)")
+    assert killed < 5 and time_stopped > 5

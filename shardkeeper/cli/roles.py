@@ -171,10 +171,16 @@ def coordinator() -> None:
               help="Candidate id shown as leader. Default: HOSTNAME-PID.")
 @click.option("--session-timeout", type=SESSION_TIMEOUT, default=10.0,
               show_default=True, help="ZooKeeper session timeout in seconds; bounds failover.")
+@click.option("--liveness", default="127.0.0.1:0", show_default=True,
+              envvar="SHARDKEEPER_LIVENESS",
+              help="HOST:PORT where agents hold a connection to the leader, so that a crashed"
+              " agent process fails over at once rather than at its session timeout (port 0:"
+              " any free port; agents must be able to reach HOST). 'off' disables it."
+              " Env: SHARDKEEPER_LIVENESS.")
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 @operator_errors
 def coordinator_run(target: ZkTarget, paths: Paths, candidate_id: str | None,
-                    session_timeout: float, log_level: str) -> None:
+                    session_timeout: float, liveness: str, log_level: str) -> None:
     """Campaign for leadership; when leading, plan on every membership or config change."""
     import os
 
@@ -183,7 +189,14 @@ def coordinator_run(target: ZkTarget, paths: Paths, candidate_id: str | None,
 
     setup_logging(log_level)
     cid = candidate_id or f"{socket.gethostname()}-{os.getpid()}"
-    c = Coordinator(target, paths.cluster, cid, session_timeout=session_timeout)
+    link = None
+    if liveness.strip().lower() != "off":
+        try:
+            link = split_host_port(liveness.strip(), default_port=None, allow_zero=True)
+        except ZkTargetError as e:
+            raise InputError(f"--liveness: {e}") from None
+    c = Coordinator(target, paths.cluster, cid, session_timeout=session_timeout,
+                    liveness=link)
     run_until_signal(c.run, c.stop)
 
 

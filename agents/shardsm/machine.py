@@ -1,381 +1,44 @@
-"""The agent's shard state machine: pure decisions, no I/O, no clock, no threads.
-
-Each shard replica on an agent moves through::
-
-    OFFLINE -> BOOTSTRAPPING -> REPLICA <-> PRIMARY -> DROPPING -> OFFLINE
-    (OFFLINE -> REPLICA / PRIMARY directly for a new, empty shard; ERROR after failed copies)
-
-``reconcile`` takes the agent's current records, the latest plan it has read (its own
-targets), local events and the ZooKeeper session state, and returns the new records plus
-the actions the I/O shell must carry out, in order. Given the same input it returns the
-same output. The shell decides nothing: it performs actions, feeds back their events,
-serves what :func:`serving` says and writes the status that ``ReportStatus`` carries.
-
-Rules it enforces:
-
-- a plan older than the applied one is ignored (a late watch or a deposed leader's write);
-- at most ``Limits.max_bootstraps`` shards copy at once on this agent; the rest wait in
-  OFFLINE, in shard order, and start as slots free up;
-- a failed copy is retried (resuming from its cursor) up to ``Limits.max_copy_retries``
-  times, then the shard goes to ERROR until the plan re-issues it at a newer generation;
-- SUSPENDED fences the agent (primaries stop acknowledging writes) and LOST stops all
-  serving; the plan is not acted on while LOST, because it cannot be trusted then;
-- a replica whose data the handler must still bring into line (a repair against a new
-  primary, a demotion, a catch-up) is **catching up** and reported so, which the leader
-  does not count as in sync, until the shell reports ``Synced``. A replica kept through a
-  lost session that the plan lists as copying again catches up from its source instead
-  of counting as in sync at once: it missed the writes of its absence.
-
-What the data plane serves is decided here too (``ShardRecord.served``): a copy takes
-forwards as soon as it starts; a demoted primary refuses writes the moment the demotion
-is decided; a replica serves reads, and a primary takes writes, only once the handler
-finished the work (``Synced``, ``Promoted``). Every route carries the shard's **term**:
-a primary's own (the high bits of its LSNs), or for a replica the term its plan gives
-the primary it follows, the only term whose forwards it accepts.
-
-Every shard action carries a ``work`` number, unique for the agent's life; its event
-comes back with it, and an event whose work is not the shard's latest is stale and
-ignored (a copy cancelled by a drop, a repair overtaken by a newer one). Which running
-or queued work a new action makes moot is :func:`cancels` and :func:`replaces`.
-"""
+"""The machine itself: ``reconcile`` and the named steps it takes (see the package's
+docstring for the rules)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
+from agents.shardsm.model import (
+    Action,
+    AgentState,
+    BecomeReplica,
+    CatchUp,
+    CopyDone,
+    CopyFailed,
+    Decision,
+    Demote,
+    DropDone,
+    Event,
+    Limits,
+    PeerLost,
+    Plan,
+    Promote,
+    Promoted,
+    PromoteFailed,
+    Repair,
+    ReportStatus,
+    Session,
+    SetServing,
+    SetWritable,
+    ShardAction,
+    ShardRecord,
+    ShardReport,
+    StartBootstrap,
+    StartDrop,
+    Synced,
+    SyncFailed,
+    Target,
+    Transition,
+)
 from shardkeeper.vocab import Role, ShardState
-
-
-class Session(StrEnum):
-    CONNECTED = "CONNECTED"
-    SUSPENDED = "SUSPENDED"
-    LOST = "LOST"
-
-
-# Every single-step transition the machine may take; tests hold it to this table.
-LEGAL_TRANSITIONS: Mapping[ShardState, frozenset[ShardState]] = {
-    ShardState.OFFLINE: frozenset(
-        {ShardState.BOOTSTRAPPING, ShardState.REPLICA, ShardState.PRIMARY}
-    ),
-    ShardState.BOOTSTRAPPING: frozenset(
-        {ShardState.REPLICA, ShardState.PRIMARY, ShardState.DROPPING, ShardState.ERROR}
-    ),
-    ShardState.REPLICA: frozenset({ShardState.PRIMARY, ShardState.DROPPING}),
-    ShardState.PRIMARY: frozenset({ShardState.REPLICA, ShardState.DROPPING}),
-    ShardState.DROPPING: frozenset({ShardState.OFFLINE}),
-    ShardState.ERROR: frozenset({ShardState.OFFLINE, ShardState.DROPPING}),
-}
-
-
-# -- inputs ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """What the plan wants this agent to hold for one shard (agents as addresses)."""
-
-    role: Role
-    term: int = 0  # the primary's term (the plan generation that made it primary)
-    source: str | None = None  # bootstrap source; None: a new, empty shard
-    primary: str | None = None  # the shard's primary, for replicas to follow
-    peers: tuple[str, ...] = ()  # a primary's in-sync replicas (they ack every write)
-    bootstrapping: tuple[str, ...] = ()  # a primary's copying replicas (forwards best effort)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """This agent's slice of plan ``generation``, written under leader ``epoch``: shard ->
-    target. Treat as read-only."""
-
-    generation: int
-    targets: Mapping[int, Target] = field(default_factory=dict)
-    epoch: int = 0
-
-
-def distrust(offered: Plan, applied: Plan | None, *, epoch: int | None,
-             committed: int | None) -> str | None:
-    """Why the agent must not act on ``offered`` (it may drop data), or None to act on it.
-
-    ``epoch`` is the epoch znode's version (the current leader's fencing number) and
-    ``committed`` plan/meta's generation (the leader's commit point), None when they could
-    not be read. A plan is trusted only if a leader that exists could have written it as
-    part of a committed plan, and it is not older than the one applied: a forged or
-    damaged znode with an absurd generation or epoch, or one written ahead of its commit,
-    changes nothing.
-    """
-    if applied is not None and offered.generation < applied.generation:
-        return (f"generation {offered.generation} is older than the applied"
-                f" {applied.generation}")
-    if applied is not None and offered.epoch < applied.epoch:
-        return f"epoch {offered.epoch} is older than the applied plan's {applied.epoch}"
-    if epoch is None or committed is None:
-        return "the epoch or plan/meta cannot be read to check it"
-    if offered.epoch > epoch:
-        return f"epoch {offered.epoch} is past the current epoch {epoch}"
-    if offered.generation > committed:
-        return (f"generation {offered.generation} is past the committed generation"
-                f" {committed} (plan/meta)")
-    return None
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_bootstraps: int = 2
-    max_copy_retries: int = 3
-
-
-@dataclass(frozen=True)
-class CopyDone:
-    shard: int
-    lsn: int
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class CopyFailed:
-    shard: int
-    reason: str
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class DropDone:
-    shard: int
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class Synced:
-    """The handler finished bringing a replica into line (repair or catch-up) at ``lsn``."""
-
-    shard: int
-    lsn: int
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class SyncFailed:
-    shard: int
-    reason: str
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class Promoted:
-    """The handler made this replica the primary; ``lsn`` is its promotion point."""
-
-    shard: int
-    lsn: int
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class PromoteFailed:
-    shard: int
-    reason: str
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class PeerLost:
-    """A peer agent vanished; copies from it cannot finish."""
-
-    address: str
-
-
-ShardEvent = CopyDone | CopyFailed | DropDone | Synced | SyncFailed | Promoted | PromoteFailed
-Event = ShardEvent | PeerLost
-
-
-# -- state -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """What the agent knows about one local shard replica."""
-
-    state: ShardState = ShardState.OFFLINE
-    # The shard's term as this replica knows it: a primary's own, else the term of the
-    # primary it follows (or copies from).
-    term: int = 0
-    # Bootstrap source in use; for a replica, the source of its last copy or catch-up
-    # (forgotten when the session is lost, so that a plan listing it as copying again
-    # makes it catch up).
-    source: str | None = None
-    primary: str | None = None  # the primary this replica follows
-    attempts: int = 0  # failed copies, syncs or promotions in a row
-    failed_at: int = 0  # plan generation that saw the shard enter ERROR
-    lsn: int = 0  # LSN at the last copy, sync or promotion, for status
-    reason: str | None = None
-    catching_up: bool = False  # REPLICA: repair or catch-up not finished (not in sync)
-    served: ShardState | None = None  # what the data plane may serve for it now
-    work: int = 0  # the latest action issued for the shard; older results are stale
-
-
-@dataclass(frozen=True)
-class AgentState:
-    """All local shard records plus the applied plan and the last session state.
-
-    A fresh agent starts as LOST: it serves nothing until its first connected reconcile.
-    """
-
-    shards: Mapping[int, ShardRecord] = field(default_factory=dict)
-    plan: Plan | None = None
-    session: Session = Session.LOST
-    work: int = 0  # the last work number issued
-
-    @property
-    def applied_generation(self) -> int:
-        return self.plan.generation if self.plan else 0
-
-
-# -- outputs -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StartBootstrap:
-    """Copy the shard from ``source`` (resuming from the stored cursor); report CopyDone or
-    CopyFailed. ``attempt`` > 0 is a retry: the shell backs off before it."""
-
-    shard: int
-    source: str
-    attempt: int = 0
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class BecomeReplica:
-    """Serve the shard as a replica of ``primary`` at ``term`` (open an empty store if there
-    is none); report Synced."""
-
-    shard: int
-    term: int
-    primary: str | None
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class Promote:
-    """Become the shard's primary at ``term``: first take from the in-sync ``peers`` what
-    they hold that this replica may have missed, then record the promotion point; report
-    Promoted."""
-
-    shard: int
-    term: int
-    peers: tuple[str, ...] = ()
-    attempt: int = 0
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class Demote:
-    """Stop taking writes; serve as a replica of ``primary`` at ``term`` after repairing
-    against it; report Synced."""
-
-    shard: int
-    term: int
-    primary: str | None
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class Repair:
-    """The shard has a new primary, of ``term``: repair rows after its promotion point,
-    then catch up; report Synced."""
-
-    shard: int
-    primary: str
-    term: int
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class CatchUp:
-    """A replica that already holds the shard must catch up before it counts as in sync:
-    the plan lists it as copying from ``source`` again (it was away), or an earlier repair
-    failed. Repair against ``primary`` where there is one, then stream what is missing.
-    ``attempt`` > 0 is a retry: the shell backs off before it."""
-
-    shard: int
-    source: str | None
-    primary: str | None
-    attempt: int = 0
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class StartDrop:
-    """Stop serving the shard, cancel any copy, put its data aside; report DropDone."""
-
-    shard: int
-    work: int = 0
-
-
-@dataclass(frozen=True)
-class SetWritable:
-    """Global fence: False while the session is not CONNECTED (primaries refuse writes)."""
-
-    writable: bool
-
-
-@dataclass(frozen=True)
-class SetServing:
-    """Global switch: False after LOST (the data plane answers nothing)."""
-
-    serving: bool
-
-
-@dataclass(frozen=True)
-class ShardReport:
-    shard: int
-    state: ShardState
-    lsn: int
-    catching_up: bool = False  # a REPLICA still repairing or catching up: not in sync
-    reason: str = ""  # why it is in ERROR
-
-
-@dataclass(frozen=True)
-class ReportStatus:
-    """Write ``status/<agent>``: the applied generation and every shard's state."""
-
-    generation: int
-    shards: tuple[ShardReport, ...]
-
-
-# Actions after which a replica is in sync only once the handler reports Synced.
-SYNC_ACTIONS = (BecomeReplica, Demote, Repair, CatchUp)
-ShardAction = StartBootstrap | BecomeReplica | Promote | Demote | Repair | CatchUp | StartDrop
-Action = ShardAction | SetWritable | SetServing | ReportStatus
-
-
-@dataclass(frozen=True)
-class Transition:
-    shard: int
-    before: ShardState
-    after: ShardState
-
-
-@dataclass(frozen=True)
-class Decision:
-    agent: AgentState
-    actions: tuple[Action, ...]
-    transitions: tuple[Transition, ...]
-
-
-@dataclass(frozen=True)
-class Serve:
-    """What the data plane serves for one shard (field for field the data plane's route)."""
-
-    state: ShardState
-    term: int
-    primary: str | None
-    in_sync: tuple[str, ...] = ()
-    bootstrapping: tuple[str, ...] = ()
-
-
-# -- the machine -------------------------------------------------------------------------
 
 
 class _Step:
@@ -673,26 +336,35 @@ def start_waiting_bootstraps(step: _Step, targets: Mapping[int, Target], limits:
 
 def prune_superseded_copies(step: _Step) -> None:
     """Keep only the last StartBootstrap of a shard, and only if it is still copying; keep a
-    CatchUp only if no later action for its shard follows and the replica still catches up.
+    Promote or a CatchUp only if no later action for its shard follows (and, for a CatchUp,
+    the replica still catches up); keep nothing for a shard the same decision drops.
 
     Several events in one batch (a retry, then a drop) must not leave the shell a copy to
     start that the same decision already made pointless.
     """
     last_copy: dict[int, int] = {}
     last_any: dict[int, int] = {}
+    last_drop: dict[int, int] = {}
     for index, action in enumerate(step.actions):
         shard = getattr(action, "shard", None)
         if shard is not None:
             last_any[shard] = index
         if isinstance(action, StartBootstrap):
             last_copy[action.shard] = index
+        if isinstance(action, StartDrop):
+            last_drop[action.shard] = index
 
     def wanted(index: int, action: Action) -> bool:
+        shard = getattr(action, "shard", None)
+        if shard is not None and last_drop.get(shard, -1) > index:
+            return False  # the same decision drops the shard afterwards
         if isinstance(action, StartBootstrap):
             return (
                 last_copy[action.shard] == index
                 and step.record(action.shard).state == ShardState.BOOTSTRAPPING
             )
+        if isinstance(action, Promote):  # a retry overtaken by a newer decision
+            return last_any[action.shard] == index
         if isinstance(action, CatchUp):
             return last_any[action.shard] == index and step.record(action.shard).catching_up
         return True
@@ -724,69 +396,3 @@ def status_report(shards: Mapping[int, ShardRecord], generation: int) -> ReportS
         for shard, record in sorted(shards.items())
     )
     return ReportStatus(generation, entries)
-
-
-# -- what the shell asks of the state ------------------------------------------------------
-
-
-def serving(agent: AgentState, me: str) -> dict[int, Serve]:
-    """shard -> what the data plane serves for it, for the shards it serves at all.
-
-    ``me`` is this agent's own address (a primary's route names itself)."""
-    targets = agent.plan.targets if agent.plan else {}
-    out: dict[int, Serve] = {}
-    for shard, record in agent.shards.items():
-        if record.served is None:
-            continue
-        if record.served == ShardState.PRIMARY:
-            target = targets.get(shard)
-            if target is not None and target.role == Role.PRIMARY:
-                in_sync, copying = target.peers, target.bootstrapping
-            else:
-                in_sync, copying = (), ()
-            out[shard] = Serve(ShardState.PRIMARY, record.term, me, in_sync, copying)
-        else:
-            out[shard] = Serve(record.served, record.term, record.primary)
-    return out
-
-
-def cancels(new: ShardAction, running: ShardAction) -> bool:
-    """Does issuing ``new`` for a shard stop the work ``running`` for it?
-
-    A newer copy or a drop ends any copy; any newer action ends a repair, catch-up or
-    promotion still retrying against a peer (perhaps a dead one, or one at an old address).
-    A drop always finishes (its data is being put aside).
-    """
-    if isinstance(running, StartDrop):
-        return False
-    if isinstance(new, StartBootstrap | StartDrop):
-        return True
-    return not isinstance(running, StartBootstrap)
-
-
-def replaces(new: ShardAction, queued: ShardAction) -> bool:
-    """Does ``new`` make a queued, not yet started action for the same shard moot?"""
-    if isinstance(new, StartBootstrap | StartDrop):
-        return isinstance(queued, StartBootstrap | Repair | CatchUp)
-    return isinstance(queued, Repair | CatchUp)
-
-
-def waiting_shards(agent: AgentState) -> list[int]:
-    """Shards the plan wants copied here that wait for a bootstrap slot."""
-    targets: Mapping[int, Target] = agent.plan.targets if agent.plan else {}
-    return [
-        shard
-        for shard, target in sorted(targets.items())
-        if target.source is not None
-        and agent.shards.get(shard, ShardRecord()).state == ShardState.OFFLINE
-    ]
-
-
-def states(agent: AgentState) -> dict[int, ShardState]:
-    """shard -> state, for status and logs."""
-    return {shard: record.state for shard, record in agent.shards.items()}
-
-
-def plan_from(generation: int, targets: Iterable[tuple[int, Target]]) -> Plan:
-    """Build a Plan from (shard, target) pairs (convenience for the shell and tests)."""
-    return Plan(generation, dict(targets))

@@ -1,0 +1,109 @@
+"""What the shell asks of the machine's state: what to serve, which work a new action
+makes moot, and whether to act on a plan znode at all."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from agents.shardsm.model import (
+    AgentState,
+    CatchUp,
+    Plan,
+    Repair,
+    Serve,
+    ShardAction,
+    ShardRecord,
+    StartBootstrap,
+    StartDrop,
+    Target,
+)
+from shardkeeper.vocab import Role, ShardState
+
+
+def distrust(offered: Plan, applied: Plan | None, *, epoch: int | None,
+             committed: int | None) -> str | None:
+    """Why the agent must not act on ``offered`` (it may drop data), or None to act on it.
+
+    ``epoch`` is the epoch znode's version (the current leader's fencing number) and
+    ``committed`` plan/meta's generation (the leader's commit point), None when they could
+    not be read. A plan is trusted only if a leader that exists could have written it as
+    part of a committed plan, and it is not older than the one applied: a forged or
+    damaged znode with an absurd generation or epoch, or one written ahead of its commit,
+    changes nothing.
+    """
+    if applied is not None and offered.generation < applied.generation:
+        return (f"generation {offered.generation} is older than the applied"
+                f" {applied.generation}")
+    if applied is not None and offered.epoch < applied.epoch:
+        return f"epoch {offered.epoch} is older than the applied plan's {applied.epoch}"
+    if epoch is None or committed is None:
+        return "the epoch or plan/meta cannot be read to check it"
+    if offered.epoch > epoch:
+        return f"epoch {offered.epoch} is past the current epoch {epoch}"
+    if offered.generation > committed:
+        return (f"generation {offered.generation} is past the committed generation"
+                f" {committed} (plan/meta)")
+    return None
+
+
+def serving(agent: AgentState, me: str) -> dict[int, Serve]:
+    """shard -> what the data plane serves for it, for the shards it serves at all.
+
+    ``me`` is this agent's own address (a primary's route names itself)."""
+    targets = agent.plan.targets if agent.plan else {}
+    out: dict[int, Serve] = {}
+    for shard, record in agent.shards.items():
+        if record.served is None:
+            continue
+        if record.served == ShardState.PRIMARY:
+            target = targets.get(shard)
+            if target is not None and target.role == Role.PRIMARY:
+                in_sync, copying = target.peers, target.bootstrapping
+            else:
+                in_sync, copying = (), ()
+            out[shard] = Serve(ShardState.PRIMARY, record.term, me, in_sync, copying)
+        else:
+            out[shard] = Serve(record.served, record.term, record.primary)
+    return out
+
+
+def cancels(new: ShardAction, running: ShardAction) -> bool:
+    """Does issuing ``new`` for a shard stop the work ``running`` for it?
+
+    A newer copy or a drop ends any copy; any newer action ends a repair, catch-up or
+    promotion still retrying against a peer (perhaps a dead one, or one at an old address).
+    A drop always finishes (its data is being put aside).
+    """
+    if isinstance(running, StartDrop):
+        return False
+    if isinstance(new, StartBootstrap | StartDrop):
+        return True
+    return not isinstance(running, StartBootstrap)
+
+
+def replaces(new: ShardAction, queued: ShardAction) -> bool:
+    """Does ``new`` make a queued, not yet started action for the same shard moot?"""
+    if isinstance(new, StartBootstrap | StartDrop):
+        return isinstance(queued, StartBootstrap | Repair | CatchUp)
+    return isinstance(queued, Repair | CatchUp)
+
+
+def waiting_shards(agent: AgentState) -> list[int]:
+    """Shards the plan wants copied here that wait for a bootstrap slot."""
+    targets: Mapping[int, Target] = agent.plan.targets if agent.plan else {}
+    return [
+        shard
+        for shard, target in sorted(targets.items())
+        if target.source is not None
+        and agent.shards.get(shard, ShardRecord()).state == ShardState.OFFLINE
+    ]
+
+
+def states(agent: AgentState) -> dict[int, ShardState]:
+    """shard -> state, for status and logs."""
+    return {shard: record.state for shard, record in agent.shards.items()}
+
+
+def plan_from(generation: int, targets: Iterable[tuple[int, Target]]) -> Plan:
+    """Build a Plan from (shard, target) pairs (convenience for the shell and tests)."""
+    return Plan(generation, dict(targets))
