@@ -32,7 +32,7 @@ Guarantees (docs/placement.md has the reasoning and the measured figures):
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import xxhash
 
@@ -53,6 +53,7 @@ def place(
     members: Sequence[Member],
     shards: int,
     replicas: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Placement:
     """The target placement: for each shard 0..shards-1, its replicas' agent ids, primary
     first. `previous` is the last placement (or None for a new cluster); it may name agents
@@ -68,11 +69,12 @@ def place(
     else:
         w, headless, holes = keep_valid(previous, cl)
         rehome_orphans(w, holes, rnd)
+    w.should_stop = should_stop
     level_load(w)
     balance_primaries(w, headless)
     out = tuple(map(tuple, w.rows))
     moves, primary_changes = _changes(w, out)
-    return Placement(out, shortfall, moves, primary_changes)
+    return Placement(out, shortfall, moves, primary_changes, complete=not w.cut_short)
 
 
 def _changes(w: Work, out: Sequence[tuple[str, ...]]) -> tuple[int, int]:

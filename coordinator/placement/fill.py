@@ -4,8 +4,8 @@ plan and re-homing the orphaned ones."""
 from __future__ import annotations
 
 import random
-from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from functools import partial, reduce
 from itertools import chain, combinations, compress
 from operator import and_, eq, not_
@@ -40,7 +40,8 @@ def deal(w: Work, holes: Sequence[int], stream: Iterable[str]) -> tuple[list[int
     zone, cap, load = w.cl.zone, w.cl.zone_cap, w.load
     per_shard = w.cl.per_shard
     slots = iter(stream)
-    waiting: dict[str, deque[str]] = {}
+    # zone -> waiting agent -> its slots: a shard skips at most the R agents it already has.
+    waiting: dict[str, dict[str, int]] = {}
     short: list[int] = []
     for s in holes:
         row = w.writable(s)
@@ -51,14 +52,15 @@ def deal(w: Work, holes: Sequence[int], stream: Iterable[str]) -> tuple[list[int
                 if zones.count(z) >= cap:
                     continue
                 queue = waiting[z]
-                for a in queue:
-                    if a not in row:
-                        queue.remove(a)
-                        row.append(a)
-                        zones.append(z)
-                        load[a] = load.get(a, 0) + 1
-                        need -= 1
-                        break
+                a = next((a for a in queue if a not in row), None)
+                if a is not None:
+                    queue[a] -= 1
+                    if not queue[a]:
+                        del queue[a]
+                    row.append(a)
+                    zones.append(z)
+                    load[a] = load.get(a, 0) + 1
+                    need -= 1
                 if not queue:
                     del waiting[z]
                 if not need:
@@ -72,59 +74,40 @@ def deal(w: Work, holes: Sequence[int], stream: Iterable[str]) -> tuple[list[int
                 need -= 1
                 if not need:
                     break
-            elif z in waiting:
-                waiting[z].append(a)
             else:
-                waiting[z] = deque((a,))
+                queue = waiting.setdefault(z, {})
+                queue[a] = queue.get(a, 0) + 1
         if need > 0:
             short.append(s)
-    return short, [a for queue in waiting.values() for a in queue] + list(slots)
+    left = [a for queue in waiting.values() for a, n in queue.items() for _ in range(n)]
+    return short, left + list(slots)
 
 
-def fill_short(
-    w: Work, holes: Sequence[int], short: Sequence[int], spare: list[str], base: Mapping[int, int]
-) -> None:
-    """Complete the shards the stream left short (its last slots did not fit them).
-
-    A left-over slot that does not fit a short shard directly may swap with a replica placed
-    in this same round in another hole (rows[t][base[t]:]): that costs no extra move. Only
-    then does a shard take the allowed agent furthest below its fair share, and levelling
-    repairs the difference."""
+def fill_short(w: Work, short: Sequence[int], spare: list[str]) -> None:
+    """Complete the shards the stream left short (its last slots did not fit them): each
+    takes a left-over slot's agent that fits, else the allowed agent furthest below its fair
+    share. O(N) per short shard. The levelling that follows trades these replicas around
+    for free (they are new in this round), so no search for a better fit is needed here."""
     cl, load, zone, cap = w.cl, w.load, w.cl.zone, w.cl.zone_cap
+    left = Counter(spare)
+    order = sorted(left, key=lambda a: (load.get(a, 0) - cl.fair[a], cl.rank[a]))
 
-    def fits(row: Sequence[str], a: str, without: str | None = None) -> bool:
-        zones = [zone[x] for x in row if x != without]
-        return a != without and a not in row and zones.count(zone[a]) < cap
-
-    def place_one(s: int) -> None:
-        row = w.writable(s)
-        spare.sort(key=lambda a: (load.get(a, 0) - cl.fair[a], cl.rank[a]))
-        for k, b in enumerate(spare):
-            if fits(row, b):
-                row.append(b)
-                load[b] = load.get(b, 0) + 1
-                del spare[k]
-                return
-            for t in reversed(holes):
-                other = w.rows[t]
-                for i in range(base.get(t, 0), len(other)):
-                    c = other[i]
-                    if fits(row, c) and fits(other, b, without=c):
-                        w.writable(t)[i] = b
-                        row.append(c)
-                        load[b] = load.get(b, 0) + 1
-                        del spare[k]
-                        return
-        best = min(
-            (a for a in cl.agents if fits(row, a)),
-            key=lambda a: (load.get(a, 0) - cl.fair[a], cl.rank[a]),
-        )
-        row.append(best)
-        load[best] = load.get(best, 0) + 1
+    def fits(row: Sequence[str], a: str) -> bool:
+        return a not in row and sum(1 for x in row if zone[x] == zone[a]) < cap
 
     for s in short:
-        while len(w.rows[s]) < cl.per_shard:
-            place_one(s)
+        row = w.writable(s)
+        while len(row) < cl.per_shard:
+            b = next((a for a in order if left[a] and fits(row, a)), None)
+            if b is not None:
+                left[b] -= 1
+            else:
+                b = min(
+                    (a for a in cl.agents if fits(row, a)),
+                    key=lambda a: (load.get(a, 0) - cl.fair[a], cl.rank[a]),
+                )
+            row.append(b)
+            load[b] = load.get(b, 0) + 1
 
 
 def seed_rows(cl: Cluster, rnd: random.Random) -> Work:
@@ -136,7 +119,7 @@ def seed_rows(cl: Cluster, rnd: random.Random) -> Work:
     w = Work(cl, [[a] for a in primaries], dict(Counter(primaries)), set(range(cl.shards)))
     holes = range(cl.shards)
     short, spare = deal(w, holes, others)
-    fill_short(w, holes, short, spare, {})
+    fill_short(w, short, spare)
     return w
 
 
@@ -229,9 +212,5 @@ def rehome_orphans(w: Work, holes: list[int], rnd: random.Random) -> None:
     floor_gap = [(a, cl.lo[a] - load.get(a, 0)) for a in cl.agents]
     quota_gap = [(a, cl.quota[a] - max(cl.lo[a], load.get(a, 0))) for a in cl.agents]
     stream = chain(jittered(floor_gap, rnd), jittered(quota_gap, rnd))
-    base = {s: len(w.rows[s]) for s in holes}
     short, spare = deal(w, holes, stream)
-    fill_short(w, holes, short, spare, base)
-    for s in holes:
-        for a in w.rows[s][base[s] :]:
-            w.fresh.setdefault(a, []).append(s)
+    fill_short(w, short, spare)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from operator import itemgetter
@@ -28,6 +28,7 @@ class Placement:
     shortfall: int  # replicas that could not be placed (R > eligible agents)
     moves: int = 0  # replicas on an agent that did not hold that shard in `previous`
     primary_changes: int = 0  # shards whose primary differs from `previous` (if it had one)
+    complete: bool = True  # False: `should_stop` cut levelling short (valid, balance may be off)
 
 
 @dataclass(frozen=True)
@@ -255,8 +256,16 @@ class Work:
         self.load = load
         self.touched = touched
         self.pc: dict[str, int] = {}  # primaries per agent, kept up to date once counted
-        self.fresh: dict[str, list[int]] = {}  # agent -> shards it was re-homed to this round
         self.previous: Sequence[Sequence[str]] = ()
+        self.should_stop: Callable[[], bool] | None = None
+        self.cut_short = False
+
+    def out_of_time(self) -> bool:
+        """Whether the caller's `should_stop` asked to stop; once it has, it stays so.
+        Asked only between steps that leave the plan valid."""
+        if not self.cut_short and self.should_stop is not None and self.should_stop():
+            self.cut_short = True
+        return self.cut_short
 
     def original(self, s: int) -> Sequence[str]:
         """The agents that held shard s in `previous` (moves are counted against them)."""
@@ -300,6 +309,27 @@ class Work:
         return chain(range(start, n), range(start)), chain(
             islice(self.rows, start, None), islice(self.rows, 0, start)
         )
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Where each agent's count (replicas, or primaries) must end: within [lo, hi]."""
+
+    count: Mapping[str, int]
+    lo: Mapping[str, int]
+    hi: Mapping[str, int]
+
+    def over(self, a: str) -> bool:
+        return self.count.get(a, 0) > self.hi[a]
+
+    def under(self, a: str) -> bool:
+        return self.count.get(a, 0) < self.lo[a]
+
+    def room(self, a: str) -> bool:
+        return self.count.get(a, 0) < self.hi[a]
+
+    def spare(self, a: str) -> bool:
+        return self.count.get(a, 0) > self.lo[a]
 
 
 def fits_row(row: Sequence[str], zones: Sequence[str], agent: str, z: str, cap: int) -> bool:

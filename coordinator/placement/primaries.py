@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Mapping
-from itertools import compress
-from operator import itemgetter, not_
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
 
-from coordinator.placement.model import Work, primary_targets
+from coordinator.placement.chains import FRESH, ORIGINAL, Step, unwind
+from coordinator.placement.model import Bounds, Work, primary_targets
 
 
 def choose_lost_primaries(w: Work, headless: Mapping[int, int], share: Mapping[str, float]):
@@ -26,12 +26,17 @@ def choose_lost_primaries(w: Work, headless: Mapping[int, int], share: Mapping[s
             w.promote(s, b)
 
 
-def hand_over(w: Work, over: set[str], hi: Mapping[str, int], share: Mapping[str, float]) -> None:
-    """One pass: a shard led by an agent above its ceiling passes the primary role to the
-    replica furthest below its share that is below its own ceiling."""
+def hand_over(
+    w: Work,
+    over: set[str],
+    hi: Mapping[str, int],
+    share: Mapping[str, float],
+    among: Iterable[int],
+) -> None:
+    """One pass over `among`: a shard led by an agent above its ceiling passes the primary
+    role to the replica furthest below its share that is below its own ceiling."""
     pc = w.pc
-    shards, rows = w.scan(w.cl.rank[min(over)])
-    for s in compress(shards, map(over.__contains__, map(itemgetter(0), rows))):
+    for s in (s for s in among if w.rows[s][0] in over):
         row = w.rows[s]
         a = row[0]
         best = None
@@ -49,12 +54,17 @@ def hand_over(w: Work, over: set[str], hi: Mapping[str, int], share: Mapping[str
                 return
 
 
-def take_over(w: Work, under: set[str], lo: Mapping[str, int], share: Mapping[str, float]) -> None:
-    """One pass: an agent below its floor becomes primary of a shard it holds whose primary
-    is above its own floor."""
+def take_over(
+    w: Work,
+    under: set[str],
+    lo: Mapping[str, int],
+    share: Mapping[str, float],
+    among: Iterable[int],
+) -> None:
+    """One pass over `among`: an agent below its floor becomes primary of a shard it holds
+    whose primary is above its own floor."""
     pc = w.pc
-    shards, rows = w.scan(w.cl.rank[min(under)])
-    for s in compress(shards, map(not_, map(under.isdisjoint, rows))):
+    for s in (s for s in among if not under.isdisjoint(w.rows[s])):
         row = w.rows[s]
         a = row[0]
         if a in under or pc[a] <= lo[a]:
@@ -67,52 +77,96 @@ def take_over(w: Work, under: set[str], lo: Mapping[str, int], share: Mapping[st
                 return
 
 
-def _primary_chain(
-    w: Work, led: Mapping[str, list[int]], sources: list[str], is_sink: Callable[[str], bool]
-) -> list[tuple[int, str]] | None:
-    """Shortest chain of hand-overs a0 -> a1 -> ... -> ak (a_i leads a shard that a_{i+1}
-    holds) from a source to a sink. The shards differ: each has one primary."""
-    parent: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
-    queue = deque(sources)
-    while queue:
-        a = queue.popleft()
-        for s in led.get(a, ()):
-            for b in w.rows[s][1:]:
-                if b in parent:
-                    continue
-                parent[b] = (a, s)
-                if is_sink(b):
-                    steps = []
-                    step = parent[b]
-                    while step is not None:
-                        steps.append((step[1], b))
-                        b = step[0]
-                        step = parent[b]
-                    return steps
-                queue.append(b)
-    return None
+class PrimaryIndex:
+    """The graph that primary chains search: agents are the nodes, and a can hand a primary
+    over to b when a leads a shard that b holds. A hand-over in a shard whose primary is
+    already new in this round (or that had none) adds no primary change: those shards are
+    FRESH, the others ORIGINAL. Per agent: the shards it leads of each kind and, once a
+    search has expanded it, how many of them each other agent holds (kept up to date on
+    every hand-over), so a search costs O(edges among the agents it reaches), never a pass
+    over the shards."""
 
+    def __init__(self, w: Work):
+        self.w, self.rows, self.agents = w, w.rows, w.cl.agents
+        self.led: tuple[dict[str, set[int]], dict[str, set[int]]] = (
+            {a: set() for a in self.agents},
+            {a: set() for a in self.agents},
+        )
+        for s, row in enumerate(w.rows):
+            if row:
+                self.led[self._kind(s)][row[0]].add(s)
+        self.peers: dict[str, tuple[Counter[str], Counter[str]]] = {}
 
-def augment_primaries(
-    w: Work, sources_of: Callable[[], list[str]], is_sink: Callable[[str], bool]
-) -> bool:
-    sources = sources_of()
-    if not sources:
+    def _kind(self, s: int) -> int:
+        old = self.w.original(s)
+        return ORIGINAL if old and old[0] == self.rows[s][0] else FRESH
+
+    def _expand(self, a: str) -> tuple[Counter[str], Counter[str]]:
+        peers = self.peers.get(a)
+        if peers is None:
+            rows = self.rows
+            peers = self.peers[a] = tuple(  # type: ignore[assignment]
+                Counter(chain.from_iterable(rows[s][1:] for s in led[a])) for led in self.led
+            )
+        return peers
+
+    def promote(self, s: int, b: str) -> None:
+        row = self.rows[s]
+        a = row[0]
+        kind = self._kind(s)
+        if a in self.peers:
+            self.peers[a][kind].subtract(row[1:])
+        self.led[kind][a].discard(s)
+        self.w.promote(s, b)
+        row = self.rows[s]
+        kind = self._kind(s)
+        self.led[kind][b].add(s)
+        if b in self.peers:
+            self.peers[b][kind].update(row[1:])
+
+    def search(self, sources: list[str], is_sink: Callable[[str], bool]) -> list[Step] | None:
+        """The path from a source to a sink with the fewest ORIGINAL hand-overs (those add a
+        primary change), as steps (a, kind, b), searched level by level of that cost."""
+        parent: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
+        levels = [deque((a, FRESH) for a in sources), deque((a, ORIGINAL) for a in sources)]
+        level = 0
+        while level < len(levels):
+            queue = levels[level]
+            while queue:
+                a, kind = queue.popleft()
+                for b, n in self._expand(a)[kind].items():
+                    if n <= 0 or b in parent:
+                        continue
+                    parent[b] = (a, kind)
+                    if is_sink(b):
+                        return unwind(parent, b)
+                    queue.append((b, FRESH))
+                    if len(levels) <= level + 1:
+                        levels.append(deque())
+                    levels[level + 1].append((b, ORIGINAL))
+            level += 1
+        return None
+
+    def push(self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], bool]):
+        """Hand primaries over along the path as often as its ends and its steps allow."""
+        while True:
+            for a, kind, b in steps:
+                s = next(s for s in self.led[kind][a] if b in self.rows[s])
+                self.promote(s, b)
+            if not (source(steps[0][0]) and sink(steps[-1][2])) or self.w.out_of_time():
+                return
+            if any(self._expand(a)[kind][b] <= 0 for a, kind, b in steps):
+                return
+
+    def augment(self, source: Callable[[str], bool], sink: Callable[[str], bool]) -> bool:
+        while sources := [a for a in self.agents if source(a)]:
+            if self.w.out_of_time():
+                return False
+            steps = self.search(sources, sink)
+            if steps is None:
+                return False
+            self.push(steps, source, sink)
         return True
-    led: dict[str, list[int]] = {}
-    for s, row in enumerate(w.rows):
-        if row:
-            led.setdefault(row[0], []).append(s)
-    while sources:
-        steps = _primary_chain(w, led, sources, is_sink)
-        if steps is None:
-            return False
-        for s, b in steps:
-            led[w.rows[s][0]].remove(s)
-            led.setdefault(b, []).append(s)
-            w.promote(s, b)
-        sources = sources_of()
-    return True
 
 
 def balance_primaries(w: Work, headless: Mapping[int, int]) -> bool:
@@ -124,20 +178,19 @@ def balance_primaries(w: Work, headless: Mapping[int, int]) -> bool:
     pc = w.pc
     choose_lost_primaries(w, headless, share)
 
-    def over() -> list[str]:
-        return [a for a in cl.agents if pc.get(a, 0) > hi[a]]
-
-    def under() -> list[str]:
-        return [a for a in cl.agents if pc.get(a, 0) < lo[a]]
-
-    def spare() -> list[str]:
-        return [a for a in cl.agents if pc.get(a, 0) > lo[a]] if under() else []
-
+    b = Bounds(pc, lo, hi)
+    # Failover (above) always happens; balance may wait for the next plan.
+    if w.out_of_time():
+        return False
     reached = True
-    if todo := over():
-        hand_over(w, set(todo), hi, share)
-        reached = augment_primaries(w, over, lambda b: pc.get(b, 0) < hi[b])
-    if todo := under():
-        take_over(w, set(todo), lo, share)
-        reached = augment_primaries(w, spare, lambda b: pc.get(b, 0) < lo[b]) and reached
+    # Shards whose primary is new in this round (or that had none) change it for free.
+    fresh = [s for s in sorted(w.touched) if not w.original(s) or w.original(s)[0] != w.rows[s][0]]
+    if todo := [a for a in cl.agents if b.over(a)]:
+        hand_over(w, set(todo), hi, share, fresh)
+        if any(map(b.over, cl.agents)):
+            reached = PrimaryIndex(w).augment(b.over, b.room)
+    if todo := [a for a in cl.agents if b.under(a)]:
+        take_over(w, set(todo), lo, share, fresh)
+        if any(map(b.under, cl.agents)):
+            reached = PrimaryIndex(w).augment(b.spare, b.under) and reached
     return reached

@@ -1,0 +1,310 @@
+"""Augmenting paths over agents: the part of levelling that direct moves cannot do.
+
+A search never walks the shards: agents are the nodes, and what an agent could give to
+another is read from per-agent counts kept up to date as replicas move, so one search
+costs O(N * R) whatever S is; the moves it finds are then placed in shards. See
+docs/placement.md for the argument and the complexity."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import islice
+
+from coordinator.placement.model import Work
+
+# The kinds of replica a step moves: one held in `previous` (the move costs 1), one placed
+# in this round (free), or any that goes back to an agent that held it in `previous` (free).
+ORIGINAL, FRESH, RETURN = 0, 1, 2
+
+Blocked = dict[str, set[int]]  # zone or agent -> shards where it blocks a move
+Step = tuple[str, int, str]  # (from agent, kind of replica it gives up, to agent)
+Move = tuple[int, str, str]  # (shard, from agent, to agent)
+
+
+class LoadIndex:
+    """The graph that levelling searches: agents are the nodes, and a can pass a replica to
+    b when some shard that a holds would still obey the rules with b in a's place.
+
+    Per agent it keeps the shards it holds, split into ORIGINAL and FRESH replicas, and, once
+    a search has expanded the agent, how many of those shards each zone blocks (the zone is
+    full without the agent) and, with a zone cap above 1, how many each agent blocks (it is
+    there already, in a zone with room). A move updates the counts of the R agents of its
+    shard, so an edge test is O(1) and an expansion O(zones it cannot reach + agents it
+    reaches); see docs/placement.md for why that bounds a search by O(N * R).
+
+    It also knows which agents left a shard they held in `previous` during this round:
+    a replica that goes back to such an agent is free (RETURN), whoever gives it up."""
+
+    def __init__(self, w: Work, fresh_only: bool):
+        cl = w.cl
+        self.w, self.cl, self.rows = w, cl, w.rows
+        self.zone, self.cap = cl.zone, cl.zone_cap
+        self.fresh_only = fresh_only
+        # Zone members by hash rank: the first one found is not always the lowest id.
+        self.by_zone = {z: sorted(m, key=cl.rank.__getitem__) for z, m in cl.by_zone.items()}
+        held: tuple[dict[str, set[int]], dict[str, set[int]]] = (
+            {a: set() for a in cl.agents},
+            {a: set() for a in cl.agents},
+        )
+        self.held = held
+        if not fresh_only:
+            original = held[ORIGINAL]
+            for s, row in enumerate(w.rows):
+                for a in row:
+                    original[a].add(s)
+        self.left: dict[str, set[int]] = {}  # agent -> shards it held in `previous`, not now
+        for s in sorted(w.touched):
+            old, row = w.original(s), w.rows[s]
+            for a in row:
+                if a not in old:
+                    held[ORIGINAL][a].discard(s)
+                    held[FRESH][a].add(s)
+            for a in old:
+                if a in cl.member_set and a not in row:
+                    self.left.setdefault(a, set()).add(s)
+        # agent -> per kind (ORIGINAL, FRESH): zone -> shards where that zone blocks a move;
+        # then per kind: agent -> shards where that agent does (zone cap above 1 only).
+        self.stats: dict[str, tuple[Blocked, Blocked, Blocked, Blocked]] = {}
+
+    def _blockers(self, row: Sequence[str], x: str) -> tuple[list[str], list[str]]:
+        """What keeps another agent out of x's place in `row`: the zones that are full
+        without x and, with a zone cap above 1, the agents already there."""
+        zone = self.zone
+        if self.cap == 1:
+            return [zone[y] for y in row if y != x], []
+        counts = Counter(zone[y] for y in row if y != x)
+        full = [z for z, n in counts.items() if n >= self.cap]
+        return full, [y for y in row if y != x and counts[zone[y]] < self.cap]
+
+    def _expand(self, a: str) -> tuple[Blocked, Blocked, Blocked, Blocked]:
+        st = self.stats.get(a)
+        if st is None:
+            st = ({}, {}, {}, {})
+            for kind in (ORIGINAL, FRESH):
+                for s in self.held[kind][a]:
+                    self._note(st, kind, s, a, True)
+            self.stats[a] = st
+        return st
+
+    def _note(self, st: tuple[Blocked, ...], kind: int, s: int, x: str, add: bool) -> None:
+        full, present = self._blockers(self.rows[s], x)
+        for by, keys in ((st[kind], full), (st[2 + kind], present)):
+            for key in keys:
+                shards = by.get(key)
+                if add:
+                    if shards is None:
+                        by[key] = {s}
+                    else:
+                        shards.add(s)
+                elif shards is not None:
+                    shards.discard(s)
+
+    def _count(self, x: str, s: int, add: bool) -> None:
+        kind = FRESH if s in self.held[FRESH][x] else ORIGINAL
+        if kind == ORIGINAL and self.fresh_only:
+            return  # not tracked
+        self._note(self.stats[x], kind, s, x, add)
+
+    def move(self, s: int, a: str, b: str) -> None:
+        """Move a's replica of shard s to b, keeping the index up to date."""
+        row = self.rows[s]
+        for x in row:
+            if x in self.stats:
+                self._count(x, s, False)
+        self.held[FRESH if s in self.held[FRESH][a] else ORIGINAL][a].discard(s)
+        self.w.replace(s, row.index(a), b)
+        row = self.rows[s]
+        old = self.w.original(s)
+        self.held[ORIGINAL if b in old else FRESH][b].add(s)
+        if a in old:
+            self.left.setdefault(a, set()).add(s)
+        if b in self.left:
+            self.left[b].discard(s)
+        for x in row:
+            if x in self.stats:
+                self._count(x, s, True)
+
+    def _room(self, a: str, kind: int, z: str) -> int:
+        """How many of a's replicas of this kind sit in shards where zone z is not full."""
+        return len(self.held[kind][a]) - len(self.stats[a][kind].get(z, ()))
+
+    def _returns(self, a: str, b: str) -> Iterable[int]:
+        """Shards b held in `previous` and left, that a holds now and b may take back."""
+        left = self.left.get(b, set())
+        for kind in (FRESH,) if self.fresh_only else (FRESH, ORIGINAL):
+            for s in left.intersection(self.held[kind][a]):
+                if self._fits(self.rows[s], a, b):
+                    yield s
+
+    def _candidates(self, a: str, kind: int, b: str) -> Iterable[int]:
+        """The shards where a's replica of this kind may go to b."""
+        if kind == RETURN:
+            return self._returns(a, b)
+        st = self._expand(a)
+        return self.held[kind][a].difference(
+            st[kind].get(self.zone[b], ()), st[2 + kind].get(b, ())
+        )
+
+    def search(self, sources: Sequence[str], is_sink: Callable[[str], bool]) -> list[Step] | None:
+        """The cheapest path from a source to a sink, as steps (a, kind, b): a passes one of
+        its replicas of that kind to b. Moving a FRESH replica is free (it was placed in this
+        round, so it adds no move against `previous`), and so is a RETURN to an agent that
+        held the shard in `previous`; an ORIGINAL one costs 1. The search runs level by
+        level of cost, so the first sink found is a cheapest one.
+
+        An agent, once reached, is never looked at again, and a zone whose agents are all
+        reached is dropped: an expansion costs the zones it cannot reach (at most R - 1 with
+        a zone cap of 1, since a zone blocked in every shard of a is in the first one) plus
+        the agents it reaches."""
+        reached: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
+        todo = {
+            z: dict.fromkeys(b for b in members if b not in reached)
+            for z, members in self.by_zone.items()
+        }
+        levels = [deque((a, FRESH) for a in sources)]
+        if not self.fresh_only:
+            levels.append(deque((a, ORIGINAL) for a in sources))
+        level = 0
+        # a -> (shard, agent that left it and may come back in a's place): free steps.
+        returns: dict[str, list[tuple[int, str]]] = {}
+        fresh = self.held[FRESH]
+        for b, shards in self.left.items():
+            for s in shards:
+                for a in self.rows[s]:
+                    if not self.fresh_only or s in fresh[a]:
+                        returns.setdefault(a, []).append((s, b))
+
+        def reach(b: str, a: str, kind: int) -> bool:
+            reached[b] = (a, kind)
+            if is_sink(b):
+                return True
+            levels[level].append((b, FRESH))
+            if not self.fresh_only:
+                if len(levels) == level + 1:
+                    levels.append(deque())
+                levels[level + 1].append((b, ORIGINAL))
+            return False
+
+        while level < len(levels):
+            queue = levels[level]
+            while queue:
+                a, kind = queue.popleft()
+                for s, b in returns.get(a, ()) if kind == FRESH else ():
+                    if b not in reached and self._fits(self.rows[s], a, b):
+                        del todo[self.zone[b]][b]
+                        if reach(b, a, RETURN):
+                            return unwind(reached, b)
+                if not self.held[kind][a]:
+                    continue
+                present = self._expand(a)[2 + kind]
+                for z in list(todo):
+                    room = self._room(a, kind, z)
+                    if room <= 0:
+                        continue
+                    members = todo[z]
+                    for b in list(members):
+                        if present and room - len(present.get(b, ())) <= 0:
+                            continue  # b already sits in every shard z has room in
+                        del members[b]
+                        if reach(b, a, kind):
+                            return unwind(reached, b)
+                    if not members:
+                        del todo[z]
+            level += 1
+        return None
+
+    def _fits(self, row: Sequence[str], a: str, b: str) -> bool:
+        zone = self.zone
+        zb = zone[b]
+        return b not in row and sum(1 for y in row if y != a and zone[y] == zb) < self.cap
+
+    def _pool(self, a: str, kind: int, b: str) -> deque[int]:
+        """The shards where a's replica of this kind may go to b, those a does not lead
+        first (a primary that moves is a primary change as well). A push takes them in turn,
+        checking each again when its turn comes."""
+        rows = self.rows
+        pool = list(self._candidates(a, kind, b))
+        return deque([s for s in pool if rows[s][0] != a] + [s for s in pool if rows[s][0] == a])
+
+    def _take(self, pool: deque[int], a: str, b: str, used: set[int]) -> int | None:
+        """The next shard of the pool that still fits, preferably one no other step uses."""
+        rows = self.rows
+        while pool and not (a in rows[pool[0]] and self._fits(rows[pool[0]], a, b)):
+            pool.popleft()
+        if not pool:
+            return None
+        for i, s in enumerate(islice(pool, len(used) + 1)):
+            if s not in used and a in rows[s] and self._fits(rows[s], a, b):
+                del pool[i]
+                return s
+        return pool.popleft()
+
+    def _untangle(self, plan: list[Move]) -> list[Move] | None:
+        """Check the moves in order against the rows as the earlier ones leave them. Two
+        steps can only clash in one shard when each had no other choice; then the path has
+        a shortcut (the first one's replica goes straight to the second one's receiver,
+        valid in the flow network the agents' graph abstracts)."""
+        while True:
+            rows: dict[int, list[str]] = {}
+            for k, (s, a, b) in enumerate(plan):
+                row = rows.setdefault(s, list(self.rows[s]))
+                if a in row and self._fits(row, a, b):
+                    row[row.index(a)] = b
+                    continue
+                earlier = [i for i in range(k) if plan[i][0] == s]
+                if not earlier:
+                    return None
+                i = earlier[-1]
+                plan = [*plan[:i], (s, plan[i][1], b), *plan[k + 1 :]]
+                break
+            else:
+                return plan
+
+    def push(self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], bool]):
+        """Move along the path as often as its source, its sink and every step allow.
+        Returns how many replicas reached the sink."""
+        pools = [self._pool(a, kind, b) for a, kind, b in steps]
+        pushed = 0
+        while True:
+            plan: list[Move] = []
+            used: set[int] = set()
+            for (a, _, b), pool in zip(steps, pools, strict=True):
+                s = self._take(pool, a, b, used)
+                if s is None:
+                    return pushed
+                plan.append((s, a, b))
+                used.add(s)
+            moves = self._untangle(plan)
+            if moves is None:
+                return pushed
+            for s, a, b in moves:
+                self.move(s, a, b)
+            pushed += 1
+            if not (source(steps[0][0]) and sink(steps[-1][2])) or self.w.out_of_time():
+                return pushed
+
+    def augment(self, source: Callable[[str], bool], sink: Callable[[str], bool]) -> bool:
+        """Move replicas along cheapest paths until no agent is a source. Returns False when
+        some source has no path to a sink (its reachable agents hold all they can: the
+        bound is out of reach, see docs/placement.md) or when time ran out."""
+        agents = self.cl.agents
+        while sources := [a for a in agents if source(a)]:
+            if self.w.out_of_time():
+                return False
+            steps = self.search(sources, sink)
+            if steps is None or not self.push(steps, source, sink):
+                return False
+        return True
+
+
+def unwind(reached: Mapping[str, tuple[str, int] | None], b: str) -> list[Step]:
+    steps: list[Step] = []
+    step = reached[b]
+    while step is not None:
+        a, kind = step
+        steps.append((a, kind, b))
+        b = a
+        step = reached[b]
+    steps.reverse()
+    return steps
