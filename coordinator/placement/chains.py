@@ -53,7 +53,10 @@ class LoadIndex:
             for s, row in enumerate(w.rows):
                 for a in row:
                     original[a].add(s)
-        self.left: dict[str, set[int]] = {}  # agent -> shards it held in `previous`, not now
+        # shard -> agents that held it in `previous` and left it in this round
+        self.gone: dict[int, dict[str, None]] = {}
+        # a -> b -> shards where b could come back in a's place (kept exact on every move)
+        self.returns: dict[str, dict[str, set[int]]] = {}
         for s in sorted(w.touched):
             old, row = w.original(s), w.rows[s]
             for a in row:
@@ -62,7 +65,9 @@ class LoadIndex:
                     held[FRESH][a].add(s)
             for a in old:
                 if a in cl.member_set and a not in row:
-                    self.left.setdefault(a, set()).add(s)
+                    self._gone(s, a, True)
+        for s in self.gone:
+            self._note_returns(s, True)
         # agent -> per kind (ORIGINAL, FRESH): zone -> shards where that zone blocks a move;
         # then per kind: agent -> shards where that agent does (zone cap above 1 only).
         self.stats: dict[str, tuple[Blocked, Blocked, Blocked, Blocked]] = {}
@@ -109,6 +114,7 @@ class LoadIndex:
     def move(self, s: int, a: str, b: str) -> None:
         """Move a's replica of shard s to b, keeping the index up to date."""
         row = self.rows[s]
+        self._note_returns(s, False)
         for x in row:
             if x in self.stats:
                 self._count(x, s, False)
@@ -118,12 +124,36 @@ class LoadIndex:
         old = self.w.original(s)
         self.held[ORIGINAL if b in old else FRESH][b].add(s)
         if a in old:
-            self.left.setdefault(a, set()).add(s)
-        if b in self.left:
-            self.left[b].discard(s)
+            self._gone(s, a, True)
+        if b in self.gone.get(s, ()):
+            self._gone(s, b, False)
         for x in row:
             if x in self.stats:
                 self._count(x, s, True)
+        self._note_returns(s, True)
+
+    def _gone(self, s: int, a: str, left: bool) -> None:
+        """Record that a left shard s it held in `previous`, or came back to it."""
+        if left:
+            self.gone.setdefault(s, {})[a] = None
+            return
+        del self.gone[s][a]
+        if not self.gone[s]:
+            del self.gone[s]
+
+    def _note_returns(self, s: int, add: bool) -> None:
+        row = self.rows[s]
+        for b in self.gone.get(s, ()):
+            for a in row:
+                if not self._fits(row, a, b):
+                    continue
+                if add:
+                    self.returns.setdefault(a, {}).setdefault(b, set()).add(s)
+                else:
+                    shards = self.returns[a][b]
+                    shards.discard(s)
+                    if not shards:
+                        del self.returns[a][b]
 
     def _room(self, a: str, kind: int, z: str) -> int:
         """How many of a's replicas of this kind sit in shards where zone z is not full."""
@@ -131,11 +161,7 @@ class LoadIndex:
 
     def _returns(self, a: str, b: str) -> Iterable[int]:
         """Shards b held in `previous` and left, that a holds now and b may take back."""
-        left = self.left.get(b, set())
-        for kind in (FRESH,) if self.fresh_only else (FRESH, ORIGINAL):
-            for s in left.intersection(self.held[kind][a]):
-                if self._fits(self.rows[s], a, b):
-                    yield s
+        return self.returns.get(a, {}).get(b, ())
 
     def _candidates(self, a: str, kind: int, b: str) -> Iterable[int]:
         """The shards where a's replica of this kind may go to b."""
@@ -166,14 +192,6 @@ class LoadIndex:
         if not self.fresh_only:
             levels.append(deque((a, ORIGINAL) for a in sources))
         level = 0
-        # a -> (shard, agent that left it and may come back in a's place): free steps.
-        returns: dict[str, list[tuple[int, str]]] = {}
-        fresh = self.held[FRESH]
-        for b, shards in self.left.items():
-            for s in shards:
-                for a in self.rows[s]:
-                    if not self.fresh_only or s in fresh[a]:
-                        returns.setdefault(a, []).append((s, b))
 
         def reach(b: str, a: str, kind: int) -> bool:
             reached[b] = (a, kind)
@@ -190,8 +208,9 @@ class LoadIndex:
             queue = levels[level]
             while queue:
                 a, kind = queue.popleft()
-                for s, b in returns.get(a, ()) if kind == FRESH else ():
-                    if b not in reached and self._fits(self.rows[s], a, b):
+                # Free steps back to agents that left a shard a holds.
+                for b in self.returns.get(a, ()) if kind == FRESH else ():
+                    if b not in reached:
                         del todo[self.zone[b]][b]
                         if reach(b, a, RETURN):
                             return unwind(reached, b)

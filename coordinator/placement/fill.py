@@ -3,6 +3,7 @@ plan and re-homing the orphaned ones."""
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -83,31 +84,31 @@ def deal(w: Work, holes: Sequence[int], stream: Iterable[str]) -> tuple[list[int
     return short, left + list(slots)
 
 
-def fill_short(w: Work, short: Sequence[int], spare: list[str]) -> None:
+def fill_short(w: Work, short: Sequence[int]) -> None:
     """Complete the shards the stream left short (its last slots did not fit them): each
-    takes a left-over slot's agent that fits, else the allowed agent furthest below its fair
-    share. O(N) per short shard. The levelling that follows trades these replicas around
+    takes the allowed agent furthest below its fair share, from a heap (a shard passes over
+    only agents its own zones bar). The levelling that follows trades these replicas around
     for free (they are new in this round), so no search for a better fit is needed here."""
     cl, load, zone, cap = w.cl, w.load, w.cl.zone, w.cl.zone_cap
-    left = Counter(spare)
-    order = sorted(left, key=lambda a: (load.get(a, 0) - cl.fair[a], cl.rank[a]))
-
-    def fits(row: Sequence[str], a: str) -> bool:
-        return a not in row and sum(1 for x in row if zone[x] == zone[a]) < cap
-
+    fair, rank = cl.fair, cl.rank
+    heap = [(load.get(a, 0) - fair[a], rank[a], a) for a in cl.agents]
+    heapq.heapify(heap)
     for s in short:
         row = w.writable(s)
+        skipped = []
         while len(row) < cl.per_shard:
-            b = next((a for a in order if left[a] and fits(row, a)), None)
-            if b is not None:
-                left[b] -= 1
-            else:
-                b = min(
-                    (a for a in cl.agents if fits(row, a)),
-                    key=lambda a: (load.get(a, 0) - cl.fair[a], cl.rank[a]),
-                )
-            row.append(b)
-            load[b] = load.get(b, 0) + 1
+            entry = heapq.heappop(heap)
+            gap, _, a = entry
+            if gap != load.get(a, 0) - fair[a]:
+                continue  # stale: a newer entry for a is in the heap
+            if a in row or sum(1 for x in row if zone[x] == zone[a]) >= cap:
+                skipped.append(entry)
+                continue
+            row.append(a)
+            load[a] = load.get(a, 0) + 1
+            heapq.heappush(heap, (load[a] - fair[a], rank[a], a))
+        for entry in skipped:
+            heapq.heappush(heap, entry)
 
 
 def seed_rows(cl: Cluster, rnd: random.Random) -> Work:
@@ -118,8 +119,8 @@ def seed_rows(cl: Cluster, rnd: random.Random) -> Work:
     others = jittered(((a, cl.quota[a] - pq[a]) for a in cl.agents), rnd)
     w = Work(cl, [[a] for a in primaries], dict(Counter(primaries)), set(range(cl.shards)))
     holes = range(cl.shards)
-    short, spare = deal(w, holes, others)
-    fill_short(w, short, spare)
+    short, _ = deal(w, holes, others)
+    fill_short(w, short)
     return w
 
 
@@ -212,5 +213,5 @@ def rehome_orphans(w: Work, holes: list[int], rnd: random.Random) -> None:
     floor_gap = [(a, cl.lo[a] - load.get(a, 0)) for a in cl.agents]
     quota_gap = [(a, cl.quota[a] - max(cl.lo[a], load.get(a, 0))) for a in cl.agents]
     stream = chain(jittered(floor_gap, rnd), jittered(quota_gap, rnd))
-    short, spare = deal(w, holes, stream)
-    fill_short(w, short, spare)
+    short, _ = deal(w, holes, stream)
+    fill_short(w, short)

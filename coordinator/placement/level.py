@@ -47,18 +47,21 @@ def shed_overload(w: Work, over: list[str], pshare: Mapping[str, float], strict:
     When `strict`, only agents below their floor receive (a shard that cannot give to one
     is passed over: another shard of the same donor may), and a primary is handed over only
     by an agent with primaries to spare to one short of them: both avoid moves that a later
-    step would have to undo. Returns whether anything moved."""
+    step would have to undo. The pass looks at a few donor rows per replica to shed, not at
+    all of them (where the zone rule bars most moves, the chains do the rest). Returns
+    whether anything moved."""
     cl, load, pc = w.cl, w.load, w.pc
     fair, rank = cl.fair, cl.rank
     hi = cl.lo if strict else cl.hi
     donors = set(over)
+    budget = 4 * sum(load[a] - cl.hi[a] for a in over) + 64
     heap = [(load.get(b, 0) - fair[b], rank[b], b) for b in cl.agents if load.get(b, 0) < hi[b]]
     heapq.heapify(heap)
     if not heap:
         return False
     moved = False
     shards, rows = w.scan(heap[0][1])
-    for s in compress(shards, map(not_, map(donors.isdisjoint, rows))):
+    for s in islice(compress(shards, map(not_, map(donors.isdisjoint, rows))), budget):
         row = w.rows[s]
         spots = [i for i, a in enumerate(row) if a in donors]
         if spots[0] == 0 and pc.get(row[0], 0) <= pshare[row[0]]:
