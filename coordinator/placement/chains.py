@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import islice
+from itertools import chain, islice
+from typing import Protocol
 
 from coordinator.placement.model import Work
 
@@ -17,7 +18,6 @@ from coordinator.placement.model import Work
 # in this round (free), or any that goes back to an agent that held it in `previous` (free).
 ORIGINAL, FRESH, RETURN = 0, 1, 2
 
-Blocked = dict[str, set[int]]  # zone or agent -> shards where it blocks a move
 Step = tuple[str, int, str]  # (from agent, kind of replica it gives up, to agent)
 Move = tuple[int, str, str]  # (shard, from agent, to agent)
 
@@ -68,9 +68,13 @@ class LoadIndex:
                     self._gone(s, a, True)
         for s in self.gone:
             self._note_returns(s, True)
-        # agent -> per kind (ORIGINAL, FRESH): zone -> shards where that zone blocks a move;
-        # then per kind: agent -> shards where that agent does (zone cap above 1 only).
-        self.stats: dict[str, tuple[Blocked, Blocked, Blocked, Blocked]] = {}
+        # (agent, kind) -> in how many of the agent's shards with replicas of that kind each
+        # zone blocks a move, and each agent does (zone cap above 1 only); built when a
+        # search first expands them.
+        self.stats: dict[tuple[str, int], tuple[Counter[str], Counter[str]]] = {}
+        self.full: dict[str, set[int]] = {}  # see _full
+        self.pools: dict[Step, deque[int]] = {}  # see _pool; emptied by every search
+        self.led: dict[str, set[int]] = {}  # see _led
 
     def _blockers(self, row: Sequence[str], x: str) -> tuple[list[str], list[str]]:
         """What keeps another agent out of x's place in `row`: the zones that are full
@@ -82,45 +86,54 @@ class LoadIndex:
         full = [z for z, n in counts.items() if n >= self.cap]
         return full, [y for y in row if y != x and counts[zone[y]] < self.cap]
 
-    def _expand(self, a: str) -> tuple[Blocked, Blocked, Blocked, Blocked]:
-        st = self.stats.get(a)
+    def _expand(self, a: str, kind: int) -> tuple[Counter[str], Counter[str]]:
+        st = self.stats.get((a, kind))
         if st is None:
-            st = ({}, {}, {}, {})
-            for kind in (ORIGINAL, FRESH):
-                for s in self.held[kind][a]:
-                    self._note(st, kind, s, a, True)
-            self.stats[a] = st
+            st = self.stats[a, kind] = (Counter(), Counter())
+            rows, held = self.rows, self.held[kind][a]
+            if self.cap == 1:
+                # Every zone in a's rows blocks, but a's own (a is its only agent there).
+                agents = chain.from_iterable(map(rows.__getitem__, held))
+                st[0].update(map(self.zone.__getitem__, agents))
+                st[0][self.zone[a]] -= len(held)
+            else:
+                for s in held:
+                    full, present = self._blockers(rows[s], a)
+                    st[0].update(full)
+                    st[1].update(present)
         return st
 
-    def _note(self, st: tuple[Blocked, ...], kind: int, s: int, x: str, add: bool) -> None:
+    def _count(self, x: str, s: int, sign: int) -> None:
+        st = self.stats.get((x, FRESH if s in self.held[FRESH][x] else ORIGINAL))
+        if st is None:
+            return
         full, present = self._blockers(self.rows[s], x)
-        for by, keys in ((st[kind], full), (st[2 + kind], present)):
-            for key in keys:
-                shards = by.get(key)
-                if add:
-                    if shards is None:
-                        by[key] = {s}
-                    else:
-                        shards.add(s)
-                elif shards is not None:
-                    shards.discard(s)
-
-    def _count(self, x: str, s: int, add: bool) -> None:
-        kind = FRESH if s in self.held[FRESH][x] else ORIGINAL
-        if kind == ORIGINAL and self.fresh_only:
-            return  # not tracked
-        self._note(self.stats[x], kind, s, x, add)
+        for z in full:
+            st[0][z] += sign
+        for y in present:
+            st[1][y] += sign
 
     def move(self, s: int, a: str, b: str) -> None:
         """Move a's replica of shard s to b, keeping the index up to date."""
         row = self.rows[s]
+        i = row.index(a)
         self._note_returns(s, False)
         for x in row:
-            if x in self.stats:
-                self._count(x, s, False)
+            self._count(x, s, -1)
         self.held[FRESH if s in self.held[FRESH][a] else ORIGINAL][a].discard(s)
-        self.w.replace(s, row.index(a), b)
+        self.w.replace(s, i, b)
         row = self.rows[s]
+        if i == 0:
+            if a in self.led:
+                self.led[a].discard(s)
+            if b in self.led:
+                self.led[b].add(s)
+        for z in {self.zone[a], self.zone[b]}:
+            if z in self.full:
+                if sum(1 for y in row if self.zone[y] == z) >= self.cap:
+                    self.full[z].add(s)
+                else:
+                    self.full[z].discard(s)
         old = self.w.original(s)
         self.held[ORIGINAL if b in old else FRESH][b].add(s)
         if a in old:
@@ -128,8 +141,7 @@ class LoadIndex:
         if b in self.gone.get(s, ()):
             self._gone(s, b, False)
         for x in row:
-            if x in self.stats:
-                self._count(x, s, True)
+            self._count(x, s, +1)
         self._note_returns(s, True)
 
     def _gone(self, s: int, a: str, left: bool) -> None:
@@ -157,32 +169,65 @@ class LoadIndex:
 
     def _room(self, a: str, kind: int, z: str) -> int:
         """How many of a's replicas of this kind sit in shards where zone z is not full."""
-        return len(self.held[kind][a]) - len(self.stats[a][kind].get(z, ()))
+        return len(self.held[kind][a]) - self.stats[a, kind][0][z]
 
     def _returns(self, a: str, b: str) -> Iterable[int]:
         """Shards b held in `previous` and left, that a holds now and b may take back."""
         return self.returns.get(a, {}).get(b, ())
 
-    def _candidates(self, a: str, kind: int, b: str) -> Iterable[int]:
-        """The shards where a's replica of this kind may go to b."""
-        if kind == RETURN:
-            return self._returns(a, b)
-        st = self._expand(a)
-        return self.held[kind][a].difference(
-            st[kind].get(self.zone[b], ()), st[2 + kind].get(b, ())
-        )
+    def _full(self, z: str) -> set[int]:
+        """The shards where zone z holds `zone_cap` replicas (built on first use from the
+        zone's agents' sets, then kept up to date by `move`)."""
+        shards = self.full.get(z)
+        if shards is None:
+            held = [h[a] for a in self.cl.by_zone[z] for h in self.held]
+            if self.cap == 1:
+                shards = set().union(*held)
+            else:
+                counts = Counter(chain.from_iterable(held))
+                shards = {s for s, n in counts.items() if n >= self.cap}
+            self.full[z] = shards
+        return shards
 
-    def search(self, sources: Sequence[str], is_sink: Callable[[str], bool]) -> list[Step] | None:
-        """The cheapest path from a source to a sink, as steps (a, kind, b): a passes one of
-        its replicas of that kind to b. Moving a FRESH replica is free (it was placed in this
+    def _led(self, a: str) -> set[int]:
+        """The shards a leads (built on first use, then kept up to date by `move`)."""
+        shards = self.led.get(a)
+        if shards is None:
+            rows = self.rows
+            shards = self.led[a] = {s for h in self.held for s in h[a] if rows[s][0] == a}
+        return shards
+
+    def _candidates(self, a: str, kind: int, b: str) -> set[int]:
+        """The shards where a's replica of this kind may go to b, by set arithmetic: those
+        where b's zone is full (unless it is a's own, whose count a's leaving lowers) and,
+        with a zone cap above 1, those b is in already are out."""
+        if kind == RETURN:
+            return set(self._returns(a, b))
+        zb = self.zone[b]
+        out = self.held[kind][a]
+        if zb != self.zone[a]:
+            out = out - self._full(zb)
+        if self.cap > 1:
+            out = out - self.held[ORIGINAL][b] - self.held[FRESH][b]
+        return out
+
+    def search(
+        self, sources: Sequence[str], is_sink: Callable[[str], bool], need: int
+    ) -> list[list[Step]]:
+        """Cheapest paths from sources to sinks, as steps (a, kind, b): a passes one of its
+        replicas of that kind to b. Moving a FRESH replica is free (it was placed in this
         round, so it adds no move against `previous`), and so is a RETURN to an agent that
         held the shard in `previous`; an ORIGINAL one costs 1. The search runs level by
-        level of cost, so the first sink found is a cheapest one.
+        level of cost. The first level that reaches a sink gives a path for every way into
+        a sink it finds, until it has `need` of them (what the sinks can take in all), so
+        that one search serves many units: the paths may share agents, and each is checked
+        again when pushed.
 
         An agent, once reached, is never looked at again, and a zone whose agents are all
         reached is dropped: an expansion costs the zones it cannot reach (at most R - 1 with
-        a zone cap of 1, since a zone blocked in every shard of a is in the first one) plus
-        the agents it reaches."""
+        a zone cap of 1, since a zone blocked in every shard of a is in the first one), the
+        agents it reaches and the sinks already found."""
+        self.pools.clear()
         reached: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
         todo = {
             z: dict.fromkeys(b for b in members if b not in reached)
@@ -192,46 +237,67 @@ class LoadIndex:
         if not self.fresh_only:
             levels.append(deque((a, ORIGINAL) for a in sources))
         level = 0
+        found: list[Step] = []  # the last step of each path
+        sinks: dict[str, None] = {}  # sinks reached
 
-        def reach(b: str, a: str, kind: int) -> bool:
+        def reach(b: str, a: str, kind: int) -> None:
             reached[b] = (a, kind)
             if is_sink(b):
-                return True
+                sinks[b] = None
+                found.append((a, kind, b))
+                return
             levels[level].append((b, FRESH))
             if not self.fresh_only:
                 if len(levels) == level + 1:
                     levels.append(deque())
                 levels[level + 1].append((b, ORIGINAL))
-            return False
 
-        while level < len(levels):
+        # A zone holding `zone_cap` replicas of every shard takes nothing from outside: an
+        # agent that could only reach such zones is not worth expanding.
+        zone_load: Counter[str] = Counter()
+        for a, n in self.w.load.items():
+            if a in self.cl.member_set:
+                zone_load[self.zone[a]] += n
+        closed = {z for z, n in zone_load.items() if n >= self.cl.shards * self.cap}
+
+        def useless(a: str) -> bool:
+            za = self.zone[a]
+            shut = (z in closed and z != za for z in chain(todo, map(self.zone.get, sinks)))
+            return all(shut) and not (self.returns.get(a) and kind == FRESH)
+
+        while level < len(levels) and not found:
             queue = levels[level]
-            while queue:
+            while queue and len(found) < need:
                 a, kind = queue.popleft()
+                if useless(a):
+                    continue
                 # Free steps back to agents that left a shard a holds.
                 for b in self.returns.get(a, ()) if kind == FRESH else ():
                     if b not in reached:
                         del todo[self.zone[b]][b]
-                        if reach(b, a, RETURN):
-                            return unwind(reached, b)
+                        reach(b, a, RETURN)
+                    elif b in sinks:
+                        found.append((a, RETURN, b))
                 if not self.held[kind][a]:
                     continue
-                present = self._expand(a)[2 + kind]
+                present = self._expand(a, kind)[1]
+                for b in sinks:
+                    if self._room(a, kind, self.zone[b]) - present[b] > 0:
+                        found.append((a, kind, b))
                 for z in list(todo):
                     room = self._room(a, kind, z)
                     if room <= 0:
                         continue
                     members = todo[z]
                     for b in list(members):
-                        if present and room - len(present.get(b, ())) <= 0:
+                        if present and room - present[b] <= 0:
                             continue  # b already sits in every shard z has room in
                         del members[b]
-                        if reach(b, a, kind):
-                            return unwind(reached, b)
+                        reach(b, a, kind)
                     if not members:
                         del todo[z]
             level += 1
-        return None
+        return [[*unwind(reached, a), (a, kind, b)] for a, kind, b in found]
 
     def _fits(self, row: Sequence[str], a: str, b: str) -> bool:
         zone = self.zone
@@ -240,15 +306,26 @@ class LoadIndex:
 
     def _pool(self, a: str, kind: int, b: str) -> deque[int]:
         """The shards where a's replica of this kind may go to b, those a does not lead
-        first (a primary that moves is a primary change as well). A push takes them in turn,
-        checking each again when its turn comes."""
-        rows = self.rows
-        pool = list(self._candidates(a, kind, b))
-        return deque([s for s in pool if rows[s][0] != a] + [s for s in pool if rows[s][0] == a])
+        first (a primary that moves is a primary change as well). Pushes take them in turn,
+        checking each again when its turn comes; the paths of one search share them."""
+        pool = self.pools.get((a, kind, b))
+        if pool is None:
+            shards = self._candidates(a, kind, b)
+            led = self._led(a)
+            pool = self.pools[a, kind, b] = deque([*sorted(shards - led), *sorted(shards & led)])
+        return pool
 
-    def _take(self, pool: deque[int], a: str, b: str, used: set[int]) -> int | None:
-        """The next shard of the pool that still fits, preferably one no other step uses."""
+    def _take(self, a: str, kind: int, b: str, used: set[int]) -> int | None:
+        """A shard where a's replica of this kind may go to b now, preferably one no other
+        step uses and a does not lead. A few of a's shards are tried first: most often one
+        fits and the full pool (a pass over a's shards) is not needed."""
         rows = self.rows
+        if kind != RETURN and (a, kind, b) not in self.pools:
+            for s in list(islice(self.held[kind][a], 16)):
+                row = rows[s]
+                if s not in used and row[0] != a and self._fits(row, a, b):
+                    return s
+        pool = self._pool(a, kind, b)
         while pool and not (a in rows[pool[0]] and self._fits(rows[pool[0]], a, b)):
             pool.popleft()
         if not pool:
@@ -280,16 +357,17 @@ class LoadIndex:
             else:
                 return plan
 
-    def push(self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], bool]):
+    def push(
+        self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], int]
+    ) -> int:
         """Move along the path as often as its source, its sink and every step allow.
         Returns how many replicas reached the sink."""
-        pools = [self._pool(a, kind, b) for a, kind, b in steps]
         pushed = 0
         while True:
             plan: list[Move] = []
             used: set[int] = set()
-            for (a, _, b), pool in zip(steps, pools, strict=True):
-                s = self._take(pool, a, b, used)
+            for a, kind, b in steps:
+                s = self._take(a, kind, b, used)
                 if s is None:
                     return pushed
                 plan.append((s, a, b))
@@ -303,18 +381,46 @@ class LoadIndex:
             if not (source(steps[0][0]) and sink(steps[-1][2])) or self.w.out_of_time():
                 return pushed
 
-    def augment(self, source: Callable[[str], bool], sink: Callable[[str], bool]) -> bool:
+    def augment(self, source: Callable[[str], bool], sink: Callable[[str], int]) -> bool:
         """Move replicas along cheapest paths until no agent is a source. Returns False when
         some source has no path to a sink (its reachable agents hold all they can: the
         bound is out of reach, see docs/placement.md) or when time ran out."""
-        agents = self.cl.agents
-        while sources := [a for a in agents if source(a)]:
-            if self.w.out_of_time():
-                return False
-            steps = self.search(sources, sink)
-            if steps is None or not self.push(steps, source, sink):
-                return False
-        return True
+        return augment(self, self.cl.agents, source, sink)
+
+
+class Graph(Protocol):
+    w: Work
+
+    def search(
+        self, sources: Sequence[str], is_sink: Callable[[str], int], need: int
+    ) -> list[list[Step]]: ...
+
+    def push(
+        self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], int]
+    ) -> int: ...
+
+
+def augment(
+    graph: Graph,
+    agents: Sequence[str],
+    source: Callable[[str], bool],
+    sink: Callable[[str], int],
+) -> bool:
+    """Push along the paths a search finds until no agent is a source. `sink(b)` is how
+    many units b may still take (0: b is no sink). Returns False when some source has no
+    path to a sink (its reachable agents hold all they can: the bound is out of reach, see
+    docs/placement.md) or when time ran out."""
+    while sources := [a for a in agents if source(a)]:
+        if graph.w.out_of_time():
+            return False
+        paths = graph.search(sources, sink, sum(map(sink, agents)))
+        pushed = 0
+        for steps in paths:
+            if source(steps[0][0]) and sink(steps[-1][2]):
+                pushed += graph.push(steps, source, sink)
+        if not pushed:
+            return False
+    return True
 
 
 def unwind(reached: Mapping[str, tuple[str, int] | None], b: str) -> list[Step]:

@@ -136,25 +136,31 @@ def level_load(w: Work) -> bool:
         # Replicas placed in this round can trade places among themselves for free.
         fresh = LoadIndex(w, fresh_only=True)
         fresh.augment(b.over, b.room)
-        fresh.augment(b.spare, b.under)
+        fresh.augment(b.spare, b.short)
         todo_over, todo_under = unbalanced()
         if not (todo_over or todo_under):
             return True
     if w.out_of_time():
         return False
-    pshare = primary_targets(cl, cl.quota, cl.shards)[0]
-    w.count_primaries()
-    if todo_over:
-        shed_overload(w, todo_over, pshare, strict=True)
-        if todo_over := unbalanced()[0]:
-            shed_overload(w, todo_over, pshare, strict=False)
-    if todo_under := unbalanced()[1]:
-        fill_underload(w, todo_under, pshare)
-    todo_over, todo_under = unbalanced()
-    if not (todo_over or todo_under):
-        return True
+    # Direct passes cost a few row visits per replica to move, the index one pass over the
+    # rows to build: the passes win for small imbalances (a join, a leave), the index for
+    # large ones (a weight raised a hundredfold).
+    gap = sum(w.load.get(a, 0) - cl.hi[a] for a in todo_over)
+    gap += sum(cl.lo[a] - w.load.get(a, 0) for a in todo_under)
+    if gap * 64 <= cl.shards:
+        pshare = primary_targets(cl, cl.quota, cl.shards)[0]
+        w.count_primaries()
+        if todo_over:
+            shed_overload(w, todo_over, pshare, strict=True)
+            if todo_over := unbalanced()[0]:
+                shed_overload(w, todo_over, pshare, strict=False)
+        if todo_under := unbalanced()[1]:
+            fill_underload(w, todo_under, pshare)
+        todo_over, todo_under = unbalanced()
+        if not (todo_over or todo_under):
+            return True
     index = LoadIndex(w, fresh_only=False)
     if todo_over and todo_under:
-        index.augment(b.over, b.under)
+        index.augment(b.over, b.short)
     reached = index.augment(b.over, b.room)
-    return index.augment(b.spare, b.under) and reached
+    return index.augment(b.spare, b.short) and reached

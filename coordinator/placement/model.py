@@ -325,8 +325,13 @@ class Bounds:
     def under(self, a: str) -> bool:
         return self.count.get(a, 0) < self.lo[a]
 
-    def room(self, a: str) -> bool:
-        return self.count.get(a, 0) < self.hi[a]
+    def room(self, a: str) -> int:
+        """How many more a may take before its ceiling (0 at or above it)."""
+        return max(0, self.hi[a] - self.count.get(a, 0))
+
+    def short(self, a: str) -> int:
+        """How many a lacks to reach its floor (0 at or above it)."""
+        return max(0, self.lo[a] - self.count.get(a, 0))
 
     def spare(self, a: str) -> bool:
         return self.count.get(a, 0) > self.lo[a]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 
-from coordinator.placement.chains import FRESH, ORIGINAL, Step, unwind
+from coordinator.placement.chains import FRESH, ORIGINAL, Step, augment, unwind
 from coordinator.placement.model import Bounds, Work, primary_targets
 
 
@@ -92,81 +92,101 @@ class PrimaryIndex:
             {a: set() for a in self.agents},
             {a: set() for a in self.agents},
         )
+        original = self.led[ORIGINAL]
         for s, row in enumerate(w.rows):
             if row:
-                self.led[self._kind(s)][row[0]].add(s)
-        self.peers: dict[str, tuple[Counter[str], Counter[str]]] = {}
+                original[row[0]].add(s)
+        for s in w.touched:  # the other rows are `previous`' own: same primary
+            if w.rows[s] and self._kind(s) == FRESH:
+                original[w.rows[s][0]].discard(s)
+                self.led[FRESH][w.rows[s][0]].add(s)
+        self.peers: dict[tuple[str, int], Counter[str]] = {}
 
     def _kind(self, s: int) -> int:
         old = self.w.original(s)
         return ORIGINAL if old and old[0] == self.rows[s][0] else FRESH
 
-    def _expand(self, a: str) -> tuple[Counter[str], Counter[str]]:
-        peers = self.peers.get(a)
+    def _expand(self, a: str, kind: int) -> Counter[str]:
+        peers = self.peers.get((a, kind))
         if peers is None:
             rows = self.rows
-            peers = self.peers[a] = tuple(  # type: ignore[assignment]
-                Counter(chain.from_iterable(rows[s][1:] for s in led[a])) for led in self.led
-            )
+            led = self.led[kind][a]
+            peers = self.peers[a, kind] = Counter(chain.from_iterable(rows[s][1:] for s in led))
         return peers
 
     def promote(self, s: int, b: str) -> None:
         row = self.rows[s]
         a = row[0]
         kind = self._kind(s)
-        if a in self.peers:
-            self.peers[a][kind].subtract(row[1:])
+        if (a, kind) in self.peers:
+            self.peers[a, kind].subtract(row[1:])
         self.led[kind][a].discard(s)
         self.w.promote(s, b)
         row = self.rows[s]
         kind = self._kind(s)
         self.led[kind][b].add(s)
-        if b in self.peers:
-            self.peers[b][kind].update(row[1:])
+        if (b, kind) in self.peers:
+            self.peers[b, kind].update(row[1:])
 
-    def search(self, sources: list[str], is_sink: Callable[[str], bool]) -> list[Step] | None:
-        """The path from a source to a sink with the fewest ORIGINAL hand-overs (those add a
-        primary change), as steps (a, kind, b), searched level by level of that cost."""
+    def search(
+        self, sources: Sequence[str], is_sink: Callable[[str], int], need: int
+    ) -> list[list[Step]]:
+        """Paths from sources to sinks with the fewest ORIGINAL hand-overs (those add a
+        primary change), as steps (a, kind, b), searched level by level of that cost; as
+        for replicas (chains.LoadIndex.search), the first level that reaches a sink gives a
+        path for every way into a sink it finds, up to `need`."""
         parent: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
         levels = [deque((a, FRESH) for a in sources), deque((a, ORIGINAL) for a in sources)]
+        found: list[Step] = []
         level = 0
-        while level < len(levels):
+        while level < len(levels) and not found:
             queue = levels[level]
-            while queue:
+            while queue and len(found) < need:
                 a, kind = queue.popleft()
-                for b, n in self._expand(a)[kind].items():
-                    if n <= 0 or b in parent:
+                if not self.led[kind][a]:
+                    continue
+                for b, n in self._expand(a, kind).items():
+                    if n <= 0:
+                        continue
+                    if b in parent:
+                        if parent[b] is not None and is_sink(b):
+                            found.append((a, kind, b))
                         continue
                     parent[b] = (a, kind)
                     if is_sink(b):
-                        return unwind(parent, b)
+                        found.append((a, kind, b))
+                        continue
                     queue.append((b, FRESH))
                     if len(levels) <= level + 1:
                         levels.append(deque())
                     levels[level + 1].append((b, ORIGINAL))
             level += 1
-        return None
+        return [[*unwind(parent, a), (a, kind, b)] for a, kind, b in found]
 
-    def push(self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], bool]):
-        """Hand primaries over along the path as often as its ends and its steps allow."""
+    def push(
+        self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], int]
+    ) -> int:
+        """Hand primaries over along the path as often as its ends and its steps allow. The
+        steps' shards differ (each has one primary), so they are chosen before any moves."""
+        rows = self.rows
+        pools = [deque(sorted(s for s in self.led[k][a] if b in rows[s])) for a, k, b in steps]
+        pushed = 0
         while True:
-            for a, kind, b in steps:
-                s = next(s for s in self.led[kind][a] if b in self.rows[s])
+            plan = []
+            for (a, _, b), pool in zip(steps, pools, strict=True):
+                while pool and not (rows[pool[0]][0] == a and b in rows[pool[0]]):
+                    pool.popleft()
+                if not pool:
+                    return pushed
+                plan.append((pool.popleft(), b))
+            for s, b in plan:
                 self.promote(s, b)
+            pushed += 1
             if not (source(steps[0][0]) and sink(steps[-1][2])) or self.w.out_of_time():
-                return
-            if any(self._expand(a)[kind][b] <= 0 for a, kind, b in steps):
-                return
+                return pushed
 
-    def augment(self, source: Callable[[str], bool], sink: Callable[[str], bool]) -> bool:
-        while sources := [a for a in self.agents if source(a)]:
-            if self.w.out_of_time():
-                return False
-            steps = self.search(sources, sink)
-            if steps is None:
-                return False
-            self.push(steps, source, sink)
-        return True
+    def augment(self, source: Callable[[str], bool], sink: Callable[[str], int]) -> bool:
+        return augment(self, self.agents, source, sink)
 
 
 def balance_primaries(w: Work, headless: Mapping[int, int]) -> bool:
@@ -187,10 +207,10 @@ def balance_primaries(w: Work, headless: Mapping[int, int]) -> bool:
     fresh = [s for s in sorted(w.touched) if not w.original(s) or w.original(s)[0] != w.rows[s][0]]
     if todo := [a for a in cl.agents if b.over(a)]:
         hand_over(w, set(todo), hi, share, fresh)
-        if any(map(b.over, cl.agents)):
-            reached = PrimaryIndex(w).augment(b.over, b.room)
     if todo := [a for a in cl.agents if b.under(a)]:
         take_over(w, set(todo), lo, share, fresh)
-        if any(map(b.under, cl.agents)):
-            reached = PrimaryIndex(w).augment(b.spare, b.under) and reached
+    if any(map(b.over, cl.agents)) or any(map(b.under, cl.agents)):
+        index = PrimaryIndex(w)
+        reached = index.augment(b.over, b.room)
+        reached = index.augment(b.spare, b.short) and reached
     return reached
