@@ -19,7 +19,9 @@ def choose_lost_primaries(w: Work, headless: Mapping[int, int], share: Mapping[s
         pc[row[0]] -= 1
     for s in sorted(headless):
         row = w.rows[s]
-        survivors = row[: headless[s]] or row
+        # Levelling may have moved a survivor since keep_valid counted them: ask `previous`.
+        old = w.original(s)
+        survivors = [a for a in row if a in old] or row
         b = min(survivors, key=lambda a: (pc.get(a, 0) - share[a], rank[a]))
         pc[row[0]] += 1
         if b != row[0]:
