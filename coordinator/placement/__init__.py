@@ -26,7 +26,31 @@ Guarantees (docs/placement.md has the reasoning and the measured figures):
 - movement: a valid replica moves only when levelling needs it. After a single change:
   when an agent leaves, exactly its replicas move whenever that is possible at all; when
   one joins, at most the ceiling of its fair share moves. The tests check both against an
-  exact (max-flow) oracle of what is possible.
+  exact (max-flow) oracle of what is possible;
+- time: bounded whatever the weights, zones and history. Searches run over agents, not
+  shards: one costs O(N * R); the per-agent indexes they read cost O(S * R) to build, once
+  per call and only when direct moves do not suffice (docs/placement.md, "Cost").
+
+Deadline hook. ``place(..., should_stop=f)`` calls ``f()`` (no arguments, no clock read
+here) between steps that leave the plan valid: before levelling, before every augmenting
+search and after every path pushed, before balancing primaries and between their
+searches. Once ``f()`` returns True, the remaining balancing is skipped and the result has
+``complete=False``. What is never skipped: the previous plan's valid replicas are kept,
+orphaned replicas are re-homed (every shard has min(R, eligible) replicas, zone rule, no
+duplicates, no draining or departed agent) and a shard whose primary left gets a survivor
+as primary. Only balance (replica and primary counts) may then be off; calling ``place``
+again from that result finishes the job. A leader with a deadline::
+
+    deadline = time.monotonic() + budget
+    plan = place(previous, members, shards, replicas,
+                 should_stop=lambda: time.monotonic() > deadline)
+    write(plan)                 # valid either way
+    if not plan.complete:
+        schedule_another_pass() # from plan.replicas, to improve balance
+
+``f`` is called often (up to a few times per replica moved), so it should be cheap; the
+time between two calls is that of one search and one path: O(N * R + S * R) in the
+worst case (the first index build), milliseconds in practice.
 """
 
 from __future__ import annotations
@@ -57,7 +81,8 @@ def place(
 ) -> Placement:
     """The target placement: for each shard 0..shards-1, its replicas' agent ids, primary
     first. `previous` is the last placement (or None for a new cluster); it may name agents
-    that are gone and may be shorter or longer than `shards`."""
+    that are gone and may be shorter or longer than `shards`. `should_stop`: the deadline
+    hook described in the module docstring."""
     cl = cluster_model(members, shards, replicas)
     shortfall = shards * (replicas - cl.per_shard)
     if not cl.agents:

@@ -79,12 +79,13 @@ class LoadIndex:
     def _blockers(self, row: Sequence[str], x: str) -> tuple[list[str], list[str]]:
         """What keeps another agent out of x's place in `row`: the zones that are full
         without x and, with a zone cap above 1, the agents already there."""
-        zone = self.zone
-        if self.cap == 1:
-            return [zone[y] for y in row if y != x], []
-        counts = Counter(zone[y] for y in row if y != x)
-        full = [z for z, n in counts.items() if n >= self.cap]
-        return full, [y for y in row if y != x and counts[zone[y]] < self.cap]
+        zone, cap = self.zone, self.cap
+        zones = [zone[y] for y in row if y != x]
+        if cap == 1:
+            return zones, []
+        # R is small: list counts beat building a Counter per row.
+        full = [z for i, z in enumerate(zones) if zones.index(z) == i and zones.count(z) >= cap]
+        return full, [y for y in row if y != x and zones.count(zone[y]) < cap]
 
     def _expand(self, a: str, kind: int) -> tuple[Counter[str], Counter[str]]:
         st = self.stats.get((a, kind))
@@ -205,6 +206,8 @@ class LoadIndex:
             return set(self._returns(a, b))
         zb = self.zone[b]
         out = self.held[kind][a]
+        if self.fresh_only:
+            return out  # few, and the zone sets would need every agent's shards: check each
         if zb != self.zone[a]:
             out = out - self._full(zb)
         if self.cap > 1:
