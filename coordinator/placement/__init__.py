@@ -103,12 +103,13 @@ def place(
 
 
 def _changes(w: Work, out: Sequence[tuple[str, ...]]) -> tuple[int, int]:
-    moves = 0
-    primary_changes = 0
-    for s in w.touched:
-        old = w.original(s)
-        new = out[s]
-        moves += len(set(new).difference(old))
-        if old and new and old[0] != new[0]:
-            primary_changes += 1
+    touched = sorted(w.touched)
+    old = [w.original(s) for s in touched]
+    new = [out[s] for s in touched]
+    # C-level: one weight change can touch every row.
+    moves = sum(map(len, map(set.difference, map(set, new), old)))
+    first = [row[0] if row else None for row in old]
+    primary_changes = sum(
+        1 for a, row in zip(first, new, strict=True) if a is not None and row and row[0] != a
+    )
     return moves, primary_changes

@@ -8,7 +8,7 @@ docs/placement.md for the argument and the complexity."""
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain, islice
 from typing import Protocol
 
@@ -38,7 +38,7 @@ class LoadIndex:
 
     def __init__(self, w: Work, fresh_only: bool):
         cl = w.cl
-        self.w, self.cl, self.rows = w, cl, w.rows
+        self.w, self.cl, self.rows, self.agents = w, cl, w.rows, cl.agents
         self.zone, self.cap = cl.zone, cl.zone_cap
         self.fresh_only = fresh_only
         # Zone members by hash rank: the first one found is not always the lowest id.
@@ -72,8 +72,10 @@ class LoadIndex:
         # zone blocks a move, and each agent does (zone cap above 1 only); built when a
         # search first expands them.
         self.stats: dict[tuple[str, int], tuple[Counter[str], Counter[str]]] = {}
+        self.expanded: set[str] = set()  # agents with an entry in `stats`
+        self.direct = 0  # moves made by _push_direct
         self.full: dict[str, set[int]] = {}  # see _full
-        self.pools: dict[Step, deque[int]] = {}  # see _pool; emptied by every search
+        self.pools: dict[tuple[str, int, str], deque[int]] = {}  # see _pool; reset per search
         self.led: dict[str, set[int]] = {}  # see _led
 
     def _blockers(self, row: Sequence[str], x: str) -> tuple[list[str], list[str]]:
@@ -90,6 +92,7 @@ class LoadIndex:
     def _expand(self, a: str, kind: int) -> tuple[Counter[str], Counter[str]]:
         st = self.stats.get((a, kind))
         if st is None:
+            self.expanded.add(a)
             st = self.stats[a, kind] = (Counter(), Counter())
             rows, held = self.rows, self.held[kind][a]
             if self.cap == 1:
@@ -114,36 +117,68 @@ class LoadIndex:
         for y in present:
             st[1][y] += sign
 
-    def move(self, s: int, a: str, b: str) -> None:
-        """Move a's replica of shard s to b, keeping the index up to date."""
+    def move(self, s: int, a: str, b: str, track: bool = True) -> None:
+        """Move a's replica of shard s to b, keeping the index up to date. This runs once
+        per replica moved (up to S of them after one weight change), so the common zone
+        cap of 1 takes a short path: only the zones of a and b change in the shard. Without
+        `track`, a's leaving is not offered as a free return (bulk moves skip that)."""
         row = self.rows[s]
         i = row.index(a)
-        self._note_returns(s, False)
-        for x in row:
-            self._count(x, s, -1)
-        self.held[FRESH if s in self.held[FRESH][a] else ORIGINAL][a].discard(s)
+        fresh = self.held[FRESH]
+        za, zb = self.zone[a], self.zone[b]
+        if s in self.gone:
+            self._note_returns(s, False)
+        simple = self.cap == 1
+        if simple:
+            for x in row:
+                if x in self.expanded:
+                    st = self.stats.get((x, FRESH if s in fresh[x] else ORIGINAL))
+                    if st is None:
+                        continue
+                    if x == a:
+                        st[0].subtract([self.zone[y] for y in row if y != a])
+                    else:
+                        st[0][za] -= 1
+                        st[0][zb] += 1
+        else:
+            for x in row:
+                self._count(x, s, -1)
+        self.held[FRESH if s in fresh[a] else ORIGINAL][a].discard(s)
         self.w.replace(s, i, b)
         row = self.rows[s]
-        if i == 0:
+        if i == 0 and self.led:
             if a in self.led:
                 self.led[a].discard(s)
             if b in self.led:
                 self.led[b].add(s)
-        for z in {self.zone[a], self.zone[b]}:
-            if z in self.full:
-                if sum(1 for y in row if self.zone[y] == z) >= self.cap:
-                    self.full[z].add(s)
-                else:
-                    self.full[z].discard(s)
+        if simple:  # a's zone leaves the shard, b's enters
+            if za in self.full:
+                self.full[za].discard(s)
+            if zb in self.full:
+                self.full[zb].add(s)
+        else:
+            for z in (za, zb):
+                if z in self.full:
+                    if sum(1 for y in row if self.zone[y] == z) >= self.cap:
+                        self.full[z].add(s)
+                    else:
+                        self.full[z].discard(s)
         old = self.w.original(s)
         self.held[ORIGINAL if b in old else FRESH][b].add(s)
-        if a in old:
+        if track and a in old:
             self._gone(s, a, True)
         if b in self.gone.get(s, ()):
             self._gone(s, b, False)
-        for x in row:
-            self._count(x, s, +1)
-        self._note_returns(s, True)
+        if simple:
+            if b in self.expanded:
+                st = self.stats.get((b, FRESH if s in fresh[b] else ORIGINAL))
+                if st is not None:
+                    st[0].update([self.zone[y] for y in row if y != b])
+        else:
+            for x in row:
+                self._count(x, s, +1)
+        if s in self.gone:
+            self._note_returns(s, True)
 
     def _gone(self, s: int, a: str, left: bool) -> None:
         """Record that a left shard s it held in `previous`, or came back to it."""
@@ -156,10 +191,14 @@ class LoadIndex:
 
     def _note_returns(self, s: int, add: bool) -> None:
         row = self.rows[s]
+        zones = [self.zone[y] for y in row] if self.cap == 1 else []
         for b in self.gone.get(s, ()):
-            for a in row:
-                if not self._fits(row, a, b):
-                    continue
+            if self.cap == 1:  # b fits in anyone's place, or only in its zone-mate's
+                zb = self.zone[b]
+                places: Sequence[str] = [row[zones.index(zb)]] if zb in zones else row
+            else:
+                places = [a for a in row if self._fits(row, a, b)]
+            for a in places:
                 if add:
                     self.returns.setdefault(a, {}).setdefault(b, set()).add(s)
                 else:
@@ -215,16 +254,16 @@ class LoadIndex:
         return out
 
     def search(
-        self, sources: Sequence[str], is_sink: Callable[[str], bool], need: int
-    ) -> list[list[Step]]:
+        self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
+    ) -> Iterator[list[Step]]:
         """Cheapest paths from sources to sinks, as steps (a, kind, b): a passes one of its
         replicas of that kind to b. Moving a FRESH replica is free (it was placed in this
         round, so it adds no move against `previous`), and so is a RETURN to an agent that
         held the shard in `previous`; an ORIGINAL one costs 1. The search runs level by
-        level of cost. The first level that reaches a sink gives a path for every way into
-        a sink it finds, until it has `need` of them (what the sinks can take in all), so
-        that one search serves many units: the paths may share agents, and each is checked
-        again when pushed.
+        level of cost. The first level that reaches a sink (a key of `sinks`, whose value
+        is how many it can take) gives a path for every way into a sink it finds, until
+        there are as many as the sinks can take in all, so that one search serves many
+        units: the paths may share agents, and each is checked again when pushed.
 
         An agent, once reached, is never looked at again, and a zone whose agents are all
         reached is dropped: an expansion costs the zones it cannot reach (at most R - 1 with
@@ -241,12 +280,18 @@ class LoadIndex:
             levels.append(deque((a, ORIGINAL) for a in sources))
         level = 0
         found: list[Step] = []  # the last step of each path
-        sinks: dict[str, None] = {}  # sinks reached
+        sinks = {b: n for b in self.agents if (n := is_sink(b))}
+        need = sum(sinks.values())
+        hit: dict[str, None] = {}  # sinks reached
+
+        level_of: dict[str, int] = {}
+        expanded: list[list[tuple[str, int]]] = [[] for _ in levels]  # per level
 
         def reach(b: str, a: str, kind: int) -> None:
             reached[b] = (a, kind)
-            if is_sink(b):
-                sinks[b] = None
+            level_of[b] = level
+            if b in sinks:
+                hit[b] = None
                 found.append((a, kind, b))
                 return
             levels[level].append((b, FRESH))
@@ -265,7 +310,7 @@ class LoadIndex:
 
         def useless(a: str) -> bool:
             za = self.zone[a]
-            shut = (z in closed and z != za for z in chain(todo, map(self.zone.get, sinks)))
+            shut = (z in closed and z != za for z in chain(todo, map(self.zone.get, hit)))
             return all(shut) and not (self.returns.get(a) and kind == FRESH)
 
         while level < len(levels) and not found:
@@ -279,12 +324,15 @@ class LoadIndex:
                     if b not in reached:
                         del todo[self.zone[b]][b]
                         reach(b, a, RETURN)
-                    elif b in sinks:
+                    elif b in hit:
                         found.append((a, RETURN, b))
                 if not self.held[kind][a]:
                     continue
                 present = self._expand(a, kind)[1]
-                for b in sinks:
+                while len(expanded) <= level:
+                    expanded.append([])
+                expanded[level].append((a, kind))
+                for b in hit:
                     if self._room(a, kind, self.zone[b]) - present[b] > 0:
                         found.append((a, kind, b))
                 for z in list(todo):
@@ -300,22 +348,50 @@ class LoadIndex:
                     if not members:
                         del todo[z]
             level += 1
-        return [[*unwind(reached, a), (a, kind, b)] for a, kind, b in found]
+        for a, kind, b in found:
+            yield [*unwind(reached, a), (a, kind, b)]
+        # Then the same last steps from other sources: an agent next to a sink was reached
+        # from one source only, and most sources share a few such agents after a big change.
+        for x, kind, b in found:
+            step = reached[x]
+            if step is None or step[1] == RETURN or reached[step[0]] is not None:
+                continue
+            if not is_sink(b):
+                continue
+            for a, akind in expanded[level_of[x]] if level_of[x] < len(expanded) else ():
+                if (
+                    a != step[0]
+                    and is_source(a)
+                    and self._room(a, akind, self.zone[x]) - self._expand(a, akind)[1][x] > 0
+                ):
+                    yield [(a, akind, x), (x, kind, b)]
 
     def _fits(self, row: Sequence[str], a: str, b: str) -> bool:
+        """Whether b may take a's place in `row` (run for every shard a push uses)."""
+        if b in row:
+            return False
         zone = self.zone
         zb = zone[b]
-        return b not in row and sum(1 for y in row if y != a and zone[y] == zb) < self.cap
+        room = self.cap
+        for y in row:
+            if y != a and zone[y] == zb:
+                room -= 1
+                if not room:
+                    return False
+        return True
 
     def _pool(self, a: str, kind: int, b: str) -> deque[int]:
         """The shards where a's replica of this kind may go to b, those a does not lead
         first (a primary that moves is a primary change as well). Pushes take them in turn,
         checking each again when its turn comes; the paths of one search share them."""
-        pool = self.pools.get((a, kind, b))
+        # With a zone cap of 1 the receivers of one zone share a pool: a giver with 10^5
+        # shards and 10^3 receivers needs one set difference per zone, not per receiver.
+        key = (a, kind, self.zone[b] if self.cap == 1 and kind != RETURN else b)
+        pool = self.pools.get(key)
         if pool is None:
             shards = self._candidates(a, kind, b)
             led = self._led(a)
-            pool = self.pools[a, kind, b] = deque([*sorted(shards - led), *sorted(shards & led)])
+            pool = self.pools[key] = deque([*sorted(shards - led), *sorted(shards & led)])
         return pool
 
     def _take(self, a: str, kind: int, b: str, used: set[int]) -> int | None:
@@ -365,6 +441,8 @@ class LoadIndex:
     ) -> int:
         """Move along the path as often as its source, its sink and every step allow.
         Returns how many replicas reached the sink."""
+        if len(steps) == 1 and steps[0][1] != RETURN:
+            return self._push_direct(*steps[0], source, sink)
         pushed = 0
         while True:
             plan: list[Move] = []
@@ -384,6 +462,23 @@ class LoadIndex:
             if not (source(steps[0][0]) and sink(steps[-1][2])) or self.w.out_of_time():
                 return pushed
 
+    def _push_direct(
+        self, a: str, kind: int, b: str, source: Callable[[str], bool], sink: Callable[[str], int]
+    ) -> int:
+        """One step: straight from the pool, as many as the source and the sink allow (up
+        to S after one weight change). Past max(4096, S / 8) such moves in one call they are
+        no longer offered back as free returns: the bookkeeping would then cost more than
+        the rare chain that uses one saves."""
+        pool, rows = self._pool(a, kind, b), self.rows
+        pushed = 0
+        while pool and source(a) and sink(b) and not self.w.out_of_time():
+            s = pool.popleft()
+            if a in rows[s] and self._fits(rows[s], a, b):
+                self.direct += 1
+                self.move(s, a, b, track=self.direct <= max(4096, self.cl.shards // 8))
+                pushed += 1
+        return pushed
+
     def augment(self, source: Callable[[str], bool], sink: Callable[[str], int]) -> bool:
         """Move replicas along cheapest paths until no agent is a source. Returns False when
         some source has no path to a sink (its reachable agents hold all they can: the
@@ -395,8 +490,8 @@ class Graph(Protocol):
     w: Work
 
     def search(
-        self, sources: Sequence[str], is_sink: Callable[[str], int], need: int
-    ) -> list[list[Step]]: ...
+        self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
+    ) -> Iterable[list[Step]]: ...
 
     def push(
         self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], int]
@@ -416,11 +511,13 @@ def augment(
     while sources := [a for a in agents if source(a)]:
         if graph.w.out_of_time():
             return False
-        paths = graph.search(sources, sink, sum(map(sink, agents)))
+        left = sum(map(sink, agents))
         pushed = 0
-        for steps in paths:
+        for steps in graph.search(sources, source, sink):
             if source(steps[0][0]) and sink(steps[-1][2]):
                 pushed += graph.push(steps, source, sink)
+                if pushed >= left:
+                    break
         if not pushed:
             return False
     return True

@@ -86,29 +86,48 @@ def deal(w: Work, holes: Sequence[int], stream: Iterable[str]) -> tuple[list[int
 
 def fill_short(w: Work, short: Sequence[int]) -> None:
     """Complete the shards the stream left short (its last slots did not fit them): each
-    takes the allowed agent furthest below its fair share, from a heap (a shard passes over
-    only agents its own zones bar). The levelling that follows trades these replicas around
-    for free (they are new in this round), so no search for a better fit is needed here."""
+    takes the allowed agent furthest below its fair share. Agents wait in one heap per zone
+    and the zones in a heap of their best agents, so a shard passes over the few zones it
+    has no room for, never over their agents one by one (a merged zone can hold hundreds).
+    The levelling that follows trades these replicas around for free (they are new in this
+    round), so no search for a better fit is needed here."""
     cl, load, zone, cap = w.cl, w.load, w.cl.zone, w.cl.zone_cap
     fair, rank = cl.fair, cl.rank
-    heap = [(load.get(a, 0) - fair[a], rank[a], a) for a in cl.agents]
-    heapq.heapify(heap)
+
+    def key(a: str) -> tuple[float, int, str]:
+        return (load.get(a, 0) - fair[a], rank[a], a)
+
+    agents = {z: [key(a) for a in members] for z, members in cl.by_zone.items()}
+    for heap in agents.values():
+        heapq.heapify(heap)
+    zones = [(heap[0], z) for z, heap in agents.items()]
+    heapq.heapify(zones)
     for s in short:
         row = w.writable(s)
-        skipped = []
         while len(row) < cl.per_shard:
-            entry = heapq.heappop(heap)
-            gap, _, a = entry
-            if gap != load.get(a, 0) - fair[a]:
-                continue  # stale: a newer entry for a is in the heap
-            if a in row or sum(1 for x in row if zone[x] == zone[a]) >= cap:
-                skipped.append(entry)
-                continue
+            passed = []
+            while True:
+                best, z = heapq.heappop(zones)
+                heap = agents[z]
+                if heap[0] != best:  # stale: the zone's best agent changed
+                    heapq.heappush(zones, (heap[0], z))
+                    continue
+                if sum(1 for x in row if zone[x] == z) < cap:
+                    taken = [heapq.heappop(heap) for _ in range(min(len(heap), len(row) + 1))]
+                    pick = next((e for e in taken if e[2] not in row), None)
+                    for e in taken:
+                        if e is not pick:
+                            heapq.heappush(heap, e)
+                    if pick is not None:
+                        break
+                passed.append((heap[0], z))
+            a = pick[2]
             row.append(a)
             load[a] = load.get(a, 0) + 1
-            heapq.heappush(heap, (load[a] - fair[a], rank[a], a))
-        for entry in skipped:
-            heapq.heappush(heap, entry)
+            heapq.heappush(heap, key(a))
+            heapq.heappush(zones, (heap[0], z))
+            for entry in passed:
+                heapq.heappush(zones, entry)
 
 
 def seed_rows(cl: Cluster, rnd: random.Random) -> Work:

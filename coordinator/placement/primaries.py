@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain
 
 from coordinator.placement.chains import FRESH, ORIGINAL, Step, augment, unwind
@@ -103,6 +103,7 @@ class PrimaryIndex:
                 original[w.rows[s][0]].discard(s)
                 self.led[FRESH][w.rows[s][0]].add(s)
         self.peers: dict[tuple[str, int], Counter[str]] = {}
+        self.pools: dict[tuple[str, int], dict[str, deque[int]]] = {}  # see _pool
 
     def _kind(self, s: int) -> int:
         old = self.w.original(s)
@@ -131,15 +132,24 @@ class PrimaryIndex:
             self.peers[b, kind].update(row[1:])
 
     def search(
-        self, sources: Sequence[str], is_sink: Callable[[str], int], need: int
-    ) -> list[list[Step]]:
+        self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
+    ) -> Iterator[list[Step]]:
         """Paths from sources to sinks with the fewest ORIGINAL hand-overs (those add a
         primary change), as steps (a, kind, b), searched level by level of that cost; as
         for replicas (chains.LoadIndex.search), the first level that reaches a sink gives a
-        path for every way into a sink it finds, up to `need`."""
+        path for every way into a sink it finds, up to what the sinks can take.
+
+        An agent reached from several agents of the same level keeps them all, and a path
+        is given for each way into its last step: after a big change most sources share a
+        few agents next to the sinks, and one search then serves all of them."""
+        self.pools.clear()
         parent: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
+        level_of: dict[str, int] = dict.fromkeys(sources, 0)
+        also: dict[str, list[tuple[str, int]]] = {}  # further parents at the same level
         levels = [deque((a, FRESH) for a in sources), deque((a, ORIGINAL) for a in sources)]
         found: list[Step] = []
+        sinks = {b: n for b in self.agents if (n := is_sink(b))}
+        need = sum(sinks.values())
         level = 0
         while level < len(levels) and not found:
             queue = levels[level]
@@ -151,11 +161,16 @@ class PrimaryIndex:
                     if n <= 0:
                         continue
                     if b in parent:
-                        if parent[b] is not None and is_sink(b):
+                        if parent[b] is None:
+                            continue
+                        if b in sinks:
                             found.append((a, kind, b))
+                        elif level_of[b] == level:
+                            also.setdefault(b, []).append((a, kind))
                         continue
                     parent[b] = (a, kind)
-                    if is_sink(b):
+                    level_of[b] = level
+                    if b in sinks:
                         found.append((a, kind, b))
                         continue
                     queue.append((b, FRESH))
@@ -163,7 +178,35 @@ class PrimaryIndex:
                         levels.append(deque())
                     levels[level + 1].append((b, ORIGINAL))
             level += 1
-        return [[*unwind(parent, a), (a, kind, b)] for a, kind, b in found]
+        for a, kind, b in found:
+            yield [*unwind(parent, a), (a, kind, b)]
+        for a, kind, b in found:
+            for p, pkind in also.get(a, ()):
+                # Only while the last step has shards left and p still has some to give.
+                if not (is_sink(b) and self._has(a, kind, b)):
+                    break
+                if (is_source(p) or parent[p] is not None) and self._has(p, pkind, a):
+                    yield [*unwind(parent, p), (p, pkind, a), (a, kind, b)]
+
+    def _pool(self, a: str, kind: int, b: str) -> deque[int]:
+        """The shards of this kind that a leads and b holds, in order. For one search, all
+        of a's are sorted by co-replica in one pass (a leader of S/2 shards may give to a
+        thousand agents); pushes check each shard again when they take it."""
+        by_peer = self.pools.get((a, kind))
+        if by_peer is None:
+            by_peer = self.pools[a, kind] = {}
+            rows = self.rows
+            for s in sorted(self.led[kind][a]):
+                for x in rows[s][1:]:
+                    by_peer.setdefault(x, deque()).append(s)
+        return by_peer.setdefault(b, deque())
+
+    def _has(self, a: str, kind: int, b: str) -> bool:
+        """Whether a still leads a shard of this kind that b holds, in this search's pool."""
+        pool, rows = self._pool(a, kind, b), self.rows
+        while pool and not (rows[pool[0]][0] == a and b in rows[pool[0]]):
+            pool.popleft()
+        return bool(pool)
 
     def push(
         self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], int]
@@ -171,7 +214,7 @@ class PrimaryIndex:
         """Hand primaries over along the path as often as its ends and its steps allow. The
         steps' shards differ (each has one primary), so they are chosen before any moves."""
         rows = self.rows
-        pools = [deque(sorted(s for s in self.led[k][a] if b in rows[s])) for a, k, b in steps]
+        pools = [self._pool(a, k, b) for a, k, b in steps]
         pushed = 0
         while True:
             plan = []
@@ -211,6 +254,15 @@ def balance_primaries(w: Work, headless: Mapping[int, int]) -> bool:
         hand_over(w, set(todo), hi, share, fresh)
     if todo := [a for a in cl.agents if b.under(a)]:
         take_over(w, set(todo), lo, share, fresh)
+    # After a large change (a weight raised a thousandfold can leave S/2 primaries to hand
+    # over) one pass over every row does most of the rest at a few microseconds a shard;
+    # smaller gaps are left to the searches, which find the cheapest hand-overs.
+    gap = sum(pc.get(a, 0) - hi[a] for a in cl.agents if b.over(a)) + sum(map(b.short, cl.agents))
+    if gap > 256 and gap * 16 > cl.shards:
+        if todo := [a for a in cl.agents if b.over(a)]:
+            hand_over(w, set(todo), hi, share, range(cl.shards))
+        if todo := [a for a in cl.agents if b.under(a)]:
+            take_over(w, set(todo), lo, share, range(cl.shards))
     if any(map(b.over, cl.agents)) or any(map(b.under, cl.agents)):
         index = PrimaryIndex(w)
         reached = index.augment(b.over, b.room)
