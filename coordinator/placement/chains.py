@@ -135,8 +135,11 @@ class LoadIndex:
                     st = self.stats.get((x, FRESH if s in fresh[x] else ORIGINAL))
                     if st is None:
                         continue
-                    if x == a:
-                        st[0].subtract([self.zone[y] for y in row if y != a])
+                    if x == a:  # plain loops: Counter.subtract checks types on every call
+                        counts = st[0]
+                        for y in row:
+                            if y != a:
+                                counts[self.zone[y]] -= 1
                     else:
                         st[0][za] -= 1
                         st[0][zb] += 1
@@ -173,7 +176,10 @@ class LoadIndex:
             if b in self.expanded:
                 st = self.stats.get((b, FRESH if s in fresh[b] else ORIGINAL))
                 if st is not None:
-                    st[0].update([self.zone[y] for y in row if y != b])
+                    counts = st[0]
+                    for y in row:
+                        if y != b:
+                            counts[self.zone[y]] += 1
         else:
             for x in row:
                 self._count(x, s, +1)

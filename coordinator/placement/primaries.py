@@ -139,8 +139,8 @@ class PrimaryIndex:
         for replicas (chains.LoadIndex.search), the first level that reaches a sink gives a
         path for every way into a sink it finds, up to what the sinks can take.
 
-        An agent reached from several agents of the same level keeps them all, and a path
-        is given for each way into its last step: after a big change most sources share a
+        An agent reached from several sources at the same level keeps them all, and a path
+        is given from each through it into a sink: after a big change most sources share a
         few agents next to the sinks, and one search then serves all of them."""
         self.pools.clear()
         parent: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
@@ -157,6 +157,7 @@ class PrimaryIndex:
                 a, kind = queue.popleft()
                 if not self.led[kind][a]:
                     continue
+                source = parent[a] is None  # only sources serve as further parents
                 for b, n in self._expand(a, kind).items():
                     if n <= 0:
                         continue
@@ -165,7 +166,7 @@ class PrimaryIndex:
                             continue
                         if b in sinks:
                             found.append((a, kind, b))
-                        elif level_of[b] == level:
+                        elif source and level_of[b] == level:
                             also.setdefault(b, []).append((a, kind))
                         continue
                     parent[b] = (a, kind)
@@ -181,12 +182,15 @@ class PrimaryIndex:
         for a, kind, b in found:
             yield [*unwind(parent, a), (a, kind, b)]
         for a, kind, b in found:
-            for p, pkind in also.get(a, ()):
-                # Only while the last step has shards left and p still has some to give.
-                if not (is_sink(b) and self._has(a, kind, b)):
-                    break
-                if (is_source(p) or parent[p] is not None) and self._has(p, pkind, a):
-                    yield [*unwind(parent, p), (p, pkind, a), (a, kind, b)]
+            alternatives = also.get(a, ())
+            if not (alternatives and is_sink(b) and self._has(a, kind, b)):
+                continue
+            for p, pkind in alternatives:
+                if parent[p] is None and is_source(p) and self._has(p, pkind, a):
+                    yield [(p, pkind, a), (a, kind, b)]
+                    # Go on while the last step has shards left and b room.
+                    if not (is_sink(b) and self._has(a, kind, b)):
+                        break
 
     def _pool(self, a: str, kind: int, b: str) -> deque[int]:
         """The shards of this kind that a leads and b holds, in order. For one search, all
