@@ -22,6 +22,8 @@ change is a full recomputation.
 Churn part (issue 11). A cluster with weights and zones of unequal size goes through a
 fixed random sequence of changes (joins, leaves, drains, undrains, weight changes), each
 followed by one place() call from the previous plan; both engines see the same sequence.
+The last scenario is the largest single change there is: a weight from 0.1 to 100 and
+back, among 1,000 members at 0.1.
 - runs: independent random sequences (cluster and changes), their calls pooled;
 - full_s: CPU seconds of the first plan (the slowest of the runs);
 - p50_s, p99_s, max_s: CPU seconds of one call (nearest rank);
@@ -194,6 +196,7 @@ class Churn:
     unzoned: float = 0.0  # share of members without a zone
     round_robin: bool = False  # instead: member i in zone i mod len(zones), equal zones
     runs: int = 1  # independent sequences (random clusters and changes), calls pooled
+    spike: bool = False  # instead: a member's weight jumps to 100 and back, in turn
 
     def weight(self, rnd: random.Random) -> float:
         return rnd.choice(self.weights) if self.weights else round(10 ** rnd.uniform(-1, 2), 2)
@@ -212,8 +215,17 @@ class Churn:
         members = [Member("m0000", "z0", self.weight(rnd))]
         members += [Member(f"m{i:04d}", self.zone(rnd, i), self.weight(rnd)) for i in range(1, n)]
         out = [members]
+        spiked = 0
         for step in range(self.changes):
             members = list(members)
+            if self.spike:  # even steps raise a member's weight to 100, odd ones undo it
+                if step % 2 == 0:
+                    spiked = rnd.randrange(len(members))
+                m = members[spiked]
+                weight = 100.0 if step % 2 == 0 else self.weight(rnd)
+                members[spiked] = Member(m.id, m.zone, weight, m.draining)
+                out.append(members)
+                continue
             kind = rnd.choice(["join", "leave", "drain", "undrain", "weight"])
             if kind == "join" or len(members) < 4:
                 members.append(Member(f"j{step:04d}", self.zone(rnd, n + step), self.weight(rnd)))
@@ -263,6 +275,19 @@ CHURNS = [
     ),
     Churn(
         "S100000 R3 N1000 equal, 3 zones", 100_000, 3, (1000, 1000), (1, 1, 1), (1.0,), 50, 0, True
+    ),
+    # The largest single change: one of 1,000 members at weight 0.1 goes to 100 (its share
+    # from 300 replicas to about 84,000) and back, four times.
+    Churn(
+        "S100000 R3 N1000 w0.1, one to 100",
+        100_000,
+        3,
+        (1000, 1000),
+        (1,) * 5,
+        (0.1,),
+        8,
+        round_robin=True,
+        spike=True,
     ),
 ]
 
