@@ -443,7 +443,7 @@ class LoadIndex:
                 return plan
 
     def push(
-        self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], int]
+        self, steps: list[Step], source: Callable[[str], int], sink: Callable[[str], int]
     ) -> int:
         """Move along the path as often as its source, its sink and every step allow.
         Returns how many replicas reached the sink."""
@@ -469,23 +469,25 @@ class LoadIndex:
                 return pushed
 
     def _push_direct(
-        self, a: str, kind: int, b: str, source: Callable[[str], bool], sink: Callable[[str], int]
+        self, a: str, kind: int, b: str, source: Callable[[str], int], sink: Callable[[str], int]
     ) -> int:
         """One step: straight from the pool, as many as the source and the sink allow (up
         to S after one weight change). Past max(4096, S / 8) such moves in one call they are
         no longer offered back as free returns: the bookkeeping would then cost more than
         the rare chain that uses one saves."""
         pool, rows = self._pool(a, kind, b), self.rows
+        limit = max(4096, self.cl.shards // 8)
+        left = min(source(a), sink(b))  # both count: one move lowers each by one
         pushed = 0
-        while pool and source(a) and sink(b) and not self.w.out_of_time():
+        while pool and pushed < left and not self.w.out_of_time():
             s = pool.popleft()
             if a in rows[s] and self._fits(rows[s], a, b):
                 self.direct += 1
-                self.move(s, a, b, track=self.direct <= max(4096, self.cl.shards // 8))
+                self.move(s, a, b, track=self.direct <= limit)
                 pushed += 1
         return pushed
 
-    def augment(self, source: Callable[[str], bool], sink: Callable[[str], int]) -> bool:
+    def augment(self, source: Callable[[str], int], sink: Callable[[str], int]) -> bool:
         """Move replicas along cheapest paths until no agent is a source. Returns False when
         some source has no path to a sink (its reachable agents hold all they can: the
         bound is out of reach, see docs/placement.md) or when time ran out."""
@@ -500,20 +502,20 @@ class Graph(Protocol):
     ) -> Iterable[list[Step]]: ...
 
     def push(
-        self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], int]
+        self, steps: list[Step], source: Callable[[str], int], sink: Callable[[str], int]
     ) -> int: ...
 
 
 def augment(
     graph: Graph,
     agents: Sequence[str],
-    source: Callable[[str], bool],
+    source: Callable[[str], int],
     sink: Callable[[str], int],
 ) -> bool:
-    """Push along the paths a search finds until no agent is a source. `sink(b)` is how
-    many units b may still take (0: b is no sink). Returns False when some source has no
-    path to a sink (its reachable agents hold all they can: the bound is out of reach, see
-    docs/placement.md) or when time ran out."""
+    """Push along the paths a search finds until no agent is a source. `source(a)` is how
+    many units a may still give, `sink(b)` how many b may still take (0: none). Returns
+    False when some source has no path to a sink (its reachable agents hold all they can:
+    the bound is out of reach, see docs/placement.md) or when time ran out."""
     while sources := [a for a in agents if source(a)]:
         if graph.w.out_of_time():
             return False

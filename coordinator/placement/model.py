@@ -319,8 +319,9 @@ class Bounds:
     lo: Mapping[str, int]
     hi: Mapping[str, int]
 
-    def over(self, a: str) -> bool:
-        return self.count.get(a, 0) > self.hi[a]
+    def over(self, a: str) -> int:
+        """How far a is above its ceiling (0 at or below it)."""
+        return max(0, self.count.get(a, 0) - self.hi[a])
 
     def under(self, a: str) -> bool:
         return self.count.get(a, 0) < self.lo[a]
@@ -333,8 +334,9 @@ class Bounds:
         """How many a lacks to reach its floor (0 at or above it)."""
         return max(0, self.lo[a] - self.count.get(a, 0))
 
-    def spare(self, a: str) -> bool:
-        return self.count.get(a, 0) > self.lo[a]
+    def spare(self, a: str) -> int:
+        """How many a may give before its floor (0 at or below it)."""
+        return max(0, self.count.get(a, 0) - self.lo[a])
 
 
 def fits_row(row: Sequence[str], zones: Sequence[str], agent: str, z: str, cap: int) -> bool:

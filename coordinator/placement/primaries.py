@@ -213,7 +213,7 @@ class PrimaryIndex:
         return bool(pool)
 
     def push(
-        self, steps: list[Step], source: Callable[[str], bool], sink: Callable[[str], int]
+        self, steps: list[Step], source: Callable[[str], int], sink: Callable[[str], int]
     ) -> int:
         """Hand primaries over along the path as often as its ends and its steps allow. The
         steps' shards differ (each has one primary), so they are chosen before any moves."""
@@ -234,7 +234,7 @@ class PrimaryIndex:
             if not (source(steps[0][0]) and sink(steps[-1][2])) or self.w.out_of_time():
                 return pushed
 
-    def augment(self, source: Callable[[str], bool], sink: Callable[[str], int]) -> bool:
+    def augment(self, source: Callable[[str], int], sink: Callable[[str], int]) -> bool:
         return augment(self, self.agents, source, sink)
 
 
