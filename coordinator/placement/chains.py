@@ -358,17 +358,27 @@ class LoadIndex:
             yield [*unwind(reached, a), (a, kind, b)]
         # Then the same last steps from other sources: an agent next to a sink was reached
         # from one source only, and most sources share a few such agents after a big change.
+        # The sources still able to give are kept in a list that drops the exhausted ones.
+        givers: dict[int, list[tuple[str, int]]] = {}
         for x, kind, b in found:
             step = reached[x]
             if step is None or step[1] == RETURN or reached[step[0]] is not None:
                 continue
-            if not is_sink(b):
-                continue
-            for a, akind in expanded[level_of[x]] if level_of[x] < len(expanded) else ():
+            at = level_of[x]
+            if at not in givers:
+                givers[at] = [
+                    e for e in (expanded[at] if at < len(expanded) else ()) if reached[e[0]] is None
+                ]
+            alive = [e for e in givers[at] if is_source(e[0])]
+            givers[at] = alive
+            zx = self.zone[x]
+            for a, akind in alive:
+                if not is_sink(b):
+                    break
                 if (
                     a != step[0]
                     and is_source(a)
-                    and self._room(a, akind, self.zone[x]) - self._expand(a, akind)[1][x] > 0
+                    and self._room(a, akind, zx) - self._expand(a, akind)[1][x] > 0
                 ):
                     yield [(a, akind, x), (x, kind, b)]
 
