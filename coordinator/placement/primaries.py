@@ -6,8 +6,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain
 
-from coordinator.placement.chains import FRESH, ORIGINAL, Step, augment, unwind
 from coordinator.placement.model import Bounds, Work, primary_targets
+from coordinator.placement.paths import FRESH, ORIGINAL, Step, augment, unwind
 
 
 def choose_lost_primaries(w: Work, headless: Mapping[int, int], share: Mapping[str, float]):
