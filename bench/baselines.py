@@ -1,14 +1,19 @@
 """Baseline shard placements that bench.placement compares shardkeeper's placement with.
 
 Each function maps shards 0..S-1 to replica lists (primary first) for a set of nodes. None
-of them knows zones or the previous placement: they are stateless hash schemes.
+of them knows zones or the previous placement: they are stateless hash schemes. Also the
+placement engine of an earlier commit (:func:`engine_at`), the baseline of the churn runs.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import xxhash
 
@@ -120,3 +125,24 @@ def kazoo_partitioner(nodes: Sequence[str], shards: int) -> list[tuple[str, ...]
         for shard in split(None, node, list(nodes), list(range(shards))):
             owner[shard] = node
     return [(owner[s],) for s in range(shards)]
+
+
+# The placement engine before issue 11 (one module, coordinator/placement.py): the
+# baseline of the churn scenarios, loaded from git so that it stays runnable.
+ENGINE_BEFORE_ISSUE_11 = "0de8f33"
+
+
+def engine_at(rev: str, repo: Path) -> ModuleType:
+    """coordinator/placement.py as it was at `rev`, imported as a module of its own."""
+    source = subprocess.run(
+        ["git", "-C", str(repo), "show", f"{rev}:coordinator/placement.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    name = f"placement_at_{rev.replace('/', '_')}"
+    module = ModuleType(name)
+    module.__file__ = f"<git {rev}:coordinator/placement.py>"
+    sys.modules[name] = module  # dataclasses look their module up while being defined
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module

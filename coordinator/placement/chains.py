@@ -1,0 +1,249 @@
+"""Augmenting paths over agents: the part of levelling that direct moves cannot do.
+
+A search never walks the shards: agents are the nodes, and what an agent could give to
+another is read from per-agent counts kept up to date as replicas move, so one search
+costs O(N * R) whatever S is; the moves it finds are then placed in shards. See
+docs/placement.md for the argument and the complexity."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain, islice
+
+from coordinator.placement.index import ReplicaIndex
+from coordinator.placement.paths import FRESH, ORIGINAL, RETURN, Move, Step, augment, unwind
+
+
+class LoadIndex(ReplicaIndex):
+    """Levelling's searches and pushes over the replica index."""
+
+    def search(
+        self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
+    ) -> Iterator[list[Step]]:
+        """Cheapest paths from sources to sinks, as steps (a, kind, b): a passes one of its
+        replicas of that kind to b. Moving a FRESH replica is free (it was placed in this
+        round, so it adds no move against `previous`), and so is a RETURN to an agent that
+        held the shard in `previous`; an ORIGINAL one costs 1. The search runs level by
+        level of cost. The first level that reaches a sink (is_sink(b) > 0: how many b can
+        take) gives a path for every way into a sink it finds, until there are as many as
+        the sinks can take in all, so that one search serves many
+        units: the paths may share agents, and each is checked again when pushed.
+
+        An agent, once reached, is never looked at again, and a zone whose agents are all
+        reached is dropped: an expansion costs the zones it cannot reach (at most R - 1 with
+        a zone cap of 1, since a zone blocked in every shard of a is in the first one), the
+        agents it reaches and the sinks already found."""
+        self.pools.clear()
+        reached: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
+        todo = {
+            z: dict.fromkeys(b for b in members if b not in reached)
+            for z, members in self.by_zone.items()
+        }
+        levels = [deque((a, FRESH) for a in sources)]
+        if not self.fresh_only:
+            levels.append(deque((a, ORIGINAL) for a in sources))
+        level = 0
+        found: list[Step] = []  # the last step of each path
+        sinks = {b: n for b in self.agents if (n := is_sink(b))}
+        need = sum(sinks.values())
+        hit: dict[str, None] = {}  # sinks reached
+
+        level_of: dict[str, int] = {}
+        expanded: list[list[tuple[str, int]]] = [[] for _ in levels]  # per level
+
+        def reach(b: str, a: str, kind: int) -> None:
+            reached[b] = (a, kind)
+            level_of[b] = level
+            if b in sinks:
+                hit[b] = None
+                found.append((a, kind, b))
+                return
+            levels[level].append((b, FRESH))
+            if not self.fresh_only:
+                if len(levels) == level + 1:
+                    levels.append(deque())
+                levels[level + 1].append((b, ORIGINAL))
+
+        # A zone holding `zone_cap` replicas of every shard takes nothing from outside: an
+        # agent that could only reach such zones is not worth expanding.
+        zone_load: Counter[str] = Counter()
+        for a, n in self.w.load.items():
+            if a in self.cl.member_set:
+                zone_load[self.zone[a]] += n
+        closed = {z for z, n in zone_load.items() if n >= self.cl.shards * self.cap}
+
+        def useless(a: str) -> bool:
+            za = self.zone[a]
+            shut = (z in closed and z != za for z in chain(todo, map(self.zone.get, hit)))
+            return all(shut) and not (self.returns.get(a) and kind == FRESH)
+
+        while level < len(levels) and not found:
+            queue = levels[level]
+            while queue and len(found) < need:
+                a, kind = queue.popleft()
+                if useless(a):
+                    continue
+                # Free steps back to agents that left a shard a holds.
+                for b in self.returns.get(a, ()) if kind == FRESH else ():
+                    if b not in reached:
+                        del todo[self.zone[b]][b]
+                        reach(b, a, RETURN)
+                    elif b in hit:
+                        found.append((a, RETURN, b))
+                if not self.held[kind][a]:
+                    continue
+                present = self._expand(a, kind)[1]
+                while len(expanded) <= level:
+                    expanded.append([])
+                expanded[level].append((a, kind))
+                for b in hit:
+                    if self._room(a, kind, self.zone[b]) - present[b] > 0:
+                        found.append((a, kind, b))
+                for z in list(todo):
+                    room = self._room(a, kind, z)
+                    if room <= 0:
+                        continue
+                    members = todo[z]
+                    for b in list(members):
+                        if present and room - present[b] <= 0:
+                            continue  # b already sits in every shard z has room in
+                        del members[b]
+                        reach(b, a, kind)
+                    if not members:
+                        del todo[z]
+            level += 1
+        for a, kind, b in found:
+            yield [*unwind(reached, a), (a, kind, b)]
+        # Then the same last steps from other sources: an agent next to a sink was reached
+        # from one source only, and most sources share a few such agents after a big change.
+        # The sources still able to give are kept in a list that drops the exhausted ones.
+        givers: dict[int, list[tuple[str, int]]] = {}
+        for x, kind, b in found:
+            step = reached[x]
+            if step is None or step[1] == RETURN or reached[step[0]] is not None:
+                continue
+            at = level_of[x]
+            if at not in givers:
+                givers[at] = [
+                    e for e in (expanded[at] if at < len(expanded) else ()) if reached[e[0]] is None
+                ]
+            alive = [e for e in givers[at] if is_source(e[0])]
+            givers[at] = alive
+            zx = self.zone[x]
+            for a, akind in alive:
+                if not is_sink(b):
+                    break
+                if (
+                    a != step[0]
+                    and is_source(a)
+                    and self._room(a, akind, zx) - self._expand(a, akind)[1][x] > 0
+                ):
+                    yield [(a, akind, x), (x, kind, b)]
+
+    def _pool(self, a: str, kind: int, b: str) -> deque[int]:
+        """The shards where a's replica of this kind may go to b, those a does not lead
+        first (a primary that moves is a primary change as well). Pushes take them in turn,
+        checking each again when its turn comes; the paths of one search share them."""
+        # With a zone cap of 1 the receivers of one zone share a pool: a giver with 10^5
+        # shards and 10^3 receivers needs one set difference per zone, not per receiver.
+        key = (a, kind, self.zone[b] if self.cap == 1 and kind != RETURN else b)
+        pool = self.pools.get(key)
+        if pool is None:
+            shards = self._candidates(a, kind, b)
+            led = self._led(a)
+            pool = self.pools[key] = deque([*sorted(shards - led), *sorted(shards & led)])
+        return pool
+
+    def _take(self, a: str, kind: int, b: str, used: set[int]) -> int | None:
+        """A shard where a's replica of this kind may go to b now, preferably one no other
+        step uses and a does not lead. A few of a's shards are tried first: most often one
+        fits and the full pool (a pass over a's shards) is not needed."""
+        rows = self.rows
+        if kind != RETURN and (a, kind, b) not in self.pools:
+            for s in list(islice(self.held[kind][a], 16)):
+                row = rows[s]
+                if s not in used and row[0] != a and self._fits(row, a, b):
+                    return s
+        pool = self._pool(a, kind, b)
+        while pool and not (a in rows[pool[0]] and self._fits(rows[pool[0]], a, b)):
+            pool.popleft()
+        if not pool:
+            return None
+        for i, s in enumerate(islice(pool, len(used) + 1)):
+            if s not in used and a in rows[s] and self._fits(rows[s], a, b):
+                del pool[i]
+                return s
+        return pool.popleft()
+
+    def _untangle(self, plan: list[Move]) -> list[Move] | None:
+        """Check the moves in order against the rows as the earlier ones leave them. Two
+        steps can only clash in one shard when each had no other choice; then the path has
+        a shortcut (the first one's replica goes straight to the second one's receiver,
+        valid in the flow network the agents' graph abstracts)."""
+        while True:
+            rows: dict[int, list[str]] = {}
+            for k, (s, a, b) in enumerate(plan):
+                row = rows.setdefault(s, list(self.rows[s]))
+                if a in row and self._fits(row, a, b):
+                    row[row.index(a)] = b
+                    continue
+                earlier = [i for i in range(k) if plan[i][0] == s]
+                if not earlier:
+                    return None
+                i = earlier[-1]
+                plan = [*plan[:i], (s, plan[i][1], b), *plan[k + 1 :]]
+                break
+            else:
+                return plan
+
+    def push(
+        self, steps: list[Step], source: Callable[[str], int], sink: Callable[[str], int]
+    ) -> int:
+        """Move along the path as often as its source, its sink and every step allow.
+        Returns how many replicas reached the sink."""
+        if len(steps) == 1 and steps[0][1] != RETURN:
+            return self._push_direct(*steps[0], source, sink)
+        pushed = 0
+        while True:
+            plan: list[Move] = []
+            used: set[int] = set()
+            for a, kind, b in steps:
+                s = self._take(a, kind, b, used)
+                if s is None:
+                    return pushed
+                plan.append((s, a, b))
+                used.add(s)
+            moves = self._untangle(plan)
+            if moves is None:
+                return pushed
+            for s, a, b in moves:
+                self.move(s, a, b)
+            pushed += 1
+            if not (source(steps[0][0]) and sink(steps[-1][2])) or self.w.out_of_time():
+                return pushed
+
+    def _push_direct(
+        self, a: str, kind: int, b: str, source: Callable[[str], int], sink: Callable[[str], int]
+    ) -> int:
+        """One step: straight from the pool, as many as the source and the sink allow (up
+        to S after one weight change). Past max(4096, S / 8) such moves in one call they are
+        no longer offered back as free returns: the bookkeeping would then cost more than
+        the rare chain that uses one saves."""
+        pool, rows = self._pool(a, kind, b), self.rows
+        limit = max(4096, self.cl.shards // 8)
+        left = min(source(a), sink(b))  # both count: one move lowers each by one
+        pushed = 0
+        while pool and pushed < left and not self.w.out_of_time():
+            s = pool.popleft()
+            if a in rows[s] and self._fits(rows[s], a, b):
+                self.direct += 1
+                self.move(s, a, b, track=self.direct <= limit)
+                pushed += 1
+        return pushed
+
+    def augment(self, source: Callable[[str], int], sink: Callable[[str], int]) -> bool:
+        """Move replicas along cheapest paths until no agent is a source. Returns False when
+        some source has no path to a sink (its reachable agents hold all they can: the
+        bound is out of reach, see docs/placement.md) or when time ran out."""
+        return augment(self, self.cl.agents, source, sink)

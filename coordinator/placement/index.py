@@ -1,0 +1,264 @@
+"""Where every agent's replicas are, kept up to date as they move: what the levelling
+searches (coordinator.placement.chains) read instead of walking the shards."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from itertools import chain
+
+from coordinator.placement.model import Work
+from coordinator.placement.paths import FRESH, ORIGINAL, RETURN
+
+
+class ReplicaIndex:
+    """The state behind the graph that levelling searches: agents are the nodes, and a can
+    pass a replica to b when some shard that a holds would still obey the rules with b in
+    a's place.
+
+    Per agent it keeps the shards it holds, split into ORIGINAL and FRESH replicas, and, once
+    a search has expanded the agent, how many of those shards each zone blocks (the zone is
+    full without the agent) and, with a zone cap above 1, how many each agent blocks (it is
+    there already, in a zone with room). A move updates the counts of the R agents of its
+    shard, so an edge test is O(1) and an expansion O(zones it cannot reach + agents it
+    reaches); see docs/placement.md for why that bounds a search by O(N * R).
+
+    It also knows which agents left a shard they held in `previous` during this round:
+    a replica that goes back to such an agent is free (RETURN), whoever gives it up."""
+
+    def __init__(self, w: Work, fresh_only: bool):
+        cl = w.cl
+        self.w, self.cl, self.rows, self.agents = w, cl, w.rows, cl.agents
+        self.zone, self.cap = cl.zone, cl.zone_cap
+        self.fresh_only = fresh_only
+        # Zone members by hash rank: the first one found is not always the lowest id.
+        self.by_zone = {z: sorted(m, key=cl.rank.__getitem__) for z, m in cl.by_zone.items()}
+        held: tuple[dict[str, set[int]], dict[str, set[int]]] = (
+            {a: set() for a in cl.agents},
+            {a: set() for a in cl.agents},
+        )
+        self.held = held
+        if not fresh_only:
+            original = held[ORIGINAL]
+            for s, row in enumerate(w.rows):
+                for a in row:
+                    original[a].add(s)
+        # shard -> agents that held it in `previous` and left it in this round
+        self.gone: dict[int, dict[str, None]] = {}
+        # a -> b -> shards where b could come back in a's place (kept exact on every move)
+        self.returns: dict[str, dict[str, set[int]]] = {}
+        for s in sorted(w.touched):
+            old, row = w.original(s), w.rows[s]
+            for a in row:
+                if a not in old:
+                    held[ORIGINAL][a].discard(s)
+                    held[FRESH][a].add(s)
+            for a in old:
+                if a in cl.member_set and a not in row:
+                    self._gone(s, a, True)
+        for s in self.gone:
+            self._note_returns(s, True)
+        # (agent, kind) -> in how many of the agent's shards with replicas of that kind each
+        # zone blocks a move, and each agent does (zone cap above 1 only); built when a
+        # search first expands them.
+        self.stats: dict[tuple[str, int], tuple[Counter[str], Counter[str]]] = {}
+        self.expanded: set[str] = set()  # agents with an entry in `stats`
+        self.direct = 0  # moves made by _push_direct
+        self.full: dict[str, set[int]] = {}  # see _full
+        self.pools: dict[tuple[str, int, str], deque[int]] = {}  # see _pool; reset per search
+        self.led: dict[str, set[int]] = {}  # see _led
+
+    def _blockers(self, row: Sequence[str], x: str) -> tuple[list[str], list[str]]:
+        """What keeps another agent out of x's place in `row`: the zones that are full
+        without x and, with a zone cap above 1, the agents already there."""
+        zone, cap = self.zone, self.cap
+        zones = [zone[y] for y in row if y != x]
+        if cap == 1:
+            return zones, []
+        # R is small: list counts beat building a Counter per row.
+        full = [z for i, z in enumerate(zones) if zones.index(z) == i and zones.count(z) >= cap]
+        return full, [y for y in row if y != x and zones.count(zone[y]) < cap]
+
+    def _expand(self, a: str, kind: int) -> tuple[Counter[str], Counter[str]]:
+        st = self.stats.get((a, kind))
+        if st is None:
+            self.expanded.add(a)
+            st = self.stats[a, kind] = (Counter(), Counter())
+            rows, held = self.rows, self.held[kind][a]
+            if self.cap == 1:
+                # Every zone in a's rows blocks, but a's own (a is its only agent there).
+                agents = chain.from_iterable(map(rows.__getitem__, held))
+                st[0].update(map(self.zone.__getitem__, agents))
+                st[0][self.zone[a]] -= len(held)
+            else:
+                for s in held:
+                    full, present = self._blockers(rows[s], a)
+                    st[0].update(full)
+                    st[1].update(present)
+        return st
+
+    def _count(self, x: str, s: int, sign: int) -> None:
+        st = self.stats.get((x, FRESH if s in self.held[FRESH][x] else ORIGINAL))
+        if st is None:
+            return
+        full, present = self._blockers(self.rows[s], x)
+        for z in full:
+            st[0][z] += sign
+        for y in present:
+            st[1][y] += sign
+
+    def move(self, s: int, a: str, b: str, track: bool = True) -> None:
+        """Move a's replica of shard s to b, keeping the index up to date. This runs once
+        per replica moved (up to S of them after one weight change), so the common zone
+        cap of 1 takes a short path: only the zones of a and b change in the shard. Without
+        `track`, a's leaving is not offered as a free return (bulk moves skip that)."""
+        row = self.rows[s]
+        i = row.index(a)
+        fresh = self.held[FRESH]
+        za, zb = self.zone[a], self.zone[b]
+        if s in self.gone:
+            self._note_returns(s, False)
+        simple = self.cap == 1
+        if simple:
+            for x in row:
+                if x in self.expanded:
+                    st = self.stats.get((x, FRESH if s in fresh[x] else ORIGINAL))
+                    if st is None:
+                        continue
+                    if x == a:  # plain loops: Counter.subtract checks types on every call
+                        counts = st[0]
+                        for y in row:
+                            if y != a:
+                                counts[self.zone[y]] -= 1
+                    else:
+                        st[0][za] -= 1
+                        st[0][zb] += 1
+        else:
+            for x in row:
+                self._count(x, s, -1)
+        self.held[FRESH if s in fresh[a] else ORIGINAL][a].discard(s)
+        self.w.replace(s, i, b)
+        row = self.rows[s]
+        if i == 0 and self.led:
+            if a in self.led:
+                self.led[a].discard(s)
+            if b in self.led:
+                self.led[b].add(s)
+        if simple:  # a's zone leaves the shard, b's enters
+            if za in self.full:
+                self.full[za].discard(s)
+            if zb in self.full:
+                self.full[zb].add(s)
+        else:
+            for z in (za, zb):
+                if z in self.full:
+                    if sum(1 for y in row if self.zone[y] == z) >= self.cap:
+                        self.full[z].add(s)
+                    else:
+                        self.full[z].discard(s)
+        old = self.w.original(s)
+        self.held[ORIGINAL if b in old else FRESH][b].add(s)
+        if track and a in old:
+            self._gone(s, a, True)
+        if b in self.gone.get(s, ()):
+            self._gone(s, b, False)
+        if simple:
+            if b in self.expanded:
+                st = self.stats.get((b, FRESH if s in fresh[b] else ORIGINAL))
+                if st is not None:
+                    counts = st[0]
+                    for y in row:
+                        if y != b:
+                            counts[self.zone[y]] += 1
+        else:
+            for x in row:
+                self._count(x, s, +1)
+        if s in self.gone:
+            self._note_returns(s, True)
+
+    def _gone(self, s: int, a: str, left: bool) -> None:
+        """Record that a left shard s it held in `previous`, or came back to it."""
+        if left:
+            self.gone.setdefault(s, {})[a] = None
+            return
+        del self.gone[s][a]
+        if not self.gone[s]:
+            del self.gone[s]
+
+    def _note_returns(self, s: int, add: bool) -> None:
+        row = self.rows[s]
+        zones = [self.zone[y] for y in row] if self.cap == 1 else []
+        for b in self.gone.get(s, ()):
+            if self.cap == 1:  # b fits in anyone's place, or only in its zone-mate's
+                zb = self.zone[b]
+                places: Sequence[str] = [row[zones.index(zb)]] if zb in zones else row
+            else:
+                places = [a for a in row if self._fits(row, a, b)]
+            for a in places:
+                if add:
+                    self.returns.setdefault(a, {}).setdefault(b, set()).add(s)
+                else:
+                    shards = self.returns[a][b]
+                    shards.discard(s)
+                    if not shards:
+                        del self.returns[a][b]
+
+    def _room(self, a: str, kind: int, z: str) -> int:
+        """How many of a's replicas of this kind sit in shards where zone z is not full."""
+        return len(self.held[kind][a]) - self.stats[a, kind][0][z]
+
+    def _returns(self, a: str, b: str) -> Iterable[int]:
+        """Shards b held in `previous` and left, that a holds now and b may take back."""
+        return self.returns.get(a, {}).get(b, ())
+
+    def _full(self, z: str) -> set[int]:
+        """The shards where zone z holds `zone_cap` replicas (built on first use from the
+        zone's agents' sets, then kept up to date by `move`)."""
+        shards = self.full.get(z)
+        if shards is None:
+            held = [h[a] for a in self.cl.by_zone[z] for h in self.held]
+            if self.cap == 1:
+                shards = set().union(*held)
+            else:
+                counts = Counter(chain.from_iterable(held))
+                shards = {s for s, n in counts.items() if n >= self.cap}
+            self.full[z] = shards
+        return shards
+
+    def _led(self, a: str) -> set[int]:
+        """The shards a leads (built on first use, then kept up to date by `move`)."""
+        shards = self.led.get(a)
+        if shards is None:
+            rows = self.rows
+            shards = self.led[a] = {s for h in self.held for s in h[a] if rows[s][0] == a}
+        return shards
+
+    def _candidates(self, a: str, kind: int, b: str) -> set[int]:
+        """The shards where a's replica of this kind may go to b, by set arithmetic: those
+        where b's zone is full (unless it is a's own, whose count a's leaving lowers) and,
+        with a zone cap above 1, those b is in already are out."""
+        if kind == RETURN:
+            return set(self._returns(a, b))
+        zb = self.zone[b]
+        out = self.held[kind][a]
+        if self.fresh_only:
+            return out  # few, and the zone sets would need every agent's shards: check each
+        if zb != self.zone[a]:
+            out = out - self._full(zb)
+        if self.cap > 1:
+            out = out - self.held[ORIGINAL][b] - self.held[FRESH][b]
+        return out
+
+    def _fits(self, row: Sequence[str], a: str, b: str) -> bool:
+        """Whether b may take a's place in `row` (run for every shard a push uses)."""
+        if b in row:
+            return False
+        zone = self.zone
+        zb = zone[b]
+        room = self.cap
+        for y in row:
+            if y != a and zone[y] == zb:
+                room -= 1
+                if not room:
+                    return False
+        return True

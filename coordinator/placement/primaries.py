@@ -1,0 +1,274 @@
+"""Primaries: a primary change only reorders a shard's row."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import chain
+
+from coordinator.placement.model import Bounds, Work, primary_targets
+from coordinator.placement.paths import FRESH, ORIGINAL, Step, augment, unwind
+
+
+def choose_lost_primaries(w: Work, headless: Mapping[int, int], share: Mapping[str, float]):
+    """A shard whose primary left gets, among its surviving replicas (the coordinator
+    promotes one of those at once anyway), the one furthest below its primary share."""
+    pc, rank = w.pc, w.cl.rank
+    for s in sorted(headless):
+        row = w.rows[s]
+        pc[row[0]] -= 1
+    for s in sorted(headless):
+        row = w.rows[s]
+        # Levelling may have moved a survivor since keep_valid counted them: ask `previous`.
+        old = w.original(s)
+        survivors = [a for a in row if a in old] or row
+        b = min(survivors, key=lambda a: (pc.get(a, 0) - share[a], rank[a]))
+        pc[row[0]] += 1
+        if b != row[0]:
+            w.promote(s, b)
+
+
+def hand_over(
+    w: Work,
+    over: set[str],
+    hi: Mapping[str, int],
+    share: Mapping[str, float],
+    among: Iterable[int],
+) -> None:
+    """One pass over `among`: a shard led by an agent above its ceiling passes the primary
+    role to the replica furthest below its share that is below its own ceiling."""
+    pc = w.pc
+    for s in (s for s in among if w.rows[s][0] in over):
+        row = w.rows[s]
+        a = row[0]
+        best = None
+        for b in row[1:]:
+            if pc.get(b, 0) < hi[b] and (
+                best is None or pc.get(b, 0) - share[b] < pc.get(best, 0) - share[best]
+            ):
+                best = b
+        if best is None:
+            continue
+        w.promote(s, best)
+        if pc[a] <= hi[a]:
+            over.discard(a)
+            if not over:
+                return
+
+
+def take_over(
+    w: Work,
+    under: set[str],
+    lo: Mapping[str, int],
+    share: Mapping[str, float],
+    among: Iterable[int],
+) -> None:
+    """One pass over `among`: an agent below its floor becomes primary of a shard it holds
+    whose primary is above its own floor."""
+    pc = w.pc
+    for s in (s for s in among if not under.isdisjoint(w.rows[s])):
+        row = w.rows[s]
+        a = row[0]
+        if a in under or pc[a] <= lo[a]:
+            continue
+        b = min((b for b in row[1:] if b in under), key=lambda b: pc.get(b, 0) - share[b])
+        w.promote(s, b)
+        if pc[b] >= lo[b]:
+            under.discard(b)
+            if not under:
+                return
+
+
+class PrimaryIndex:
+    """The graph that primary chains search: agents are the nodes, and a can hand a primary
+    over to b when a leads a shard that b holds. A hand-over in a shard whose primary is
+    already new in this round (or that had none) adds no primary change: those shards are
+    FRESH, the others ORIGINAL. Per agent: the shards it leads of each kind and, once a
+    search has expanded it, how many of them each other agent holds (kept up to date on
+    every hand-over), so a search costs O(edges among the agents it reaches), never a pass
+    over the shards."""
+
+    def __init__(self, w: Work):
+        self.w, self.rows, self.agents = w, w.rows, w.cl.agents
+        self.led: tuple[dict[str, set[int]], dict[str, set[int]]] = (
+            {a: set() for a in self.agents},
+            {a: set() for a in self.agents},
+        )
+        original = self.led[ORIGINAL]
+        for s, row in enumerate(w.rows):
+            if row:
+                original[row[0]].add(s)
+        for s in w.touched:  # the other rows are `previous`' own: same primary
+            if w.rows[s] and self._kind(s) == FRESH:
+                original[w.rows[s][0]].discard(s)
+                self.led[FRESH][w.rows[s][0]].add(s)
+        self.peers: dict[tuple[str, int], Counter[str]] = {}
+        self.pools: dict[tuple[str, int], dict[str, deque[int]]] = {}  # see _pool
+
+    def _kind(self, s: int) -> int:
+        old = self.w.original(s)
+        return ORIGINAL if old and old[0] == self.rows[s][0] else FRESH
+
+    def _expand(self, a: str, kind: int) -> Counter[str]:
+        peers = self.peers.get((a, kind))
+        if peers is None:
+            rows = self.rows
+            led = self.led[kind][a]
+            peers = self.peers[a, kind] = Counter(chain.from_iterable(rows[s][1:] for s in led))
+        return peers
+
+    def promote(self, s: int, b: str) -> None:
+        row = self.rows[s]
+        a = row[0]
+        kind = self._kind(s)
+        if (a, kind) in self.peers:
+            self.peers[a, kind].subtract(row[1:])
+        self.led[kind][a].discard(s)
+        self.w.promote(s, b)
+        row = self.rows[s]
+        kind = self._kind(s)
+        self.led[kind][b].add(s)
+        if (b, kind) in self.peers:
+            self.peers[b, kind].update(row[1:])
+
+    def search(
+        self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
+    ) -> Iterator[list[Step]]:
+        """Paths from sources to sinks with the fewest ORIGINAL hand-overs (those add a
+        primary change), as steps (a, kind, b), searched level by level of that cost; as
+        for replicas (chains.LoadIndex.search), the first level that reaches a sink gives a
+        path for every way into a sink it finds, up to what the sinks can take.
+
+        An agent reached from several sources at the same level keeps them all, and a path
+        is given from each through it into a sink: after a big change most sources share a
+        few agents next to the sinks, and one search then serves all of them."""
+        self.pools.clear()
+        parent: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
+        level_of: dict[str, int] = dict.fromkeys(sources, 0)
+        also: dict[str, list[tuple[str, int]]] = {}  # further parents at the same level
+        levels = [deque((a, FRESH) for a in sources), deque((a, ORIGINAL) for a in sources)]
+        found: list[Step] = []
+        sinks = {b: n for b in self.agents if (n := is_sink(b))}
+        need = sum(sinks.values())
+        level = 0
+        while level < len(levels) and not found:
+            queue = levels[level]
+            while queue and len(found) < need:
+                a, kind = queue.popleft()
+                if not self.led[kind][a]:
+                    continue
+                source = parent[a] is None  # only sources serve as further parents
+                for b, n in self._expand(a, kind).items():
+                    if n <= 0:
+                        continue
+                    if b in parent:
+                        if parent[b] is None:
+                            continue
+                        if b in sinks:
+                            found.append((a, kind, b))
+                        elif source and level_of[b] == level:
+                            also.setdefault(b, []).append((a, kind))
+                        continue
+                    parent[b] = (a, kind)
+                    level_of[b] = level
+                    if b in sinks:
+                        found.append((a, kind, b))
+                        continue
+                    queue.append((b, FRESH))
+                    if len(levels) <= level + 1:
+                        levels.append(deque())
+                    levels[level + 1].append((b, ORIGINAL))
+            level += 1
+        for a, kind, b in found:
+            yield [*unwind(parent, a), (a, kind, b)]
+        for a, kind, b in found:
+            alternatives = also.get(a, ())
+            if not (alternatives and is_sink(b) and self._has(a, kind, b)):
+                continue
+            for p, pkind in alternatives:
+                if parent[p] is None and is_source(p) and self._has(p, pkind, a):
+                    yield [(p, pkind, a), (a, kind, b)]
+                    # Go on while the last step has shards left and b room.
+                    if not (is_sink(b) and self._has(a, kind, b)):
+                        break
+
+    def _pool(self, a: str, kind: int, b: str) -> deque[int]:
+        """The shards of this kind that a leads and b holds, in order. For one search, all
+        of a's are sorted by co-replica in one pass (a leader of S/2 shards may give to a
+        thousand agents); pushes check each shard again when they take it."""
+        by_peer = self.pools.get((a, kind))
+        if by_peer is None:
+            by_peer = self.pools[a, kind] = {}
+            rows = self.rows
+            for s in sorted(self.led[kind][a]):
+                for x in rows[s][1:]:
+                    by_peer.setdefault(x, deque()).append(s)
+        return by_peer.setdefault(b, deque())
+
+    def _has(self, a: str, kind: int, b: str) -> bool:
+        """Whether a still leads a shard of this kind that b holds, in this search's pool."""
+        pool, rows = self._pool(a, kind, b), self.rows
+        while pool and not (rows[pool[0]][0] == a and b in rows[pool[0]]):
+            pool.popleft()
+        return bool(pool)
+
+    def push(
+        self, steps: list[Step], source: Callable[[str], int], sink: Callable[[str], int]
+    ) -> int:
+        """Hand primaries over along the path as often as its ends and its steps allow. The
+        steps' shards differ (each has one primary), so they are chosen before any moves."""
+        rows = self.rows
+        pools = [self._pool(a, k, b) for a, k, b in steps]
+        pushed = 0
+        while True:
+            plan = []
+            for (a, _, b), pool in zip(steps, pools, strict=True):
+                while pool and not (rows[pool[0]][0] == a and b in rows[pool[0]]):
+                    pool.popleft()
+                if not pool:
+                    return pushed
+                plan.append((pool.popleft(), b))
+            for s, b in plan:
+                self.promote(s, b)
+            pushed += 1
+            if not (source(steps[0][0]) and sink(steps[-1][2])) or self.w.out_of_time():
+                return pushed
+
+    def augment(self, source: Callable[[str], int], sink: Callable[[str], int]) -> bool:
+        return augment(self, self.agents, source, sink)
+
+
+def balance_primaries(w: Work, headless: Mapping[int, int]) -> bool:
+    """Every agent's primary count within floor/ceil of its primary share, changing as few
+    primaries as possible. Returns whether the bound was reached."""
+    cl, pc = w.cl, w.pc
+    share, _, lo, hi = primary_targets(cl, w.load, cl.shards)
+    w.count_primaries()
+    pc = w.pc
+    choose_lost_primaries(w, headless, share)
+
+    b = Bounds(pc, lo, hi)
+    # Failover (above) always happens; balance may wait for the next plan.
+    if w.out_of_time():
+        return False
+    reached = True
+    # Shards whose primary is new in this round (or that had none) change it for free.
+    fresh = [s for s in sorted(w.touched) if not w.original(s) or w.original(s)[0] != w.rows[s][0]]
+    if todo := [a for a in cl.agents if b.over(a)]:
+        hand_over(w, set(todo), hi, share, fresh)
+    if todo := [a for a in cl.agents if b.under(a)]:
+        take_over(w, set(todo), lo, share, fresh)
+    # After a large change (a weight raised a thousandfold can leave S/2 primaries to hand
+    # over) one pass over every row does most of the rest at a few microseconds a shard;
+    # smaller gaps are left to the searches, which find the cheapest hand-overs.
+    gap = sum(pc.get(a, 0) - hi[a] for a in cl.agents if b.over(a)) + sum(map(b.short, cl.agents))
+    if gap > 256 and gap * 16 > cl.shards:
+        if todo := [a for a in cl.agents if b.over(a)]:
+            hand_over(w, set(todo), hi, share, range(cl.shards))
+        if todo := [a for a in cl.agents if b.under(a)]:
+            take_over(w, set(todo), lo, share, range(cl.shards))
+    if any(map(b.over, cl.agents)) or any(map(b.under, cl.agents)):
+        index = PrimaryIndex(w)
+        reached = index.augment(b.over, b.room)
+        reached = index.augment(b.spare, b.short) and reached
+    return reached
