@@ -11,7 +11,7 @@ de-duplication of audit events. No ZooKeeper, no clock: ``now`` comes in.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from coordinator import policy
@@ -86,6 +86,7 @@ class Outcome:
     audit: tuple[AuditEvent, ...] = ()
     deadline: float | None = None  # when to run again even if nothing changes
     plan_written: bool = False
+    balanced: bool = True  # False: placement ran out of time and balance is unfinished
 
     @property
     def generation(self) -> int:
@@ -101,8 +102,13 @@ class _Audit:
         self.events.append(AuditEvent(self.now, kind, message, generation))
 
 
-def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: int) -> Outcome:
-    """The next plan step and everything a pass writes besides it."""
+def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: int,
+           should_stop: Callable[[], bool] | None = None) -> Outcome:
+    """The next plan step and everything a pass writes besides it.
+
+    ``should_stop`` is placement's deadline (the shell's clock, asked between steps): past
+    it, placement returns a valid plan with failover and re-replication done and balance
+    left for the next pass (``Outcome.balanced`` False, and a pass is due at once)."""
     now = inputs.now
     config, refusal = accept_config(memory, inputs)
     if config is None:
@@ -145,6 +151,7 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         policy.placement_members(members, known, waiting, draining),
         config.shards,
         config.replicas,
+        should_stop=should_stop,
     )
     target, pins = policy.hold_moves(placement.replicas, memory.pins, live, draining)
     target, outcomes = policy.apply_moves(target, inputs.moves, live, draining)
@@ -207,12 +214,14 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         config=config, config_refused=refusal,
     )
     deadline = policy.next_deadline(departed_at, config.rebalance_delay, now)
+    if not placement.complete:
+        deadline = now  # balance is unfinished: the next pass continues it
     if not plan_changes and not writes:
-        return Outcome(new_memory, deadline=deadline)
+        return Outcome(new_memory, deadline=deadline, balanced=placement.complete)
     # Plan znodes first and plan/meta last (the commit point), then the audit trail.
     ordered = plan_changes[:-1] + writes + plan_changes[-1:]
     return Outcome(new_memory, tuple(ordered), tuple(audit.events), deadline,
-                   plan_written=bool(plan_changes))
+                   plan_written=bool(plan_changes), balanced=placement.complete)
 
 
 def accept_config(memory: Memory, inputs: Inputs) -> tuple[ClusterConfig | None, str]:

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 EVENTS_CAP = 1000  # audit log entries kept; the oldest are trimmed
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0  # pause after a failed pass, doubling while it fails
+# Placement runs on the leader's only thread of decisions: past this, a pass writes the
+# best valid plan it has so that no departure waits for balance.
+PLACEMENT_BUDGET = 0.5
 
 
 class Deposed(Exception):
@@ -153,6 +156,7 @@ class LeaderTerm:
         self.rebalance_version: int | None = None
         self.deadline: float | None = None
         self.events_kept = 0
+        self.placement_overruns = 0
         # What this term believes each plan znode holds (digest of its bytes): a watch
         # that sees something else means a znode was changed or deleted behind our back.
         self.digests: dict[str, int] = {}
@@ -369,8 +373,15 @@ class LeaderTerm:
 
     def reconcile(self, now: float) -> None:
         """Read, decide (pure), and write what changed in fenced multis."""
-        outcome = decide(self.memory, self.read_inputs(now), paths=self.paths,
-                         leader=self.leader_id, epoch=self.token)
+        inputs = self.read_inputs(now)
+        stop_at = time.monotonic() + PLACEMENT_BUDGET
+        outcome = decide(self.memory, inputs, paths=self.paths, leader=self.leader_id,
+                         epoch=self.token, should_stop=lambda: time.monotonic() > stop_at)
+        if not outcome.balanced:
+            self.placement_overruns += 1
+            log.warning("placement took longer than %.2fs: wrote a valid plan (failover and"
+                        " re-replication done), balance continues in the next pass (%d"
+                        " overruns this term)", PLACEMENT_BUDGET, self.placement_overruns)
         self.deadline = outcome.deadline
         if outcome.writes:
             self.commit(list(outcome.writes))

@@ -226,3 +226,18 @@ def test_a_copy_reported_failed_is_re_pointed_and_audited_with_its_reason() -> N
     [event] = [e for e in retried.audit if e.kind == "copy-failed"]
     assert f"shard {shard} from {source}" in event.message and "404" in event.message
     assert (copier, source) not in retried.memory.plan.shards[shard].bootstrapping
+
+
+def test_placement_past_its_deadline_writes_a_valid_plan_and_continues_next_pass() -> None:
+    live = members("a1", "a2", "a3")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    bigger = members("a1", "a2", "a3", "a4", "a5")
+    cut = decide(memory, Inputs(now=now, config=CONFIG, members=bigger,
+                                statuses=in_sync_statuses(memory, live)),
+                 paths=PATHS, leader="c1", epoch=7, should_stop=lambda: True)
+    assert not cut.balanced and cut.deadline == now, "the next pass is due at once"
+    assert all(len(set(p.replicas)) == len(p.replicas) for p in cut.memory.plan.shards)
+    full = run(cut.memory, now + 0.1, bigger)
+    assert full.balanced
+    per_agent = {a: sum(a in t for t in full.memory.plan.targets) for a in bigger}
+    assert max(per_agent.values()) - min(per_agent.values()) <= 1, per_agent
