@@ -41,6 +41,7 @@ Other agents are known by id in the plan; their data-plane addresses are read fr
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -261,6 +262,11 @@ class Agent:
             self.stores, self.table, secrets.token_urlsafe(32), host=host, port=port
         )
         return self.plane
+
+    def set_address(self, address: str) -> None:
+        """The data plane's real address, once bound (``--listen HOST:0``); before run()."""
+        self.address = address
+        self.info = dataclasses.replace(self.info, address=address)
 
     @property
     def applied_generation(self) -> int:

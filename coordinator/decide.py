@@ -30,6 +30,9 @@ from shardkeeper.layout import (
 )
 from shardkeeper.plan import PlanState
 
+# How long `status` shows a departed member as down (longer while it still holds
+# replicas, e.g. inside the rebalance delay).
+DOWN_VISIBLE = 3600.0
 # A new cluster's first plan waits until membership has been still this long, so that
 # agents starting together are placed together instead of all shards landing on the
 # first one and then moving (Kafka's group.initial.rebalance.delay plays the same role).
@@ -70,13 +73,21 @@ class Memory:
     config: ClusterConfig | None = None  # the last config accepted
     config_refused: str = ""  # why the current config znode is not used (reported once)
     notes: tuple[str, ...] = ()  # repairs made while reading, for the next audit
+    announce: str = ""  # "leader X leads with epoch N", audited on the term's first pass
+    down: Mapping[str, float] = field(default_factory=dict)  # departed member -> since
 
     @classmethod
-    def at_start(cls, plan: PlanState, notes: tuple[str, ...] = ()) -> Memory:
+    def at_start(cls, plan: PlanState, notes: tuple[str, ...] = (), announce: str = ""
+                 ) -> Memory:
         """A new term: members of the last plan that are gone now left during the
-        failover, so their clocks (rebalance delay, mass-departure guard) start now."""
+        failover, so their clocks (rebalance delay, mass-departure guard) start now; the
+        down members the last plan recorded stay down since when they left."""
         live = frozenset(plan.meta.members) if plan.meta else frozenset()
-        return cls(plan=plan, live_before=live, notes=notes)
+        down = plan.meta.summary.get("down") if plan.meta else None
+        kept = {a: float(t) for a, t in down.items()
+                if isinstance(a, str) and isinstance(t, int | float)} if isinstance(
+                    down, dict) else {}
+        return cls(plan=plan, live_before=live, notes=notes, announce=announce, down=kept)
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,8 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
     audit = _Audit(now)
     writes: list[Write] = []
     known = {**memory.known, **inputs.members}
+    if memory.announce:
+        audit.add("leader-elected", memory.announce, gen)
     for note in memory.notes:
         audit.add("plan-repaired", note, gen)
     if refusal and refusal != memory.config_refused:
@@ -180,7 +193,10 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         then = f"copying from {other} instead" if other else "issuing it afresh"
         audit.add("copy-failed", f"{agent}'s copy of shard {shard} from {source} failed"
                   f" ({why}): {then}", gen)
+    down = track_down(memory.down, memory.live_before, live, now,
+                      holding={a for p in memory.plan.shards for a in p.holders})
     summary = {
+        "down": {a: round(t, 3) for a, t in sorted(down.items())},
         "in_flight": step.in_flight,
         "deferred": step.deferred,
         "unavailable": len(step.unavailable),
@@ -211,7 +227,7 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         plan=state, known=known, live_before=live, departed_at=departed_at, pins=tuple(pins),
         drained_reported=drained, unavailable_reported=unavailable_reported,
         seen=memory.seen, membership_changed=memory.membership_changed,
-        config=config, config_refused=refusal,
+        config=config, config_refused=refusal, down=down,
     )
     deadline = policy.next_deadline(departed_at, config.rebalance_delay, now)
     if not placement.complete:
@@ -222,6 +238,17 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
     ordered = plan_changes[:-1] + writes + plan_changes[-1:]
     return Outcome(new_memory, tuple(ordered), tuple(audit.events), deadline,
                    plan_written=bool(plan_changes), balanced=placement.complete)
+
+
+def track_down(down: Mapping[str, float], before: frozenset[str], live: frozenset[str],
+               now: float, holding: set[str]) -> dict[str, float]:
+    """Departed members -> since when, for `status`: kept for DOWN_VISIBLE after they
+    left, or as long as they still hold replicas; a returning member is up again."""
+    out = {a: t for a, t in down.items()
+           if a not in live and (now - t < DOWN_VISIBLE or a in holding)}
+    for agent in before - live:
+        out.setdefault(agent, now)
+    return out
 
 
 def accept_config(memory: Memory, inputs: Inputs) -> tuple[ClusterConfig | None, str]:

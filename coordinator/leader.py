@@ -409,6 +409,12 @@ class LeaderTerm:
         self.digests = {p: d for p, d in stored.digests.items() if p not in stored.damaged}
         return replace(Memory.at_start(rebuilt.plan, rebuilt.notes), config=self.memory.config)
 
+    def reload(self) -> None:
+        """Read the stored plan again (repairing what is damaged), keeping this term's
+        memory of departures, pins and what was reported."""
+        fresh = self.load_plan()
+        self.memory = replace(self.memory, plan=fresh.plan, notes=fresh.notes)
+
     def run(self) -> None:
         self.members = ChildCache(self.client, self.paths.members, MemberInfo.decode,
                                   self._poke, self._active)
@@ -419,6 +425,8 @@ class LeaderTerm:
         self.start_liveness()
         self.token = self.claim_epoch(self.memory.plan)
         log.info("%s leads with epoch %d", self.leader_id, self.token)
+        self.memory = replace(self.memory,
+                              announce=f"{self.leader_id} leads with epoch {self.token}")
         self.events_kept = len(self.client.get_children(self.paths.events))
         for path in (self.paths.config, self.paths.maintenance, self.paths.rebalance):
             self.client.DataWatch(path, self._poke)
@@ -441,8 +449,7 @@ class LeaderTerm:
             self._check_term()
             if self.tampered.is_set():
                 self.tampered.clear()
-                fresh = self.load_plan()
-                self.memory = replace(self.memory, plan=fresh.plan, notes=fresh.notes)
+                self.reload()
             try:
                 self.reconcile(time.time())
                 failures = 0
@@ -458,7 +465,7 @@ class LeaderTerm:
                             " %.2fs", e, pause)
                 self.stop.wait(pause)
                 self._check_term()
-                self.memory = self.load_plan()
+                self.reload()
                 self.wake.set()
 
 

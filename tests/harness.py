@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 from kazoo.client import KazooClient
 
 from shardkeeper import cluster as clusterstate
-from shardkeeper.dev.zkserver import free_port
 from shardkeeper.layout import Paths
 from shardkeeper.process import cli_command, spawn
 from shardkeeper.zk import Credential, ZkTarget, close, connect
@@ -122,7 +121,8 @@ class Cluster:
                     weight: float = 1.0) -> RoleProcess:
         argv = cli_command(
             "agent", "run", *self.zk_args(), "--id", name,
-            "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(self.workdir / name),
+            # Port 0: the agent binds any free port and advertises it (no port race).
+            "--listen", "127.0.0.1:0", "--data-dir", str(self.workdir / name),
             "--session-timeout", str(session_timeout), "--zone", zone, "--weight", str(weight),
             "--log-level", "debug",
         )

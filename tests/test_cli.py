@@ -196,7 +196,7 @@ def test_agent_data_dir_that_cannot_be_created_is_one_line(tmp_path: Path, where
     ("--log-level", "root", "'root' is not one of"),  # was a TypeError from logging
     ("--listen", "host", "missing port"),
     ("--listen", "[::1:80", "unbalanced '['"),
-    ("--listen", "127.0.0.1:0", "outside 1-65535"),
+    ("--listen", "127.0.0.1:70000", "outside 0-65535"),
     ("--listen", "a\x00b:80", "bad host"),  # was a ValueError from bind
 ])
 def test_agent_run_refuses_bad_options(tmp_path: Path, option: str, value: str,

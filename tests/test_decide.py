@@ -241,3 +241,18 @@ def test_placement_past_its_deadline_writes_a_valid_plan_and_continues_next_pass
     assert full.balanced
     per_agent = {a: sum(a in t for t in full.memory.plan.targets) for a in bigger}
     assert max(per_agent.values()) - min(per_agent.values()) <= 1, per_agent
+
+
+def test_down_members_are_recorded_with_since_and_survive_a_new_term() -> None:
+    live = members("a1", "a2", "a3")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    out = run(memory, 100.0, members("a1", "a2"))
+    assert out.memory.plan.meta.summary["down"] == {"a3": 100.0}
+    fresh = Memory.at_start(out.memory.plan, announce="c2 leads with epoch 9")
+    assert fresh.down == {"a3": 100.0}
+    again = run(fresh, 200.0, members("a1", "a2"))
+    assert "leader-elected" in [e.kind for e in again.audit]
+    later = run(again.memory, 100.0 + 3601, members("a1", "a2", "a4"))
+    assert "a3" not in later.memory.plan.meta.summary["down"], "an hour later it is gone"
+    back = run(out.memory, 150.0, live)
+    assert back.memory.plan.meta.summary["down"] == {}, "a returning member is up"

@@ -26,7 +26,7 @@ SESSION_TIMEOUT = FiniteFloatRange(min=0.5, max=600)
 
 def parse_listen(value: str) -> tuple[str, int]:
     try:
-        return split_host_port(value.strip(), default_port=None)
+        return split_host_port(value.strip(), default_port=None, allow_zero=True)
     except ZkTargetError as e:
         raise InputError(f"--listen: {e}") from None
 
@@ -42,7 +42,9 @@ def agent() -> None:
 @click.option("--zone", default="", help="Failure zone (rack, AZ); replicas spread over zones.")
 @click.option("--weight", type=FiniteFloatRange(min=0, min_open=True, max=1e6), default=1.0,
               show_default=True, help="Relative capacity.")
-@click.option("--listen", required=True, help="HOST:PORT of the agent's data plane.")
+@click.option("--listen", required=True,
+              help="HOST:PORT of the agent's data plane (port 0: any free port, which the"
+              " agent then advertises in its member znode).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for the agent's shard replicas (created if missing).")
 @click.option("--session-timeout", type=SESSION_TIMEOUT, default=10.0,
@@ -75,6 +77,8 @@ def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: 
         health = HealthServer(a, host, port)
     except OSError as e:
         raise ShardkeeperError(f"cannot listen on {listen}: {e.strerror or e}") from None
+    if port == 0:
+        a.set_address(health.plane.address)
     health.start()
     try:
         run_until_signal(a.run, a.stop)
