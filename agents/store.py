@@ -107,6 +107,11 @@ class StoreBusy(StoreError):
     """The store cannot hand out a file image now."""
 
 
+class StoreClosed(StoreError):
+    """The store was closed (its shard dropped, the agent stopping) or could not be
+    opened again after an image swap: the request that met it changes nothing."""
+
+
 @dataclass(frozen=True)
 class FileImage:
     """A store file frozen as a consistent image (see ``ShardStore.open_image``)."""
@@ -169,18 +174,33 @@ class ShardStore:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._images = 0  # file images handed out and not yet closed
-        self._db = self._connect()
+        # The one connection; None once closed. Only ever read or replaced under _lock:
+        # install_image swaps it and StoreSet.drop closes it while requests are in flight.
+        self._conn: sqlite3.Connection | None = None
+        self._connect()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> None:
         db = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
         )
-        db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # ignored once the file has data
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        self._db = db
-        self._create_or_migrate()
+        try:
+            db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # ignored once the file has data
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            self._conn = db
+            self._create_or_migrate()
+        except BaseException:
+            self._conn = None
+            db.close()
+            raise
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """The open connection; callers hold ``_lock``. Raises StoreClosed after close()."""
+        db = self._conn
+        if db is None:
+            raise StoreClosed(f"{self.path.name} is closed")
         return db
 
     def _create_or_migrate(self) -> None:
@@ -196,11 +216,19 @@ class ShardStore:
         )
 
     def close(self) -> None:
+        """Close the connection; every later call raises StoreClosed. Waits for the call
+        in progress (they hold the lock), so none of them meets a closed connection."""
         with self._lock:
-            self._db.close()
+            db, self._conn = self._conn, None
+            if db is not None:
+                db.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db, self._lock)
+        return _Transaction(self)
 
     # -- rows ----------------------------------------------------------------------------
 
@@ -408,13 +436,16 @@ class ShardStore:
         sync = prepare_image(image)
         with self._lock:
             mine = self._db.execute("SELECT key, value, lsn, tombstone FROM rows").fetchall()
-            self._db.close()  # the last connection: its WAL is checkpointed and removed
+            db, self._conn = self._conn, None
+            db.close()  # the last connection: its WAL is checkpointed and removed
             try:
                 for suffix in ("-wal", "-shm"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
                 os.replace(image, self.path)
             finally:
-                self._connect()  # the image, or the old file if the swap failed
+                # The image, or the old file if the swap failed; if even that cannot be
+                # opened (a full disk), the store stays closed and says so (StoreClosed).
+                self._connect()
             with self._transaction():
                 self._db.executemany(_UPSERT_NEWER, mine)
         return sync
@@ -475,25 +506,30 @@ def prepare_image(path: Path) -> int:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` .. ``COMMIT`` under the store lock; rolls back on error."""
+    """``BEGIN IMMEDIATE`` .. ``COMMIT`` under the store lock; rolls back on error.
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
-        self._db = db
-        self._lock = lock
+    The connection is looked up only once the lock is held: an image swap or a close
+    replaces it under that lock, and one taken before would be a closed connection."""
+
+    def __init__(self, store: ShardStore):
+        self._store = store
+        self._db: sqlite3.Connection | None = None
 
     def __enter__(self) -> None:
-        self._lock.acquire()
+        self._store._lock.acquire()
         try:
+            self._db = self._store._db
             self._db.execute("BEGIN IMMEDIATE")
         except BaseException:
-            self._lock.release()
+            self._store._lock.release()
             raise
 
     def __exit__(self, exc_type: object, *_rest: object) -> None:
         try:
+            assert self._db is not None
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
-            self._lock.release()
+            self._store._lock.release()
 
 
 class StoreSet:
