@@ -88,7 +88,7 @@ from agents.shardsm import (
     ShardEvent,
     Target,
 )
-from agents.store import StoreSet
+from agents.store import StoreError, StoreSet
 from agents.trash import DEFAULT_KEEP_SECONDS, Trash
 from agents.work import Job, ShardWork
 from shardkeeper import __version__
@@ -651,7 +651,12 @@ class Agent:
             self.report()
         else:
             if isinstance(action, shardsm.StartBootstrap):
-                self.stores.open(action.shard)  # forwards land in it while it copies
+                try:
+                    self.stores.open(action.shard)  # forwards land in it while it copies
+                except StoreError as e:
+                    # A full disk: the copy opens it again and fails, and the machine
+                    # retries it (bounded) or reports it; the agent itself must go on.
+                    log.warning("shard %d: %s", action.shard, e)
             self.work.submit(action)
 
     # -- the data plane's table ---------------------------------------------------------

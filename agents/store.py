@@ -180,9 +180,15 @@ class ShardStore:
         self._connect()
 
     def _connect(self) -> None:
-        db = sqlite3.connect(
-            str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
-        )
+        """Open the file (creating it) as the store's connection. A file that cannot be
+        opened or set up (a full disk, a damaged file) raises StoreError, so that callers
+        tell a store that failed from a bug."""
+        try:
+            db = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path.name}: {exc}") from exc
         try:
             db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # ignored once the file has data
             db.execute("PRAGMA journal_mode=WAL")
@@ -190,9 +196,11 @@ class ShardStore:
             db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._conn = db
             self._create_or_migrate()
-        except BaseException:
+        except BaseException as exc:
             self._conn = None
             db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open {self.path.name}: {exc}") from exc
             raise
 
     @property
