@@ -7,7 +7,7 @@ it. A worker carries the action out through the handler (``handler.perform``) an
 the event back, with the action's work number, through ``done``: the state machine
 ignores an event whose work is no longer the shard's latest.
 
-Retries: a copy, a catch-up or a promotion that is itself a retry (``attempt`` > 0)
+Retries: a copy, a catch-up, a promotion or a drop that is itself a retry (``attempt`` > 0)
 waits a growing pause first; a repair, demotion or catch-up that fails is tried again
 for up to ``RETRY_SECONDS`` (its peer may be mid-transition), then reported failed.
 """
@@ -108,7 +108,8 @@ class ShardWork:
         action = job.action
         event: ShardEvent | None = None
         try:
-            if isinstance(action, StartBootstrap | CatchUp | Promote) and action.attempt:
+            retried = isinstance(action, StartBootstrap | CatchUp | Promote | StartDrop)
+            if retried and action.attempt:
                 job.stop.wait(backoff(action.attempt))
             if isinstance(action, StartBootstrap | StartDrop):
                 event = perform(self._handler(), action, job.stop)
