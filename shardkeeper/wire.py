@@ -87,10 +87,12 @@ class ErrorCode(StrEnum):
     NOT_REPLICA = "not_replica"  # 409: a forward to a holder that takes none
     NOT_A_SOURCE = "not_a_source"  # 409: rows or a snapshot from a holder still copying
     BUSY = "busy"  # 409: another snapshot of the shard is being sent
+    BEHIND_HORIZON = "behind_horizon"  # 409: rows asked for past compacted deletes, with "horizon"
     OVERSIZED = "oversized"  # 413
     INTERNAL = "internal"  # 500
     NO_PRIMARY = "no_primary"  # 503
     SHARD_NOT_OPEN = "shard_not_open"  # 503
+    STORE_FAILED = "store_failed"  # 503: the shard's store failed (a full disk, an I/O error)
     NOT_SERVING = "not_serving"  # 503: the agent's ZooKeeper session was lost
     NOT_WRITABLE = "not_writable"  # 503: the agent's ZooKeeper session is suspended
     REPLICATION_FAILED = "replication_failed"  # 503, with "replicas"

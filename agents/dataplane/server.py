@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import socket
+import sqlite3
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from agents.dataplane.compaction import Compactor, grace_from_env
 from agents.dataplane.replication import (
     TERM_AHEAD_SECONDS,
     Refused,
@@ -32,7 +34,16 @@ from agents.dataplane.replication import (
 from agents.dataplane.table import ShardRoute, ShardTable
 from agents.dataplane.transfer import send_file
 from agents.shardsm import ShardState
-from agents.store import FileImage, ShardStore, StoreBusy, StoreSet, next_lsn
+from agents.store import (
+    BehindHorizon,
+    FileImage,
+    ShardStore,
+    StoreBusy,
+    StoreClosed,
+    StoreError,
+    StoreSet,
+    next_lsn,
+)
 from shardkeeper.peer import PeerClient
 from shardkeeper.wire import (
     DEFAULT_PAGE_ROWS,
@@ -124,6 +135,9 @@ class DataPlane:
         self._locks_guard = threading.Lock()
         self._server = _Server((host, port), _Handler, self)
         self._thread: threading.Thread | None = None
+        # Purges the tombstones every in-sync replica has had for a while (SHARDKEEPER_
+        # TOMBSTONE_GRACE; see agents.dataplane.compaction).
+        self.compactor = Compactor(stores, table, lambda: self.token, grace_from_env())
 
     def set_token(self, token: str) -> None:
         """Switch to the cluster token (the agent learns it after binding its port)."""
@@ -145,9 +159,11 @@ class DataPlane:
             daemon=True,
         )
         self._thread.start()
+        self.compactor.start()
         return self
 
     def stop(self) -> None:
+        self.compactor.stop()
         self._server.shutdown()
         self._server.server_close()
         self._server.close_connections()
@@ -167,6 +183,16 @@ class DataPlane:
             return Response(exc.status, exc.body)
         except Malformed as exc:  # a key, value or row that breaks the wire's rules
             return Response(exc.status, {"error": exc.error, "detail": str(exc)})
+        except BehindHorizon as exc:  # the asker must copy the whole store instead
+            return Response(409, {"error": ErrorCode.BEHIND_HORIZON, "horizon": exc.horizon})
+        except StoreClosed as exc:  # dropped (or swapped and not reopened) under the request
+            return Response(503, {"error": ErrorCode.SHARD_NOT_OPEN, "detail": str(exc)})
+        except (StoreError, sqlite3.Error) as exc:
+            # A full disk or an I/O error: nothing was acknowledged, the caller retries
+            # elsewhere or later. One line: a traceback per request would bury the log.
+            log.warning("%s %s: shard store failed: %s", request.method,
+                        "/".join(request.segments), exc)
+            return Response(503, {"error": ErrorCode.STORE_FAILED, "detail": str(exc)})
 
     def _route(self, request: Request) -> Response:
         seg = request.segments
@@ -339,10 +365,13 @@ class DataPlane:
         return Response(200, {}, image=image)
 
     def digest(self, request: Request, shard: int) -> Response:
+        """The shard's markers, and its digest unless ``?digest=0`` (the compactor asks
+        only for the markers, often)."""
         route = self._route_of(shard)
         store = self._store_of(shard)
         body = {
-            "digest": store.digest(),
+            "digest": store.digest() if request.query.get("digest") != "0" else "",
+            "horizon": store.horizon(),
             "max_lsn": store.max_lsn(),
             "sync_lsn": store.sync_lsn(),
             "promotion_lsn": store.promotion_lsn(),
