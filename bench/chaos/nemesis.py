@@ -363,6 +363,8 @@ class Record:
     targets: tuple[str, ...] = ()
     note: str = ""
     error: str = ""
+    wall_start: float = 0.0  # time.time(), to set beside the leader's audit log
+    wall_end: float = 0.0
 
 
 class Nemesis(threading.Thread):
@@ -432,12 +434,14 @@ class Nemesis(threading.Thread):
         except Skip as why:
             self.skipped.append((planned.kind, str(why)))
             return False
-        record = Record(planned.kind, planned.at, self.now(), targets=tuple(fault.targets))
+        record = Record(planned.kind, planned.at, self.now(), targets=tuple(fault.targets),
+                        wall_start=time.time())
         try:
             fault.start(self.fleet)
         except Exception as exc:  # noqa: BLE001 - a fault that failed to start is reported
             record.error = f"start: {exc!r}"
             record.end = self.now()
+            record.wall_end = time.time()
             self.records.append(record)
             log.warning("%s failed to start: %r", planned.kind, exc)
             return True
@@ -465,6 +469,7 @@ class Nemesis(threading.Thread):
                 except Exception as again:  # noqa: BLE001
                     record.error = f"stop: {again!r}"
             record.end = self.now()
+            record.wall_end = time.time()
             log.info("+%.1fs %s ended", record.end, record.kind)
 
     def stop(self) -> None:

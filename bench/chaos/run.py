@@ -30,6 +30,7 @@ from shardkeeper import admin
 from shardkeeper import cluster as clusterstate
 from shardkeeper.cli.data import load_key, load_value
 from shardkeeper.client import DataClient
+from shardkeeper.layout import AuditEvent
 from shardkeeper.poll import poll_until
 from shardkeeper.token import read_token
 from shardkeeper.vocab import ShardState
@@ -78,6 +79,8 @@ class Monitor(threading.Thread):
         self.fleet = fleet
         self.clock = clock
         self.samples: list[Sample] = []
+        self.events: list[AuditEvent] = []  # the leader's audit log, kept as it is trimmed
+        self._last_event = ""
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -89,9 +92,18 @@ class Monitor(threading.Thread):
                                    self.fleet.opts.replicas, self.fleet.live_agents())
                 paused = admin.maintenance(self.fleet.client, self.fleet.paths) is not None
                 self.samples.append(Sample(at, not reason, reason, paused))
+                self.read_events()
             except Exception as exc:  # noqa: BLE001 - ZooKeeper down: a gap in the samples
                 self.samples.append(Sample(at, None, type(exc).__name__))
             self.halt.wait(0.5)  # the sampling period
+
+    def read_events(self) -> None:
+        for name, event in admin.events(self.fleet.client, self.fleet.paths, self._last_event):
+            self.events.append(event)
+            self._last_event = name
+
+    def events_between(self, kind: str, a: float, b: float) -> list[AuditEvent]:
+        return [e for e in self.events if e.kind == kind and a <= e.time <= b]
 
     def healthy_after(self, t: float) -> float | None:
         return next((s.at for s in self.samples if s.at >= t and s.healthy), None)
@@ -107,7 +119,20 @@ class KindReport:
     worst_write_s: float = 0.0  # slowest acknowledged write invoked during the fault
     unknown_writes: int = 0  # writes invoked during the fault with no known outcome
     recovery_s: list[float] = field(default_factory=list)  # end -> settled, faults alone
+    # Churn the fault caused, from the audit log (during it and for 20 s after): members
+    # the leader saw leave, copies it started.
+    departures: int = 0
+    copies: int = 0
     notes: list[str] = field(default_factory=list)
+
+
+CHURN_WINDOW = 20.0
+
+
+def _copies_started(message: str) -> int:
+    """N in a plan event's "generation G: N copies started, ..." (0 if absent)."""
+    m = re.search(r"(\d+) copies started", message)
+    return int(m.group(1)) if m else 0
 
 
 def per_kind(records: list[Record], ops: list[Op], monitor: Monitor, start: float,
@@ -134,6 +159,10 @@ def per_kind(records: list[Record], ops: list[Op], monitor: Monitor, start: floa
             for o in records)
         if alone:
             report.recovery_s.append(round(healthy - r_end, 2))
+        churn_end = (r.wall_end or r.wall_start) + CHURN_WINDOW
+        report.departures += len(monitor.events_between("member-left", r.wall_start, churn_end))
+        report.copies += sum(_copies_started(e.message)
+                             for e in monitor.events_between("plan", r.wall_start, churn_end))
         if r.kind == "mass-departure":
             tripped = monitor.maintenance_between(r.start, r_end + 5)
             report.notes.append("maintenance entered" if tripped else "maintenance NOT entered")
@@ -292,21 +321,20 @@ def _run(fleet: Fleet, opts: RunOptions, root: Path) -> dict[str, Any]:
     fleet.check_exits()
     kinds = per_kind(nemesis.records, ops, monitor, start, healed)
     gaps = write_gaps(ops, start, healed)
+    with contextlib.suppress(Exception):
+        monitor.read_events()
     report = summary(opts, verdict, nemesis, kinds, gaps, converge_s, verify_ok, stuck_now,
-                     fleet, lost_preload, workload, root, reason)
+                     fleet, lost_preload, workload, root, reason, monitor)
     return report
 
 
 def summary(opts: RunOptions, verdict: Verdict, nemesis: Nemesis,
             kinds: dict[str, KindReport], gaps: list[tuple[float, float]],
             converge_s: float | None, verify_ok: bool, stuck_now: list[str], fleet: Fleet,
-            lost_preload: list[str], workload: Workload, root: Path, reason: str
-            ) -> dict[str, Any]:
+            lost_preload: list[str], workload: Workload, root: Path, reason: str,
+            monitor: Monitor) -> dict[str, Any]:
     lost = verdict.lost_count + len(lost_preload)
-    events = Counter()
-    with contextlib.suppress(Exception):
-        for _, event in admin.events(fleet.client, fleet.paths):
-            events[event.kind] += 1
+    events = Counter(e.kind for e in monitor.events)
     report: dict[str, Any] = {
         "seed": opts.seed,
         "duration_s": opts.duration,
