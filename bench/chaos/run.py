@@ -68,6 +68,7 @@ class Sample:
     healthy: bool | None  # None: could not read the cluster
     reason: str = ""
     maintenance: bool = False
+    load: float = 0.0  # the machine's 1-minute load average then
 
 
 class Monitor(threading.Thread):
@@ -87,14 +88,15 @@ class Monitor(threading.Thread):
         while not self.halt.is_set():
             self.fleet.check_exits()
             at = time.monotonic() - self.clock
+            load = os.getloadavg()[0]
             try:
                 reason = unsettled(self.fleet.client, self.fleet.paths,
                                    self.fleet.opts.replicas, self.fleet.live_agents())
                 paused = admin.maintenance(self.fleet.client, self.fleet.paths) is not None
-                self.samples.append(Sample(at, not reason, reason, paused))
+                self.samples.append(Sample(at, not reason, reason, paused, load))
                 self.read_events()
             except Exception as exc:  # noqa: BLE001 - ZooKeeper down: a gap in the samples
-                self.samples.append(Sample(at, None, type(exc).__name__))
+                self.samples.append(Sample(at, None, type(exc).__name__, load=load))
             self.halt.wait(0.5)  # the sampling period
 
     def read_events(self) -> None:
@@ -172,6 +174,15 @@ def per_kind(records: list[Record], ops: list[Op], monitor: Monitor, start: floa
 
 
 _ERROR_LINE = re.compile(r"^\S+ ERROR ")  # the roles' format: time, level, logger
+
+
+def load_figures(monitor: Monitor) -> dict[str, float]:
+    """The machine's load average over the run (other work shares the two cores)."""
+    loads = [s.load for s in monitor.samples]
+    if not loads:
+        return {}
+    return {"load_min": round(min(loads), 2), "load_mean": round(sum(loads) / len(loads), 2),
+            "load_max": round(max(loads), 2)}
 
 
 def scan_logs(log_dir: Path) -> dict[str, Any]:
@@ -371,7 +382,7 @@ def summary(opts: RunOptions, verdict: Verdict, nemesis: Nemesis,
             "logs": scan_logs(root / "logs"),
             "agents": len(fleet.agents),
         },
-        "machine": machine(),
+        "machine": {**machine(), **load_figures(monitor)},
     }
     report["ok"] = (lost == 0 and report["stale_reads"] == 0 and report["converged"]
                     and verify_ok and not stuck_now and not fleet.unexpected)
