@@ -16,10 +16,14 @@ still copying (bootstrapping, each from a named in-sync source). One step:
    step issues it afresh at a newer generation: a failed copy always leads somewhere.
 3. **Start copies** for target replicas the shard lacks, within the per-agent and
    cluster throttles; shards below their replica count go before moves made for balance.
-4. **Promote** the target's primary once it is in sync.
+4. **Promote** the target's primary once it is in sync, and once the current primary
+   knows it in sync (``fenced``: it applied a plan listing it as a peer). Only then does
+   the old primary forward to it with must-ack, so that the moment the new primary takes
+   its new term, the old one can acknowledge nothing more: a write the old primary
+   acknowledged after the new one caught up from its peers would be repaired away.
 5. **Drop (break) last**: a replica outside the target leaves only while the shard keeps
    at least as many in-sync replicas as the target asks for, so a move never lowers
-   redundancy.
+   redundancy; the primary leaves only after a fenced successor took over.
 
 A shard with no live in-sync replica is left exactly as it is and reported
 ``unavailable``: its agents may come back with their data (a ZooKeeper hiccup, a
@@ -56,6 +60,7 @@ class Step:
     in_flight: int = 0  # copies running after this step
     # Failed copies handled: (shard, agent, old source, new source or None if withdrawn).
     retried: tuple[tuple[int, str, str, str | None], ...] = ()
+    handovers_waiting: int = 0  # primary moves held until the primary knows its successor
 
 
 @dataclass
@@ -72,6 +77,7 @@ class _Tally:
     failovers: int = 0
     promotions: int = 0
     deferred: int = 0
+    handovers_waiting: int = 0
     retried: list[tuple[int, str, str, str | None]] = field(default_factory=list)
     withdrawn: set[tuple[str, int]] = field(default_factory=set)
 
@@ -162,17 +168,26 @@ def start_copies(
 def settle(
     in_sync: list[str], boot: list[tuple[str, str]], target: Sequence[str],
     paused: bool, tally: _Tally, min_in_sync: int = 0,
+    fenced: Collection[str] | None = None,
 ) -> tuple[list[str], list[tuple[str, str]]]:
-    """Steps 4 and 5: promote the target's primary, then drop what the target no longer has."""
+    """Steps 4 and 5: promote the target's primary, then drop what the target no longer has.
+
+    ``fenced``: the replicas the current primary knows in sync (None: any may take over).
+    A handover to another replica waits for it, and so does dropping the primary."""
     wanted = set(target)
     if not paused:
         # Copies for replicas the target no longer wants are cancelled: they hold nothing
         # that the shard relies on.
         boot = [(a, s) for a, s in boot if a in wanted]
+        waiting = False  # a handover to the target's primary waits for it to be fenced
         if target and target[0] in in_sync and in_sync[0] != target[0]:
-            in_sync.remove(target[0])
-            in_sync.insert(0, target[0])
-            tally.promotions += 1
+            if fenced is None or target[0] in fenced:
+                in_sync.remove(target[0])
+                in_sync.insert(0, target[0])
+                tally.promotions += 1
+            else:
+                waiting = True
+                tally.handovers_waiting += 1
         # A drain or move must not cost redundancy, even when the target is short of R
         # (too few eligible agents): then the old replica stays until there is room.
         keep = max(len(target), min_in_sync)
@@ -180,6 +195,11 @@ def settle(
             if len(in_sync) - 1 < keep:
                 break
             if any(source == agent for _, source in boot):
+                continue
+            if agent == in_sync[0] and fenced is not None and (
+                    waiting or len(in_sync) < 2 or in_sync[1] not in fenced):
+                # Dropping the primary hands over to in_sync[1]: only to a fenced one, and
+                # not while the handover the target wants is waiting.
                 continue
             in_sync.remove(agent)
             tally.dropped += 1
@@ -197,13 +217,16 @@ def next_step(
     throttle: Throttle = DEFAULT_THROTTLE,
     min_in_sync: int = 0,
     failed: Collection[tuple[str, int]] = (),
+    fenced: Collection[tuple[str, int]] | None = None,
 ) -> Step:
     """One step toward ``target`` (shard -> agents, primary first, as placement returns).
 
     ``live`` are the current members; ``caught_up`` the (agent, shard) pairs whose status
     reports the replica online and caught up with the plan that asked for it. Replicas
     outside the target are dropped only while at least ``min_in_sync`` (R) stay in sync.
-    ``failed`` are the (agent, shard) copies whose agent reports them failed.
+    ``failed`` are the (agent, shard) copies whose agent reports them failed. ``fenced``
+    are the (agent, shard) replicas each shard's primary knows in sync (it applied a plan
+    listing them): only they may take over from a live primary (None: no such check).
     """
     live = set(live)
     caught = set(caught_up)
@@ -231,8 +254,14 @@ def next_step(
     for s in order:
         start_copies(staged[s][0], staged[s][1], target[s], live, tally, s)
     plan = list(shards)
+    successors: dict[int, set[str]] | None = None
+    if fenced is not None:
+        successors = {}
+        for agent, s in fenced:
+            successors.setdefault(s, set()).add(agent)
     for s, (in_sync, boot) in staged.items():
-        in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync)
+        in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync,
+                               None if successors is None else successors.get(s, set()))
         # The term stays the shard's own until with_terms stamps a changed primary.
         plan[s] = ShardPlan(tuple(in_sync), tuple(boot), shards[s].term)
     in_flight = sum(len(p.bootstrapping) for p in plan)
@@ -247,6 +276,7 @@ def next_step(
         unavailable=tuple(unavailable),
         in_flight=in_flight,
         retried=tuple(tally.retried),
+        handovers_waiting=tally.handovers_waiting,
     )
 
 
