@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -150,7 +151,7 @@ class Compactor:
                     self._as_primary(shard, route)
                 elif route.state == ShardState.REPLICA:
                     self._as_replica(shard, route)
-            except StoreError as exc:  # dropped meanwhile, or a full disk
+            except (StoreError, sqlite3.Error) as exc:  # dropped meanwhile, a full disk
                 log.debug("shard %d: no compaction this round: %s", shard, exc)
 
     def _as_primary(self, shard: int, route: ShardRoute) -> None:
