@@ -106,9 +106,14 @@ class _Tally:
 def fail_over(
     shard: ShardPlan, target: Sequence[str], live: Collection[str],
     caught_up: Collection[str], tally: _Tally, failed: Collection[str] = (), index: int = -1,
+    fenced: Collection[str] | None = None,
 ) -> tuple[list[str], list[tuple[str, str]]] | None:
     """Steps 1 and 2: drop departed replicas, re-point or join bootstraps; re-point or
     withdraw the copies in ``failed`` (agents whose copy of this shard failed).
+
+    When the primary departed, a survivor it knew in sync (``fenced``) takes over first:
+    a departed primary slow to notice its lost session still forwards to those with
+    must-ack, and they refuse once they follow the new term.
 
     Returns (in_sync, bootstrapping), or None when no live in-sync replica is left.
     """
@@ -120,6 +125,8 @@ def fail_over(
         return None
     if shard.replicas[0] not in live:
         tally.failovers += 1
+        if fenced is not None:
+            in_sync.sort(key=lambda a: a not in fenced)  # stable: plan order otherwise
     boot: list[tuple[str, str]] = []
     for agent, source in shard.bootstrapping:
         if agent not in live:
@@ -238,13 +245,19 @@ def next_step(
     tally = _Tally(throttle)
     staged: dict[int, tuple[list[str], list[tuple[str, str]]]] = {}
     unavailable: list[int] = []
+    successors: dict[int, set[str]] | None = None
+    if fenced is not None:
+        successors = {}
+        for agent, s in fenced:
+            successors.setdefault(s, set()).add(agent)
     for s, shard in enumerate(shards):
         if shard.replicas == tuple(target[s]) and not shard.bootstrapping and all(
             a in live for a in shard.replicas
         ):
             continue  # already at its target: the common case, kept cheap at 100k shards
         joined = {a for a, _ in shard.bootstrapping if (a, s) in caught}
-        result = fail_over(shard, target[s], live, joined, tally, broken.get(s, ()), s)
+        result = fail_over(shard, target[s], live, joined, tally, broken.get(s, ()), s,
+                           None if successors is None else successors.get(s, set()))
         if result is None:
             unavailable.append(s)
         else:
@@ -254,11 +267,6 @@ def next_step(
     for s in order:
         start_copies(staged[s][0], staged[s][1], target[s], live, tally, s)
     plan = list(shards)
-    successors: dict[int, set[str]] | None = None
-    if fenced is not None:
-        successors = {}
-        for agent, s in fenced:
-            successors.setdefault(s, set()).add(agent)
     for s, (in_sync, boot) in staged.items():
         in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync,
                                None if successors is None else successors.get(s, set()))

@@ -292,3 +292,11 @@ def test_dropping_a_primary_hands_over_only_to_a_fenced_replica() -> None:
     step = next_step((over,), [("b", "c", "d")], live, set(),
                      fenced={("b", 0), ("c", 0), ("d", 0)})
     assert step.plan[0].replicas == ("b", "c", "d")
+
+
+def test_a_failover_prefers_a_survivor_the_old_primary_knew_in_sync() -> None:
+    live = {"b", "c"}
+    plan = ShardPlan(("a", "b", "c"), term=2)
+    step = next_step((plan,), [("b", "c")], live, set(), fenced={("c", 0)})
+    assert step.plan[0].replicas[0] == "c" and step.failovers == 1
+    assert next_step((plan,), [("b", "c")], live, set()).plan[0].replicas[0] == "b"
