@@ -8,6 +8,7 @@ what an earlier run that died left behind is swept first.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos import disk, net
-from bench.chaos.checker import Op, Verdict, check, write_gaps
+from bench.chaos.checker import UNREADABLE, Op, Verdict, check, write_gaps
 from bench.chaos.fleet import Fleet, FleetOptions, start_fleet, tail
 from bench.chaos.nemesis import KINDS, Nemesis, Record, schedule
 from bench.chaos.workload import Workload, WorkloadOptions, final_values
@@ -328,6 +329,12 @@ def _run(fleet: Fleet, opts: RunOptions, root: Path) -> dict[str, Any]:
     ops = workload.ops()
     final = final_values(fleet.target, fleet.paths, token, opts.workload.keys)
     verdict = check(ops, final)
+    if opts.keep:  # for a post-mortem: every operation, and the final values
+        with open(root / "history.jsonl", "w") as f:
+            for op in ops:
+                f.write(json.dumps(asdict(op)) + "\n")
+        (root / "final.json").write_text(json.dumps(
+            {k: (v if v is not UNREADABLE else "<unreadable>") for k, v in final.items()}))
     lost_preload = preload_lost(fleet, opts, token)
     fleet.check_exits()
     kinds = per_kind(nemesis.records, ops, monitor, start, healed)
@@ -367,10 +374,10 @@ def summary(opts: RunOptions, verdict: Verdict, nemesis: Nemesis,
                          "worst_write_s": round(v.worst_write_s, 2)}
                      for k, v in sorted(kinds.items())},
         "details": {
-            "lost_writes": [a.what for a in verdict.lost[:20]],
-            "unexplained": [a.what for a in verdict.unexplained[:20]],
+            "lost_writes": [f"{a.key}: {a.what}" for a in verdict.lost[:20]],
+            "unexplained": [f"{a.key}: {a.what}" for a in verdict.unexplained[:20]],
             "lost_preload": lost_preload[:20],
-            "stale_reads": [a.what for a in verdict.stale_reads[:20]],
+            "stale_reads": [f"{a.key}: {a.what}" for a in verdict.stale_reads[:20]],
             "unreadable_keys": verdict.unreadable[:20],
             "stuck": stuck_now[:20],
             "unexpected_exits": fleet.unexpected[:20],
