@@ -159,8 +159,11 @@ def _check_read(verdict: Verdict, key: str, writes: list[Op], read: Op) -> None:
              " a write acknowledged before the read began", read))
 
 
-def write_gaps(ops: Iterable[Op], start: float, end: float) -> list[tuple[float, float]]:
-    """The intervals between consecutive acknowledged writes (and the run's ends)."""
-    acks = sorted(op.complete for op in ops if op.is_write and op.outcome == OK)
+def write_gaps(ops: Iterable[Op], start: float, end: float, reads: bool = False
+               ) -> list[tuple[float, float]]:
+    """The intervals between consecutive acknowledged writes (``reads``: successful
+    reads) and the run's ends."""
+    acks = sorted(op.complete for op in ops if op.outcome == OK
+                  and (op.kind == GET if reads else op.is_write))
     points = [start, *(t for t in acks if start <= t <= end), end]
     return [(a, b) for a, b in zip(points, points[1:], strict=False) if b > a]
