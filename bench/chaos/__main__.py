@@ -71,10 +71,12 @@ def print_report(r: dict) -> None:
     print(f"converged {r['converged']} ({r['converge_s']}s)  verify {r['verify_ok']}"
           f"  stuck {r['stuck_replicas']}  unexpected exits {r['unexpected_exits']}"
           f"  longest write gap {r['longest_write_gap_s']}s")
-    print(f"{'fault':18} {'count':>5} {'gap s':>6} {'write s':>7} {'unknown':>7}"
+    print(f"{'fault':18} {'count':>5} {'gap s':>6} {'read s':>6} {'write s':>7}"
+          f" {'unknown':>7}"
           f" {'left':>4} {'copies':>6}  recovery s")
     for kind, k in r["per_kind"].items():
-        print(f"{kind:18} {k['count']:5} {k['worst_gap_s']:6.2f} {k['worst_write_s']:7.2f}"
+        print(f"{kind:18} {k['count']:5} {k['worst_gap_s']:6.2f} {k['worst_read_gap_s']:6.2f}"
+              f" {k['worst_write_s']:7.2f}"
               f" {k['unknown_writes']:7} {k['departures']:4} {k['copies']:6}"
               f"  {k['recovery_s']} {'; '.join(k['notes'])}")
     for name, items in r["details"].items():
