@@ -9,7 +9,7 @@ import pytest
 
 from agents.handler import KVShardHandler, ShardHandler, perform
 from agents.shardsm import CatchUp, Synced
-from tests.test_dataplane import SHARD, Cluster, follow, lead, load
+from tests.dataplane_support import SHARD, Cluster, follow, lead, load
 
 
 @pytest.fixture
