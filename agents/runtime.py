@@ -90,7 +90,7 @@ from agents.shardsm import (
 from agents.store import StoreSet
 from shardkeeper.layout import AgentPlan, AgentStatus, Assignment, MemberInfo, Paths, ShardStatus
 from shardkeeper.peer import PeerClient
-from shardkeeper.token import NoToken, no_token_message, read_token
+from shardkeeper.token import NoToken, Tokens, no_tokens_message, read_tokens
 from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError, ShardState
 from shardkeeper.zk import ZkUnavailable, close, connect, ensure_layout
 
@@ -228,7 +228,8 @@ class Agent:
         Until the cluster token is known it holds a random one, so it answers 401.
         """
         self.plane = DataPlane(
-            self.stores, self.table, secrets.token_urlsafe(32), host=host, port=port
+            self.stores, self.table, secrets.token_urlsafe(32), host=host, port=port,
+            peer_token=secrets.token_urlsafe(32),  # issue 10: replication has its own token
         )
         return self.plane
 
@@ -236,28 +237,29 @@ class Agent:
     def applied_generation(self) -> int:
         return self.state.applied_generation
 
-    def _use_token(self, token: str) -> None:
-        self.peer_client = PeerClient(token, timeout=5.0, attempts=4)
-        self.catch_up_client = PeerClient(token, timeout=1.0, attempts=1)
+    def _use_token(self, tokens: Tokens) -> None:
+        # Agents call each other's replication endpoints: they send the peer token.
+        self.peer_client = PeerClient(tokens.peer, timeout=5.0, attempts=4)
+        self.catch_up_client = PeerClient(tokens.peer, timeout=1.0, attempts=1)
         if self.handler is None:
             self.handler = KVShardHandler(self.stores, self.peer_client)
         if self.plane is not None:
-            self.plane.set_token(token)
+            self.plane.set_tokens(tokens)
 
-    def read_token(self) -> str:
-        """The cluster token; waits (woken by a watch) for `shardkeeper init` to create it."""
+    def read_token(self) -> Tokens:
+        """The cluster and peer tokens; waits (woken by a watch) for `shardkeeper init`."""
         created = threading.Event()
         warned = False
         while not self.stop_event.is_set():
-            token = read_token(self.client, self.paths, watch=lambda _e: created.set())
-            if token is not None:
-                return token
+            tokens = read_tokens(self.client, self.paths, watch=lambda _e: created.set())
+            if tokens is not None:
+                return tokens
             if not warned:
-                log.warning("%s; waiting", no_token_message(self.paths))
+                log.warning("%s; waiting", no_tokens_message(self.paths))
                 warned = True
             created.wait(1.0)
             created.clear()
-        raise NoToken(no_token_message(self.paths))
+        raise NoToken(no_tokens_message(self.paths))
 
     # -- ZooKeeper callbacks: never block, hand work to the main loop -------------------
     def _on_state(self, state: str) -> None:

@@ -1,7 +1,10 @@
 """The data plane's wire format: what any client or peer of an agent needs to speak to it.
 
-Every request carries the cluster token as ``Authorization: Bearer <token>`` (``/healthz``
-too: a probe can send a header); a wrong or missing token gets 401. Bodies are JSON, except
+Every request carries a token as ``Authorization: Bearer <token>`` (``/healthz`` too: a probe
+can send a header); a wrong or missing token gets 401. Clients hold the cluster token, which
+opens the client endpoints (keys, batch, digest); agents hold the peer token
+(``shardkeeper.token``), which opens every endpoint, and the replication endpoints
+(replicate, rows, snapshot, repair) take nothing else: 403 ``forbidden``. Bodies are JSON, except
 the two bulk answers (a rows page, a snapshot), which are binary; keys and values are bytes,
 sent base64 (standard alphabet) in JSON and percent-encoded in URL paths (``key_path``).
 
@@ -75,6 +78,7 @@ class ErrorCode(StrEnum):
 
     MALFORMED = "malformed"  # 400
     UNAUTHORIZED = "unauthorized"  # 401
+    FORBIDDEN = "forbidden"  # 403: a replication endpoint called without the peer token
     NOT_FOUND = "not_found"  # 404: no live row for the key
     UNKNOWN_SHARD = "unknown_shard"  # 404: this agent does not hold the shard
     NO_SUCH_ENDPOINT = "no_such_endpoint"  # 404

@@ -17,7 +17,8 @@ from agents.shardsm import ShardState
 from agents.store import StoreSet
 from shardkeeper.peer import PeerClient
 
-TOKEN = "test-cluster-token"
+TOKEN = "test-cluster-token"  # what clients hold
+PEER_TOKEN = "test-peer-token"  # what agents send each other (replication)
 SHARD = 7
 
 
@@ -43,13 +44,15 @@ class Cluster:
     def __init__(self, tmp_path):
         self.tmp_path = tmp_path
         self.nodes: list[Node] = []
-        self.client = PeerClient(TOKEN, timeout=2.0, attempts=3)
+        self.client = PeerClient(TOKEN, timeout=2.0, attempts=3)  # a client
+        self.peer = PeerClient(PEER_TOKEN, timeout=2.0, attempts=3)  # another agent
 
     def start(self, name: str, stores: StoreSet | None = None, table: ShardTable | None = None,
               **options):
         stores = stores or StoreSet(self.tmp_path / name)
         table = table or ShardTable()
-        plane = DataPlane(stores, table, TOKEN, forward_timeout=1.0, **options).start()
+        plane = DataPlane(stores, table, TOKEN, peer_token=PEER_TOKEN, forward_timeout=1.0,
+                          **options).start()
         node = Node(name, stores, table, plane)
         self.nodes.append(node)
         return node
@@ -115,7 +118,15 @@ def raw(address: str, method: str, path: str, body=None, token: str | None = TOK
     resp = conn.getresponse()
     data = resp.read()
     conn.close()
-    return resp.status, json.loads(data) if data else {}, dict(resp.getheaders())
+    is_json = resp.getheader("Content-Type") == "application/json"
+    return resp.status, json.loads(data) if data and is_json else {}, dict(resp.getheaders())
+
+
+def token_for(path: str) -> str:
+    """The token a legitimate caller of ``path`` holds: agents call the replication
+    endpoints with the peer token, clients the rest with the cluster token."""
+    endpoint = path.partition("?")[0].rsplit("/", 1)[-1]
+    return PEER_TOKEN if endpoint in ("replicate", "rows", "snapshot", "repair") else TOKEN
 
 
 def load(client: PeerClient, node: Node, count: int, prefix: str = "k", batch: int = 1000):
@@ -130,7 +141,7 @@ class RecordingClient(PeerClient):
     """A primary's forwarding client that keeps the error of every answer it gets."""
 
     def __init__(self) -> None:
-        super().__init__(TOKEN, timeout=1.0, attempts=1)
+        super().__init__(PEER_TOKEN, timeout=1.0, attempts=1)
         self.errors: list[str | None] = []
 
     def replicate(self, *args, **kwargs):

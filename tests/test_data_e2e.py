@@ -290,7 +290,7 @@ BAD_REQUESTS = [
     ("oversized value", "PUT", key_path(0, b"k"), {"value": b64(b"x" * (MAX_VALUE_BYTES + 1))},
      "TOKEN", 413),
     ("bad batch", "POST", "/v1/shards/0/batch", {"puts": [{"key": 1}]}, "TOKEN", 400),
-    ("bad replicate", "POST", "/v1/shards/0/replicate", {"rows": "x"}, "TOKEN", 400),
+    ("replicate, client token", "POST", "/v1/shards/0/replicate", {"rows": "x"}, "TOKEN", 403),
 ]
 
 

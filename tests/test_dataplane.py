@@ -15,6 +15,7 @@ from shardkeeper.poll import poll_until
 from shardkeeper.wire import MAX_KEY_BYTES, MAX_VALUE_BYTES, Row, b64, key_path
 from tests import dataplane_support
 from tests.dataplane_support import (
+    PEER_TOKEN,
     SHARD,
     RecordingClient,
     digests,
@@ -22,6 +23,7 @@ from tests.dataplane_support import (
     lead,
     load,
     raw,
+    token_for,
 )
 
 # The data plane's fixtures (in this module they stand for conftest's ZooKeeper ``cluster``).
@@ -80,7 +82,7 @@ def test_replica_refuses_a_forward_of_an_older_term(cluster, trio):
     p, r1, _ = trio
     follow(r1, p, 2)  # r1's plan names a primary of term 2: p (term 1) was deposed
     before = r1.store.digest()
-    reply = cluster.client.replicate(
+    reply = cluster.peer.replicate(
         r1.address, SHARD, term=1, prev_lsn=0, rows=[Row(b"k", b"v", make_lsn(1, 5))], sync=True
     )
     assert (reply.status, reply.body) == (409, {"error": "stale_term", "term": 2})
@@ -95,14 +97,14 @@ def test_replica_refuses_a_forward_of_an_older_term(cluster, trio):
 def test_replica_and_bootstrapping_replica_take_forwards_at_their_term(cluster, trio):
     p, r1, r2 = trio
     row = Row(b"k", b"v", make_lsn(1, 1))
-    ok = cluster.client.replicate(r1.address, SHARD, term=1, prev_lsn=0, rows=[row], sync=True)
+    ok = cluster.peer.replicate(r1.address, SHARD, term=1, prev_lsn=0, rows=[row], sync=True)
     assert (ok.status, ok.body) == (200, {"sync_lsn": row.lsn})
     assert r1.store.get(b"k") == row and r1.store.sync_lsn() == row.lsn
     follow(r2, p, 1, state=ShardState.BOOTSTRAPPING)
-    copied = cluster.client.replicate(r2.address, SHARD, term=1, prev_lsn=0, rows=[row],
+    copied = cluster.peer.replicate(r2.address, SHARD, term=1, prev_lsn=0, rows=[row],
                                       sync=False)
     assert copied.status == 200 and r2.store.get(b"k") == row
-    ahead = cluster.client.replicate(r2.address, SHARD, term=2, prev_lsn=0,
+    ahead = cluster.peer.replicate(r2.address, SHARD, term=2, prev_lsn=0,
                                      rows=[Row(b"j", b"v", make_lsn(2, 1))], sync=False)
     assert (ahead.status, ahead.body) == (409, {"error": "term_ahead", "term": 1})
     assert r2.store.get(b"j") is None
@@ -117,7 +119,8 @@ def test_a_forged_forward_of_a_huge_term_moves_no_fence(cluster, trio):
     for sync in (True, False):
         forged = {"term": 10**15, "prev_lsn": p.store.max_lsn(), "sync": sync,
                   "rows": [{"key": b64(b"k"), "value": b64(b"forged"), "lsn": make_lsn(9, 1)}]}
-        status, body, _ = raw(r1.address, "POST", f"/v1/shards/{SHARD}/replicate", forged)
+        status, body, _ = raw(r1.address, "POST", f"/v1/shards/{SHARD}/replicate", forged,
+                             token=PEER_TOKEN)
         assert (status, body) == (409, {"error": "term_ahead", "term": 1})
     assert r1.table.route(SHARD).term == 1 and digests(r1, r2) == before
     for i in range(3):
@@ -250,7 +253,7 @@ def test_bad_requests_get_4xx_and_change_nothing(cluster, trio, method, path, bo
     p, *_ = trio
     cluster.client.put(p.address, SHARD, b"k", b"original")
     before = digests(*trio)
-    got, answer, _ = raw(p.address, method, path, body)
+    got, answer, _ = raw(p.address, method, path, body, token=token_for(path))
     assert got == status, answer
     assert digests(*trio) == before and len(before) == 1
     assert cluster.client.get(p.address, SHARD, b"k").value == b"original"

@@ -26,6 +26,7 @@ from shardkeeper.peer import PeerClient, PeerError, PeerUnavailable
 from shardkeeper.poll import poll_until
 from tests import dataplane_support
 from tests.dataplane_support import (
+    PEER_TOKEN,
     SHARD,
     TOKEN,
     Node,
@@ -47,7 +48,7 @@ class WritesWhilePagesAreInFlight(PeerClient):
     """Overwrites and deletes keys of each page after the source read it, before it lands."""
 
     def __init__(self, primary: Node):
-        super().__init__(TOKEN, attempts=3)
+        super().__init__(PEER_TOKEN, attempts=3)
         self.primary = primary
 
     def rows_after(self, address, shard, after, limit):
@@ -120,14 +121,14 @@ def test_interrupted_bootstrap_resumes_from_its_cursor(cluster, trio):
 
     with pytest.raises(CopyCancelled):
         copy_shard(
-            stores.open(SHARD), SHARD, p.address, cluster.client,
+            stores.open(SHARD), SHARD, p.address, cluster.peer,
             page_size=500, stop=stop, progress=stop_after_three_pages,
         )  # fmt: skip
     stores.close_all()  # the agent restarts
     stores = StoreSet(path.parent)
     store = stores.open(SHARD)
     assert store.bootstrap_cursor() > 0
-    result = copy_shard(store, SHARD, p.address, cluster.client, page_size=500)
+    result = copy_shard(store, SHARD, p.address, cluster.peer, page_size=500)
     assert result.rows_fetched == 3_500, "resumed after the first 1,500 rows, not from 0"
     assert store.digest() == p.store.digest()
     stores.close_all()
@@ -138,7 +139,7 @@ def test_bootstrap_through_the_handler_reports_copy_done(cluster, trio):
     load(cluster.client, p, 1_200, batch=400)
     new = cluster.start("r3")
     follow(new, p, 1, state=ShardState.BOOTSTRAPPING)
-    handler = KVShardHandler(new.stores, cluster.client, page_size=500)
+    handler = KVShardHandler(new.stores, cluster.peer, page_size=500)
     event = perform(handler, StartBootstrap(SHARD, p.address, 1), threading.Event())
     assert event == CopyDone(SHARD, p.store.max_lsn())
     assert new.store.digest() == p.store.digest()
@@ -170,13 +171,13 @@ def unacknowledged_write_on_r1_only(cluster, trio):
 def test_failover_repair_drops_writes_the_new_primary_never_saw(cluster, trio):
     old, r1, r2 = unacknowledged_write_on_r1_only(cluster, trio)
     # Plan generation 2 promotes r2, which lacks the unacknowledged writes.
-    point = KVShardHandler(r2.stores, cluster.client).on_become_primary(SHARD, 2)
+    point = KVShardHandler(r2.stores, cluster.peer).on_become_primary(SHARD, 2)
     lead(r2, 2, in_sync=(r1,))
     follow(r1, r2, 2)
     assert r1.store.digest() != r2.store.digest()
     with pytest.raises(PeerError):
         cluster.client.put(r2.address, SHARD, b"blocked", b"until repaired")
-    result = repair_shard(r1.store, SHARD, r2.address, cluster.client)
+    result = repair_shard(r1.store, SHARD, r2.address, cluster.peer)
     assert result.promotion_lsn == point and result.replaced >= 2
     assert r1.store.get(b"k000002").value == b"v2" and not r1.store.get(b"k000003").tombstone
     assert len(digests(r1, r2)) == 1
@@ -187,7 +188,7 @@ def test_failover_repair_drops_writes_the_new_primary_never_saw(cluster, trio):
     # The old primary comes back and the plan makes it a replica: it repairs too.
     old = cluster.restart(old)
     follow(old, r2, 2)
-    handler = KVShardHandler(old.stores, cluster.client)
+    handler = KVShardHandler(old.stores, cluster.peer)
     perform(handler, Demote(SHARD, 2, r2.address), threading.Event())
     lead(r2, 2, in_sync=(r1, old))
     cluster.client.put(r2.address, SHARD, b"after", b"rejoin")
@@ -198,10 +199,10 @@ def test_failover_repair_drops_writes_the_new_primary_never_saw(cluster, trio):
 def test_failover_repair_catches_up_a_replica_that_missed_the_last_write(cluster, trio):
     old, r1, r2 = unacknowledged_write_on_r1_only(cluster, trio)
     # Plan generation 2 promotes r1, which holds the unacknowledged writes: they survive.
-    perform(KVShardHandler(r1.stores, cluster.client), Promote(SHARD, 2), threading.Event())
+    perform(KVShardHandler(r1.stores, cluster.peer), Promote(SHARD, 2), threading.Event())
     lead(r1, 2, in_sync=(r2,))
     follow(r2, r1, 2)
-    repair_shard(r2.store, SHARD, r1.address, cluster.client)
+    repair_shard(r2.store, SHARD, r1.address, cluster.peer)
     assert r2.store.get(b"k000002").value == b"unacked"
     assert len(digests(r1, r2)) == 1
     cluster.client.batch_put(r1.address, SHARD, [(b"x", b"1"), (b"y", b"2")])
@@ -221,22 +222,22 @@ def test_repair_start_covers_the_unacknowledged_tail():
 def test_repair_after_missing_a_whole_primary_generation(cluster, trio):
     old, r1, r2 = unacknowledged_write_on_r1_only(cluster, trio)
     # Generation 2: r2 leads alone while r1 is partitioned away, then a copy r3 joins.
-    KVShardHandler(r2.stores, cluster.client).on_become_primary(SHARD, 2)
+    KVShardHandler(r2.stores, cluster.peer).on_become_primary(SHARD, 2)
     lead(r2, 2)
     cluster.client.put(r2.address, SHARD, b"gen2", b"written")
     r3 = cluster.start("r3")
     follow(r3, r2, 2, state=ShardState.BOOTSTRAPPING)
-    copy_shard(r3.store, SHARD, r2.address, cluster.client)
+    copy_shard(r3.store, SHARD, r2.address, cluster.peer)
     follow(r3, r2, 2)
     lead(r2, 2, in_sync=(r3,))
     cluster.client.put(r2.address, SHARD, b"gen2", b"acknowledged by r3")
     # Generation 3: r2 dies, r3 is promoted; r1 finally hears of it and repairs.
     r2.plane.stop()
-    KVShardHandler(r3.stores, cluster.client).on_become_primary(SHARD, 3)
+    KVShardHandler(r3.stores, cluster.peer).on_become_primary(SHARD, 3)
     lead(r3, 3, in_sync=(r1,))
     follow(r1, r3, 3)
     perform(
-        KVShardHandler(r1.stores, cluster.client), Repair(SHARD, r3.address, 3), threading.Event()
+        KVShardHandler(r1.stores, cluster.peer), Repair(SHARD, r3.address, 3), threading.Event()
     )
     assert r1.store.get(b"k000002").value == b"v2", "generation 1's unacked tail is gone"
     assert len(digests(r1, r3)) == 1
@@ -247,7 +248,7 @@ def test_repair_after_missing_a_whole_primary_generation(cluster, trio):
 def test_rows_stream_is_binary_and_still_needs_the_token(cluster, trio):
     p, *_ = trio
     cluster.client.put(p.address, SHARD, b"k", b"v")
-    page = cluster.client.rows_after(p.address, SHARD, 0, 10)
+    page = cluster.peer.rows_after(p.address, SHARD, 0, 10)
     assert page.rows == [p.store.get(b"k")] and page.complete
     assert page.max_lsn == p.store.sync_lsn()
     assert PeerClient("wrong", attempts=1).call(

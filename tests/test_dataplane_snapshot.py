@@ -19,6 +19,7 @@ from shardkeeper.peer import PeerClient, PeerError, PeerUnavailable
 from shardkeeper.poll import poll_until
 from tests import dataplane_support
 from tests.dataplane_support import (
+    PEER_TOKEN,
     SHARD,
     TOKEN,
     digests,
@@ -50,7 +51,7 @@ def test_bootstrap_from_a_file_image_while_writes_continue(cluster, trio):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        result = copy_shard(new.store, SHARD, p.address, cluster.client,
+        result = copy_shard(new.store, SHARD, p.address, cluster.peer,
                             image_path=new.stores.incoming_path(SHARD))
         follow(new, p, 1)
         lead(p, 1, in_sync=(r1, r2, new))
@@ -70,10 +71,10 @@ def test_a_busy_or_failed_image_falls_back_to_the_rows_stream(cluster, trio):
     load(cluster.client, p, 1_500)
     held = p.store.open_image()  # another copy is reading it
     try:
-        assert raw(p.address, "GET", f"/v1/shards/{SHARD}/snapshot")[0] == 409
+        assert raw(p.address, "GET", f"/v1/shards/{SHARD}/snapshot", token=PEER_TOKEN)[0] == 409
         stores = StoreSet(cluster.tmp_path / "fresh")
         store = stores.open(SHARD)
-        result = copy_shard(store, SHARD, p.address, cluster.client, page_size=500,
+        result = copy_shard(store, SHARD, p.address, cluster.peer, page_size=500,
                             image_path=stores.incoming_path(SHARD))
     finally:
         held.close()
@@ -81,7 +82,7 @@ def test_a_busy_or_failed_image_falls_back_to_the_rows_stream(cluster, trio):
     assert store.digest() == p.store.digest()
     # A copy that tried an image once resumes with rows, even from the start.
     store.set_meta("bootstrap_cursor", 0)
-    again = copy_shard(store, SHARD, p.address, cluster.client,
+    again = copy_shard(store, SHARD, p.address, cluster.peer,
                        image_path=stores.incoming_path(SHARD))
     assert again.image_bytes == 0 and again.rows_fetched == 1_500
     stores.close_all()
@@ -90,10 +91,10 @@ def test_a_busy_or_failed_image_falls_back_to_the_rows_stream(cluster, trio):
 def test_snapshot_needs_the_token_and_a_source_replica(cluster, trio):
     p, r1, _ = trio
     assert raw(p.address, "GET", f"/v1/shards/{SHARD}/snapshot", token="wrong")[0] == 401
-    assert raw(p.address, "GET", f"/v1/shards/{SHARD + 1}/snapshot")[0] == 404
+    assert raw(p.address, "GET", f"/v1/shards/{SHARD + 1}/snapshot", token=PEER_TOKEN)[0] == 404
     follow(r1, p, 1, state=ShardState.BOOTSTRAPPING)
-    assert raw(r1.address, "GET", f"/v1/shards/{SHARD}/snapshot")[0] == 409
-    assert raw(p.address, "POST", f"/v1/shards/{SHARD}/snapshot")[0] == 405
+    assert raw(r1.address, "GET", f"/v1/shards/{SHARD}/snapshot", token=PEER_TOKEN)[0] == 409
+    assert raw(p.address, "POST", f"/v1/shards/{SHARD}/snapshot", token=PEER_TOKEN)[0] == 405
 
 
 # -- the snapshot download: kernel splice, and the user-space fallback ---------------------
@@ -176,7 +177,7 @@ def test_snapshot_download_is_the_source_file_byte_for_byte(cluster, big_primary
                                                            tmp_path):
     p = big_primary
     dest = tmp_path / "image"
-    size = fetch_snapshot(p.address, SHARD, dest, token=TOKEN, timeout=2.0)
+    size = fetch_snapshot(p.address, SHARD, dest, token=PEER_TOKEN, timeout=2.0)
     source = p.stores.path_for(SHARD).read_bytes()  # the image checkpointed it; no writes since
     assert size == len(source) > 5_000_000
     assert dest.read_bytes() == source
@@ -188,23 +189,23 @@ def test_head_split_anywhere_and_body_bytes_behind_it_are_kept(receive_path, tmp
     # The end of the headers straddles two reads, and body bytes follow it in the same read.
     pieces = [head[:7], head[7:-2], head[-2:] + body[:1_000], body[1_000:]]
     with ScriptedPeer(pieces) as peer:
-        size = fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=5.0)
+        size = fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=PEER_TOKEN, timeout=5.0)
     assert size == len(body) and (tmp_path / "i").read_bytes() == body
     assert f"GET /v1/shards/{SHARD}/snapshot HTTP/1.1".encode() in peer.request
-    assert f"Authorization: Bearer {TOKEN}".encode() in peer.request
+    assert f"Authorization: Bearer {PEER_TOKEN}".encode() in peer.request
 
 
 def test_a_snapshot_cut_short_is_peer_unavailable(receive_path, tmp_path):
     body = b"x" * 300_000
     peer = ScriptedPeer([snapshot_head(1_000_000) + body[:1_000], body[1_000:]])
     with peer, pytest.raises(PeerUnavailable, match="truncated at 300000 of 1000000"):
-        fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=5.0)
+        fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=PEER_TOKEN, timeout=5.0)
 
 
 def test_a_peer_that_closes_inside_the_headers_is_peer_unavailable(receive_path, tmp_path):
     peer = ScriptedPeer([snapshot_head(10)[:20]])
     with peer, pytest.raises(PeerUnavailable) as err:
-        fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=5.0)
+        fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=PEER_TOKEN, timeout=5.0)
     assert err.value.status is None
 
 
@@ -212,7 +213,7 @@ def test_a_stalled_snapshot_times_out(receive_path, tmp_path):
     with ScriptedPeer([snapshot_head(100_000) + b"x" * 1_000], hold=True) as peer:
         started = time.monotonic()
         with pytest.raises(PeerUnavailable, match="no bytes for 0.3 s"):
-            fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=TOKEN, timeout=0.3)
+            fetch_snapshot(peer.address, SHARD, tmp_path / "i", token=PEER_TOKEN, timeout=0.3)
         assert time.monotonic() - started < 5
 
 
@@ -234,13 +235,14 @@ def test_stop_cancels_a_snapshot_download_between_chunks(cluster, big_primary, r
                                                          tmp_path):
     dest = tmp_path / "image"
     with pytest.raises(CopyCancelled):
-        fetch_snapshot(big_primary.address, SHARD, dest, token=TOKEN, timeout=2.0,
+        fetch_snapshot(big_primary.address, SHARD, dest, token=PEER_TOKEN, timeout=2.0,
                        stop=StopAfter(3))
     assert 0 < dest.stat().st_size < big_primary.stores.path_for(SHARD).stat().st_size
 
     def downloaded() -> bool:
         try:
-            return fetch_snapshot(big_primary.address, SHARD, dest, token=TOKEN, timeout=2.0) > 0
+            got = fetch_snapshot(big_primary.address, SHARD, dest, token=PEER_TOKEN, timeout=2.0)
+            return got > 0
         except PeerError as exc:
             assert exc.status == 409  # busy until the server sees the cancelled copy leave
             return False
@@ -253,7 +255,7 @@ def test_snapshot_refusals_keep_their_status_and_body(cluster, trio, receive_pat
     p, r1, _ = trio
     dest = tmp_path / "image"
 
-    def refusal(address, shard=SHARD, token=TOKEN):
+    def refusal(address, shard=SHARD, token=PEER_TOKEN):
         with pytest.raises(PeerError) as err:
             fetch_snapshot(address, shard, dest, token=token, timeout=2.0)
         return type(err.value), err.value.status, err.value.body.get("error")
@@ -275,7 +277,7 @@ def test_bootstrap_from_a_file_image_on_the_fallback_path(cluster, big_primary, 
     monkeypatch.setattr(transfer, "SPLICE_SNAPSHOTS", False)
     new = cluster.start("new")
     follow(new, big_primary, 1, state=ShardState.BOOTSTRAPPING)
-    result = copy_shard(new.store, SHARD, big_primary.address, cluster.client,
+    result = copy_shard(new.store, SHARD, big_primary.address, cluster.peer,
                         image_path=new.stores.incoming_path(SHARD))
     assert result.image_bytes == big_primary.stores.path_for(SHARD).stat().st_size
     assert result.rows_fetched == 0 and new.store.digest() == big_primary.store.digest()

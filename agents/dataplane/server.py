@@ -20,6 +20,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -34,6 +35,7 @@ from agents.dataplane.transfer import send_file
 from agents.shardsm import ShardState
 from agents.store import FileImage, ShardStore, StoreBusy, StoreSet, next_lsn
 from shardkeeper.peer import PeerClient
+from shardkeeper.token import Tokens
 from shardkeeper.wire import (
     DEFAULT_PAGE_ROWS,
     MAX_BATCH_KEYS,
@@ -57,6 +59,9 @@ from shardkeeper.wire import (
 log = logging.getLogger(__name__)
 
 SOURCES = (ShardState.REPLICA, ShardState.PRIMARY)  # may serve rows and snapshots
+# Endpoints only agents call (issue 10): a client token holder could otherwise forge a
+# forward (and silently stop a replica applying real ones) or read whole shards.
+PEER_ONLY = frozenset({"replicate", "rows", "snapshot", "repair"})
 
 
 class HttpError(Exception):
@@ -68,12 +73,18 @@ class HttpError(Exception):
         self.body = {"error": error, **details}
 
 
+class Credential(StrEnum):
+    CLIENT = "client"  # the cluster token: the client endpoints
+    PEER = "peer"  # the peer token: every endpoint
+
+
 @dataclass(frozen=True)
 class Request:
     method: str
     segments: tuple[str, ...]
     query: Mapping[str, str]
     body: Any = None
+    credential: Credential = Credential.CLIENT
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,8 @@ class DataPlane:
     """The data-plane HTTP server of one agent.
 
     ``stores`` holds the shard files, ``table`` says what each local shard is (the runtime
-    keeps it current), ``token`` is the cluster token; ``forward_timeout`` bounds each
+    keeps it current), ``token`` is the cluster token (the client endpoints), ``peer_token``
+    the peer token (every endpoint; its forwards send it); ``forward_timeout`` bounds each
     forward, ``term_ahead_wait`` how long a replica that answers ``term_ahead`` is asked
     again, ``client`` (tests) replaces the forwarding client. ``start()`` binds ``host:port``
     (port 0 picks a free one; see ``address``), ``stop()`` closes the listener and every open
@@ -102,20 +114,19 @@ class DataPlane:
         table: ShardTable,
         token: str,
         *,
+        peer_token: str,
         host: str = "127.0.0.1",
         port: int = 0,
         forward_timeout: float = 2.0,
         term_ahead_wait: float = TERM_AHEAD_SECONDS,
         client: PeerClient | None = None,
     ):
-        if not token:
-            raise ValueError("the data plane needs a cluster token")
         self.stores = stores
         self.table = table
-        self.token = token
+        self.tokens = Tokens(token, peer_token)
         self.forward_timeout = forward_timeout
         self.replicator = Replicator(
-            client or PeerClient(token, timeout=forward_timeout, attempts=1),
+            client or PeerClient(peer_token, timeout=forward_timeout, attempts=1),
             forward_timeout,
             term_ahead_wait=term_ahead_wait,
         )
@@ -125,12 +136,11 @@ class DataPlane:
         self._server = _Server((host, port), _Handler, self)
         self._thread: threading.Thread | None = None
 
-    def set_token(self, token: str) -> None:
-        """Switch to the cluster token (the agent learns it after binding its port)."""
-        if not token:
-            raise ValueError("the data plane needs a cluster token")
-        self.replicator.client = PeerClient(token, timeout=self.forward_timeout, attempts=1)
-        self.token = token
+    def set_tokens(self, tokens: Tokens) -> None:
+        """Switch to the cluster's tokens (the agent learns them after binding its port)."""
+        self.replicator.client = PeerClient(tokens.peer, timeout=self.forward_timeout,
+                                            attempts=1)
+        self.tokens = tokens
 
     @property
     def address(self) -> str:
@@ -155,9 +165,18 @@ class DataPlane:
 
     # dispatch
 
-    def authorized(self, header: str | None) -> bool:
-        expected = f"Bearer {self.token}".encode()
-        return header is not None and hmac.compare_digest(header.encode(), expected)
+    def credential(self, header: str | None) -> Credential | None:
+        """Which token the ``Authorization`` header carries, if any (constant time)."""
+        if header is None:
+            return None
+        given = header.encode("latin-1", "replace")
+        tokens = self.tokens  # one read: set_tokens may swap it meanwhile
+        found = None
+        for credential, token in ((Credential.PEER, tokens.peer),
+                                  (Credential.CLIENT, tokens.client)):
+            if hmac.compare_digest(given, f"Bearer {token}".encode()):
+                found = credential
+        return found
 
     def handle(self, request: Request) -> Response:
         """Answer one authenticated request (the HTTP layer checked the token)."""
@@ -193,6 +212,8 @@ class DataPlane:
         }
         if kind not in handlers or rest:
             raise HttpError(404, ErrorCode.NO_SUCH_ENDPOINT)
+        if kind in PEER_ONLY and request.credential != Credential.PEER:
+            raise HttpError(403, ErrorCode.FORBIDDEN, detail=f"{kind} needs the peer token")
         method, handler = handlers[kind]
         return self._only(request, method, lambda: handler(request, shard))
 
@@ -471,7 +492,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body would poison the next request
             self._send(Response(exc.status, exc.body))
             return
-        if not plane.authorized(self.headers.get("Authorization")):
+        credential = plane.credential(self.headers.get("Authorization"))
+        if credential is None:
             self._send(Response(401, {"error": ErrorCode.UNAUTHORIZED,
                                       "detail": "bad or missing token"}))
             return
@@ -484,7 +506,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(Response(400, {"error": ErrorCode.MALFORMED, "detail": "body is not JSON"}))
             return
         try:
-            response = plane.handle(Request(self.command, segments, query, decoded))
+            response = plane.handle(Request(self.command, segments, query, decoded, credential))
         except Exception:  # a bug or a disk error must not kill the connection silently
             log.exception("data plane failed on %s %s", self.command, self.path)
             response = Response(500, {"error": ErrorCode.INTERNAL})
