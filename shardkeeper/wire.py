@@ -66,6 +66,8 @@ MAX_PAGE_ROWS = 10_000
 DEFAULT_PAGE_ROWS = 10_000
 MAX_PAGE_BYTES = 8 << 20  # keys + values per rows page (at least one row)
 MAX_LSN = (1 << 63) - 1  # stores keep LSNs in SQLite's signed 64-bit INTEGER
+MAX_TERM = MAX_LSN >> 32  # LSNs are (term << 32) | seq
+MAX_SHARD = 10**9 - 1
 
 # The rows stream (bootstrap, catch-up) is binary: per-row JSON and base64 cost more than
 # the SQLite work on both ends. Snapshots are the store file itself.
@@ -91,8 +93,13 @@ class ErrorCode(StrEnum):
     NOT_REPLICA = "not_replica"  # 409: a forward to a holder that takes none
     NOT_A_SOURCE = "not_a_source"  # 409: rows or a snapshot from a holder still copying
     BUSY = "busy"  # 409: another snapshot of the shard is being sent
+    TIMEOUT = "timeout"  # 408: the head or body did not arrive in time
+    LENGTH_REQUIRED = "length_required"  # 411: a body without Content-Length
     OVERSIZED = "oversized"  # 413
-    INTERNAL = "internal"  # 500
+    EXPECTATION_FAILED = "expectation_failed"  # 417: an Expect other than 100-continue
+    HEAD_TOO_LARGE = "head_too_large"  # 431
+    INTERNAL = "internal"  # 500: a bug (the agent logs it); never for a malformed request
+    OVERLOADED = "overloaded"  # 503: the agent's connection limit is reached
     NO_PRIMARY = "no_primary"  # 503
     SHARD_NOT_OPEN = "shard_not_open"  # 503
     NOT_SERVING = "not_serving"  # 503: the agent's ZooKeeper session was lost

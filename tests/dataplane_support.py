@@ -51,8 +51,8 @@ class Cluster:
               **options):
         stores = stores or StoreSet(self.tmp_path / name)
         table = table or ShardTable()
-        plane = DataPlane(stores, table, TOKEN, peer_token=PEER_TOKEN, forward_timeout=1.0,
-                          **options).start()
+        options.setdefault("forward_timeout", 1.0)
+        plane = DataPlane(stores, table, TOKEN, peer_token=PEER_TOKEN, **options).start()
         node = Node(name, stores, table, plane)
         self.nodes.append(node)
         return node

@@ -12,7 +12,7 @@ from agents.shardsm import ShardState
 from agents.store import make_lsn
 from shardkeeper.peer import PeerClient, PeerUnavailable
 from shardkeeper.poll import poll_until
-from shardkeeper.wire import MAX_KEY_BYTES, MAX_VALUE_BYTES, Row, b64, key_path
+from shardkeeper.wire import MAX_KEY_BYTES, MAX_TERM, MAX_VALUE_BYTES, Row, b64, key_path
 from tests import dataplane_support
 from tests.dataplane_support import (
     PEER_TOKEN,
@@ -116,12 +116,15 @@ def test_a_forged_forward_of_a_huge_term_moves_no_fence(cluster, trio):
     p, r1, r2 = trio
     cluster.client.put(p.address, SHARD, b"before", b"1")
     before = digests(r1, r2)
-    for sync in (True, False):
-        forged = {"term": 10**15, "prev_lsn": p.store.max_lsn(), "sync": sync,
+    for sync, term in ((True, MAX_TERM), (False, MAX_TERM), (True, 10**15)):
+        forged = {"term": term, "prev_lsn": p.store.max_lsn(), "sync": sync,
                   "rows": [{"key": b64(b"k"), "value": b64(b"forged"), "lsn": make_lsn(9, 1)}]}
         status, body, _ = raw(r1.address, "POST", f"/v1/shards/{SHARD}/replicate", forged,
                              token=PEER_TOKEN)
-        assert (status, body) == (409, {"error": "term_ahead", "term": 1})
+        if term > MAX_TERM:  # no LSN could carry it
+            assert (status, body["error"]) == (400, "malformed")
+        else:
+            assert (status, body) == (409, {"error": "term_ahead", "term": 1})
     assert r1.table.route(SHARD).term == 1 and digests(r1, r2) == before
     for i in range(3):
         cluster.client.put(p.address, SHARD, f"after-{i}".encode(), b"acknowledged")
