@@ -39,7 +39,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -239,7 +239,9 @@ class Agent:
 
     def _use_token(self, tokens: Tokens) -> None:
         # Agents call each other's replication endpoints: they send the peer token.
-        self.peer_client = PeerClient(tokens.peer, timeout=5.0, attempts=4)
+        downloaded = self.plane.metrics.downloaded if self.plane else None  # issue 12
+        self.peer_client = PeerClient(tokens.peer, timeout=5.0, attempts=4,
+                                      on_download=downloaded)
         self.catch_up_client = PeerClient(tokens.peer, timeout=1.0, attempts=1)
         if self.handler is None:
             self.handler = KVShardHandler(self.stores, self.peer_client)
@@ -257,6 +259,7 @@ class Agent:
             if not warned:
                 log.warning("%s; waiting", no_tokens_message(self.paths))
                 warned = True
+            self._publish()  # issue 12: alive and connected, not ready
             created.wait(1.0)
             created.clear()
         raise NoToken(no_tokens_message(self.paths))
@@ -268,6 +271,8 @@ class Agent:
         elif state == KazooState.SUSPENDED:
             log.warning("session suspended: refusing writes")
         self.inbox.put(("session", _SESSIONS[state]))
+        if self.plane is not None:  # issue 12: at once, not at the next turn
+            self.plane.metrics.zk_connected(state == KazooState.CONNECTED)
 
     def _on_plan(self, _data: bytes | None, _stat: object) -> bool:
         self.inbox.put(("plan",))
@@ -422,6 +427,7 @@ class Agent:
         if plan is not None and not self._pruned:
             self._prune_unowned()
         self._refresh_table()
+        self._publish()
 
     def _try(self, fn: Any, what: str) -> Any:
         """A ZooKeeper step of the main loop; on failure, another turn comes shortly."""
@@ -431,6 +437,19 @@ class Agent:
             log.warning("%s failed (%s); retrying", what, type(e).__name__)
             self._later("plan")
             return None
+
+    # -- issue 12: what only the runtime knows, for the data plane's /metrics and /readyz --
+    def _publish(self) -> None:
+        """Replicas by state, ZooKeeper connectivity and readiness, after each turn."""
+        if self.plane is None:
+            return
+        metrics = self.plane.metrics
+        metrics.replicas(Counter(str(r.state) for r in self.state.shards.values()))
+        metrics.zk_connected(self.client is not None and self.client.connected)
+        if not self._plan_current:
+            metrics.ready(False, "no plan read in this ZooKeeper session yet")
+        else:
+            metrics.ready(self.table.serving, "not serving: ZooKeeper session lost")
 
     # -- registration -------------------------------------------------------------------
     def register(self) -> bool:

@@ -104,6 +104,7 @@ class ErrorCode(StrEnum):
     SHARD_NOT_OPEN = "shard_not_open"  # 503
     NOT_SERVING = "not_serving"  # 503: the agent's ZooKeeper session was lost
     NOT_WRITABLE = "not_writable"  # 503: the agent's ZooKeeper session is suspended
+    NOT_READY = "not_ready"  # 503 from /readyz, with "reason"
     REPLICATION_FAILED = "replication_failed"  # 503, with "replicas"
 
 

@@ -206,12 +206,11 @@ def test_wrong_or_missing_token_gets_401_and_changes_nothing(cluster, trio):
         (key_path(SHARD, b"k"), "PUT", {"value": "dg=="}),
         (key_path(SHARD, b"k"), "GET", None),
         (f"/v1/shards/{SHARD}/rows?after=0", "GET", None),
-        ("/healthz", "GET", None),
     ]:
         assert intruder.call(p.address, method, path, body).status == 401
         assert raw(p.address, method, path, body, token=None)[0] == 401
     assert all(n.store.count() == 0 for n in trio)
-    assert cluster.client.healthz(p.address).status == 200
+    assert raw(p.address, "GET", "/healthz", token=None)[0] == 200, "probes hold no token"
 
 
 @pytest.mark.parametrize(
@@ -272,7 +271,11 @@ def test_suspended_primary_refuses_writes_and_lost_serves_nothing(cluster, trio)
     assert len(digests(*trio)) == 1 and p.store.get(b"k").value == b"1"
     p.table.set_serving(False)
     assert raw(p.address, "GET", key_path(SHARD, b"k"))[0] == 503
-    assert raw(p.address, "GET", "/healthz")[0] == 503
+    p.plane.metrics.ready(True)  # what the runtime says after a turn with its plan read
+    assert raw(p.address, "GET", "/readyz")[:2] == (
+        503, {"status": "not_ready", "error": "not_ready",
+              "reason": "ZooKeeper session lost: not serving"})
+    assert raw(p.address, "GET", "/healthz")[0] == 200, "alive all the same"
     p.table.set_serving(True)
     p.table.set_writable(True)
     cluster.client.put(p.address, SHARD, b"k", b"2")

@@ -39,6 +39,8 @@ from agents.dataplane.http import (
     parse_query,
     percent_decode,
 )
+from agents.dataplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agents.dataplane.metrics import PlaneMetrics
 from agents.dataplane.replication import (
     TERM_AHEAD_SECONDS,
     Refused,
@@ -103,6 +105,9 @@ ENDPOINTS: dict[str, Endpoint] = {
     "snapshot": Endpoint(("GET",), Credential.PEER, Lane.BULK),
 }
 BODY_METHODS = ("PUT", "POST")
+# Answered on the I/O thread without a token (issue 12): probes and scrapers hold none, and
+# these reveal no key, value or secret.
+OPEN = ("healthz", "readyz", "metrics")
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,8 @@ class DataPlane:
     the peer token (every endpoint; its forwards send it); ``forward_timeout`` bounds each
     forward, ``term_ahead_wait`` how long a replica that answers ``term_ahead`` is asked
     again, ``client`` (tests) replaces the forwarding client, ``limits`` the thread model
-    and time-outs (``conns.ServerLimits``). The constructor binds ``host:port`` (port 0
+    and time-outs (``conns.ServerLimits``); ``metrics`` (``metrics.PlaneMetrics``) is what
+    /metrics and /readyz serve, fed by the runtime. The constructor binds ``host:port`` (port 0
     picks a free one; see ``address``), ``start()`` serves, ``stop()`` closes the listener
     and every open connection, so peers see this agent go away at once.
     """
@@ -143,6 +149,7 @@ class DataPlane:
         term_ahead_wait: float = TERM_AHEAD_SECONDS,
         client: PeerClient | None = None,
         limits: ServerLimits | None = None,
+        metrics: PlaneMetrics | None = None,
     ):
         self.stores = stores
         self.table = table
@@ -156,7 +163,9 @@ class DataPlane:
         self._write_locks: dict[int, threading.Lock] = {}
         self._replica_locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self.metrics = metrics or PlaneMetrics()
         self._server = HttpServer((host, port), self, limits, name="dataplane")
+        self.metrics.watch_server(self._server.stats)
 
     def set_tokens(self, tokens: Tokens) -> None:
         """Switch to the cluster's tokens (the agent learns them after binding its port)."""
@@ -211,10 +220,13 @@ class DataPlane:
             return Admission(route, response=_malformed_response(exc))
 
     def _admit(self, head: RequestHead, seg: tuple[str, ...], route: str) -> Admission:
-        if seg == ("healthz",):
+        if route in OPEN:
             self._allow(head, ("GET",))
-            self._authorize(head, Credential.CLIENT)
-            return Admission("healthz", response=self.healthz())
+            if head.content_length:
+                raise malformed(f"{head.method} takes no body")
+            answer = {"healthz": self.healthz, "readyz": self.readyz,
+                      "metrics": self.metrics_text}[route]
+            return Admission(route, response=answer())
         endpoint = ENDPOINTS.get(route)
         if endpoint is None or seg[:2] != ("v1", "shards") or len(seg) != (
             5 if route == "keys" else 4
@@ -250,7 +262,8 @@ class DataPlane:
         return credential
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        """Called once per answer (the metrics hook)."""
+        """Called once per answer."""
+        self.metrics.observe(route, status, seconds)
 
     # answers: on a worker
 
@@ -300,13 +313,27 @@ class DataPlane:
     # handlers
 
     def healthz(self) -> Response:
+        """200 while the process runs (its I/O thread answers); no ZooKeeper needed."""
         body = {
-            "status": "ok" if self.table.serving else "not_serving",
+            "status": "ok",
             "serving": self.table.serving,
             "writable": self.table.writable,
             "shards": len(self.table.routes()),
         }
-        return Response(200 if self.table.serving else 503, body)
+        return Response(200, body)
+
+    def readyz(self) -> Response:
+        """200 once the runtime said the agent read its plan in this session and serves it."""
+        ready, reason = self.metrics.readiness()
+        if ready and not self.table.serving:  # lost since the runtime's last turn
+            ready, reason = False, "ZooKeeper session lost: not serving"
+        if ready:
+            return Response(200, {"status": "ready"})
+        return Response(503, {"status": "not_ready", "error": ErrorCode.NOT_READY,
+                              "reason": reason})
+
+    def metrics_text(self) -> Response:
+        return Response(200, data=self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     def keys(self, call: Call, data: Any) -> Response:
         if call.method == "GET":
@@ -439,8 +466,8 @@ class DataPlane:
 
 def route_of(segments: tuple[str, ...]) -> str:
     """The route a path counts under in the metrics: a bounded set, never the raw path."""
-    if segments == ("healthz",):
-        return "healthz"
+    if len(segments) == 1 and segments[0] in OPEN:
+        return segments[0]
     if len(segments) >= 4 and segments[:2] == ("v1", "shards") and segments[3] in ENDPOINTS:
         return segments[3]
     return "other"
