@@ -232,3 +232,19 @@ def test_client_bodies_in_flight_are_bounded_and_peers_are_not(cluster):
         # A peer's forward (a body too) is not counted against the clients' bound.
         lsn = cluster.client.put(p.address, SHARD, b"k", b"v")
         assert r1.store.get(b"k").lsn == lsn
+
+
+def test_a_primary_under_concurrent_writes_stays_within_its_threads(cluster, trio):
+    p, *_ = trio
+    clients = [PeerClient(TOKEN, timeout=30, attempts=1) for _ in range(40)]
+
+    def write(i: int) -> int:
+        return clients[i % 40].put(p.address, SHARD, f"c{i}".encode(), b"v")
+
+    with ThreadPoolExecutor(40) as pool:
+        lsns = list(pool.map(write, range(400)))
+    assert len(set(lsns)) == 400
+    limits = p.plane.limits
+    threads = server_threads(p)
+    assert len(threads) <= 1 + limits.workers + limits.forward_workers, threads
+    assert any("-forward" in name for name in threads), "forwards ran on the plane's pool"

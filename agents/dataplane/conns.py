@@ -84,7 +84,8 @@ class Lane(enum.IntEnum):
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """The thread model and its bounds; the defaults keep an agent's server at 21 threads."""
+    """The thread model and its bounds; with the defaults an agent's data plane runs at most
+    37 threads: the I/O thread, 20 workers and up to 16 forwarding threads."""
 
     workers: int = 20
     client_workers: int = 14  # at most this many workers busy with client requests
@@ -99,6 +100,10 @@ class ServerLimits:
     linger: float = 2.0  # draining the body of a refused request, before closing
     # Client bodies announced and not yet answered, in all: 8 bodies of the largest size.
     max_buffered_bytes: int = 8 * MAX_BODY_BYTES
+    # A primary's forwards to its replicas, in parallel (replication.Replicator); beyond it
+    # they queue. Two per client worker would let every client write forward to 2 replicas
+    # at once; 16 keeps an agent of ~600 replicas within issue 14's 64 threads.
+    forward_workers: int = 16
 
     def __post_init__(self) -> None:
         if self.client_workers < 1 or self.bulk_workers < 1:

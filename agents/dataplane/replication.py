@@ -130,11 +130,14 @@ class Replicator:
         forward_timeout: float,
         *,
         term_ahead_wait: float = TERM_AHEAD_SECONDS,
+        workers: int = 16,
+        name: str = "forward",
     ):
         self.client = client
         self.forward_timeout = forward_timeout
         self.term_ahead_wait = term_ahead_wait
-        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="forward")
+        # Threads start as forwards need them, up to ``workers``; then forwards queue.
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -155,17 +155,19 @@ class DataPlane:
         self.table = table
         self.tokens = Tokens(token, peer_token)
         self.forward_timeout = forward_timeout
-        self.replicator = Replicator(
-            client or PeerClient(peer_token, timeout=forward_timeout, attempts=1),
-            forward_timeout,
-            term_ahead_wait=term_ahead_wait,
-        )
         self._write_locks: dict[int, threading.Lock] = {}
         self._replica_locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.metrics = metrics or PlaneMetrics()
         self._server = HttpServer((host, port), self, limits, name="dataplane")
         self.metrics.watch_server(self._server.stats)
+        self.replicator = Replicator(
+            client or PeerClient(peer_token, timeout=forward_timeout, attempts=1),
+            forward_timeout,
+            term_ahead_wait=term_ahead_wait,
+            workers=self._server.limits.forward_workers,
+            name=f"{self._server.name}-forward",
+        )
 
     def set_tokens(self, tokens: Tokens) -> None:
         """Switch to the cluster's tokens (the agent learns them after binding its port)."""
