@@ -21,7 +21,7 @@ from shardkeeper.peer import PeerClient, PeerError
 from shardkeeper.poll import poll_until
 from shardkeeper.wire import MAX_BODY_BYTES, key_path
 from tests import dataplane_support
-from tests.dataplane_support import SHARD, TOKEN, follow, lead
+from tests.dataplane_support import PEER_TOKEN, SHARD, TOKEN, follow, lead
 
 cluster = dataplane_support.cluster
 trio = dataplane_support.trio
@@ -248,3 +248,32 @@ def test_a_primary_under_concurrent_writes_stays_within_its_threads(cluster, tri
     threads = server_threads(p)
     assert len(threads) <= 1 + limits.workers + limits.forward_workers, threads
     assert any("-forward" in name for name in threads), "forwards ran on the plane's pool"
+
+
+def test_one_connection_across_lanes_and_split_heads_is_answered_in_order(cluster, trio):
+    """A worker keeps serving a connection whose next request comes at once (same lane,
+    whole); anything else (another lane, a refusal, a head in pieces) goes back to the I/O
+    thread. Either way every answer comes, in order."""
+    p, *_ = trio
+    cluster.client.put(p.address, SHARD, b"k", b"v")
+    get = f"GET {key_path(SHARD, b'k')} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    rows = (f"GET /v1/shards/{SHARD}/rows?after=0 HTTP/1.1\r\n"
+            f"Authorization: Bearer {PEER_TOKEN}\r\n\r\n")
+    steps = [get, get, rows, get, "GET /healthz HTTP/1.1\r\n\r\n", get[:20], get[20:], rows, get]
+    statuses = []
+    with connect(p.address) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+        for step in steps:
+            sock.sendall(step.encode())
+            if step == get[:20]:
+                continue  # the rest of this head comes in the next send
+            status = int(reader.readline().split()[1])
+            length = 0
+            while (line := reader.readline()) != b"\r\n":
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            reader.read(length)
+            statuses.append(status)
+    assert statuses == [200] * 8

@@ -24,8 +24,13 @@ admitted:
    other's forwards cannot deadlock).
 4. The worker answers: small answers with one non-blocking send (the rest, if any, goes back
    to the I/O thread to write); snapshots with a blocking ``sendfile`` bounded by
-   ``send_timeout``. A kept-alive connection goes back to the I/O thread, which closes it
-   after ``idle_timeout`` without a request: idle connections never hold a worker.
+   ``send_timeout``. While another worker is spare it then waits up to ``hot_wait`` (10 ms)
+   for the connection's next request and answers it too if it comes whole and for the same
+   lane: a client sending request after request (a primary's forwards, a copy's pages, a
+   loader) is served by one thread, without two thread hand-offs per request, each a
+   wake-up that a busy host schedules late. Otherwise the kept-alive connection goes back
+   to the I/O thread, which closes it after ``idle_timeout`` without a request: idle
+   connections never hold a worker.
 
 At ``max_connections`` open connections a new one takes the place of the connection idle
 longest; if none is idle it gets a 503 ``overloaded`` and is closed.
@@ -71,7 +76,17 @@ _IN = select.EPOLLIN | select.EPOLLONESHOT | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT | select.EPOLLONESHOT
 _CHUNK = 256 << 10  # per recv of a head or a drain
 _OVERFLOW = 64  # refused connections kept lingering (beyond max_connections) at most
+_WORKER_SCRATCH = 64 << 10
+_local = threading.local()
 _REFUSED_LINGER = 1.0
+
+
+def _worker_scratch() -> bytearray:
+    """A receive buffer per worker thread (a fresh 256 KiB bytes per recv costs an mmap)."""
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None:
+        scratch = _local.scratch = bytearray(_WORKER_SCRATCH)
+    return scratch
 
 
 class Lane(enum.IntEnum):
@@ -104,6 +119,9 @@ class ServerLimits:
     # they queue. Two per client worker would let every client write forward to 2 replicas
     # at once; 16 keeps an agent of ~600 replicas within issue 14's 64 threads.
     forward_workers: int = 16
+    # After an answer, a worker waits this long for the connection's next request (while
+    # another worker is spare) before handing the connection back to the I/O thread.
+    hot_wait: float = 0.01
 
     def __post_init__(self) -> None:
         if self.client_workers < 1 or self.bulk_workers < 1:
@@ -209,6 +227,12 @@ class _Lanes:
     def busy(self) -> dict[Lane, int]:
         with self._cond:
             return dict(self._busy)
+
+    def spare(self) -> bool:
+        """Whether a worker is idle and no job waits."""
+        with self._cond:
+            waiting = any(self._queues.values())
+            return not waiting and sum(self._busy.values()) < len(self._threads)
 
     def _take(self) -> tuple[Lane, Any] | None:
         for lane in Lane:
@@ -626,6 +650,73 @@ class HttpServer:
 
     def _work(self, job: tuple[_Conn, bytes | bytearray]) -> None:
         conn, body = job
+        assert conn.admission is not None and conn.admission.lane is not None
+        lane = conn.admission.lane
+        scratch = _worker_scratch()
+        while True:
+            data, close = self._respond(conn, body)
+            # Decide before sending whether to wait for the next request: once the answer is
+            # out, its client runs, and Python work here would only contend with it for the
+            # GIL (each contended switch is a futex round trip).
+            poller = None
+            if not close and not conn.buf and self.limits.hot_wait > 0 and self._lanes.spare():
+                poller = select.poll()
+                poller.register(conn.fd, select.POLLIN)
+            try:
+                sent = conn.sock.send(data) if data else 0
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent, close = len(data), True
+            rest = data[sent:]
+            if rest or poller is None:
+                break
+            next_body = self._next_request(conn, lane, poller, scratch)
+            if next_body is None:
+                break
+            body = next_body
+        self._hand_back(conn, rest, close)
+
+    def _next_request(self, conn: _Conn, lane: Lane, poller: select.poll,
+                      scratch: bytearray) -> bytes | None:
+        """The body of this connection's next request if it comes within ``hot_wait``, whole
+        and for the same lane: then this worker answers it too, and a client that sends
+        request after request is served by one thread, as with a thread per connection
+        (each hand-off between threads costs a wake-up, a scheduling delay on a busy host).
+        Anything else goes back to the I/O thread with whatever arrived. Only while a worker
+        is spare, so that no queued request waits for this one."""
+        try:
+            if not poller.poll(self.limits.hot_wait * 1000):
+                return None
+            n = conn.sock.recv_into(scratch)
+        except OSError:  # BlockingIOError included: the I/O thread looks again
+            return None
+        if not n:
+            return None  # the peer closed; the I/O thread sees it too and closes
+        conn.buf += memoryview(scratch)[:n]
+        end = find_head_end(conn.buf)
+        if end < 0:
+            return None
+        try:
+            head = parse_head(bytes(conn.buf[: end - 4]))
+            admission = self.app.admit(head)
+        except Exception:  # refusals and errors are the I/O thread's to answer
+            return None
+        length = head.content_length
+        if admission.response is not None or admission.lane is not lane or (
+            len(conn.buf) - end < length
+        ):
+            return None
+        if length and lane is not Lane.PEER and not self._reserve(conn, length):
+            return None
+        body = bytes(conn.buf[end : end + length])
+        del conn.buf[: end + length]
+        conn.head, conn.admission, conn.started = head, admission, time.monotonic()
+        return body
+
+    def _respond(self, conn: _Conn, body: bytes | bytearray) -> tuple[bytes, bool]:
+        """Answer the request ``conn`` holds: the bytes to send (none if a snapshot went out
+        already), and whether to close after them."""
         head, admission = conn.head, conn.admission
         assert head is not None and admission is not None
         try:
@@ -634,21 +725,17 @@ class HttpServer:
             log.exception("data plane failed on %s %s", head.method, head.target)
             response = Response(500, {"error": ErrorCode.INTERNAL})
         close = not head.keep_alive
+        data = b""
         if response.image is not None:
-            sent = self._send_image(conn, response)
-            close = close or not sent
-            self.app.observe(admission.route, response.status, time.monotonic() - conn.started)
-            self._hand_back(conn, b"", close)
-            return
-        data = encode_response(response, close=close, head_only=head.method == "HEAD")
-        try:
-            sent = conn.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            sent, close = len(data), True
+            close = not self._send_image(conn, response) or close
+        else:
+            data = encode_response(response, close=close, head_only=head.method == "HEAD")
+        # Counted as answered when handed to the kernel (a snapshot: when it was sent).
         self.app.observe(admission.route, response.status, time.monotonic() - conn.started)
-        self._hand_back(conn, data[sent:], close)
+        if conn.reserved:  # answered: its body no longer counts
+            with self._lock:
+                self._release_locked(conn)
+        return data, close
 
     def _send_image(self, conn: _Conn, response: Response) -> bool:
         """Send a store file with sendfile (the bytes stay in the kernel); False if the
