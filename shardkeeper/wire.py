@@ -1,7 +1,8 @@
 """The data plane's wire format: what any client or peer of an agent needs to speak to it.
 
-Every request carries a token as ``Authorization: Bearer <token>`` (``/healthz`` too: a probe
-can send a header); a wrong or missing token gets 401. Clients hold the cluster token, which
+Every request carries a token as ``Authorization: Bearer <token>``, except ``/healthz``,
+``/readyz`` and ``/metrics`` (probes and scrapers hold none; they reveal no key, value or
+secret); a wrong or missing token gets 401. Clients hold the cluster token, which
 opens the client endpoints (keys, batch, digest); agents hold the peer token
 (``shardkeeper.token``), which opens every endpoint, and the replication endpoints
 (replicate, rows, snapshot, repair) take nothing else: 403 ``forbidden``. Bodies are JSON, except
@@ -10,7 +11,9 @@ sent base64 (standard alphabet) in JSON and percent-encoded in URL paths (``key_
 
 Endpoints (``S`` is the shard number, ``K`` the percent-encoded key)::
 
-    GET    /healthz                        200 {"status","serving","writable","shards"} | 503
+    GET    /healthz                        200 {"status","serving","writable","shards"}: alive
+    GET    /readyz                         200 {"status"} | 503 {"error": "not_ready", "reason"}
+    GET    /metrics                        200 Prometheus text format
     GET    /v1/shards/S/keys/K             200 {"key","value","lsn"} | 404 {"error":"not_found"}
     PUT    /v1/shards/S/keys/K  {"value"}  200 {"lsn"}
     DELETE /v1/shards/S/keys/K             200 {"lsn"}        (writes a tombstone)
@@ -29,11 +32,12 @@ A row is ``{"key": b64, "value": b64 | null, "lsn": int}``; ``null`` marks a tom
 the LSN is in ``1..MAX_LSN`` (what a store's SQLite INTEGER holds).
 Client reads and writes, and repair, are served by the shard's primary only; any other
 holder answers ``307`` with ``Location`` and ``{"error": "not_primary", "primary": address}``
-(or 503 ``no_primary`` when it knows none). Errors (``ErrorCode``): 400 malformed, 401 token,
-404 unknown shard or key, 405 method, 409 ordering or fencing, 413 oversized (keys over
+(or 503 ``no_primary`` when it knows none). Errors (``ErrorCode``), always JSON: 400
+malformed, 401 token, 403 the peer token needed, 404 unknown endpoint, shard or key, 405
+method, 408 too slow, 409 ordering or fencing, 411 no length, 413 oversized (keys over
 ``MAX_KEY_BYTES``, values over ``MAX_VALUE_BYTES``, bodies over ``MAX_BODY_BYTES``, batches
-over ``MAX_BATCH_KEYS``), 503 unavailable (fenced, not serving, replication failed). A
-request that gets a 4xx changes nothing.
+over ``MAX_BATCH_KEYS``), 417 expectation, 431 head too large, 503 unavailable (fenced, not
+serving, replication failed, overloaded). A request that gets a 4xx changes nothing.
 
 **Terms and fencing.** Each shard's primary holds a *term*: the plan generation that made it
 primary. Its LSNs are ``(term << 32) | seq`` and every forward it sends carries its term. A
