@@ -776,7 +776,9 @@ class HttpServer:
                 mask = _OUT
             else:
                 conn.state = _State.HEAD
-                conn.deadline = now + self.limits.idle_timeout
+                # Part of the next request already here: it is under way, not idle.
+                wait = self.limits.head_timeout if conn.buf else self.limits.idle_timeout
+                conn.deadline = now + wait
                 conn.head = conn.admission = None
                 conn.started = 0.0
                 if conn.buf:  # the next request is already here: the I/O thread parses it
