@@ -52,7 +52,6 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,6 +66,7 @@ from agents.dataplane.http import (
     find_head_end,
     parse_head,
 )
+from agents.dataplane.lanes import Lane, Lanes, worker_scratch
 from agents.dataplane.transfer import send_file
 from shardkeeper.wire import MAX_BODY_BYTES, ErrorCode
 
@@ -76,25 +76,7 @@ _IN = select.EPOLLIN | select.EPOLLONESHOT | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT | select.EPOLLONESHOT
 _CHUNK = 256 << 10  # per recv of a head or a drain
 _OVERFLOW = 64  # refused connections kept lingering (beyond max_connections) at most
-_WORKER_SCRATCH = 64 << 10
-_local = threading.local()
 _REFUSED_LINGER = 1.0
-
-
-def _worker_scratch() -> bytearray:
-    """A receive buffer per worker thread (a fresh 256 KiB bytes per recv costs an mmap)."""
-    scratch = getattr(_local, "scratch", None)
-    if scratch is None:
-        scratch = _local.scratch = bytearray(_WORKER_SCRATCH)
-    return scratch
-
-
-class Lane(enum.IntEnum):
-    """Where an admitted request waits for a worker; a lower value is served first."""
-
-    PEER = 0  # another agent's forward or repair: what that agent's write is waiting on
-    CLIENT = 1
-    BULK = 2  # rows pages, snapshots: long, and an agent's copies retry
 
 
 @dataclass(frozen=True)
@@ -193,71 +175,6 @@ class _Conn:
         return self.state is _State.HEAD and not self.buf and not self.worker
 
 
-class _Lanes:
-    """Fixed worker threads; each takes the first job, in lane order, whose lane is under
-    its cap."""
-
-    def __init__(self, limits: ServerLimits, run: Callable[[Any], None], name: str):
-        self._caps = {Lane.PEER: limits.workers, Lane.CLIENT: limits.client_workers,
-                      Lane.BULK: limits.bulk_workers}
-        self._queues: dict[Lane, deque[Any]] = {lane: deque() for lane in Lane}
-        self._busy = dict.fromkeys(Lane, 0)
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._run = run
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-w{i}", daemon=True)
-            for i in range(limits.workers)
-        ]
-
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-
-    def submit(self, lane: Lane, job: Any) -> None:
-        with self._cond:
-            self._queues[lane].append(job)
-            self._cond.notify()
-
-    def busy(self) -> dict[Lane, int]:
-        with self._cond:
-            return dict(self._busy)
-
-    def spare(self) -> bool:
-        """Whether a worker is idle and no job waits."""
-        with self._cond:
-            waiting = any(self._queues.values())
-            return not waiting and sum(self._busy.values()) < len(self._threads)
-
-    def _take(self) -> tuple[Lane, Any] | None:
-        for lane in Lane:
-            if self._queues[lane] and self._busy[lane] < self._caps[lane]:
-                return lane, self._queues[lane].popleft()
-        return None
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped and (taken := self._take()) is None:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                lane, job = taken
-                self._busy[lane] += 1
-            try:
-                self._run(job)
-            finally:
-                # No notify: this worker looks for the next job itself (one held back by
-                # its lane's cap included), and waking an idle one only makes it contend.
-                with self._cond:
-                    self._busy[lane] -= 1
-
-
 class HttpServer:
     """Serves ``app`` on ``address``; binds at construction, serves from ``start()``."""
 
@@ -280,7 +197,9 @@ class HttpServer:
         self._lock = threading.Lock()
         self._stopping = False
         self._scratch = bytearray(_CHUNK)
-        self._lanes = _Lanes(self.limits, self._work, self.name)
+        caps = {Lane.PEER: self.limits.workers, Lane.CLIENT: self.limits.client_workers,
+                Lane.BULK: self.limits.bulk_workers}
+        self._lanes = Lanes(self.limits.workers, caps, self._work, self.name)
         self._thread: threading.Thread | None = None
 
     @property
@@ -652,7 +571,7 @@ class HttpServer:
         conn, body = job
         assert conn.admission is not None and conn.admission.lane is not None
         lane = conn.admission.lane
-        scratch = _worker_scratch()
+        scratch = worker_scratch()
         while True:
             data, close = self._respond(conn, body)
             # Decide before sending whether to wait for the next request: once the answer is

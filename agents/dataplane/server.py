@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from agents.dataplane.conns import Admission, HttpServer, Lane, ServerLimits
+from agents.dataplane.conns import Admission, HttpServer, ServerLimits
 from agents.dataplane.http import (
     HttpError,
     RequestHead,
@@ -39,6 +39,7 @@ from agents.dataplane.http import (
     parse_query,
     percent_decode,
 )
+from agents.dataplane.lanes import Lane
 from agents.dataplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agents.dataplane.metrics import PlaneMetrics
 from agents.dataplane.replication import (
