@@ -20,6 +20,7 @@ from agents.store import (
 from shardkeeper.peer import PeerError
 from shardkeeper.wire import Row
 from tests import test_dataplane as dataplane
+from tests.dataplane_support import PEER_TOKEN
 from tests.test_dataplane import SHARD, digests, lead, load
 
 # The in-process cluster of test_dataplane: a primary and two replicas on real HTTP.
@@ -141,7 +142,7 @@ class Clock:
 
 
 def compactor(node, clock: Clock, grace: float = 10.0) -> Compactor:
-    return Compactor(node.stores, node.table, lambda: "test-cluster-token", grace, clock=clock)
+    return Compactor(node.stores, node.table, lambda: PEER_TOKEN, grace, clock=clock)
 
 
 def test_primary_and_replicas_purge_deletes_all_of_them_had(cluster, trio):
@@ -200,7 +201,7 @@ def test_a_copy_behind_the_horizon_takes_the_whole_store_and_no_delete_comes_bac
     load(cluster.client, p, 20)
     for n in trio:
         n.store.compact(n.store.sync_lsn())  # every replica has the delete: purged
-    result = copy_shard(store, SHARD, p.address, cluster.client,
+    result = copy_shard(store, SHARD, p.address, cluster.peer,
                         image_path=new.stores.incoming_path(SHARD))
     assert result.image_bytes > 0, "copied the whole store again"
     assert store.get(b"doomed") is None, "the deleted key came back"
@@ -208,7 +209,7 @@ def test_a_copy_behind_the_horizon_takes_the_whole_store_and_no_delete_comes_bac
     # Without a place for an image the copy cannot go on, and says so.
     store.set_meta(META_BOOTSTRAP_CURSOR, first)
     with pytest.raises(PeerError, match="behind_horizon"):
-        copy_shard(store, SHARD, p.address, cluster.client)
+        copy_shard(store, SHARD, p.address, cluster.peer)
 
 
 def test_a_repair_behind_the_primarys_horizon_copies_afresh_and_stays_in_sync(cluster, trio):
@@ -222,7 +223,7 @@ def test_a_repair_behind_the_primarys_horizon_copies_afresh_and_stays_in_sync(cl
     for n in (p, r2):
         n.store.compact(n.store.sync_lsn())
     assert r1.store.get(b"k000007").value == b"v7"
-    result = repair_shard(r1.store, SHARD, p.address, cluster.client)
+    result = repair_shard(r1.store, SHARD, p.address, cluster.peer)
     assert r1.store.get(b"k000007") is None, "the deleted key came back"
     assert r1.store.sync_lsn() >= p.store.horizon() > r1_sync
     assert r1.store.digest() == p.store.digest()

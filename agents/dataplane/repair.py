@@ -101,6 +101,7 @@ def copy_shard(
             cursor, size = _copy_image(store, shard, source, client, image_path, stop)
             image_bytes += size
             continue
+        client.downloaded("rows", page.size)
         if page.complete:
             # Every synced row up to max_lsn is here (LSNs of overwritten rows are gone).
             top = max(cursor, page.max_lsn)
@@ -139,6 +140,7 @@ def _copy_image(
     try:
         size = fetch_snapshot(source, shard, dest, token=client.token, timeout=client.timeout,
                               stop=stop)
+        client.downloaded("snapshot", size)
         return store.install_image(dest, keep_after=keep_after, synced=synced), size
     except (PeerError, StoreError) as exc:
         log.info("shard %s: no file image from %s (%s); streaming rows", shard, source, exc)
