@@ -61,6 +61,7 @@ def audit(cluster: Cluster, kind: str) -> list[str]:
 def test_a_copy_from_a_source_that_cannot_serve_it_is_repointed(cluster, small_disk) -> None:
     ensure_layout(cluster.client, cluster.paths)
     cluster.client.create(cluster.paths.token, b"liveness-test-token")
+    cluster.client.create(cluster.paths.peer_token, b"liveness-test-peer-token")
     cluster.start_coordinator("coord-1", session_timeout=SESSION)
     first = {"agent-1", "agent-2"}
     for name in sorted(first):
