@@ -70,7 +70,8 @@ def print_report(r: dict) -> None:
           f"  {r['unknown']} unknown  lost {r['lost']}  stale reads {r['stale_reads']}")
     print(f"converged {r['converged']} ({r['converge_s']}s)  verify {r['verify_ok']}"
           f"  stuck {r['stuck_replicas']}  unexpected exits {r['unexpected_exits']}"
-          f"  longest write gap {r['longest_write_gap_s']}s")
+          f"  longest write gap {r['longest_write_gap_s']}s"
+          f"  read gap {r['longest_read_gap_s']}s")
     print(f"{'fault':18} {'count':>5} {'gap s':>6} {'read s':>6} {'write s':>7}"
           f" {'unknown':>7}"
           f" {'left':>4} {'copies':>6}  recovery s")

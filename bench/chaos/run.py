@@ -24,7 +24,7 @@ from typing import Any
 from bench.chaos import disk, net
 from bench.chaos.checker import UNREADABLE, Op, Verdict, check, write_gaps
 from bench.chaos.fleet import Fleet, FleetOptions, start_fleet, tail
-from bench.chaos.nemesis import KINDS, Nemesis, Record, schedule
+from bench.chaos.nemesis import FAULTS, KINDS, Nemesis, Record, schedule
 from bench.chaos.workload import Workload, WorkloadOptions, final_values
 from bench.common import machine, unsettled
 from shardkeeper import admin
@@ -119,11 +119,13 @@ class Monitor(threading.Thread):
 class KindReport:
     count: int = 0
     worst_gap_s: float = 0.0  # longest window without an acknowledged write, overlapping
+    worst_read_gap_s: float = 0.0  # longest window without a successful read, overlapping
     worst_write_s: float = 0.0  # slowest acknowledged write invoked during the fault
     unknown_writes: int = 0  # writes invoked during the fault with no known outcome
     recovery_s: list[float] = field(default_factory=list)  # end -> settled, faults alone
-    # Churn the fault caused, from the audit log (during it and for 20 s after): members
-    # the leader saw leave, copies it started.
+    # Churn the fault caused, from the audit log (during it and for 20 s after; for a fault
+    # that runs alone, only until the next fault starts): members the leader saw leave,
+    # copies it started.
     departures: int = 0
     copies: int = 0
     notes: list[str] = field(default_factory=list)
@@ -138,9 +140,20 @@ def _copies_started(message: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def churn_until(r: Record, records: list[Record]) -> float:
+    """The end of the window whose churn is put down to ``r`` (wall clock)."""
+    end = (r.wall_end or r.wall_start) + CHURN_WINDOW
+    if FAULTS[r.kind].exclusive and r.wall_end:
+        # Nothing else ran meanwhile: what happens before the next fault is r's alone.
+        later = [o.wall_start for o in records if o.wall_start >= r.wall_end]
+        end = min([end, *later])
+    return end
+
+
 def per_kind(records: list[Record], ops: list[Op], monitor: Monitor, start: float,
              end: float) -> dict[str, KindReport]:
     gaps = write_gaps(ops, start, end)
+    read_gaps = write_gaps(ops, start, end, reads=True)
     writes = [op for op in ops if op.is_write]
     out: dict[str, KindReport] = defaultdict(KindReport)
     for r in records:
@@ -150,6 +163,9 @@ def per_kind(records: list[Record], ops: list[Op], monitor: Monitor, start: floa
         for a, b in gaps:
             if a <= r_end and b >= r.start:
                 report.worst_gap_s = max(report.worst_gap_s, b - a)
+        for a, b in read_gaps:
+            if a <= r_end and b >= r.start:
+                report.worst_read_gap_s = max(report.worst_read_gap_s, b - a)
         during = [w for w in writes if r.start <= w.invoke <= r_end]
         for w in during:
             if w.outcome == "ok":
@@ -162,7 +178,7 @@ def per_kind(records: list[Record], ops: list[Op], monitor: Monitor, start: floa
             for o in records)
         if alone:
             report.recovery_s.append(round(healthy - r_end, 2))
-        churn_end = (r.wall_end or r.wall_start) + CHURN_WINDOW
+        churn_end = churn_until(r, records)
         report.departures += len(monitor.events_between("member-left", r.wall_start, churn_end))
         report.copies += sum(_copies_started(e.message)
                              for e in monitor.events_between("plan", r.wall_start, churn_end))
@@ -339,15 +355,17 @@ def _run(fleet: Fleet, opts: RunOptions, root: Path) -> dict[str, Any]:
     fleet.check_exits()
     kinds = per_kind(nemesis.records, ops, monitor, start, healed)
     gaps = write_gaps(ops, start, healed)
+    read_gaps = write_gaps(ops, start, healed, reads=True)
     with contextlib.suppress(Exception):
         monitor.read_events()
-    report = summary(opts, verdict, nemesis, kinds, gaps, converge_s, verify_ok, stuck_now,
-                     fleet, lost_preload, workload, root, reason, monitor)
+    report = summary(opts, verdict, nemesis, kinds, gaps, read_gaps, converge_s, verify_ok,
+                     stuck_now, fleet, lost_preload, workload, root, reason, monitor)
     return report
 
 
 def summary(opts: RunOptions, verdict: Verdict, nemesis: Nemesis,
             kinds: dict[str, KindReport], gaps: list[tuple[float, float]],
+            read_gaps: list[tuple[float, float]],
             converge_s: float | None, verify_ok: bool, stuck_now: list[str], fleet: Fleet,
             lost_preload: list[str], workload: Workload, root: Path, reason: str,
             monitor: Monitor) -> dict[str, Any]:
@@ -370,7 +388,9 @@ def summary(opts: RunOptions, verdict: Verdict, nemesis: Nemesis,
         "stuck_replicas": len(stuck_now),
         "unexpected_exits": len(fleet.unexpected),
         "longest_write_gap_s": round(max((b - a for a, b in gaps), default=0.0), 2),
+        "longest_read_gap_s": round(max((b - a for a, b in read_gaps), default=0.0), 2),
         "per_kind": {k: {**asdict(v), "worst_gap_s": round(v.worst_gap_s, 2),
+                         "worst_read_gap_s": round(v.worst_read_gap_s, 2),
                          "worst_write_s": round(v.worst_write_s, 2)}
                      for k, v in sorted(kinds.items())},
         "details": {
