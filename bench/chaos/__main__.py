@@ -30,11 +30,14 @@ from bench.chaos.workload import WorkloadOptions
 @click.option("--agents", type=click.IntRange(min=5), default=6, show_default=True)
 @click.option("--shards", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--preload-keys", type=click.IntRange(min=0), default=40_000, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Client threads doing puts, deletes and reads.")
+@click.option("--readers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Client threads doing only reads.")
 @click.option("--keep", is_flag=True, help="Keep the run's directory (logs, data).")
 @click.option("--verbose", is_flag=True, help="Log each fault as it starts and ends.")
 def main(seed: int, duration: float, as_json: bool, kinds: str, mean_gap: float,
-         max_active: int, agents: int, shards: int, preload_keys: int, threads: int,
+         max_active: int, agents: int, shards: int, preload_keys: int, threads: int, readers: int,
          keep: bool, verbose: bool) -> None:
     """Faults against a real cluster; exit 0 only if nothing acknowledged was lost, no read
     was stale, and the cluster converged with equal replicas."""
@@ -52,7 +55,7 @@ def main(seed: int, duration: float, as_json: bool, kinds: str, mean_gap: float,
     opts = RunOptions(seed=seed, duration=duration, kinds=chosen, mean_gap=mean_gap,
                       max_active=max_active, preload_keys=preload_keys, keep=keep,
                       fleet=FleetOptions(agents=agents, shards=shards),
-                      workload=WorkloadOptions(threads=threads))
+                      workload=WorkloadOptions(threads=threads, readers=readers))
     report = run(opts)
     if as_json:
         print(json.dumps(report, sort_keys=True))

@@ -4,7 +4,9 @@ every operation as invoke / ok / fail / unknown (``checker.Op``).
 Each thread has its own ZooKeeper session and ``DataClient``, a seeded random stream of
 operations over a shared key space (so clients race on the same keys), and values that
 are unique in the run (``c<thread>-<n>``), so that a value names its write. Threads are
-paced to a target rate: the cluster under test shares two cores with them.
+paced to a target rate: the cluster under test shares two cores with them. One more
+thread (``readers``) only reads: the others wait out a refused write (quorum loss refuses
+them all) and read nothing meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from shardkeeper.zk import ZkTarget, close, connect
 
 @dataclass(frozen=True)
 class WorkloadOptions:
-    threads: int = 4
+    threads: int = 4  # mixed puts, deletes and reads
+    readers: int = 1  # threads that only read: a write stalled by an outage (quorum loss
+    # refuses every write for its whole length) does not hide whether reads go on
     keys: int = 240
     rate: float = 20.0  # operations per second per thread
     put: float = 0.5
@@ -37,9 +41,10 @@ def key_name(i: int) -> str:
 
 class Worker(threading.Thread):
     def __init__(self, index: int, seed: int, target: ZkTarget, paths: Paths, token: str,
-                 opts: WorkloadOptions, clock: float):
-        super().__init__(name=f"client-{index}", daemon=True)
+                 opts: WorkloadOptions, clock: float, reader: bool = False):
+        super().__init__(name=f"{'reader' if reader else 'client'}-{index}", daemon=True)
         self.index = index
+        self.reader = reader
         self.rng = random.Random(seed * 1_000_003 + index)
         self.target = target
         self.paths = paths
@@ -73,7 +78,7 @@ class Worker(threading.Thread):
 
     def one(self, kv: DataClient) -> Op:
         key = key_name(self.rng.randrange(self.opts.keys))
-        roll = self.rng.random()
+        roll = 1.0 if self.reader else self.rng.random()
         if roll < self.opts.put:
             self._seq += 1
             value = f"c{self.index}-{self._seq}"
@@ -108,8 +113,9 @@ class Workload:
     def __init__(self, seed: int, target: ZkTarget, paths: Paths, token: str,
                  opts: WorkloadOptions, clock: float):
         self.opts = opts
-        self.workers = [Worker(i, seed, target, paths, token, opts, clock)
-                        for i in range(opts.threads)]
+        self.workers = [Worker(i, seed, target, paths, token, opts, clock,
+                               reader=i >= opts.threads)
+                        for i in range(opts.threads + opts.readers)]
 
     def start(self) -> None:
         for w in self.workers:
