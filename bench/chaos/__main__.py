@@ -84,7 +84,7 @@ def print_report(r: dict) -> None:
               f" {k['unknown_writes']:7} {k['departures']:4} {k['copies']:6}"
               f"  {k['recovery_s']} {'; '.join(k['notes'])}")
     for name, items in r["details"].items():
-        if items and name not in ("logs", "audit_events", "agents"):
+        if items and name not in ("logs", "audit_events", "agents", "fault_log"):
             print(f"{name}: {items}")
     logs = r["details"]["logs"]
     print(f"logs: {logs['tracebacks']} tracebacks, {logs['error_lines']} ERROR lines")

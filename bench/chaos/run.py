@@ -402,6 +402,13 @@ def summary(opts: RunOptions, verdict: Verdict, nemesis: Nemesis,
             "stuck": stuck_now[:20],
             "unexpected_exits": fleet.unexpected[:20],
             "skipped_faults": nemesis.skipped[:20],
+            # Every fault as it happened, beside the leader's log (wall) and the history
+            # (run clock), for a post-mortem of what the tables charge to a kind.
+            "fault_log": [{"kind": r.kind, "start": round(r.start, 2),
+                           "end": None if r.end is None else round(r.end, 2),
+                           "wall_start": round(r.wall_start, 3),
+                           "wall_end": round(r.wall_end, 3), "targets": list(r.targets)}
+                          for r in nemesis.records],
             "fault_errors": [f"{r.kind}: {r.error}" for r in nemesis.records if r.error],
             "unconverged_reason": reason if converge_s is None else "",
             "client_errors": workload.errors(),
