@@ -75,6 +75,16 @@ def down_since(plan: PlanState) -> dict[str, float]:
             if isinstance(a, str) and isinstance(t, int | float) and not isinstance(t, bool)}
 
 
+def live_members(plan: PlanState, members: Mapping[str, MemberInfo]
+                 ) -> dict[str, MemberInfo]:
+    """The members that are up. The leader plans a member as down as soon as its process
+    is known dead (a closed liveness link), before its session and so its member znode
+    expire: such a member is down here too."""
+    down = down_since(plan)
+    planned = set(plan.meta.members) if plan.meta else set()
+    return {a: m for a, m in members.items() if not (a in down and a not in planned)}
+
+
 def summarize(
     *,
     cluster: str,
@@ -94,9 +104,7 @@ def summarize(
     held = assignments(plan.shards)
     down = down_since(plan)
     planned = set(plan.meta.members) if plan.meta else set()
-    # The leader plans a member as down as soon as its process is known dead (a closed
-    # liveness link), before its session and ephemeral znodes expire: so does status.
-    live = {a: m for a, m in members.items() if not (a in down and a not in planned)}
+    live = live_members(plan, members)
     # An agent the plan still places but that has no member znode is down too, even when
     # the leader has not recorded it yet (no leader, or the pass is still to come).
     gone = {a for a in held if a not in live} | {a for a in down if a not in live}

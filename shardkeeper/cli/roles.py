@@ -33,7 +33,7 @@ def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      " logger, event, fields). Env: SHARDKEEPER_LOG_FORMAT.")(f)
     return click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True,
                         envvar="SHARDKEEPER_LOG_LEVEL",
-                        help="Env: SHARDKEEPER_LOG_LEVEL.")(f)
+                        help="The least severe messages logged. Env: SHARDKEEPER_LOG_LEVEL.")(f)
 # ZooKeeper caps a session at its maxSessionTimeout (20 ticks by default) anyway.
 SESSION_TIMEOUT = FiniteFloatRange(min=0.5, max=600)
 

@@ -38,6 +38,7 @@ from shardkeeper.plan import PlanState
 from shardkeeper.summary import (
     down_since,
     drain_pending,
+    live_members,
     move_pending,
     rebalance_pending,
     undrain_pending,
@@ -132,7 +133,14 @@ def wait_until(client: KazooClient, paths: Paths, check: Check, *, label: str,
             progress.close()
     if stop.is_set():
         exit_interrupted(f"stopped waiting: {what} goes on (`shardkeeper watch` follows it)")
-    raise ShardkeeperError(f"timed out after {timeout:g}s: {'; '.join(reasons)}")
+    raise ShardkeeperError(f"timed out after {timeout:g}s: {brief(reasons)}")
+
+
+def brief(reasons: list[str], most: int = 3) -> str:
+    """The first reasons, for a one-line error (`watch` shows them all)."""
+    more = len(reasons) - most
+    return "; ".join(reasons[:most]) + (f"; and {more} more (`shardkeeper watch` shows"
+                                        " them)" if more > 0 else "")
 
 
 def _row(summary: dict[str, Any], agent: str) -> dict[str, Any] | None:
@@ -176,7 +184,7 @@ def read_what_if(client: KazooClient, paths: Paths, config: ClusterConfig,
     plan = clusterstate.read_plan(client, paths)
     if plan.meta is None:
         raise ShardkeeperError("no plan yet: start a coordinator and agents first")
-    members = clusterstate.read_members(client, paths, skip_corrupt=True)
+    members = live_members(plan, clusterstate.read_members(client, paths, skip_corrupt=True))
     known = known_agents(client, paths)
     for agent in drain + remove:
         require_known(agent, known, paths)
@@ -299,8 +307,10 @@ def undrain(target: ZkTarget, paths: Paths, agent_id: str, wait: bool, timeout: 
 
         def check(snap: Snapshot) -> tuple[list[str], int, int]:
             progress = snap.summary["progress"]
-            return (undrain_pending(snap.summary, agent_id), progress["in_place"],
-                    progress["target"])
+            reasons = undrain_pending(snap.summary, agent_id)
+            # Until the leader takes the undrain up, the target is the old one.
+            taken = agent_id not in snap.summary["leader_view"]["draining"]
+            return reasons, progress["in_place"] if taken else 0, progress["target"]
 
         took = wait_until(client, paths, check, label=f"undraining {agent_id}",
                           timeout=timeout, what="the rebalance")
@@ -327,10 +337,11 @@ def rebalance(target: ZkTarget, paths: Paths, wait: bool, timeout: float) -> Non
         def check(snap: Snapshot) -> tuple[list[str], int, int]:
             seen.extend(True for e in snap.events if e.kind == "rebalance")
             progress = snap.summary["progress"]
-            reasons = rebalance_pending(snap.summary) if seen else [
-                "the leader has not taken up the request yet"
-                + ("" if snap.summary["leader"] else ": no coordinator is running")]
-            return reasons, progress["in_place"], progress["target"]
+            if not seen:
+                return ["the leader has not taken up the request yet"
+                        + ("" if snap.summary["leader"] else ": no coordinator is running")
+                        ], 0, progress["target"]
+            return rebalance_pending(snap.summary), progress["in_place"], progress["target"]
 
         took = wait_until(client, paths, check, label="rebalancing", timeout=timeout,
                           what="the rebalance", after_event=before)

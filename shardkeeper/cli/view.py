@@ -47,6 +47,12 @@ def table(rows: Sequence[Sequence[str]]) -> list[str]:
             for r in rows]
 
 
+def down_note(m: Mapping[str, Any], now: float) -> str:
+    if not m["down_since"]:
+        return "(the leader has not seen it leave yet)"
+    return f"since {clock(m['down_since'])} ({ago(now - m['down_since'])} ago)"
+
+
 def member_note(m: Mapping[str, Any], now: float) -> str:
     if m["state"] == "down":
         return f"down for {ago(now - m['down_since'])}" if m["down_since"] else "down"
@@ -66,7 +72,7 @@ def status_text(s: Mapping[str, Any], now: float | None = None) -> str:
     lines = [
         headline(s),
         f"shards {s['shards']}  replicas {s['replicas']}  under-replicated {s['under_replicated']}"
-        f"  balance {s['balance']:.3f} (max/mean replicas per member)",
+        f"  balance {s['balance']:.3f} (max/mean replicas per member, by weight)",
     ]
     if s["shortfall"]:
         lines.append(f"shortfall {s['shortfall']} replicas: fewer members than replicas")
@@ -88,9 +94,7 @@ def status_text(s: Mapping[str, Any], now: float | None = None) -> str:
         (m["id"], m["zone"] or "-", "-" if m["weight"] is None else f"{m['weight']:g}",
          str(m["replicas"]), str(m["primaries"]), str(m["copying"]),
          str(m["applied_generation"] if m["applied_generation"] is not None else "-"),
-         m["state"],
-         m["address"] or (f"since {clock(m['down_since'])} ({ago(now - m['down_since'])}"
-                          " ago)" if m["down_since"] else "-"))
+         m["state"], down_note(m, now) if m["state"] == "down" else m["address"])
         for m in s["members"]
     ]
     lines += table(rows)

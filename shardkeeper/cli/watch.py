@@ -15,7 +15,7 @@ import click
 from shardkeeper import cluster as clusterstate
 from shardkeeper.cli.follow import Follower, Snapshot
 from shardkeeper.cli.options import FiniteFloatRange, operator_errors, zk_options, zk_session
-from shardkeeper.cli.steer import DEFAULT_WAIT
+from shardkeeper.cli.steer import DEFAULT_WAIT, brief
 from shardkeeper.cli.term import Screen, exit_interrupted, interruptible, is_tty
 from shardkeeper.cli.view import change_line, event_line, frame, state_key
 from shardkeeper.layout import AuditEvent, Paths
@@ -109,7 +109,7 @@ def watch(target: ZkTarget, paths: Paths, until_stable: bool, timeout: float | N
     took = time.monotonic() - t0
     if until_stable and (last is None or pending(last)):
         reasons = pending(last) if last else ["the cluster could not be read"]
-        raise ShardkeeperError(f"not stable after {timeout:g}s: {'; '.join(reasons)}")
+        raise ShardkeeperError(f"not stable after {timeout:g}s: {brief(reasons)}")
     if until_stable and not as_json:
         click.echo(f"stable: fully replicated, nothing in flight ({took:.1f}s)")
 

@@ -361,10 +361,12 @@ def dev() -> None:
 
 @dev.command("up")
 @dir_option
-@click.option("--agents", type=click.IntRange(min=1, max=50), default=3, show_default=True)
-@click.option("--coordinators", type=click.IntRange(min=1, max=5), default=2, show_default=True)
-@click.option("--shards", type=int, default=64, show_default=True)
-@click.option("--replicas", type=int, default=2, show_default=True)
+@click.option("--agents", type=click.IntRange(min=1, max=50), default=3, show_default=True,
+              help="Agents to start (agent-1 ... agent-N).")
+@click.option("--coordinators", type=click.IntRange(min=1, max=5), default=2, show_default=True,
+              help="Coordinator candidates to start; one leads.")
+@click.option("--shards", type=int, default=64, show_default=True, help="Shards S.")
+@click.option("--replicas", type=int, default=2, show_default=True, help="Replicas per shard R.")
 @click.option("--zk", default=None, envvar="SHARDKEEPER_ZK",
               help="Use this ZooKeeper (HOST:PORT[,...]) instead of starting one.")
 @click.option("--zk-port", type=click.IntRange(1, 65535), default=2181, show_default=True,
@@ -458,7 +460,8 @@ def dev_add_agent(root: Path, zone: str, weight: float) -> None:
 @dir_option
 @click.argument("name")
 @click.option("--signal", "sig", type=click.Choice(["KILL", "TERM", "STOP", "CONT"]),
-              default="KILL", show_default=True)
+              default="KILL", show_default=True,
+              help="KILL: a crash; TERM: a clean stop; STOP/CONT: a hung process and back.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for, and print, the rebalance that follows (agents only).")
 @click.option("--watch", "then_watch", is_flag=True,
