@@ -172,7 +172,8 @@ def what_if(config: ClusterConfig, plan: PlanState, members: Mapping[str, Member
                      + ": counted as gone")
     for row in rows:
         if row["state"] in ("draining", "removed") and row["replicas_after"]:
-            notes.append(f"{row['id']} would keep {row['replicas_after']} replicas: no other"
+            kept = row["replicas_after"]
+            notes.append(f"{row['id']} would keep {kept} replica{'s' * (kept != 1)}: no other"
                          f" eligible agent can take them (R={replicas}), so its drain would"
                          " not complete")
     if own_moves:
@@ -217,7 +218,7 @@ def render(w: Mapping[str, Any]) -> str:
     r = w["replicas"]
     lines = [f"what if: {', '.join(w['changes']) or 'nothing changes'}"
              f"  (plan generation {w['generation']}; nothing is written)"]
-    lines.append(f"moves: {len(w['moves'])} replicas, primary changes:"
+    lines.append(f"moves: {len(w['moves'])} replica{'s' * (len(w['moves']) != 1)}, primary changes:"
                  f" {len(w['primary_changes'])}")
     lines.append(f"balance (max/mean replicas per unit of weight): {w['balance_before']:.3f}"
                  f" -> {w['balance_after']:.3f}")
