@@ -35,6 +35,7 @@ from shardkeeper.cli.options import (
     writable_dir,
     write_credentials,
 )
+from shardkeeper.cli.term import interruptible
 from shardkeeper.config import ClusterConfig
 from shardkeeper.dev.zkserver import ZkServer, free_port
 from shardkeeper.layout import Paths
@@ -483,7 +484,9 @@ def dev_kill(root: Path, name: str, sig: str, wait: bool, then_watch: bool) -> N
             # the leader noticed the departure.
             wait_departure(state, name)
         argv = cli_command("watch", "--until-stable", "--timeout", "300", *state.zk_args())
-        sys.exit(subprocess.call(argv))
+        # Ctrl-C reaches the watch too, which ends cleanly and says so with its status.
+        with interruptible():
+            sys.exit(subprocess.call(argv))
     if not wait or proc.role != "agent" or signum in (signal.SIGCONT,):
         os.kill(proc.pid, signum)
         click.echo(f"sent SIG{sig} to {name} (pid {proc.pid})")
