@@ -118,7 +118,8 @@ def frame(s: Mapping[str, Any], events: Sequence[AuditEvent], now: float,
         f"{headline(s)}  {clock(now)}",
         f"replicas in place {bar(progress['in_place'], progress['target'])}"
         f" {progress['in_place']}/{progress['target']}"
-        f" {percent(progress['in_place'], progress['target'])}",
+        f" {percent(progress['in_place'], progress['target'])}"
+        if s["generation"] else "replicas in place: no plan yet",
         f"under-replicated {s['under_replicated']}  copying {moves['in_flight']}"
         f"  waiting {moves['deferred']}  catching up {s['catching_up']}"
         f"  balance {s['balance']:.3f}",
