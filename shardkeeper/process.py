@@ -94,8 +94,12 @@ def run_until_signal(run: Callable[[], None], stop: Callable[[], None]) -> None:
 
 
 def cli_command(*args: str) -> list[str]:
-    """The argv that runs `shardkeeper ARGS` with this interpreter (no PATH needed)."""
-    return [sys.executable, "-m", "shardkeeper", *args]
+    """The argv that runs `shardkeeper ARGS` with this interpreter (no PATH needed).
+
+    ``-P``: the current directory is not put first on sys.path, so that a process started
+    from another checkout of shardkeeper runs the code this interpreter has installed,
+    not that checkout's (`dev up` from the wrong directory ran agents of other code)."""
+    return [sys.executable, "-P", "-m", "shardkeeper", *args]
 
 
 def spawn(argv: Sequence[str], log_path: Path, detach: bool = False,
