@@ -49,6 +49,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,7 +104,7 @@ from shardkeeper.layout import (
     decode_liveness,
 )
 from shardkeeper.peer import PeerClient
-from shardkeeper.token import NoToken, no_token_message, read_token
+from shardkeeper.token import NoToken, Tokens, no_tokens_message, read_tokens
 from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError
 from shardkeeper.zk import ZkTarget, ZkUnavailable, close, connect, ensure_layout
 
@@ -259,7 +260,8 @@ class Agent:
         Until the cluster token is known it holds a random one, so it answers 401.
         """
         self.plane = DataPlane(
-            self.stores, self.table, secrets.token_urlsafe(32), host=host, port=port
+            self.stores, self.table, secrets.token_urlsafe(32), host=host, port=port,
+            peer_token=secrets.token_urlsafe(32),  # issue 10: replication has its own token
         )
         return self.plane
 
@@ -286,29 +288,33 @@ class Agent:
             self.link.follow(address or None)
         return True
 
-    def _use_token(self, token: str) -> None:
-        self.peer_client = PeerClient(token, timeout=5.0, attempts=4)
-        self.catch_up_client = PeerClient(token, timeout=1.0, attempts=1)
+    def _use_token(self, tokens: Tokens) -> None:
+        # Agents call each other's replication endpoints: they send the peer token.
+        downloaded = self.plane.metrics.downloaded if self.plane else None  # issue 12
+        self.peer_client = PeerClient(tokens.peer, timeout=5.0, attempts=4,
+                                      on_download=downloaded)
+        self.catch_up_client = PeerClient(tokens.peer, timeout=1.0, attempts=1)
         if self.handler is None:
             self.handler = KVShardHandler(self.stores, self.peer_client,
                                           quick_client=self.catch_up_client)
         if self.plane is not None:
-            self.plane.set_token(token)
+            self.plane.set_tokens(tokens)
 
-    def read_token(self) -> str:
-        """The cluster token; waits (woken by a watch) for `shardkeeper init` to create it."""
+    def read_token(self) -> Tokens:
+        """The cluster and peer tokens; waits (woken by a watch) for `shardkeeper init`."""
         created = threading.Event()
         warned = False
         while not self.stop_event.is_set():
-            token = read_token(self.client, self.paths, watch=lambda _e: created.set())
-            if token is not None:
-                return token
+            tokens = read_tokens(self.client, self.paths, watch=lambda _e: created.set())
+            if tokens is not None:
+                return tokens
             if not warned:
-                log.warning("%s; waiting", no_token_message(self.paths))
+                log.warning("%s; waiting", no_tokens_message(self.paths))
                 warned = True
+            self._publish()  # issue 12: alive and connected, not ready
             created.wait(1.0)
             created.clear()
-        raise NoToken(no_token_message(self.paths))
+        raise NoToken(no_tokens_message(self.paths))
 
     # -- ZooKeeper callbacks: never block, hand work to the main loop -------------------
     def _on_state(self, state: str) -> None:
@@ -317,6 +323,8 @@ class Agent:
         elif state == KazooState.SUSPENDED:
             log.warning("session suspended: refusing writes")
         self.inbox.put(("session", _SESSIONS[state]))
+        if self.plane is not None:  # issue 12: at once, not at the next turn
+            self.plane.metrics.zk_connected(state == KazooState.CONNECTED)
 
     def _on_plan(self, _data: bytes | None, _stat: object) -> bool:
         self.inbox.put(("plan",))
@@ -418,7 +426,7 @@ class Agent:
             self._use_token(token)
             self.register(wait=True)
             if self.link is None:
-                self.link = LeaderLink(self.id, self.info.started, token).start()
+                self.link = LeaderLink(self.id, self.info.started, token.peer).start()
             if not watching:
                 self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
                 # A plan written ahead of its commit is acted on once plan/meta catches up.
@@ -506,6 +514,7 @@ class Agent:
         if plan is not None and not self._pruned:
             self._prune_unowned()
         self._refresh_table()
+        self._publish()
 
     def _try(self, fn: Any, what: str) -> Any:
         """A ZooKeeper step of the main loop; on failure, another turn comes shortly."""
@@ -516,6 +525,19 @@ class Agent:
                         else type(e).__name__)
             self._later("register" if isinstance(e, StillRegistered) else "plan")
             return None
+
+    # -- issue 12: what only the runtime knows, for the data plane's /metrics and /readyz --
+    def _publish(self) -> None:
+        """Replicas by state, ZooKeeper connectivity and readiness, after each turn."""
+        if self.plane is None:
+            return
+        metrics = self.plane.metrics
+        metrics.replicas(Counter(str(r.state) for r in self.state.shards.values()))
+        metrics.zk_connected(self.client is not None and self.client.connected)
+        if not self._plan_current:
+            metrics.ready(False, "no plan read in this ZooKeeper session yet")
+        else:
+            metrics.ready(self.table.serving, "not serving: ZooKeeper session lost")
 
     # -- registration -------------------------------------------------------------------
     def register(self, wait: bool = False) -> bool:

@@ -46,7 +46,7 @@ from shardkeeper.layout import (
     encode_epoch,
 )
 from shardkeeper.plan import PlanState, digest
-from shardkeeper.token import read_token
+from shardkeeper.token import read_peer_token
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import ZkTarget, close, connect, ensure_layout
 
@@ -335,7 +335,8 @@ class LeaderTerm:
         token (no `init` yet) or a free port, failover simply waits for sessions."""
         if self.liveness_at is None:
             return
-        token = read_token(self.client, self.paths)
+        # The peer token: agents hold it, clients do not (a hello proves an agent).
+        token = read_peer_token(self.client, self.paths)
         if token is None:
             return
         try:
