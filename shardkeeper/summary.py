@@ -1,4 +1,6 @@
-"""The cluster summary shown by `shardkeeper status` (pure: built from data already read)."""
+"""The cluster summary shown by `shardkeeper status` and served by a coordinator's
+GET /api/status: ``summarize`` is pure (built from data already read), ``read_summary``
+reads that data from ZooKeeper."""
 
 from __future__ import annotations
 
@@ -6,7 +8,10 @@ import dataclasses
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from shardkeeper.layout import AgentStatus, Maintenance, MemberInfo
+from kazoo.client import KazooClient
+
+from shardkeeper import admin, cluster
+from shardkeeper.layout import AgentStatus, Maintenance, MemberInfo, Paths
 from shardkeeper.plan import PlanState, assignments
 
 
@@ -91,3 +96,22 @@ def summarize(
         "draining": sorted(draining),
         "balance": round(balance([r["replicas"] for r in rows]), 4),
     }
+
+
+def read_summary(client: KazooClient, paths: Paths) -> dict[str, Any]:
+    """The `status --json` document, read with ``client``. The CLI and the coordinator's
+    /api/status both call this, so that the two cannot drift apart."""
+    config = cluster.read_config(client, paths)
+    _, epoch = cluster.read_leader(client, paths)
+    return summarize(
+        cluster=paths.cluster,
+        leader=cluster.current_leader(client, paths),
+        epoch=epoch,
+        shards=config.shards,
+        replicas=config.replicas,
+        plan=cluster.read_plan(client, paths, complete=True),
+        members=cluster.read_members(client, paths, skip_corrupt=True),
+        statuses=cluster.read_statuses(client, paths),
+        maintenance=admin.maintenance(client, paths),
+        draining=admin.draining(client, paths),
+    )

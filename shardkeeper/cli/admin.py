@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from shardkeeper import admin
+from shardkeeper import admin, summary
 from shardkeeper import cluster as clusterstate
 from shardkeeper.cli.options import (
     InputError,
@@ -23,7 +23,6 @@ from shardkeeper.cli.options import (
 )
 from shardkeeper.config import KNOBS, ClusterConfig
 from shardkeeper.layout import AuditEvent, MoveRequest, Paths, validate_name
-from shardkeeper.summary import summarize
 from shardkeeper.vocab import ShardkeeperError
 from shardkeeper.zk import AUTH_HINT, ZkTarget, acl_census, set_acl_tree
 
@@ -62,20 +61,7 @@ def init(target: ZkTarget, paths: Paths, shards: int, replicas: int, force: bool
 
 def read_summary(target: ZkTarget, paths: Paths) -> dict[str, Any]:
     with zk_session(target, paths) as client:
-        config = clusterstate.read_config(client, paths)
-        _, epoch = clusterstate.read_leader(client, paths)
-        return summarize(
-            cluster=paths.cluster,
-            leader=clusterstate.current_leader(client, paths),
-            epoch=epoch,
-            shards=config.shards,
-            replicas=config.replicas,
-            plan=clusterstate.read_plan(client, paths, complete=True),
-            members=clusterstate.read_members(client, paths, skip_corrupt=True),
-            statuses=clusterstate.read_statuses(client, paths),
-            maintenance=admin.maintenance(client, paths),
-            draining=admin.draining(client, paths),
-        )
+        return summary.read_summary(client, paths)
 
 
 def render_status(s: dict[str, Any]) -> str:
