@@ -40,8 +40,8 @@ LEADER_GAUGES = {
     " this leader).",
     "shardkeeper_shards": "Shards S of the cluster.",
     "shardkeeper_members": "Live members the leader planned with in its last pass.",
-    "shardkeeper_down_members": "Departed members still shown down by `shardkeeper status`"
-    " (an hour, or while they hold replicas).",
+    "shardkeeper_down_members": "Departed members the leader records down (for an hour after"
+    " they left, or while they still hold replicas).",
     "shardkeeper_under_replicated_shards": "Shards with fewer than R replicas in sync in the"
     " plan in force.",
     "shardkeeper_unavailable_shards": "Shards with no live in-sync replica (no primary can"
