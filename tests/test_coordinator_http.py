@@ -124,6 +124,7 @@ def test_readiness_and_leader_metrics_follow_leadership(cluster: Cluster) -> Non
     assert seen["shardkeeper_under_replicated_shards"] == 0
     assert seen["shardkeeper_leader_epoch"] == cluster.epoch()
     assert seen["shardkeeper_plan_writes_total"] >= 1
+    assert api(standby, "api/status")["generation"] == generation, "standbys serve it too"
     at_standby = metrics(standby)
     assert at_standby["shardkeeper_is_leader"] == 0 and at_standby["shardkeeper_ready"] == 1
     assert not set(LEADER_GAUGES) & set(at_standby), "only the leader exports cluster gauges"
