@@ -20,6 +20,9 @@ from coordinator.metrics import LEADER_GAUGES, CoordinatorMetrics
 from shardkeeper.poll import poll_until
 from tests.harness import Cluster, fetch
 
+# Sessions of 3 s, not the harness's 1 s: on a loaded machine a 1 s session can expire and
+# move leadership or membership in the middle of an assertion about them.
+SESSION = 3.0
 ROUTES = ("", "api/status", "api/shards", "api/events?limit=1000", "metrics", "healthz",
           "readyz")
 
@@ -70,14 +73,14 @@ def secrets(c: Cluster) -> list[str]:
 
 def test_the_api_serves_the_cli_documents_and_never_the_token(cluster: Cluster) -> None:
     cluster.init(16, 2)
-    coordinator = cluster.start_coordinator("coord-1", http="127.0.0.1:0")
+    coordinator = cluster.start_coordinator("coord-1", SESSION, http="127.0.0.1:0")
     agents = {"agent-1", "agent-2"}
     for name in sorted(agents):
-        cluster.start_agent(name)
+        cluster.start_agent(name, SESSION)
     url = coordinator.http_url()
-    poll_until(lambda: cluster.settled(agents), 20, "a settled plan")
+    poll_until(lambda: cluster.settled(agents), 30, "a settled plan")
     # The same document as `status --json` (read a moment apart: polled until both agree).
-    poll_until(lambda: api(url, "api/status") == cli_json(cluster, "status", "--json"), 10,
+    poll_until(lambda: api(url, "api/status") == cli_json(cluster, "status", "--json"), 20,
                "/api/status to equal `status --json`")
     status = api(url, "api/status")
     assert status["leader"] == "coord-1" and {m["id"] for m in status["members"]} == agents
@@ -103,23 +106,23 @@ def test_the_api_serves_the_cli_documents_and_never_the_token(cluster: Cluster) 
 
 def test_readiness_and_leader_metrics_follow_leadership(cluster: Cluster) -> None:
     cluster.init(8, 1)
-    first = cluster.start_coordinator("coord-1", http="127.0.0.1:0")
-    poll_until(lambda: cluster.leader() == "coord-1", 15, "coord-1 to lead")
-    second = cluster.start_coordinator("coord-2", http="127.0.0.1:0")
+    first = cluster.start_coordinator("coord-1", SESSION, http="127.0.0.1:0")
+    poll_until(lambda: cluster.leader() == "coord-1", 30, "coord-1 to lead")
+    second = cluster.start_coordinator("coord-2", SESSION, http="127.0.0.1:0")
     leader, standby = first.http_url(), second.http_url()
-    poll_until(lambda: readyz(standby)[0] == 200, 15, "the standby to be ready")
+    poll_until(lambda: readyz(standby)[0] == 200, 30, "the standby to be ready")
     assert "standby" in readyz(standby)[1]
     # A leader without members has no plan to run the cluster by: not ready.
     status, reason = readyz(leader)
     assert status == 503 and "no plan committed" in reason, reason
     assert metrics(leader)["shardkeeper_is_leader"] == 1
     assert metrics(leader)["shardkeeper_ready"] == 0
-    cluster.start_agent("agent-1")
-    poll_until(lambda: cluster.settled({"agent-1"}), 20, "a plan")
+    cluster.start_agent("agent-1", SESSION)
+    poll_until(lambda: cluster.settled({"agent-1"}), 30, "a plan")
     generation = cluster.plan().generation
-    poll_until(lambda: readyz(leader)[0] == 200, 10, "the leader to be ready")
+    poll_until(lambda: readyz(leader)[0] == 200, 20, "the leader to be ready")
     seen = poll_until(lambda: (m := metrics(leader)).get("shardkeeper_plan_generation")
-                      == generation and m, 10, "the leader's gauges")
+                      == generation and m, 20, "the leader's gauges")
     assert seen["shardkeeper_members"] == 1 and seen["shardkeeper_shards"] == 8
     assert seen["shardkeeper_under_replicated_shards"] == 0
     assert seen["shardkeeper_leader_epoch"] == cluster.epoch()
@@ -129,8 +132,8 @@ def test_readiness_and_leader_metrics_follow_leadership(cluster: Cluster) -> Non
     assert at_standby["shardkeeper_is_leader"] == 0 and at_standby["shardkeeper_ready"] == 1
     assert not set(LEADER_GAUGES) & set(at_standby), "only the leader exports cluster gauges"
     first.kill()
-    poll_until(lambda: metrics(standby)["shardkeeper_is_leader"] == 1, 15, "coord-2 to lead")
-    poll_until(lambda: readyz(standby)[0] == 200, 10, "the new leader to be ready")
+    poll_until(lambda: metrics(standby)["shardkeeper_is_leader"] == 1, 30, "coord-2 to lead")
+    poll_until(lambda: readyz(standby)[0] == 200, 20, "the new leader to be ready")
     assert "leader" in readyz(standby)[1]
     # Nothing changed, so the new leader wrote no plan: it is ready with the plan in force.
     assert cluster.plan().generation == generation

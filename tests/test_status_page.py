@@ -62,10 +62,12 @@ def shows_plan(page: dict[str, Any], plan: PlanState) -> bool:
 def test_the_page_shows_a_killed_agent_down_then_the_new_assignment(
         browser: Browser, cluster: Cluster, tmp_path: Path) -> None:
     cluster.init(16, 2)
-    coordinator = cluster.start_coordinator("coord-1", http="127.0.0.1:0")
-    agents = {name: cluster.start_agent(name) for name in ("agent-1", "agent-2", "agent-3")}
+    # Sessions of 3 s: on a loaded machine a 1 s session may expire and take a member away
+    # mid-test; agent-3's death is seen at once anyway (its liveness link closes).
+    coordinator = cluster.start_coordinator("coord-1", 3.0, http="127.0.0.1:0")
+    agents = {name: cluster.start_agent(name, 3.0) for name in ("agent-1", "agent-2", "agent-3")}
     url = coordinator.http_url()
-    poll_until(lambda: cluster.settled(set(agents)), 20, "the first plan, settled")
+    poll_until(lambda: cluster.settled(set(agents)), 30, "the first plan, settled")
     before = cluster.plan()
     browser.goto(url)
     wait_page(browser, lambda p: shows_plan(p, before) and [m["state"] for m in
@@ -77,10 +79,10 @@ def test_the_page_shows_a_killed_agent_down_then_the_new_assignment(
                      and p["down"] == ["agent-3"], 15, "agent-3 shown down", tmp_path / "down.png")
     assert page["error"] == ""
 
-    poll_until(lambda: cluster.settled({"agent-1", "agent-2"}), 20, "agent-3's replicas re-homed")
+    poll_until(lambda: cluster.settled({"agent-1", "agent-2"}), 30, "agent-3's replicas re-homed")
     after = cluster.plan()
     assert after.generation > before.generation
-    page = wait_page(browser, lambda p: shows_plan(p, after), 10, "the new assignment",
+    page = wait_page(browser, lambda p: shows_plan(p, after), 20, "the new assignment",
                      tmp_path / "after.png")
     assert not any("agent-3" in replicas for replicas in page["ring"].values())
     held = Counter(agent for replicas in after.routing for agent in replicas)
@@ -136,8 +138,9 @@ EVENTS = {"events": [
 class Canned:
     """Serves the real page and canned API documents; ``failing`` answers api/status 503."""
 
-    def __init__(self) -> None:
-        self.docs = {"/api/status": STATUS, "/api/shards": SHARDS, "/api/events": EVENTS}
+    def __init__(self, status: dict[str, Any] = STATUS, shards: dict[str, Any] = SHARDS
+                 ) -> None:
+        self.docs = {"/api/status": status, "/api/shards": shards, "/api/events": EVENTS}
         self.failing = False
         self.hits: Counter[str] = Counter()
         page = StatusApp(CoordinatorMetrics(), None).page  # type: ignore[arg-type]
@@ -221,5 +224,25 @@ def test_the_page_draws_every_part_of_the_documents(browser: Browser, tmp_path: 
                          "recovery with a new generation", tmp_path / "recovered.png")
         assert page["down"] == ["agent-3"], "agent-4 no longer recorded down"
         assert canned.hits["/api/shards"] == 2
+    finally:
+        canned.close()
+
+
+def test_a_large_cluster_draws_a_bounded_ring(browser: Browser, tmp_path: Path) -> None:
+    """200,000 shards, R=3: 2,048 arcs per ring (each for 98 shards), drawn in time."""
+    agents = [f"agent-{i}" for i in range(1, 301)]
+    rows = [{"shard": s, "replicas": [agents[(s + k * 7) % 300] for k in range(3)],
+             "copying": []} for s in range(200_000)]
+    members = [{**STATUS["members"][0], "id": a, "state": "active"} for a in agents]
+    status = {**STATUS, "shards": 200_000, "replicas": 3, "members": members, "generation": 9}
+    canned = Canned(status, {"generation": 9, "down": {}, "shards": rows})
+    try:
+        browser.goto(canned.url)
+        wait_page(browser, lambda p: p["generation"] == "9", 20, "the large documents",
+                  tmp_path / "large.png")
+        arcs = browser.eval("document.querySelectorAll('#ring path.arc').length")
+        assert arcs == 3 * 2041, "ceil(200,000 / 2,048) = 98 shards an arc: 2,041 arcs a ring"
+        assert "Each arc stands for 98 shards" in browser.eval("$('ring-note').textContent")
+        assert browser.eval("document.querySelectorAll('#members tr').length") == 300
     finally:
         canned.close()
