@@ -33,6 +33,7 @@ from kazoo.exceptions import (
 
 from coordinator.decide import Inputs, Memory, decide
 from coordinator.liveness import LivenessServer
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.recover import rebuild
 from coordinator.writes import Write, batches
 from shardkeeper import cluster
@@ -139,8 +140,10 @@ class LeaderTerm:
         stop: threading.Event,
         debounce: float = 0.02,
         liveness: tuple[str, int] | None = None,
+        metrics: CoordinatorMetrics | None = None,
     ):
         self.client = client
+        self.metrics = metrics or CoordinatorMetrics()  # issue 12: /metrics and /readyz
         self.liveness_at = liveness
         self.liveness: LivenessServer | None = None
         # (agent, started) of member incarnations whose process is known dead.
@@ -374,6 +377,7 @@ class LeaderTerm:
 
     def reconcile(self, now: float) -> None:
         """Read, decide (pure), and write what changed in fenced multis."""
+        started = time.monotonic()
         inputs = self.read_inputs(now)
         stop_at = time.monotonic() + PLACEMENT_BUDGET
         outcome = decide(self.memory, inputs, paths=self.paths, leader=self.leader_id,
@@ -395,6 +399,7 @@ class LeaderTerm:
         if outcome.plan_written:
             log.info("plan generation %d written: %d members, %d znodes", outcome.generation,
                      len(outcome.memory.live_before), len(outcome.writes))
+        self.metrics.pass_done(outcome, time.monotonic() - started)  # issue 12
 
     def load_plan(self) -> Memory:
         """The stored plan, rebuilt where plan znodes are damaged or missing: a damaged
@@ -426,6 +431,7 @@ class LeaderTerm:
         self.start_liveness()
         self.token = self.claim_epoch(self.memory.plan)
         log.info("%s leads with epoch %d", self.leader_id, self.token)
+        self.metrics.term_started(self.token)  # issue 12
         self.memory = replace(self.memory,
                               announce=f"{self.leader_id} leads with epoch {self.token}")
         self.events_kept = len(self.client.get_children(self.paths.events))
@@ -461,6 +467,7 @@ class LeaderTerm:
                 # our back): read it again, rebuilding what is damaged, and retry with a
                 # growing pause so that a fault we cannot fix costs no busy loop.
                 failures += 1
+                self.metrics.pass_failed(type(e).__name__)  # issue 12
                 pause = min(RETRY_MAX, RETRY_FIRST * 2 ** (failures - 1))
                 log.warning("reconcile failed (%s): reloading the stored plan, retrying in"
                             " %.2fs", e, pause)
@@ -475,8 +482,11 @@ class Coordinator:
 
     def __init__(self, zk: ZkTarget, cluster_name: str, candidate_id: str,
                  session_timeout: float = 10.0, debounce: float = 0.02,
-                 liveness: tuple[str, int] | None = ("127.0.0.1", 0)):
+                 liveness: tuple[str, int] | None = ("127.0.0.1", 0),
+                 metrics: CoordinatorMetrics | None = None):
         self.zk = zk
+        # Issue 12: what --http serves (/metrics, /readyz), fed by the marked hooks below.
+        self.metrics = metrics or CoordinatorMetrics()
         self.liveness = liveness  # where agents hold a link to the leader; None: no link
         self.paths = Paths(cluster_name)
         self.id = candidate_id
@@ -509,10 +519,12 @@ class Coordinator:
         lost = threading.Event()
 
         def on_state(state: str) -> None:
+            self.metrics.zk_connected(state == KazooState.CONNECTED)  # issue 12
             if state != KazooState.CONNECTED:
                 lost.set()
 
         client.add_listener(on_state)
+        self.metrics.zk_connected(client.connected)  # issue 12: connected before the listener
         try:
             ensure_layout(client, self.paths)
             self._election = client.Election(self.paths.election, self.id)
@@ -524,10 +536,11 @@ class Coordinator:
         finally:
             self._election = None
             close(client)
+            self.metrics.zk_connected(False)  # issue 12
 
     def _lead(self, client: KazooClient, lost: threading.Event) -> None:
         term = LeaderTerm(client, self.paths, self.id, lost, self.stop_event, self.debounce,
-                          self.liveness)
+                          self.liveness, self.metrics)
         try:
             term.run()
         except Deposed as e:
@@ -547,6 +560,7 @@ class Coordinator:
             log.exception("%s: leader term failed", self.id)
             self._backoff = 1.0
         finally:
+            self.metrics.term_ended()  # issue 12
             if term.liveness is not None:
                 term.liveness.stop()
             # Drop the session before Election.run releases its lock: releasing needs the

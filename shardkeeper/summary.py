@@ -1,5 +1,7 @@
 """The cluster summary shown by `shardkeeper status` and `watch`, and what the cluster is
-still doing and why (pure: built from data already read; no ZooKeeper, no clock).
+still doing and why. ``summarize`` is pure (built from data already read, no clock);
+``read_summary`` reads that data from ZooKeeper, for the CLI and a coordinator's
+GET /api/status alike, so that the two cannot drift apart.
 
 ``summarize`` builds the status document. ``pending`` says, in words an operator can act
 on, why the cluster is not yet fully replicated and settled; ``stable`` is true when
@@ -13,7 +15,10 @@ import dataclasses
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from shardkeeper.layout import AgentStatus, Maintenance, MemberInfo
+from kazoo.client import KazooClient
+
+from shardkeeper import admin, cluster
+from shardkeeper.layout import AgentStatus, Maintenance, MemberInfo, Paths
 from shardkeeper.plan import PlanState, assignments
 
 # Failed copies listed one by one in the summary (the count is always complete).
@@ -322,3 +327,23 @@ def move_pending(s: Mapping[str, Any], shard: int, source: str, dest: str,
 
 def rebalance_pending(s: Mapping[str, Any]) -> list[str]:
     return pending(s)
+
+
+def read_summary(client: KazooClient, paths: Paths) -> dict[str, Any]:
+    """The `status --json` document, read with ``client``. The CLI and the coordinator's
+    /api/status both call this, so that the two cannot drift apart."""
+    config = cluster.read_config(client, paths)
+    _, epoch = cluster.read_leader(client, paths)
+    return summarize(
+        cluster=paths.cluster,
+        leader=cluster.current_leader(client, paths),
+        epoch=epoch,
+        shards=config.shards,
+        replicas=config.replicas,
+        plan=cluster.read_plan(client, paths, complete=True),
+        members=cluster.read_members(client, paths, skip_corrupt=True),
+        statuses=cluster.read_statuses(client, paths),
+        maintenance=admin.maintenance(client, paths),
+        draining=admin.draining(client, paths),
+        throttle=(config.max_moves_per_agent, config.max_moves_total),
+    )

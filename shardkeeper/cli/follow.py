@@ -20,29 +20,14 @@ from kazoo.exceptions import KazooException, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from shardkeeper import admin
-from shardkeeper import cluster as clusterstate
 from shardkeeper.layout import AuditEvent, Paths
-from shardkeeper.summary import summarize
+from shardkeeper.summary import read_summary
 from shardkeeper.vocab import CorruptZnode
 
 
 def summary_of(client: KazooClient, paths: Paths) -> dict[str, Any]:
     """The status document, read now (NoConfig when the cluster has no config)."""
-    config = clusterstate.read_config(client, paths)
-    _, epoch = clusterstate.read_leader(client, paths)
-    return summarize(
-        cluster=paths.cluster,
-        leader=clusterstate.current_leader(client, paths),
-        epoch=epoch,
-        shards=config.shards,
-        replicas=config.replicas,
-        plan=clusterstate.read_plan(client, paths, complete=True),
-        members=clusterstate.read_members(client, paths, skip_corrupt=True),
-        statuses=clusterstate.read_statuses(client, paths),
-        maintenance=admin.maintenance(client, paths),
-        draining=admin.draining(client, paths),
-        throttle=(config.max_moves_per_agent, config.max_moves_total),
-    )
+    return read_summary(client, paths)
 
 
 def latest_events(client: KazooClient, paths: Paths, limit: int

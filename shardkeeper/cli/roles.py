@@ -195,10 +195,14 @@ def coordinator() -> None:
               " agent process fails over at once rather than at its session timeout (port 0:"
               " any free port; agents must be able to reach HOST). 'off' disables it."
               " Env: SHARDKEEPER_LIVENESS.")
+@click.option("--http", "http", default=None, envvar="SHARDKEEPER_HTTP",
+              help="HOST:PORT to serve the status page (/), /api/status, /api/shards,"
+              " /api/events, /metrics, /healthz and /readyz on, without the token (port 0:"
+              " any free port, logged). Default: not served. Env: SHARDKEEPER_HTTP.")
 @log_options
 @operator_errors
 def coordinator_run(target: ZkTarget, paths: Paths, candidate_id: str | None,
-                    session_timeout: float, liveness: str, log_level: str,
+                    session_timeout: float, liveness: str, http: str | None, log_level: str,
                     log_format: str) -> None:
     """Campaign for leadership; when leading, plan on every membership or config change."""
     import os
@@ -216,7 +220,29 @@ def coordinator_run(target: ZkTarget, paths: Paths, candidate_id: str | None,
             raise InputError(f"--liveness: {e}") from None
     c = Coordinator(target, paths.cluster, cid, session_timeout=session_timeout,
                     liveness=link)
-    run_until_signal(c.run, c.stop)
+    server = serve_http(http, c, target, paths) if http is not None else None
+    try:
+        run_until_signal(c.run, c.stop)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def serve_http(address: str, c: Any, target: ZkTarget, paths: Paths) -> Any:
+    """Bind --http before campaigning, so that a bad address fails at once: exit 2 when it
+    is malformed, 1 when it cannot be bound (in use, not ours)."""
+    from coordinator.http import ClusterReader, StatusServer
+
+    try:
+        host, port = split_host_port(address.strip(), default_port=None, allow_zero=True)
+    except ZkTargetError as e:
+        raise InputError(f"--http: {e}") from None
+    try:
+        server = StatusServer(host, port, c.metrics, ClusterReader(target, paths))
+    except OSError as e:
+        raise ShardkeeperError(f"--http: cannot listen on {address.strip()}:"
+                               f" {e.strerror or e}") from None
+    return server.start()
 
 
 COMMANDS = (agent, coordinator)
