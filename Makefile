@@ -37,7 +37,8 @@ demo: $(VENV)/.installed zookeeper
 	@echo
 	@echo "The cluster keeps running. Try: '$(SK) plan --drain agent-1' (what a drain would do),"
 	@echo "'$(SK) drain agent-1 --wait', '$(SK) dev start agent-3', '$(SK) dev add-agent',"
-	@echo "'$(SK) watch', '$(SK) dev status'; stop it with 'make demo-down'."
+	@echo "'$(SK) watch', '$(SK) dev status' (it prints the status page URL); stop it with"
+	@echo "'make demo-down'."
 
 demo-down: $(VENV)/.installed
 	$(SK) dev down

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.request
 from pathlib import Path
 
 from shardkeeper.dev.cluster import DevState, alive
@@ -31,6 +32,16 @@ def test_dev_up_status_kill_down(tmp_path: Path) -> None:
 
         listing = sk("dev", "status", "--dir", str(root)).stdout
         assert listing.count("running") == 6  # ZooKeeper, 2 coordinators, 3 agents
+        # Every coordinator serves the status page; dev up and dev status say where.
+        urls = [p["url"] for p in json.loads(
+            sk("dev", "status", "--json", "--dir", str(root)).stdout)["processes"]
+            if p["role"] == "coordinator"]
+        assert len(urls) == 2 and all(u.startswith("http://127.0.0.1:") for u in urls)
+        assert f"status page: {urls[0]} or {urls[1]}" in r.stdout
+        assert all(f"status page {u}" in listing for u in urls)
+        for url in urls:
+            with urllib.request.urlopen(url + "api/status", timeout=10) as answer:
+                assert len(json.load(answer)["members"]) == 3
 
         status = json.loads(sk("status", "--json", "--zk", state.zk).stdout)
         assert status["under_replicated"] == 0 and len(status["members"]) == 3

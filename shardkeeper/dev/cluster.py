@@ -138,14 +138,22 @@ def start_agent(root: Path, state: DevState, name: str, zone: str = "", weight: 
     return Proc(name, "agent", p.pid, str(log), f"127.0.0.1:{port}", zone, weight)
 
 
-def start_coordinator(root: Path, state: DevState, name: str) -> Proc:
+def start_coordinator(root: Path, state: DevState, name: str, port: int | None = None) -> Proc:
+    """A coordinator candidate serving its status page, /api/status and /metrics on
+    127.0.0.1:``port`` (a free port when None)."""
     log = root / "logs" / f"{name}.log"
+    port = port or free_port()
     argv = cli_command(
         "coordinator", "run", *state.zk_args(), "--id", name,
-        "--session-timeout", str(state.session_timeout),
+        "--session-timeout", str(state.session_timeout), "--http", f"127.0.0.1:{port}",
     )
     p = spawn(argv, log, detach=True)
-    return Proc(name, "coordinator", p.pid, str(log))
+    return Proc(name, "coordinator", p.pid, str(log), f"127.0.0.1:{port}")
+
+
+def page_url(proc: Proc) -> str:
+    """The status page of a coordinator of the dev cluster ("" for other processes)."""
+    return f"http://{proc.address}/" if proc.role == "coordinator" and proc.address else ""
 
 
 def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int,
@@ -233,7 +241,9 @@ def restart(root: Path, name: str) -> Proc:
         new = start_agent(root, state, name, old.zone, old.weight,
                           port=None if port_in_use(port) else port)
     elif old.role == "coordinator":
-        new = start_coordinator(root, state, name)
+        port = int(old.address.rsplit(":", 1)[1]) if old.address else 0
+        new = start_coordinator(root, state, name,
+                                port=None if not port or port_in_use(port) else port)
     else:
         port = int(old.address.rsplit(":", 1)[1])
         if port_in_use(port):
@@ -401,6 +411,9 @@ def dev_up(root: Path, agents: int, coordinators: int, shards: int, replicas: in
         f"dev cluster {cluster!r} up in {time.monotonic() - t0:.1f}s: ZooKeeper {state.zk},"
         f" {coordinators} coordinators, {agents} agents; logs in {root}/logs{acl}"
     )
+    pages = [page_url(p) for p in state.processes if page_url(p)]
+    if pages:
+        click.echo(f"status page: {' or '.join(pages)} (any coordinator serves it)")
 
 
 @dev.command("down")
@@ -419,7 +432,8 @@ def dev_down(root: Path) -> None:
 def dev_status(root: Path, as_json: bool) -> None:
     """The dev cluster's processes, and whether each is running."""
     state = DevState.load(root)
-    procs = [{**asdict(p), "running": alive(p.pid)} for p in state.processes]
+    procs = [{**asdict(p), "running": alive(p.pid), "url": page_url(p)}
+             for p in state.processes]
     if as_json:
         emit_json({"zk": state.zk, "cluster": state.cluster, "dir": str(root),
                    "processes": procs})
@@ -427,7 +441,8 @@ def dev_status(root: Path, as_json: bool) -> None:
     click.echo(f"ZooKeeper {state.zk}  cluster {state.cluster}")
     for p in procs:
         running = "running" if p["running"] else "stopped"
-        where = p["address"] + (f"  zone {p['zone']}" if p["zone"] else "") + (
+        where = (p["url"] and f"status page {p['url']}") or p["address"]
+        where += (f"  zone {p['zone']}" if p["zone"] else "") + (
             f"  weight {p['weight']:g}" if p["weight"] != 1 else "")
         click.echo(f"{p['name']:<16} {p['role']:<12} pid {p['pid']:<8} {running:<8} {where}")
 
