@@ -101,9 +101,11 @@ class Tokens:
                 f" {self.counts()})")
 
     def counts(self) -> str:
-        """For a log line: how many tokens each set accepts (never the tokens)."""
+        """For a log line: how many tokens each set accepts, and the fingerprint of the peer
+        token sent (never a token)."""
         return (f"accepting {len(self.client_accepted)} client token(s) and"
-                f" {len(self.peer_accepted)} peer token(s)")
+                f" {len(self.peer_accepted)} peer token(s), sending peer token"
+                f" {fingerprint(self.peer)}")
 
 
 def no_token_message(paths: Paths) -> str:

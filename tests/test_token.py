@@ -22,7 +22,8 @@ def test_a_token_list_is_separated_by_any_white_space_the_first_is_sent() -> Non
     tokens = Tokens.parse("new old\n", "peer")
     assert (tokens.client, tokens.client_accepted) == ("new", ("new", "old"))
     assert (tokens.peer, tokens.peer_accepted) == ("peer", ("peer",))
-    assert tokens.counts() == "accepting 2 client token(s) and 1 peer token(s)"
+    assert tokens.counts() == ("accepting 2 client token(s) and 1 peer token(s), sending peer"
+                               f" token {fingerprint('peer')}")
 
 
 def test_the_single_token_format_and_constructor_still_work() -> None:

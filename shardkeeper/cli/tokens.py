@@ -38,12 +38,14 @@ def token_status(target: ZkTarget, paths: Paths, as_json: bool) -> None:
     """How many tokens each znode lists (all accepted, the first sent), their fingerprints
     (the first 8 hex digits of their SHA-256) and any rotation under way."""
     with zk_session(target, paths) as client:
-        states = {kind.name: rotation.read_state(client, paths, kind).describe(kind)
-                  for kind in (Kind.of(paths, False), Kind.of(paths, True))}
-    if as_json:
-        emit_json(states)
+        kinds = (Kind.of(paths, False), Kind.of(paths, True))
+        states = {kind: rotation.read_state(client, paths, kind).describe(kind)
+                  for kind in kinds}
+    if as_json:  # keyed by znode: token, peer_token
+        emit_json({kind.path.rsplit("/", 1)[1]: s for kind, s in states.items()})
         return
-    for name, s in states.items():
+    for kind, s in states.items():
+        name = kind.name
         prints = ", ".join(f"{p} (sent)" if i == 0 else p
                            for i, p in enumerate(s["fingerprints"]))
         line = f"{name + ':':<12} {s['accepted']} accepted: {prints}"
