@@ -47,7 +47,7 @@ from shardkeeper.layout import (
     encode_epoch,
 )
 from shardkeeper.plan import PlanState, digest
-from shardkeeper.token import read_peer_token
+from shardkeeper.token import peer_tokens_of, read_peer_tokens
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import ZkTarget, close, connect, ensure_layout
 
@@ -339,15 +339,28 @@ class LeaderTerm:
         if self.liveness_at is None:
             return
         # The peer token: agents hold it, clients do not (a hello proves an agent).
-        token = read_peer_token(self.client, self.paths)
-        if token is None:
+        tokens = read_peer_tokens(self.client, self.paths)
+        if not tokens:
             return
         try:
-            self.liveness = LivenessServer(*self.liveness_at, token, self._address_of,
+            self.liveness = LivenessServer(*self.liveness_at, tokens, self._address_of,
                                            self._died).start()
         except OSError as e:
             log.error("cannot listen for liveness links on %s:%d (%s): crashed agents are"
                       " seen at their session timeout", *self.liveness_at, e.strerror)
+            return
+        self.client.DataWatch(self.paths.peer_token, self._on_peer_token)
+
+    def _on_peer_token(self, data: bytes | None, _stat: object) -> bool:
+        """A rotation step: accept the hellos of the peer tokens listed now."""
+        liveness = self.liveness
+        if liveness is None or liveness.stopped.is_set():
+            return False
+        tokens = peer_tokens_of(data)
+        if tokens and tokens != liveness.tokens:
+            liveness.tokens = tokens
+            log.info("liveness: accepting %d peer token(s)", len(tokens))
+        return True
 
     def _address_of(self, agent: str) -> str | None:
         info = self.members.snapshot().get(agent)

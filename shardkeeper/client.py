@@ -42,7 +42,7 @@ from shardkeeper import cluster as clusterstate
 from shardkeeper.layout import Paths, RoutingChunk
 from shardkeeper.peer import NotPrimary, PeerClient, PeerError, PeerUnavailable, ShardInfo
 from shardkeeper.ring import shard_for_key
-from shardkeeper.token import require_token
+from shardkeeper.token import follow_token, require_token
 from shardkeeper.vocab import ShardkeeperError
 from shardkeeper.zk import ZkTarget, close, connect
 
@@ -113,6 +113,8 @@ class DataClient:
         self.token = token or require_token(zk, paths)
         self.deadline = deadline
         self.peers = PeerClient(self.token, timeout=timeout, attempts=2)
+        if token is None:  # read from the cluster: follow its rotations (token.py)
+            follow_token(zk, paths, self._use_token)
         self._lock = threading.Lock()
         self._routing: Routing | None = None
         self._stale = True
@@ -130,6 +132,9 @@ class DataClient:
 
     def _on_meta(self, _data: bytes | None, _stat: object) -> None:
         self._stale = True
+
+    def _use_token(self, token: str) -> None:
+        self.token = self.peers.token = token
 
     # -- routing ------------------------------------------------------------------------
     def routing(self) -> Routing:

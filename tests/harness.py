@@ -151,7 +151,7 @@ class Cluster:
         assert r.returncode == 0, r.stderr
 
     def start_agent(self, name: str, session_timeout: float = 1.0, zone: str = "",
-                    weight: float = 1.0) -> RoleProcess:
+                    weight: float = 1.0, env: dict[str, str] | None = None) -> RoleProcess:
         argv = cli_command(
             "agent", "run", *self.zk_args(), "--id", name,
             # Port 0: the agent binds any free port and advertises it (no port race).
@@ -159,7 +159,7 @@ class Cluster:
             "--session-timeout", str(session_timeout), "--zone", zone, "--weight", str(weight),
             "--log-level", "debug",
         )
-        self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log", self.env())
+        self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log", self.env(env))
         return self.procs[name]
 
     def start_coordinator(self, name: str, session_timeout: float = 1.0,

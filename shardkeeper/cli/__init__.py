@@ -4,7 +4,8 @@ Every command takes --zk and --cluster (or SHARDKEEPER_ZK / SHARDKEEPER_CLUSTER)
 meant for the operator are printed on one line and exit non-zero, without a traceback.
 Commands live by theme: ``admin`` (state, pause, config, events, acl), ``steer`` (drain,
 undrain, move, rebalance, the `plan` what-if), ``watch``, ``data`` (put/get/load/verify),
-``roles`` (agent run, coordinator run), and ``shardkeeper.dev`` (the local dev cluster).
+``roles`` (agent run, coordinator run), ``tokens`` (the data-plane tokens, their
+rotation), and ``shardkeeper.dev`` (the local dev cluster).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 
 import click
 
-from shardkeeper.cli import admin, data, roles, steer, watch
+from shardkeeper.cli import admin, data, roles, steer, tokens, watch
 
 
 class Commands(click.Group):
@@ -68,7 +69,7 @@ def main() -> None:
 
 
 for _command in (*admin.COMMANDS, *steer.COMMANDS, *watch.COMMANDS, *data.COMMANDS,
-                 *roles.COMMANDS):
+                 *roles.COMMANDS, *tokens.COMMANDS):
     main.add_command(show_envvars(_command))
 
 if __name__ == "__main__":
