@@ -55,10 +55,10 @@ class LivenessServer:
     the agent's port refused after its connection closed.
     """
 
-    def __init__(self, host: str, port: int, token: str,
+    def __init__(self, host: str, port: int, tokens: tuple[str, ...],
                  address_of: Callable[[str], str | None],
                  on_dead: Callable[[str, float], None]):
-        self.token = token
+        self.tokens = tokens  # the peer tokens accepted; the leader follows rotations
         self.address_of = address_of
         self.on_dead = on_dead
         self.sock = socket.create_server((host, port), reuse_port=False)
@@ -118,7 +118,7 @@ class LivenessServer:
             buffered = self._buffers[conn] + data
             if b"\n" in buffered:
                 del self._buffers[conn]
-                who = parse_hello(buffered.split(b"\n", 1)[0], self.token)
+                who = parse_hello(buffered.split(b"\n", 1)[0], self.tokens)
                 if who is None:
                     self._close(conn)
                 else:
