@@ -163,9 +163,6 @@ class LeaderTerm:
         # What this term believes each plan znode holds (digest of its bytes): a watch
         # that sees something else means a znode was changed or deleted behind our back.
         self.digests: dict[str, int] = {}
-        # What they held before the latest commit (None: absent): a watch may fetch a znode
-        # between our recording a write and ZooKeeper applying it, and see the old bytes.
-        self.before_commit: dict[str, int | None] = {}
         self.tampered = threading.Event()
         self._chunk_watches: set[str] = set()
 
@@ -192,10 +189,8 @@ class LeaderTerm:
 
     def commit(self, writes: list[Write]) -> None:
         """Apply writes in fenced multi() batches; plan/meta, last, is the commit point."""
-        self.before_commit = {}
         for w in writes:
             if w.path.startswith(self.paths.plan + "/") and w.op != "append":
-                self.before_commit[w.path] = self.digests.get(w.path)
                 if w.op == "delete":
                     self.digests.pop(w.path, None)
                 else:
@@ -260,7 +255,7 @@ class LeaderTerm:
         def on_data(data: bytes | None, _stat: object) -> bool:
             if not self._active():
                 return False
-            if path in self.digests and not self._ours(path, data):
+            if path in self.digests and digest(data) != self.digests[path]:
                 self._tamper(path, "deleted" if data is None else "changed")
             return data is not None or path == self.paths.plan_meta
 
@@ -284,17 +279,9 @@ class LeaderTerm:
         return True
 
     def _missing(self, present: set[str], parent: str) -> None:
-        gone = [p for p in self.digests
-                if p.startswith(parent + "/") and p not in present and not self._ours(p, None)]
+        gone = [p for p in self.digests if p.startswith(parent + "/") and p not in present]
         if gone:
             self._tamper(gone[0], "deleted")
-
-    def _ours(self, path: str, data: bytes | None) -> bool:
-        """Is ``data`` (None: absent) what this term wrote at ``path``: now, or just before
-        its latest commit (a watch that fetched while the commit was under way)?"""
-        seen = digest(data)
-        return seen == self.digests.get(path) or (
-            path in self.before_commit and seen == self.before_commit[path])
 
     def _tamper(self, path: str, how: str) -> None:
         log.error("%s was %s behind the leader's back: reading the plan again to repair it",
