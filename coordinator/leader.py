@@ -335,13 +335,14 @@ class LeaderTerm:
 
     def start_liveness(self) -> None:
         """Listen for the agents' liveness links (see coordinator/liveness.py). Without a
-        token (no `init` yet) or a free port, failover simply waits for sessions."""
+        free port, failover simply waits for sessions."""
         if self.liveness_at is None:
             return
-        # The peer token: agents hold it, clients do not (a hello proves an agent).
+        # The peer tokens: agents hold them, clients do not (a hello proves an agent).
+        # None yet before `shardkeeper init`: the server listens from the term's start all
+        # the same, refuses hellos until the watch below brings the tokens, and agents
+        # retry (a leader elected before init must not wait for crashed agents' sessions).
         tokens = read_peer_tokens(self.client, self.paths)
-        if not tokens:
-            return
         try:
             self.liveness = LivenessServer(*self.liveness_at, tokens, self._address_of,
                                            self._died).start()
