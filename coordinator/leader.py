@@ -143,6 +143,7 @@ class LeaderTerm:
         self.client = client
         self.liveness_at = liveness
         self.liveness: LivenessServer | None = None
+        self._cluster_token: str | None = None  # the cluster token, for liveness hellos
         # (agent, started) of member incarnations whose process is known dead.
         self.dead: set[tuple[str, float]] = set()
         self.paths = paths
@@ -160,6 +161,9 @@ class LeaderTerm:
         # What this term believes each plan znode holds (digest of its bytes): a watch
         # that sees something else means a znode was changed or deleted behind our back.
         self.digests: dict[str, int] = {}
+        # The digest each plan znode had before our last write of it: a watch callback may
+        # read that write's predecessor and run only after we recorded the new digest.
+        self.previous: dict[str, int | None] = {}
         self.tampered = threading.Event()
         self._chunk_watches: set[str] = set()
 
@@ -188,6 +192,7 @@ class LeaderTerm:
         """Apply writes in fenced multi() batches; plan/meta, last, is the commit point."""
         for w in writes:
             if w.path.startswith(self.paths.plan + "/") and w.op != "append":
+                self.previous[w.path] = self.digests.get(w.path)
                 if w.op == "delete":
                     self.digests.pop(w.path, None)
                 else:
@@ -252,7 +257,9 @@ class LeaderTerm:
         def on_data(data: bytes | None, _stat: object) -> bool:
             if not self._active():
                 return False
-            if path in self.digests and digest(data) != self.digests[path]:
+            seen = digest(data)
+            if (path in self.digests and seen != self.digests[path]
+                    and (data is None or seen != self.previous.get(path))):
                 self._tamper(path, "deleted" if data is None else "changed")
             return data is not None or path == self.paths.plan_meta
 
@@ -332,18 +339,25 @@ class LeaderTerm:
 
     def start_liveness(self) -> None:
         """Listen for the agents' liveness links (see coordinator/liveness.py). Without a
-        token (no `init` yet) or a free port, failover simply waits for sessions."""
+        free port, failover simply waits for sessions."""
         if self.liveness_at is None:
             return
-        token = read_token(self.client, self.paths)
-        if token is None:
-            return
         try:
-            self.liveness = LivenessServer(*self.liveness_at, token, self._address_of,
-                                           self._died).start()
+            self.liveness = LivenessServer(*self.liveness_at, self._liveness_token,
+                                           self._address_of, self._died).start()
         except OSError as e:
             log.error("cannot listen for liveness links on %s:%d (%s): crashed agents are"
                       " seen at their session timeout", *self.liveness_at, e.strerror)
+
+    def _liveness_token(self) -> str | None:
+        """The cluster token, read when the first hello arrives (a term may begin before
+        `shardkeeper init` creates it) and kept: it does not change under a cluster."""
+        if self._cluster_token is None:
+            try:
+                self._cluster_token = read_token(self.client, self.paths)
+            except KazooException:
+                return None
+        return self._cluster_token
 
     def _address_of(self, agent: str) -> str | None:
         info = self.members.snapshot().get(agent)

@@ -50,12 +50,15 @@ def refused(address: str, timeout: float = PROBE_TIMEOUT) -> bool:
 class LivenessServer:
     """The leader's end: accepts agents' connections and reports processes that died.
 
+    ``token()`` gives the cluster token hellos must carry (None while there is none yet:
+    a leader elected before `shardkeeper init` serves links from the moment it exists,
+    and agents that knew the token early are refused until then and retry);
     ``address_of(agent)`` gives an agent's data-plane address (from its member znode);
     ``on_dead(agent, started)`` is called (from this server's thread) when a probe finds
     the agent's port refused after its connection closed.
     """
 
-    def __init__(self, host: str, port: int, token: str,
+    def __init__(self, host: str, port: int, token: Callable[[], str | None],
                  address_of: Callable[[str], str | None],
                  on_dead: Callable[[str, float], None]):
         self.token = token
@@ -118,7 +121,9 @@ class LivenessServer:
             buffered = self._buffers[conn] + data
             if b"\n" in buffered:
                 del self._buffers[conn]
-                who = parse_hello(buffered.split(b"\n", 1)[0], self.token)
+                token = self.token()
+                who = None if token is None else parse_hello(buffered.split(b"\n", 1)[0],
+                                                             token)
                 if who is None:
                     self._close(conn)
                 else:
