@@ -31,7 +31,15 @@ What it does on each ZooKeeper event:
 * Its own member or status znode deleted or overwritten while the session lives (a
   mistake or an attack): write it again at once (both are watched).
 * A failed ZooKeeper read or status write: retried from the main loop after a short delay.
-* SIGTERM: close the session, so that the member znode vanishes at once.
+* SIGTERM (``stop``): the graceful hand-off, when the agent holds primaries. It marks its
+  member znode ``leaving``; the leader moves its primaries to in-sync replicas (the
+  agent demotes each at once: it refuses writes and redirects to the new primary) and
+  acknowledges in plan/meta how many it must keep (no other in-sync replica). Once the
+  agent holds no more than that, or after ``handoff_timeout``, it refuses writes, closes
+  its session (the member znode vanishes at once) and keeps answering forwards until
+  the primaries have read the plan without it (no forward for ``LINGER_QUIET``, at most
+  ``LINGER_MAX``), so that no write waits on a replica that is gone.
+  ``handoff_timeout`` 0 skips all of this: the session closes at once (``halt`` always).
 
 Dropped replicas go to the data dir's trash (``agents.trash``), not to deletion.
 
@@ -42,9 +50,7 @@ Other agents are known by id in the plan; their data-plane addresses are read fr
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -74,6 +80,7 @@ from tenacity import (
 from agents import shardsm
 from agents.dataplane import DataPlane, ShardRoute, ShardTable
 from agents.handler import KVShardHandler, ShardHandler
+from agents.host import DataDirInUse, DataDirLock, HealthServer  # noqa: F401 - for the CLI
 from agents.leaderlink import LeaderLink
 from agents.shardsm import (
     Action,
@@ -104,7 +111,7 @@ from shardkeeper.layout import (
 )
 from shardkeeper.peer import PeerClient
 from shardkeeper.token import NoToken, no_token_message, read_token
-from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError
+from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError, ShardState
 from shardkeeper.zk import ZkTarget, ZkUnavailable, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
@@ -113,6 +120,11 @@ log = logging.getLogger(__name__)
 # so that a copy from it fails (and is retried) instead of looking like a new, empty shard.
 UNREACHABLE = "127.0.0.1:1"
 RETRY_DELAY = 0.2  # before re-trying a failed ZooKeeper read or status write
+# SIGTERM's hand-off: how long to wait for the leader to move this agent's primaries.
+HANDOFF_TIMEOUT = 10.0
+# After the session closed, forwards keep coming until every primary has read the plan
+# without this agent (a plan propagation delay, tens of ms): answer them meanwhile.
+LINGER_QUIET, LINGER_MAX = 0.3, 3.0
 # Other agents' addresses are read, not watched: read again this often when idle (an
 # agent that restarts at a new address without a plan change is found this way).
 REFRESH_SECONDS = 5.0
@@ -130,34 +142,6 @@ class StillRegistered(ShardkeeperError):
     pass
 
 
-class DataDirInUse(ShardkeeperError):
-    pass
-
-
-class DataDirLock:
-    """An exclusive lock on a data dir, held for the agent's life: two agents on one data
-    dir would overwrite each other's shards, and the trash is only edited offline."""
-
-    def __init__(self, data_dir: Path):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / "agent.lock"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self._fd)
-            raise DataDirInUse(f"data dir {data_dir} is in use by another agent (pid"
-                               f" {holder}): stop it first") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 @dataclass
 class _Inputs:
     """What one turn of the main loop collected from its inbox."""
@@ -167,6 +151,7 @@ class _Inputs:
     status: bool = False
     register: bool = False
     stop: bool = False
+    leave: bool = False  # SIGTERM: hand off, then stop
 
 
 def target_of(assignment: Assignment, address_of: Any) -> Target:
@@ -211,6 +196,7 @@ class Agent:
         limits: Limits = Limits(max_bootstraps=4),  # noqa: B008 - frozen
         handler: ShardHandler | None = None,
         trash_keep: float = DEFAULT_KEEP_SECONDS,
+        handoff_timeout: float = HANDOFF_TIMEOUT,
     ):
         self.zk = zk
         self.paths = Paths(cluster)
@@ -249,6 +235,11 @@ class Agent:
         self.refused = 0  # plans not acted on because they could not be trusted
         self._refusal = ""  # why the current plan znode is not acted on, for status
         self.link: LeaderLink | None = None
+        self.handoff_timeout = handoff_timeout
+        self._leave_by: float | None = None  # monotonic deadline of a hand-off in progress
+        self._acked: int | None = None  # primaries the leader said we keep, once it saw us
+        self._handed_off = False  # left gracefully: refuse writes, linger for forwards
+        self._cut_linger = threading.Event()  # halt() during the linger: stop now
         self.work = ShardWork(lambda: self.handler, self._job_done,
                               retry_hint=lambda: self.inbox.put(("plan",)))
 
@@ -348,7 +339,13 @@ class Agent:
 
     # -- main loop ----------------------------------------------------------------------
     def stop(self) -> None:
+        """SIGTERM: hand off this agent's primaries, then leave (see the module docstring)."""
+        self.inbox.put(("leave",))
+
+    def halt(self) -> None:
+        """Leave at once: close the session without a hand-off (or end the linger)."""
         self.stop_event.set()
+        self._cut_linger.set()
         self.inbox.put(("stop",))
 
     def _connect(self) -> KazooClient | None:
@@ -386,19 +383,31 @@ class Agent:
             self.inbox.put(("session", Session.CONNECTED))
             while not self.stop_event.is_set():
                 try:
-                    first = self.inbox.get(timeout=REFRESH_SECONDS)
+                    first = self.inbox.get(timeout=self._idle_wait())
                 except queue.Empty:
                     first = ("plan",)
                 inputs = self._collect(first)
                 if inputs.stop:
                     break
                 self._turn(inputs)
+                if inputs.leave or self._leave_by is not None:
+                    self._leave_when_handed_off()
         finally:
-            if self.link is not None:
-                self.link.stop()
+            if self._handed_off:
+                # Nothing here may take a write once the session is gone.
+                self.table.set_writable(False)
             self.work.shutdown()
             close(self.client)
             log.info("agent %s stopped; session closed", self.id)
+            if self._handed_off:
+                self._linger()
+            if self.link is not None:
+                self.link.stop()
+
+    def _idle_wait(self) -> float:
+        if self._leave_by is None:
+            return REFRESH_SECONDS
+        return max(0.0, min(REFRESH_SECONDS, self._leave_by - time.monotonic()))
 
     def _start(self) -> None:
         """Layout, token, registration and the watches, retried (bounded) while the
@@ -456,6 +465,8 @@ class Agent:
         kind = item[0]
         if kind == "stop":
             inputs.stop = True
+        elif kind == "leave":
+            inputs.leave = True
         elif kind == "plan":
             inputs.plan = True
         elif kind == "status":
@@ -486,6 +497,13 @@ class Agent:
                 inputs.plan = False
             else:
                 self._must_register = False
+        if session == Session.CONNECTED and self._leave_by is not None:
+            # The leader's answer to our leaving, read before our plan: a plan read after
+            # it is at least as new as the plan that answer comes with.
+            acked = self._try(self._read_ack, "plan")
+            if acked is not None and acked != self._acked:
+                self._acked = acked
+                inputs.plan = True
         if session == Session.CONNECTED and (inputs.plan or not self._plan_current):
             plan = self._try(self.read_plan, "plan")
         if not self._plan_current:
@@ -516,6 +534,70 @@ class Agent:
                         else type(e).__name__)
             self._later("register" if isinstance(e, StillRegistered) else "plan")
             return None
+
+    # -- leaving (SIGTERM) ---------------------------------------------------------------
+    def _primaries(self) -> int:
+        return sum(1 for r in self.state.shards.values() if r.state == ShardState.PRIMARY)
+
+    def _leave_when_handed_off(self) -> None:
+        """Start the hand-off on SIGTERM, and end the main loop once it is done, or
+        pointless (nothing to hand off, no session, disabled), or past its deadline."""
+        now = time.monotonic()
+        if self._leave_by is None:
+            if (self.handoff_timeout <= 0 or self._session != Session.CONNECTED
+                    or not self._primaries() or not self._announce_leaving()):
+                self._handed_off = self.handoff_timeout > 0
+                self.stop_event.set()
+                return
+            self._leave_by = now + self.handoff_timeout
+            log.info("leaving: asked the leader to move %d primaries (waiting at most %gs)",
+                     self._primaries(), self.handoff_timeout)
+            return
+        held = self._primaries()
+        if self._acked is not None and held <= self._acked:
+            log.info("leaving: primaries handed off (%d kept: no other in-sync replica)", held)
+        elif now >= self._leave_by:
+            log.warning("leaving without a complete hand-off after %gs: %d primaries left"
+                        " to fail over", self.handoff_timeout, held)
+        else:
+            return
+        self._handed_off = True
+        self.stop_event.set()
+
+    def _announce_leaving(self) -> bool:
+        """Mark our member znode ``leaving``; False if ZooKeeper could not be told."""
+        self.info = dataclasses.replace(self.info, leaving=True)
+        path = self.paths.member(self.id)
+        data = self.info.encode()
+        self._written[path] = data
+        try:
+            self.client.set(path, data)
+        except KazooException as e:
+            log.warning("leaving: cannot mark %s (%s); leaving at once", path,
+                        type(e).__name__)
+            return False
+        return True
+
+    def _read_ack(self) -> int | None:
+        """How many primaries the leader lets us keep, once it has seen us leaving."""
+        try:
+            data, _ = self.client.get(self.paths.plan_meta)
+            return PlanMeta.decode(self.paths.plan_meta, data).leaving().get(self.id)
+        except (NoNodeError, CorruptZnode):
+            return None
+
+    def _linger(self) -> None:
+        """Our session is closed and the leader plans without us; primaries that have not
+        read that plan yet still forward to us and need our answer. Keep answering until
+        no forward came for LINGER_QUIET (at most LINGER_MAX), then let the plane stop."""
+        if self.plane is None:
+            return
+        deadline = time.monotonic() + LINGER_MAX
+        while (now := time.monotonic()) < deadline:
+            quiet = now - getattr(self.plane, "last_forward", 0.0)  # TODO after the merge
+            if quiet >= LINGER_QUIET:
+                return
+            self._cut_linger.wait(min(LINGER_QUIET - quiet, deadline - now))
 
     # -- registration -------------------------------------------------------------------
     def register(self, wait: bool = False) -> bool:
@@ -684,29 +766,3 @@ class Agent:
         except KazooException as e:
             log.warning("status write failed (%s); retrying", type(e).__name__)
             self._later("status")
-
-
-class HealthServer:
-    """The agent's data plane (client and replication API, and GET /healthz) on --listen,
-    and the lock on its data dir.
-
-    Kept under this name for `shardkeeper agent run`: it binds at construction (so a bad
-    --listen fails before the agent registers) and serves once the agent knows the token.
-    """
-
-    def __init__(self, agent: Agent, host: str, port: int):
-        self.agent = agent
-        self.lock = DataDirLock(agent.stores.data_dir.parent)
-        try:
-            self.plane = agent.attach_plane(host, port)
-        except OSError:
-            self.lock.release()
-            raise
-
-    def start(self) -> None:
-        self.plane.start()
-
-    def stop(self) -> None:
-        self.plane.stop()
-        self.agent.stores.close_all()
-        self.lock.release()

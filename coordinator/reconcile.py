@@ -16,7 +16,10 @@ still copying (bootstrapping, each from a named in-sync source). One step:
    step issues it afresh at a newer generation: a failed copy always leads somewhere.
 3. **Start copies** for target replicas the shard lacks, within the per-agent and
    cluster throttles; shards below their replica count go before moves made for balance.
-4. **Promote** the target's primary once it is in sync.
+4. **Promote** the target's primary once it is in sync. A **leaving** agent (shutting
+   down, asking for a graceful hand-off) holds no primary: its primaries move to an
+   in-sync replica that stays, even in maintenance (a hand-off copies and drops nothing),
+   and no copy starts into it or, where another source exists, from it.
 5. **Drop (break) last**: a replica outside the target leaves only while the shard keeps
    at least as many in-sync replicas as the target asks for, so a move never lowers
    redundancy.
@@ -51,6 +54,7 @@ class Step:
     dropped: int = 0  # replicas removed after their replacement joined
     failovers: int = 0  # primaries replaced because their agent departed
     promotions: int = 0  # primaries moved to a caught-up replica for balance
+    handoffs: int = 0  # primaries moved off leaving agents to in-sync replicas
     deferred: int = 0  # copies the target wants but the throttle (or pause) holds back
     unavailable: tuple[int, ...] = ()  # shards with no live in-sync replica
     in_flight: int = 0  # copies running after this step
@@ -71,9 +75,11 @@ class _Tally:
     dropped: int = 0
     failovers: int = 0
     promotions: int = 0
+    handoffs: int = 0
     deferred: int = 0
     retried: list[tuple[int, str, str, str | None]] = field(default_factory=list)
     withdrawn: set[tuple[str, int]] = field(default_factory=set)
+    leaving: frozenset[str] = frozenset()
 
     def count(self, agent: str, source: str) -> None:
         self.copies_in[agent] += 1
@@ -89,12 +95,14 @@ class _Tally:
         )
 
     def pick_source(self, in_sync: Sequence[str], avoid: str | None = None) -> str | None:
-        """The in-sync replica with the fewest outgoing copies (in-sync order breaks ties)."""
+        """The in-sync replica with the fewest outgoing copies (in-sync order breaks ties);
+        a leaving agent only if no other can serve (it is about to go away)."""
         candidates = [a for a in in_sync if a != avoid
                       and self.copies_out[a] < self.throttle.max_moves_per_agent]
         if not candidates:
             return None
-        return min(candidates, key=lambda a: (self.copies_out[a], in_sync.index(a)))
+        return min(candidates, key=lambda a: (a in self.leaving, self.copies_out[a],
+                                              in_sync.index(a)))
 
 
 def fail_over(
@@ -150,6 +158,8 @@ def start_copies(
     for agent in target:
         if agent in holding or agent not in live or (agent, shard) in tally.withdrawn:
             continue
+        if agent in tally.leaving:
+            continue  # it is shutting down: copy to it when it is back
         source = tally.pick_source(in_sync) if tally.allows(agent) else None
         if source is None:
             tally.deferred += 1
@@ -159,17 +169,36 @@ def start_copies(
         tally.started += 1
 
 
+def hand_off(in_sync: list[str], target: Sequence[str], tally: _Tally) -> None:
+    """A leaving agent holds no primary: give it to an in-sync replica that stays (the
+    target's primary if it is one, else the first such replica of the target, else any).
+    In sync means it applied every acknowledged write, so the hand-off loses nothing."""
+    if not in_sync or in_sync[0] not in tally.leaving:
+        return
+    stays = [a for a in in_sync if a not in tally.leaving]
+    if not stays:
+        return  # no replica to take it: the leaving agent keeps it (and says so)
+    choice = next((a for a in target if a in stays), stays[0])
+    in_sync.remove(choice)
+    in_sync.insert(0, choice)
+    tally.handoffs += 1
+
+
 def settle(
     in_sync: list[str], boot: list[tuple[str, str]], target: Sequence[str],
     paused: bool, tally: _Tally, min_in_sync: int = 0,
 ) -> tuple[list[str], list[tuple[str, str]]]:
-    """Steps 4 and 5: promote the target's primary, then drop what the target no longer has."""
+    """Steps 4 and 5: promote the target's primary, then drop what the target no longer has.
+
+    Hand-offs from leaving agents happen even when paused: they copy and drop nothing."""
     wanted = set(target)
+    hand_off(in_sync, target, tally)
     if not paused:
         # Copies for replicas the target no longer wants are cancelled: they hold nothing
         # that the shard relies on.
         boot = [(a, s) for a, s in boot if a in wanted]
-        if target and target[0] in in_sync and in_sync[0] != target[0]:
+        if (target and target[0] in in_sync and in_sync[0] != target[0]
+                and target[0] not in tally.leaving):
             in_sync.remove(target[0])
             in_sync.insert(0, target[0])
             tally.promotions += 1
@@ -197,28 +226,31 @@ def next_step(
     throttle: Throttle = DEFAULT_THROTTLE,
     min_in_sync: int = 0,
     failed: Collection[tuple[str, int]] = (),
+    leaving: Collection[str] = (),
 ) -> Step:
     """One step toward ``target`` (shard -> agents, primary first, as placement returns).
 
     ``live`` are the current members; ``caught_up`` the (agent, shard) pairs whose status
     reports the replica online and caught up with the plan that asked for it. Replicas
     outside the target are dropped only while at least ``min_in_sync`` (R) stay in sync.
-    ``failed`` are the (agent, shard) copies whose agent reports them failed.
+    ``failed`` are the (agent, shard) copies whose agent reports them failed. ``leaving``
+    agents are shutting down: their primaries are handed off to in-sync replicas.
     """
     live = set(live)
     caught = set(caught_up)
+    leaving = frozenset(leaving)
     broken: dict[int, set[str]] = {}
     for agent, s in failed:
         broken.setdefault(s, set()).add(agent)
     n = len(target)
     shards = list(current[:n]) + [ShardPlan()] * (n - len(current))
-    tally = _Tally(throttle)
+    tally = _Tally(throttle, leaving=leaving)
     staged: dict[int, tuple[list[str], list[tuple[str, str]]]] = {}
     unavailable: list[int] = []
     for s, shard in enumerate(shards):
         if shard.replicas == tuple(target[s]) and not shard.bootstrapping and all(
             a in live for a in shard.replicas
-        ):
+        ) and not (shard.replicas and shard.replicas[0] in leaving):
             continue  # already at its target: the common case, kept cheap at 100k shards
         joined = {a for a, _ in shard.bootstrapping if (a, s) in caught}
         result = fail_over(shard, target[s], live, joined, tally, broken.get(s, ()), s)
@@ -243,6 +275,7 @@ def next_step(
         dropped=tally.dropped,
         failovers=tally.failovers,
         promotions=tally.promotions,
+        handoffs=tally.handoffs,
         deferred=tally.deferred,
         unavailable=tuple(unavailable),
         in_flight=in_flight,

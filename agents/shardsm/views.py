@@ -62,6 +62,11 @@ def serving(agent: AgentState, me: str) -> dict[int, Serve]:
             else:
                 in_sync, copying = (), ()
             out[shard] = Serve(ShardState.PRIMARY, record.term, me, in_sync, copying)
+        elif record.state == ShardState.PRIMARY:
+            # Being promoted: it serves as a replica until Promoted, and names no primary,
+            # so clients are told to retry (503) rather than sent back to the old primary,
+            # which has been demoted and would send them here again.
+            out[shard] = Serve(record.served, record.term, None)
         else:
             out[shard] = Serve(record.served, record.term, record.primary)
     return out
