@@ -139,6 +139,36 @@ def process_figures(pids: dict[str, int], window: float) -> dict[str, dict[str, 
     }
 
 
+class PeakSampler:
+    """The most threads and RSS each process of ``pids()`` had, sampled every ``period``
+    seconds in a daemon thread until ``stop``: what an agent costs while it works (copies,
+    failovers), not only when idle."""
+
+    def __init__(self, pids: Callable[[], dict[str, int]], period: float = 0.5):
+        self.pids = pids
+        self.period = period
+        self.threads: dict[str, int] = {}
+        self.rss_mb: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="peaks")
+
+    def start(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            for name, pid in self.pids().items():
+                with contextlib.suppress(OSError, KeyError, ValueError):
+                    self.threads[name] = max(self.threads.get(name, 0), proc_threads(pid))
+                    self.rss_mb[name] = round(max(self.rss_mb.get(name, 0.0),
+                                                  proc_rss_mb(pid)), 1)
+
+
 def wait_idle(
     pids: Callable[[], Iterable[int]],
     timeout: float,
