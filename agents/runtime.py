@@ -31,14 +31,12 @@ What it does on each ZooKeeper event:
 * Its own member or status znode deleted or overwritten while the session lives (a
   mistake or an attack): write it again at once (both are watched).
 * A failed ZooKeeper read or status write: retried from the main loop after a short delay.
-* SIGTERM (``stop``): the graceful hand-off, when the agent holds primaries. It marks its
-  member znode ``leaving``; the leader moves its primaries to in-sync replicas (the
-  agent demotes each at once: it refuses writes and redirects to the new primary) and
-  acknowledges in plan/meta how many it must keep (no other in-sync replica). Once the
-  agent holds no more than that, or after ``handoff_timeout``, it refuses writes, closes
-  its session (the member znode vanishes at once) and keeps answering forwards until
-  the primaries have read the plan without it (no forward for ``LINGER_QUIET``, at most
-  ``LINGER_MAX``), so that no write waits on a replica that is gone.
+* SIGTERM (``stop``): the graceful hand-off, when the agent holds primaries
+  (``agents.leaving``). It marks its member znode ``leaving``; the leader moves its
+  primaries to in-sync replicas (the agent demotes each at once: it refuses writes and
+  redirects to the new primary). Once that is done, or after ``handoff_timeout``, it
+  refuses writes, closes its session (the member znode vanishes at once) and keeps
+  answering forwards for a moment, so that no write waits on a replica that is gone.
   ``handoff_timeout`` 0 skips all of this: the session closes at once (``halt`` always).
 
 Dropped replicas go to the data dir's trash (``agents.trash``), not to deletion.
@@ -78,10 +76,11 @@ from tenacity import (
 )
 
 from agents import shardsm
-from agents.dataplane import DataPlane, ShardRoute, ShardTable
+from agents.dataplane import DataPlane, ShardRoute
 from agents.handler import KVShardHandler, ShardHandler
 from agents.host import DataDirInUse, DataDirLock, HealthServer  # noqa: F401 - for the CLI
 from agents.leaderlink import LeaderLink
+from agents.leaving import HANDOFF_TIMEOUT, HandOff, LookupTable, linger, primaries
 from agents.shardsm import (
     Action,
     AgentState,
@@ -111,7 +110,7 @@ from shardkeeper.layout import (
 )
 from shardkeeper.peer import PeerClient
 from shardkeeper.token import NoToken, no_token_message, read_token
-from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError, ShardState
+from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError
 from shardkeeper.zk import ZkTarget, ZkUnavailable, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
@@ -120,11 +119,6 @@ log = logging.getLogger(__name__)
 # so that a copy from it fails (and is retried) instead of looking like a new, empty shard.
 UNREACHABLE = "127.0.0.1:1"
 RETRY_DELAY = 0.2  # before re-trying a failed ZooKeeper read or status write
-# SIGTERM's hand-off: how long to wait for the leader to move this agent's primaries.
-HANDOFF_TIMEOUT = 10.0
-# After the session closed, forwards keep coming until every primary has read the plan
-# without this agent (a plan propagation delay, tens of ms): answer them meanwhile.
-LINGER_QUIET, LINGER_MAX = 0.3, 3.0
 # Other agents' addresses are read, not watched: read again this often when idle (an
 # agent that restarts at a new address without a plan change is found this way).
 REFRESH_SECONDS = 5.0
@@ -215,7 +209,7 @@ class Agent:
         self.trash = Trash(Path(data_dir) / "trash", trash_keep)
         self.stores = StoreSet(Path(data_dir) / "shards", self.trash)
         # Nothing is served until the first connected reconcile says so.
-        self.table = ShardTable(writable=False, serving=False)
+        self.table = LookupTable(writable=False, serving=False)
         self.plane: DataPlane | None = None
         self.peer_client: PeerClient | None = None
         self.catch_up_client: PeerClient | None = None
@@ -232,13 +226,13 @@ class Agent:
         self._pruned = False
         self._report = ReportStatus(0, ())  # the status the machine last asked for
         self._written: dict[str, bytes] = {}  # path -> what we last wrote to our znodes
+        # ... and what we wrote before that: a watch callback may read the previous write
+        # and run only after the next one was recorded.
+        self._before: dict[str, bytes] = {}
         self.refused = 0  # plans not acted on because they could not be trusted
         self._refusal = ""  # why the current plan znode is not acted on, for status
         self.link: LeaderLink | None = None
-        self.handoff_timeout = handoff_timeout
-        self._leave_by: float | None = None  # monotonic deadline of a hand-off in progress
-        self._acked: int | None = None  # primaries the leader said we keep, once it saw us
-        self._handed_off = False  # left gracefully: refuse writes, linger for forwards
+        self.handoff = HandOff(handoff_timeout)
         self._cut_linger = threading.Event()  # halt() during the linger: stop now
         self.work = ShardWork(lambda: self.handler, self._job_done,
                               retry_hint=lambda: self.inbox.put(("plan",)))
@@ -321,13 +315,20 @@ class Agent:
             if self.stop_event.is_set():
                 return False
             written = self._written.get(path)
-            if written is not None and data != written and self._session == Session.CONNECTED:
+            ours = data == written or (data is not None and data == self._before.get(path))
+            if written is not None and not ours and self._session == Session.CONNECTED:
                 log.warning("%s was %s behind our back: writing it again", path,
                             "deleted" if data is None else "changed")
                 self.inbox.put((kind,))
             return True
 
         return on_data
+
+    def _remember(self, path: str, data: bytes) -> None:
+        """``data`` is what we are writing to our own znode ``path``."""
+        if path in self._written and self._written[path] != data:
+            self._before[path] = self._written[path]
+        self._written[path] = data
 
     def _later(self, *item: Any) -> None:
         timer = threading.Timer(RETRY_DELAY, self.inbox.put, args=(item,))
@@ -390,24 +391,22 @@ class Agent:
                 if inputs.stop:
                     break
                 self._turn(inputs)
-                if inputs.leave or self._leave_by is not None:
+                if inputs.leave or self.handoff.started:
                     self._leave_when_handed_off()
         finally:
-            if self._handed_off:
+            if self.handoff.handed_off:
                 # Nothing here may take a write once the session is gone.
                 self.table.set_writable(False)
             self.work.shutdown()
             close(self.client)
             log.info("agent %s stopped; session closed", self.id)
-            if self._handed_off:
-                self._linger()
+            if self.handoff.handed_off and self.plane is not None:
+                linger(self.table, self._cut_linger)
             if self.link is not None:
                 self.link.stop()
 
     def _idle_wait(self) -> float:
-        if self._leave_by is None:
-            return REFRESH_SECONDS
-        return max(0.0, min(REFRESH_SECONDS, self._leave_by - time.monotonic()))
+        return self.handoff.wait(REFRESH_SECONDS, time.monotonic())
 
     def _start(self) -> None:
         """Layout, token, registration and the watches, retried (bounded) while the
@@ -497,12 +496,12 @@ class Agent:
                 inputs.plan = False
             else:
                 self._must_register = False
-        if session == Session.CONNECTED and self._leave_by is not None:
+        if session == Session.CONNECTED and self.handoff.started:
             # The leader's answer to our leaving, read before our plan: a plan read after
             # it is at least as new as the plan that answer comes with.
             acked = self._try(self._read_ack, "plan")
-            if acked is not None and acked != self._acked:
-                self._acked = acked
+            if acked is not None and acked != self.handoff.acked:
+                self.handoff.acked = acked
                 inputs.plan = True
         if session == Session.CONNECTED and (inputs.plan or not self._plan_current):
             plan = self._try(self.read_plan, "plan")
@@ -536,40 +535,26 @@ class Agent:
             return None
 
     # -- leaving (SIGTERM) ---------------------------------------------------------------
-    def _primaries(self) -> int:
-        return sum(1 for r in self.state.shards.values() if r.state == ShardState.PRIMARY)
-
     def _leave_when_handed_off(self) -> None:
         """Start the hand-off on SIGTERM, and end the main loop once it is done, or
         pointless (nothing to hand off, no session, disabled), or past its deadline."""
-        now = time.monotonic()
-        if self._leave_by is None:
-            if (self.handoff_timeout <= 0 or self._session != Session.CONNECTED
-                    or not self._primaries() or not self._announce_leaving()):
-                self._handed_off = self.handoff_timeout > 0
+        now, handoff = time.monotonic(), self.handoff
+        if not handoff.started:
+            if (handoff.timeout <= 0 or self._session != Session.CONNECTED
+                    or not primaries(self.state) or not self._announce_leaving()):
+                handoff.handed_off = handoff.timeout > 0
                 self.stop_event.set()
-                return
-            self._leave_by = now + self.handoff_timeout
-            log.info("leaving: asked the leader to move %d primaries (waiting at most %gs)",
-                     self._primaries(), self.handoff_timeout)
-            return
-        held = self._primaries()
-        if self._acked is not None and held <= self._acked:
-            log.info("leaving: primaries handed off (%d kept: no other in-sync replica)", held)
-        elif now >= self._leave_by:
-            log.warning("leaving without a complete hand-off after %gs: %d primaries left"
-                        " to fail over", self.handoff_timeout, held)
-        else:
-            return
-        self._handed_off = True
-        self.stop_event.set()
+            else:
+                handoff.begin(self.state, now)
+        elif handoff.may_leave(self.state, now):
+            self.stop_event.set()
 
     def _announce_leaving(self) -> bool:
         """Mark our member znode ``leaving``; False if ZooKeeper could not be told."""
         self.info = dataclasses.replace(self.info, leaving=True)
         path = self.paths.member(self.id)
         data = self.info.encode()
-        self._written[path] = data
+        self._remember(path, data)
         try:
             self.client.set(path, data)
         except KazooException as e:
@@ -586,19 +571,6 @@ class Agent:
         except (NoNodeError, CorruptZnode):
             return None
 
-    def _linger(self) -> None:
-        """Our session is closed and the leader plans without us; primaries that have not
-        read that plan yet still forward to us and need our answer. Keep answering until
-        no forward came for LINGER_QUIET (at most LINGER_MAX), then let the plane stop."""
-        if self.plane is None:
-            return
-        deadline = time.monotonic() + LINGER_MAX
-        while (now := time.monotonic()) < deadline:
-            quiet = now - getattr(self.plane, "last_forward", 0.0)  # TODO after the merge
-            if quiet >= LINGER_QUIET:
-                return
-            self._cut_linger.wait(min(LINGER_QUIET - quiet, deadline - now))
-
     # -- registration -------------------------------------------------------------------
     def register(self, wait: bool = False) -> bool:
         """Create our ephemeral member and status znodes for the current session.
@@ -608,7 +580,7 @@ class Agent:
         session is reported and registration retried from the main loop."""
         path = self.paths.member(self.id)
         data = self.info.encode()
-        self._written[path] = data
+        self._remember(path, data)
         self._create_ephemeral(path, data, wait)
         self.report()
         log.info("registered as %s at %s", self.id, self.info.address)
@@ -757,7 +729,7 @@ class Agent:
         """Write status/<id>; if ZooKeeper is unavailable, try again shortly."""
         path = self.paths.agent_status(self.id)
         data = self.status().encode()
-        self._written[path] = data
+        self._remember(path, data)
         try:
             try:
                 self.client.set(path, data)
