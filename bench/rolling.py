@@ -265,6 +265,12 @@ def summarize(ops: list[Op], during: tuple[float, float], before: tuple[float, f
         "read_p99_ms": ms(reads, 99),
         "writes_before": len(wb),
         "writes_during": len(wd),
+        # When the slowest operations started (wall clock), to read against the logs.
+        "slowest": [
+            [time.strftime("%H:%M:%S", time.localtime(o.start)) + f".{int(o.start % 1 * 1000):03d}",
+             o.kind, round(o.seconds, 3), o.ok]
+            for o in sorted(ops, key=lambda o: -o.seconds)[:10]
+        ],
     }
 
 
@@ -356,6 +362,13 @@ def render(result: dict[str, Any]) -> str:
 
 def run(opts: Options, mode: str, keep: bool) -> dict[str, Any]:
     with workspace("rolling", keep=keep) as ws:
+        # The client library's retries, for reading a slow write against the agents' logs.
+        handler = logging.FileHandler(ws.root / "logs" / "clients.log")
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(threadName)s %(message)s", "%H:%M:%S"))
+        client_log = logging.getLogger("shardkeeper.client")
+        client_log.addHandler(handler)
+        client_log.setLevel(logging.DEBUG)
         result: dict[str, Any] = {}
         baseline = None
         if mode in ("both", "baseline"):
