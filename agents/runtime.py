@@ -53,6 +53,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,7 +110,7 @@ from shardkeeper.layout import (
     decode_liveness,
 )
 from shardkeeper.peer import PeerClient
-from shardkeeper.token import NoToken, no_token_message, read_token
+from shardkeeper.token import NoToken, Tokens, no_tokens_message, read_tokens
 from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError
 from shardkeeper.zk import ZkTarget, ZkUnavailable, close, connect, ensure_layout
 
@@ -233,6 +234,7 @@ class Agent:
         self._refusal = ""  # why the current plan znode is not acted on, for status
         self.link: LeaderLink | None = None
         self.handoff = HandOff(handoff_timeout)
+        self._running = threading.Event()  # past start-up: the main loop reads the inbox
         self._cut_linger = threading.Event()  # halt() during the linger: stop now
         self.work = ShardWork(lambda: self.handler, self._job_done,
                               retry_hint=lambda: self.inbox.put(("plan",)))
@@ -244,7 +246,8 @@ class Agent:
         Until the cluster token is known it holds a random one, so it answers 401.
         """
         self.plane = DataPlane(
-            self.stores, self.table, secrets.token_urlsafe(32), host=host, port=port
+            self.stores, self.table, secrets.token_urlsafe(32), host=host, port=port,
+            peer_token=secrets.token_urlsafe(32),  # issue 10: replication has its own token
         )
         return self.plane
 
@@ -271,29 +274,33 @@ class Agent:
             self.link.follow(address or None)
         return True
 
-    def _use_token(self, token: str) -> None:
-        self.peer_client = PeerClient(token, timeout=5.0, attempts=4)
-        self.catch_up_client = PeerClient(token, timeout=1.0, attempts=1)
+    def _use_token(self, tokens: Tokens) -> None:
+        # Agents call each other's replication endpoints: they send the peer token.
+        downloaded = self.plane.metrics.downloaded if self.plane else None  # issue 12
+        self.peer_client = PeerClient(tokens.peer, timeout=5.0, attempts=4,
+                                      on_download=downloaded)
+        self.catch_up_client = PeerClient(tokens.peer, timeout=1.0, attempts=1)
         if self.handler is None:
             self.handler = KVShardHandler(self.stores, self.peer_client,
                                           quick_client=self.catch_up_client)
         if self.plane is not None:
-            self.plane.set_token(token)
+            self.plane.set_tokens(tokens)
 
-    def read_token(self) -> str:
-        """The cluster token; waits (woken by a watch) for `shardkeeper init` to create it."""
+    def read_token(self) -> Tokens:
+        """The cluster and peer tokens; waits (woken by a watch) for `shardkeeper init`."""
         created = threading.Event()
         warned = False
         while not self.stop_event.is_set():
-            token = read_token(self.client, self.paths, watch=lambda _e: created.set())
-            if token is not None:
-                return token
+            tokens = read_tokens(self.client, self.paths, watch=lambda _e: created.set())
+            if tokens is not None:
+                return tokens
             if not warned:
-                log.warning("%s; waiting", no_token_message(self.paths))
+                log.warning("%s; waiting", no_tokens_message(self.paths))
                 warned = True
+            self._publish()  # issue 12: alive and connected, not ready
             created.wait(1.0)
             created.clear()
-        raise NoToken(no_token_message(self.paths))
+        raise NoToken(no_tokens_message(self.paths))
 
     # -- ZooKeeper callbacks: never block, hand work to the main loop -------------------
     def _on_state(self, state: str) -> None:
@@ -302,6 +309,8 @@ class Agent:
         elif state == KazooState.SUSPENDED:
             log.warning("session suspended: refusing writes")
         self.inbox.put(("session", _SESSIONS[state]))
+        if self.plane is not None:  # issue 12: at once, not at the next turn
+            self.plane.metrics.zk_connected(state == KazooState.CONNECTED)
 
     def _on_plan(self, _data: bytes | None, _stat: object) -> bool:
         self.inbox.put(("plan",))
@@ -340,7 +349,11 @@ class Agent:
 
     # -- main loop ----------------------------------------------------------------------
     def stop(self) -> None:
-        """SIGTERM: hand off this agent's primaries, then leave (see the module docstring)."""
+        """SIGTERM: hand off this agent's primaries, then leave (see the module docstring).
+        An agent still starting (waiting for ZooKeeper or its tokens) holds nothing: it
+        stops at once."""
+        if not self._running.is_set():
+            self.halt()
         self.inbox.put(("leave",))
 
     def halt(self) -> None:
@@ -381,6 +394,7 @@ class Agent:
         self.client.add_listener(self._on_state)
         try:
             self._start()
+            self._running.set()
             self.inbox.put(("session", Session.CONNECTED))
             while not self.stop_event.is_set():
                 try:
@@ -426,7 +440,7 @@ class Agent:
             self._use_token(token)
             self.register(wait=True)
             if self.link is None:
-                self.link = LeaderLink(self.id, self.info.started, token).start()
+                self.link = LeaderLink(self.id, self.info.started, token.peer).start()
             if not watching:
                 self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
                 # A plan written ahead of its commit is acted on once plan/meta catches up.
@@ -523,6 +537,7 @@ class Agent:
         if plan is not None and not self._pruned:
             self._prune_unowned()
         self._refresh_table()
+        self._publish()
 
     def _try(self, fn: Any, what: str) -> Any:
         """A ZooKeeper step of the main loop; on failure, another turn comes shortly."""
@@ -570,6 +585,19 @@ class Agent:
             return PlanMeta.decode(self.paths.plan_meta, data).leaving().get(self.id)
         except (NoNodeError, CorruptZnode):
             return None
+
+    # -- issue 12: what only the runtime knows, for the data plane's /metrics and /readyz --
+    def _publish(self) -> None:
+        """Replicas by state, ZooKeeper connectivity and readiness, after each turn."""
+        if self.plane is None:
+            return
+        metrics = self.plane.metrics
+        metrics.replicas(Counter(str(r.state) for r in self.state.shards.values()))
+        metrics.zk_connected(self.client is not None and self.client.connected)
+        if not self._plan_current:
+            metrics.ready(False, "no plan read in this ZooKeeper session yet")
+        else:
+            metrics.ready(self.table.serving, "not serving: ZooKeeper session lost")
 
     # -- registration -------------------------------------------------------------------
     def register(self, wait: bool = False) -> bool:

@@ -43,6 +43,7 @@ from shardkeeper.peer import PeerClient
 from shardkeeper.wire import Row
 
 TOKEN = "bench-token"
+PEER_TOKEN = "bench-peer-token"  # agents' replication calls (issue 10)
 SHARD = 1
 MB = 1 << 20
 
@@ -56,7 +57,8 @@ class Node:
     def __init__(self, root: Path, name: str):
         self.stores = StoreSet(root / name)
         self.table = ShardTable()
-        self.plane = DataPlane(self.stores, self.table, TOKEN, forward_timeout=5.0).start()
+        self.plane = DataPlane(self.stores, self.table, TOKEN, peer_token=PEER_TOKEN,
+                               forward_timeout=5.0).start()
         self.store = self.stores.open(SHARD)
 
     @property
@@ -123,7 +125,7 @@ def bench_bootstrap(
         checkpoint(path)
         size = path.stat().st_size
         shutil.copyfile(path, root / "warm.sqlite3")  # both copies start with a hot cache
-        client = PeerClient(TOKEN, timeout=30.0)
+        client = PeerClient(PEER_TOKEN, timeout=30.0)  # copies are an agent's call
         raw_s, durable_s, copy_s = [], [], []
         for run in range(runs):
             raw_s.append(timed(lambda: shutil.copyfile(path, root / "raw.sqlite3")))

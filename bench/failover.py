@@ -80,7 +80,7 @@ from shardkeeper import cluster as clusterstate
 from shardkeeper.layout import MoveRequest, Paths
 from shardkeeper.plan import Targets
 from shardkeeper.poll import poll_until
-from shardkeeper.token import TOKEN_ENV
+from shardkeeper.token import PEER_TOKEN_ENV, TOKEN_ENV
 from shardkeeper.zk import close, connect, ensure_layout
 
 CLUSTER = "bench"
@@ -175,6 +175,7 @@ class Fleet:
         # The data plane's shared secret, handed to agents as `init` would: they register
         # before the config exists, so that the first plan seeds them all at once.
         self.token = secrets.token_urlsafe(32)
+        self.peer_token = secrets.token_urlsafe(32)
         self._next_agent = 0
         self.client: KazooClient = connect(ws.target, session_timeout=10.0)
         ensure_layout(self.client, self.paths)
@@ -214,16 +215,17 @@ class Fleet:
         argv = agent_argv(
             self.ws.hosts, CLUSTER, agent, self.ws.root / "data" / agent, self.opts.session_timeout
         )
-        self.ws.procs.start(agent, argv, env={TOKEN_ENV: self.token})
+        tokens = {TOKEN_ENV: self.token, PEER_TOKEN_ENV: self.peer_token}
+        self.ws.procs.start(agent, argv, env=tokens)
         self.agents.add(agent)
         return agent
 
     def start_candidate(self, name: str) -> None:
-        # The agents' token, not the one `init` creates: the leader checks it on every
-        # agent's liveness link.
+        # The agents' tokens, not the ones `init` creates: the leader checks the peer
+        # token on every agent's liveness link.
         self.ws.procs.start(
             name, coordinator_argv(self.ws.hosts, CLUSTER, name, self.opts.session_timeout),
-            env={TOKEN_ENV: self.token},
+            env={TOKEN_ENV: self.token, PEER_TOKEN_ENV: self.peer_token},
         )
 
     def kill(self, name: str) -> float:

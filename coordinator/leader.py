@@ -46,7 +46,7 @@ from shardkeeper.layout import (
     encode_epoch,
 )
 from shardkeeper.plan import PlanState, digest
-from shardkeeper.token import read_token
+from shardkeeper.token import read_peer_token
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import ZkTarget, close, connect, ensure_layout
 
@@ -143,7 +143,7 @@ class LeaderTerm:
         self.client = client
         self.liveness_at = liveness
         self.liveness: LivenessServer | None = None
-        self._cluster_token: str | None = None  # the cluster token, for liveness hellos
+        self._peer_token: str | None = None  # the peer token, for liveness hellos
         # (agent, started) of member incarnations whose process is known dead.
         self.dead: set[tuple[str, float]] = set()
         self.paths = paths
@@ -350,14 +350,15 @@ class LeaderTerm:
                       " seen at their session timeout", *self.liveness_at, e.strerror)
 
     def _liveness_token(self) -> str | None:
-        """The cluster token, read when the first hello arrives (a term may begin before
-        `shardkeeper init` creates it) and kept: it does not change under a cluster."""
-        if self._cluster_token is None:
+        """The peer token (agents hold it, clients do not: a hello proves an agent), read
+        when the first hello arrives (a term may begin before `shardkeeper init` creates
+        it) and kept: it does not change under a cluster."""
+        if self._peer_token is None:
             try:
-                self._cluster_token = read_token(self.client, self.paths)
+                self._peer_token = read_peer_token(self.client, self.paths)
             except KazooException:
                 return None
-        return self._cluster_token
+        return self._peer_token
 
     def _address_of(self, agent: str) -> str | None:
         info = self.members.snapshot().get(agent)

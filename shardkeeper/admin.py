@@ -34,6 +34,8 @@ def init_cluster(client: KazooClient, paths: Paths, config: ClusterConfig,
     with contextlib.suppress(NodeExistsError):
         # The data plane's shared secret; SHARDKEEPER_TOKEN on a host overrides it.
         client.create(paths.token, secrets.token_urlsafe(32).encode())
+    with contextlib.suppress(NodeExistsError):  # agents' replication secret (issue 10)
+        client.create(paths.peer_token, secrets.token_urlsafe(32).encode())
     try:
         client.create(paths.config, config.encode())
         return None

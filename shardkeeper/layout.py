@@ -9,6 +9,7 @@ Layout under ``/shardkeeper/<cluster>`` (docs/architecture.md has the contracts)
 
     config                  persistent  admin        ClusterConfig
     token                   persistent  init         the data plane's cluster token
+    peer_token              persistent  init         the data plane's peer token (agents only)
     members/<agent>         ephemeral   agent        MemberInfo
     election/...            recipe      candidates   kazoo Election
     epoch                   persistent  new leader   leader id; its zk version is the fencing token
@@ -77,6 +78,12 @@ class Paths:
         """The cluster token for the data plane (raw bytes; protect it with a ZooKeeper ACL
         in production, or set SHARDKEEPER_TOKEN on every host instead)."""
         return f"{self.root}/token"
+
+    @property
+    def peer_token(self) -> str:
+        """The peer token: agents' replication calls to each other carry it, clients never
+        do (SHARDKEEPER_PEER_TOKEN on every agent host overrides it)."""
+        return f"{self.root}/peer_token"
 
     @property
     def members(self) -> str:

@@ -74,6 +74,7 @@ class Page:
     entries: list[Entry]
     max_lsn: int
     complete: bool = True
+    size: int = 0  # bytes on the wire
 
     @property
     def rows(self) -> list[Row]:
@@ -107,11 +108,14 @@ class PeerClient:
         timeout: float = 2.0,
         attempts: int = 4,
         max_redirects: int = 3,
+        on_download: Callable[[str, int], None] | None = None,
     ):
         self.token = token
         self.timeout = timeout
         self.attempts = attempts
         self.max_redirects = max_redirects
+        # An agent's copies report the bytes they fetch here (its bootstrap bytes metric).
+        self.on_download = on_download
         self._local = threading.local()
 
     # transport
@@ -121,6 +125,11 @@ class PeerClient:
         if conns is None:
             conns = self._local.conns = {}
         return conns
+
+    def downloaded(self, kind: str, size: int) -> None:
+        """``size`` bytes of shard data fetched to copy a replica (``kind``: snapshot, rows)."""
+        if self.on_download is not None:
+            self.on_download(kind, size)
 
     def close(self) -> None:
         """Close this thread's connections."""
@@ -236,7 +245,7 @@ class PeerClient:
             raise PeerError(address, f"rows page: {exc}", reply.status) from exc
         if entries and entries[0][2] <= after:
             raise PeerError(address, f"rows page starts at or before LSN {after}", reply.status)
-        return Page(entries, max_lsn, complete)
+        return Page(entries, max_lsn, complete, len(reply.data))
 
     def shard_info(self, address: str, shard: int) -> ShardInfo:
         path = shard_path(shard, "digest")

@@ -1,13 +1,19 @@
 """The data plane's wire format: what any client or peer of an agent needs to speak to it.
 
-Every request carries the cluster token as ``Authorization: Bearer <token>`` (``/healthz``
-too: a probe can send a header); a wrong or missing token gets 401. Bodies are JSON, except
+Every request carries a token as ``Authorization: Bearer <token>``, except ``/healthz``,
+``/readyz`` and ``/metrics`` (probes and scrapers hold none; they reveal no key, value or
+secret); a wrong or missing token gets 401. Clients hold the cluster token, which
+opens the client endpoints (keys, batch, digest); agents hold the peer token
+(``shardkeeper.token``), which opens every endpoint, and the replication endpoints
+(replicate, rows, snapshot, repair) take nothing else: 403 ``forbidden``. Bodies are JSON, except
 the two bulk answers (a rows page, a snapshot), which are binary; keys and values are bytes,
 sent base64 (standard alphabet) in JSON and percent-encoded in URL paths (``key_path``).
 
 Endpoints (``S`` is the shard number, ``K`` the percent-encoded key)::
 
-    GET    /healthz                        200 {"status","serving","writable","shards"} | 503
+    GET    /healthz                        200 {"status","serving","writable","shards"}: alive
+    GET    /readyz                         200 {"status"} | 503 {"error": "not_ready", "reason"}
+    GET    /metrics                        200 Prometheus text format
     GET    /v1/shards/S/keys/K             200 {"key","value","lsn"} | 404 {"error":"not_found"}
     PUT    /v1/shards/S/keys/K  {"value"}  200 {"lsn"}
     DELETE /v1/shards/S/keys/K             200 {"lsn"}        (writes a tombstone)
@@ -26,11 +32,12 @@ A row is ``{"key": b64, "value": b64 | null, "lsn": int}``; ``null`` marks a tom
 the LSN is in ``1..MAX_LSN`` (what a store's SQLite INTEGER holds).
 Client reads and writes, and repair, are served by the shard's primary only; any other
 holder answers ``307`` with ``Location`` and ``{"error": "not_primary", "primary": address}``
-(or 503 ``no_primary`` when it knows none). Errors (``ErrorCode``): 400 malformed, 401 token,
-404 unknown shard or key, 405 method, 409 ordering or fencing, 413 oversized (keys over
+(or 503 ``no_primary`` when it knows none). Errors (``ErrorCode``), always JSON: 400
+malformed, 401 token, 403 the peer token needed, 404 unknown endpoint, shard or key, 405
+method, 408 too slow, 409 ordering or fencing, 411 no length, 413 oversized (keys over
 ``MAX_KEY_BYTES``, values over ``MAX_VALUE_BYTES``, bodies over ``MAX_BODY_BYTES``, batches
-over ``MAX_BATCH_KEYS``), 503 unavailable (fenced, not serving, replication failed). A
-request that gets a 4xx changes nothing.
+over ``MAX_BATCH_KEYS``), 417 expectation, 431 head too large, 503 unavailable (fenced, not
+serving, replication failed, overloaded). A request that gets a 4xx changes nothing.
 
 **Terms and fencing.** Each shard's primary holds a *term*: the plan generation that made it
 primary. Its LSNs are ``(term << 32) | seq`` and every forward it sends carries its term. A
@@ -63,6 +70,8 @@ MAX_PAGE_ROWS = 10_000
 DEFAULT_PAGE_ROWS = 10_000
 MAX_PAGE_BYTES = 8 << 20  # keys + values per rows page (at least one row)
 MAX_LSN = (1 << 63) - 1  # stores keep LSNs in SQLite's signed 64-bit INTEGER
+MAX_TERM = MAX_LSN >> 32  # LSNs are (term << 32) | seq
+MAX_SHARD = 10**9 - 1
 
 # The rows stream (bootstrap, catch-up) is binary: per-row JSON and base64 cost more than
 # the SQLite work on both ends. Snapshots are the store file itself.
@@ -75,6 +84,7 @@ class ErrorCode(StrEnum):
 
     MALFORMED = "malformed"  # 400
     UNAUTHORIZED = "unauthorized"  # 401
+    FORBIDDEN = "forbidden"  # 403: a replication endpoint called without the peer token
     NOT_FOUND = "not_found"  # 404: no live row for the key
     UNKNOWN_SHARD = "unknown_shard"  # 404: this agent does not hold the shard
     NO_SUCH_ENDPOINT = "no_such_endpoint"  # 404
@@ -87,12 +97,18 @@ class ErrorCode(StrEnum):
     NOT_REPLICA = "not_replica"  # 409: a forward to a holder that takes none
     NOT_A_SOURCE = "not_a_source"  # 409: rows or a snapshot from a holder still copying
     BUSY = "busy"  # 409: another snapshot of the shard is being sent
+    TIMEOUT = "timeout"  # 408: the head or body did not arrive in time
+    LENGTH_REQUIRED = "length_required"  # 411: a body without Content-Length
     OVERSIZED = "oversized"  # 413
-    INTERNAL = "internal"  # 500
+    EXPECTATION_FAILED = "expectation_failed"  # 417: an Expect other than 100-continue
+    HEAD_TOO_LARGE = "head_too_large"  # 431
+    INTERNAL = "internal"  # 500: a bug (the agent logs it); never for a malformed request
+    OVERLOADED = "overloaded"  # 503: the agent's connection limit is reached
     NO_PRIMARY = "no_primary"  # 503
     SHARD_NOT_OPEN = "shard_not_open"  # 503
     NOT_SERVING = "not_serving"  # 503: the agent's ZooKeeper session was lost
     NOT_WRITABLE = "not_writable"  # 503: the agent's ZooKeeper session is suspended
+    NOT_READY = "not_ready"  # 503 from /readyz, with "reason"
     REPLICATION_FAILED = "replication_failed"  # 503, with "replicas"
 
 

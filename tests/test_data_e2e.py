@@ -290,7 +290,7 @@ BAD_REQUESTS = [
     ("oversized value", "PUT", key_path(0, b"k"), {"value": b64(b"x" * (MAX_VALUE_BYTES + 1))},
      "TOKEN", 413),
     ("bad batch", "POST", "/v1/shards/0/batch", {"puts": [{"key": 1}]}, "TOKEN", 400),
-    ("bad replicate", "POST", "/v1/shards/0/replicate", {"rows": "x"}, "TOKEN", 400),
+    ("replicate, client token", "POST", "/v1/shards/0/replicate", {"rows": "x"}, "TOKEN", 403),
 ]
 
 
@@ -353,7 +353,7 @@ def test_agent_back_from_lost_serves_nothing_until_it_has_a_plan(cluster) -> Non
              or read_old_value()[0] == 200, 10, "the agent finds it has no plan")
     status, body = read_old_value()
     assert (status, body.get("error")) == (503, "not_serving"), f"served stale data: {body}"
-    assert raw(address, "GET", "/healthz", token=kv.token)[0] == 503
+    assert raw(address, "GET", "/readyz", token=None)[0] == 503
     assert shard in StoreSet(cluster.workdir / victim / "shards").on_disk(), "data kept"
     cluster.start_coordinator("coord-1", session_timeout=SESSION)
     poll_until(lambda: cluster.settled(set(AGENTS)), 60,

@@ -9,7 +9,7 @@ import pytest
 
 from agents.handler import KVShardHandler, ShardHandler, perform
 from agents.shardsm import CatchUp, Synced
-from tests.test_dataplane import SHARD, Cluster, follow, lead, load
+from tests.dataplane_support import SHARD, Cluster, follow, lead, load
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_catch_up_brings_a_replica_that_was_away_into_line(nodes):
     load(nodes.client, p, 400, prefix="meanwhile")
     nodes.client.delete(p.address, SHARD, b"before000007")
     assert away.store.digest() != p.store.digest()
-    handler = KVShardHandler(away.stores, nodes.client, page_size=128)
+    handler = KVShardHandler(away.stores, nodes.peer, page_size=128)
     event = perform(handler, CatchUp(SHARD, r1.address, p.address), threading.Event())
     assert event == Synced(SHARD, p.store.sync_lsn())
     assert away.store.digest() == p.store.digest() == r1.store.digest()
@@ -43,7 +43,7 @@ def test_catch_up_from_an_unreachable_primary_raises_for_the_runtime_to_retry(no
     p, away = nodes.start("p"), nodes.start("away")
     p.store.mark_promoted()
     away.store  # noqa: B018 - the replica holds the shard
-    handler = KVShardHandler(away.stores, nodes.client)
+    handler = KVShardHandler(away.stores, nodes.peer)
     with pytest.raises(Exception, match="127.0.0.1:1"):
         perform(handler, CatchUp(SHARD, "127.0.0.1:1", "127.0.0.1:1"), threading.Event())
 

@@ -78,6 +78,7 @@ def copy_shard(
         if stop is not None and stop.is_set():
             raise CopyCancelled(f"shard {shard} copy stopped at LSN {cursor}")
         page = client.rows_after(source, shard, cursor, page_size)
+        client.downloaded("rows", page.size)
         if page.complete:
             # Every synced row up to max_lsn is here (LSNs of overwritten rows are gone).
             top = max(cursor, page.max_lsn)
@@ -112,6 +113,7 @@ def _copy_image(
     try:
         size = fetch_snapshot(source, shard, dest, token=client.token, timeout=client.timeout,
                               stop=stop)
+        client.downloaded("snapshot", size)
         return store.install_image(dest), size
     except (PeerError, StoreError) as exc:
         log.info("shard %s: no file image from %s (%s); streaming rows", shard, source, exc)

@@ -16,6 +16,11 @@ from the plan (the term of the primary the plan names): a lower term is a depose
 (``stale_term``), a higher one a primary this replica's plan does not name yet
 (``term_ahead``). Neither changes anything: a forward cannot move the fence, so a forged
 one with a huge term cannot lock the real primary out.
+
+Only agents hold the peer token that the replicate endpoint requires; still, a forward's
+rows are checked against its term (``check_forward_rows``) and a retried forward is
+acknowledged only if the replica holds its rows, so that not even a peer's bug can push a
+replica's ``sync_lsn`` past what it applied and have real forwards acknowledged unapplied.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from typing import Any
 
 from agents.dataplane.table import ShardRoute
 from agents.shardsm import ShardState
-from agents.store import ShardStore
+from agents.store import ShardStore, lsn_term
 from shardkeeper.peer import PeerClient, PeerError, Reply
-from shardkeeper.wire import ErrorCode, Row
+from shardkeeper.wire import ErrorCode, Malformed, Row
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,8 @@ def accept_forward(
     last-writer-wins. An in-sync forward applies only on top of ``prev`` (then
     ``sync_lsn`` moves to its last LSN); a retried forward already held is acknowledged;
     otherwise the replica is behind (``gap``) or ahead of the primary (``diverged``).
-    Raises Refused; the caller holds the shard's replica lock and read ``route`` under it.
+    Raises Refused, or Malformed for rows no primary of ``term`` sends; the caller holds the
+    shard's replica lock and read ``route`` under it.
     """
     if route.state not in FORWARD_TAKERS:
         raise Refused(ErrorCode.NOT_REPLICA, state=str(route.state))
@@ -70,16 +76,45 @@ def accept_forward(
         raise Refused(ErrorCode.STALE_TERM, term=route.term)
     if term > route.term:
         raise Refused(ErrorCode.TERM_AHEAD, term=route.term)
+    check_forward_rows(term, prev, rows, sync)
     if not sync:
         store.apply(rows)
         return store.sync_lsn()
-    have, top = store.sync_lsn(), max(r.lsn for r in rows)
+    have, top = store.sync_lsn(), rows[-1].lsn
     if have == prev:
         store.apply_forward(rows, sync_lsn=top)
         return top
-    if have >= top:
+    if have >= top and _holds(store, rows):
         return have  # a retried forward we already hold
     raise Refused(ErrorCode.GAP if have < prev else ErrorCode.DIVERGED, sync_lsn=have)
+
+
+def check_forward_rows(term: int, prev: int, rows: list[Row], sync: bool) -> None:
+    """Raises Malformed unless ``rows`` could come from a primary of ``term``: LSNs rising,
+    none of a later term, and (in sync) all after ``prev``.
+
+    Rows of older terms are legitimate: a primary pushes a lagging replica the rows it
+    missed, and those may have been written under an earlier primary.
+    """
+    if not rows:
+        raise Malformed("a forward carries at least one row")
+    if lsn_term(prev) > term:
+        raise Malformed(f"prev_lsn {prev} is of term {lsn_term(prev)}, after term {term}")
+    last = prev if sync else 0
+    for row in rows:
+        if lsn_term(row.lsn) > term:
+            raise Malformed(f"row LSN {row.lsn} is of term {lsn_term(row.lsn)}, after the"
+                            f" forward's term {term}")
+        if row.lsn <= last:
+            raise Malformed(f"row LSN {row.lsn} is not after {last}: a forward's rows rise"
+                            " from its prev_lsn")
+        last = row.lsn
+
+
+def _holds(store: ShardStore, rows: list[Row]) -> bool:
+    """Whether every row is applied here (or overwritten by a later write of its key)."""
+    held = store.get_many(row.key for row in rows)
+    return all(row.key in held and held[row.key].lsn >= row.lsn for row in rows)
 
 
 def _term_ahead(reply: Reply) -> bool:
@@ -95,11 +130,14 @@ class Replicator:
         forward_timeout: float,
         *,
         term_ahead_wait: float = TERM_AHEAD_SECONDS,
+        workers: int = 16,
+        name: str = "forward",
     ):
         self.client = client
         self.forward_timeout = forward_timeout
         self.term_ahead_wait = term_ahead_wait
-        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="forward")
+        # Threads start as forwards need them, up to ``workers``; then forwards queue.
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,28 +1,47 @@
-"""The data plane's HTTP server: one agent's endpoints (``shardkeeper.wire`` documents them).
+"""The data plane's endpoints: one agent's shards over HTTP (``shardkeeper.wire`` documents
+the protocol, ``agents.dataplane.conns`` the connections and threads).
 
-``DataPlane`` parses and checks each request, looks the shard up in the ``ShardTable`` the
-runtime keeps, and answers from the shard's store. The primary's write path runs here
-under the shard's write lock: assign LSNs above the local maximum and above every older
-term's (``store.next_lsn``), apply locally, forward (``replication.Replicator``), and
-acknowledge only if every in-sync replica applied the rows and the agent is still
-writable. A replica takes forwards through ``replication.accept_forward`` under the
-shard's replica lock. Snapshots go out with ``transfer.send_file``.
+``DataPlane`` is the application the connection layer calls, in two steps:
+
+- ``admit(head)``, on the I/O thread, before any body is read: the endpoint, the method,
+  the token (the peer token opens every endpoint, the cluster token only the client ones),
+  the shard number, key and query. Anything wrong is answered there (404, 405, 401, 403,
+  400, 413, 503) and the body is never read. An admitted request goes to a worker lane:
+  peers' forwards and repairs, clients' reads and writes, bulk transfers (rows, snapshots).
+- ``handle(head, call, body)``, on a worker: parse the JSON body, look the shard up in
+  the ``ShardTable`` the runtime keeps, and answer from the shard's store.
+
+The primary's write path runs here under the shard's write lock: assign LSNs above the
+local maximum and above every older term's (``store.next_lsn``), apply locally, forward
+(``replication.Replicator``), and acknowledge only if every in-sync replica applied the
+rows and the agent is still writable. A replica takes forwards through
+``replication.accept_forward`` under the shard's replica lock. Snapshots go out with
+``transfer.send_file``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
-import json
-import logging
-import socket
 import threading
-import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
+from agents.dataplane.conns import Admission, HttpServer, ServerLimits
+from agents.dataplane.http import (
+    HttpError,
+    RequestHead,
+    Response,
+    ascii_int,
+    malformed,
+    parse_json,
+    parse_query,
+    percent_decode,
+)
+from agents.dataplane.lanes import Lane
+from agents.dataplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agents.dataplane.metrics import PlaneMetrics
 from agents.dataplane.replication import (
     TERM_AHEAD_SECONDS,
     Refused,
@@ -30,16 +49,18 @@ from agents.dataplane.replication import (
     accept_forward,
 )
 from agents.dataplane.table import ShardRoute, ShardTable
-from agents.dataplane.transfer import send_file
 from agents.shardsm import ShardState
-from agents.store import FileImage, ShardStore, StoreBusy, StoreSet, next_lsn
+from agents.store import ShardStore, StoreBusy, StoreSet, next_lsn
 from shardkeeper.peer import PeerClient
+from shardkeeper.token import Tokens
 from shardkeeper.wire import (
     DEFAULT_PAGE_ROWS,
     MAX_BATCH_KEYS,
-    MAX_BODY_BYTES,
+    MAX_LSN,
     MAX_PAGE_BYTES,
     MAX_PAGE_ROWS,
+    MAX_SHARD,
+    MAX_TERM,
     ROWS_CONTENT_TYPE,
     SNAPSHOT_CONTENT_TYPE,
     ErrorCode,
@@ -54,46 +75,66 @@ from shardkeeper.wire import (
     unb64,
 )
 
-log = logging.getLogger(__name__)
-
 SOURCES = (ShardState.REPLICA, ShardState.PRIMARY)  # may serve rows and snapshots
 
 
-class HttpError(Exception):
-    """An HTTP error answer: status plus a JSON body with at least ``error``."""
-
-    def __init__(self, status: int, error: ErrorCode, **details: Any):
-        super().__init__(f"{status} {error}")
-        self.status = status
-        self.body = {"error": error, **details}
+class Credential(StrEnum):
+    CLIENT = "client"  # the cluster token: the client endpoints
+    PEER = "peer"  # the peer token: every endpoint
 
 
 @dataclass(frozen=True)
-class Request:
+class Endpoint:
+    """One ``/v1/shards/S/<name>`` endpoint: the metrics route is its name."""
+
+    methods: tuple[str, ...]
+    # The replication endpoints are the peer token's alone (issue 10): a client token
+    # holder could otherwise forge a forward (and stop a replica applying real ones
+    # silently) or read whole shards.
+    needs: Credential
+    lane: Lane
+    query: frozenset[str] = frozenset()
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "keys": Endpoint(("GET", "PUT", "DELETE"), Credential.CLIENT, Lane.CLIENT),
+    "batch": Endpoint(("POST",), Credential.CLIENT, Lane.CLIENT),
+    "digest": Endpoint(("GET",), Credential.CLIENT, Lane.CLIENT),
+    "replicate": Endpoint(("POST",), Credential.PEER, Lane.PEER),
+    "repair": Endpoint(("POST",), Credential.PEER, Lane.PEER),
+    "rows": Endpoint(("GET",), Credential.PEER, Lane.BULK, frozenset({"after", "limit"})),
+    "snapshot": Endpoint(("GET",), Credential.PEER, Lane.BULK),
+}
+BODY_METHODS = ("PUT", "POST")
+# Answered on the I/O thread without a token (issue 12): probes and scrapers hold none, and
+# these reveal no key, value or secret.
+OPEN = ("healthz", "readyz", "metrics")
+
+
+@dataclass(frozen=True)
+class Call:
+    """What admission found in a head, for the worker that answers it."""
+
+    endpoint: str
     method: str
-    segments: tuple[str, ...]
-    query: Mapping[str, str]
-    body: Any = None
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: dict[str, Any]
-    headers: Mapping[str, str] = field(default_factory=dict)
-    data: bytes | None = None  # sent as is (a rows page) instead of ``body`` as JSON
-    image: FileImage | None = None  # a store file sent with sendfile, then closed
+    shard: int
+    credential: Credential
+    key: bytes = b""
+    query: Mapping[str, str] = field(default_factory=dict)
 
 
 class DataPlane:
     """The data-plane HTTP server of one agent.
 
     ``stores`` holds the shard files, ``table`` says what each local shard is (the runtime
-    keeps it current), ``token`` is the cluster token; ``forward_timeout`` bounds each
+    keeps it current), ``token`` is the cluster token (the client endpoints), ``peer_token``
+    the peer token (every endpoint; its forwards send it); ``forward_timeout`` bounds each
     forward, ``term_ahead_wait`` how long a replica that answers ``term_ahead`` is asked
-    again, ``client`` (tests) replaces the forwarding client. ``start()`` binds ``host:port``
-    (port 0 picks a free one; see ``address``), ``stop()`` closes the listener and every open
-    connection, so peers see this agent go away at once.
+    again, ``client`` (tests) replaces the forwarding client, ``limits`` the thread model
+    and time-outs (``conns.ServerLimits``); ``metrics`` (``metrics.PlaneMetrics``) is what
+    /metrics and /readyz serve, fed by the runtime. The constructor binds ``host:port`` (port 0
+    picks a free one; see ``address``), ``start()`` serves, ``stop()`` closes the listener
+    and every open connection, so peers see this agent go away at once.
     """
 
     def __init__(
@@ -102,116 +143,148 @@ class DataPlane:
         table: ShardTable,
         token: str,
         *,
+        peer_token: str,
         host: str = "127.0.0.1",
         port: int = 0,
         forward_timeout: float = 2.0,
         term_ahead_wait: float = TERM_AHEAD_SECONDS,
         client: PeerClient | None = None,
+        limits: ServerLimits | None = None,
+        metrics: PlaneMetrics | None = None,
     ):
-        if not token:
-            raise ValueError("the data plane needs a cluster token")
         self.stores = stores
         self.table = table
-        self.token = token
+        self.tokens = Tokens(token, peer_token)
         self.forward_timeout = forward_timeout
-        self.replicator = Replicator(
-            client or PeerClient(token, timeout=forward_timeout, attempts=1),
-            forward_timeout,
-            term_ahead_wait=term_ahead_wait,
-        )
         self._write_locks: dict[int, threading.Lock] = {}
         self._replica_locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._server = _Server((host, port), _Handler, self)
-        self._thread: threading.Thread | None = None
+        self.metrics = metrics or PlaneMetrics()
+        self._server = HttpServer((host, port), self, limits, name="dataplane")
+        self.metrics.watch_server(self._server.stats)
+        self.replicator = Replicator(
+            client or PeerClient(peer_token, timeout=forward_timeout, attempts=1),
+            forward_timeout,
+            term_ahead_wait=term_ahead_wait,
+            workers=self._server.limits.forward_workers,
+            name=f"{self._server.name}-forward",
+        )
 
-    def set_token(self, token: str) -> None:
-        """Switch to the cluster token (the agent learns it after binding its port)."""
-        if not token:
-            raise ValueError("the data plane needs a cluster token")
-        self.replicator.client = PeerClient(token, timeout=self.forward_timeout, attempts=1)
-        self.token = token
+    def set_tokens(self, tokens: Tokens) -> None:
+        """Switch to the cluster's tokens (the agent learns them after binding its port)."""
+        self.replicator.client = PeerClient(tokens.peer, timeout=self.forward_timeout,
+                                            attempts=1)
+        self.tokens = tokens
 
     @property
     def address(self) -> str:
-        host, port = self._server.server_address[:2]
+        host, port = self._server.address
         return f"{host}:{port}"
 
+    @property
+    def limits(self) -> ServerLimits:
+        return self._server.limits
+
+    def stats(self) -> dict[str, int]:
+        """Open connections and busy workers per lane."""
+        return self._server.stats()
+
     def start(self) -> DataPlane:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},  # stop() returns within one interval
-            name=f"dataplane-{self.address}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._server.close_connections()
+        self._server.stop()
         self.replicator.close()
 
-    # dispatch
+    # admission: on the I/O thread, from the head alone
 
-    def authorized(self, header: str | None) -> bool:
-        expected = f"Bearer {self.token}".encode()
-        return header is not None and hmac.compare_digest(header.encode(), expected)
+    def credential(self, header: str | None) -> Credential | None:
+        """Which token the ``Authorization`` header carries, if any (constant time)."""
+        if header is None:
+            return None
+        given = header.encode("latin-1", "replace")
+        tokens = self.tokens  # one read: set_tokens may swap it meanwhile
+        found = None
+        for credential, token in ((Credential.PEER, tokens.peer),
+                                  (Credential.CLIENT, tokens.client)):
+            if hmac.compare_digest(given, f"Bearer {token}".encode()):
+                found = credential
+        return found
 
-    def handle(self, request: Request) -> Response:
-        """Answer one authenticated request (the HTTP layer checked the token)."""
+    def admit(self, head: RequestHead) -> Admission:
+        seg = head.segments
+        route = route_of(seg)
         try:
-            return self._route(request)
+            return self._admit(head, seg, route)
         except HttpError as exc:
-            return Response(exc.status, exc.body)
-        except Malformed as exc:  # a key, value or row that breaks the wire's rules
-            return Response(exc.status, {"error": exc.error, "detail": str(exc)})
+            return Admission(route, response=exc.response())
+        except Malformed as exc:  # a key that breaks the wire's rules
+            return Admission(route, response=_malformed_response(exc))
 
-    def _route(self, request: Request) -> Response:
-        seg = request.segments
-        if seg == ("healthz",):
-            return self._only(request, "GET", self.healthz)
+    def _admit(self, head: RequestHead, seg: tuple[str, ...], route: str) -> Admission:
+        if route in OPEN:
+            self._allow(head, ("GET",))
+            if head.content_length:
+                raise malformed(f"{head.method} takes no body")
+            answer = {"healthz": self.healthz, "readyz": self.readyz,
+                      "metrics": self.metrics_text}[route]
+            return Admission(route, response=answer())
+        endpoint = ENDPOINTS.get(route)
+        if endpoint is None or seg[:2] != ("v1", "shards") or len(seg) != (
+            5 if route == "keys" else 4
+        ):
+            raise HttpError(404, ErrorCode.NO_SUCH_ENDPOINT)
+        self._allow(head, endpoint.methods)
+        credential = self._authorize(head, endpoint.needs)
         if not self.table.serving:
-            raise HttpError(503, ErrorCode.NOT_SERVING,
-                            detail="ZooKeeper session lost; reconnecting")
-        if len(seg) < 4 or seg[:2] != ("v1", "shards"):
-            raise HttpError(404, ErrorCode.NO_SUCH_ENDPOINT)
-        shard = parse_shard(seg[2])
-        kind, rest = seg[3], seg[4:]
-        if kind == "keys" and len(rest) == 1:
-            key = urllib.parse.unquote_to_bytes(rest[0])
+            raise HttpError(503, ErrorCode.NOT_SERVING, detail="ZooKeeper session lost")
+        shard = ascii_int(seg[2], "shard number", MAX_SHARD)
+        key = b""
+        if route == "keys":
+            key = percent_decode(seg[4])
             check_key(key)
-            return self._key_op(request, shard, key)
-        handlers: dict[str, tuple[str, Callable[[Request, int], Response]]] = {
-            "batch": ("POST", self.batch_put),
-            "replicate": ("POST", self.replicate),
-            "rows": ("GET", self.rows),
-            "snapshot": ("GET", self.snapshot),
-            "digest": ("GET", self.digest),
-            "repair": ("POST", self.repair),
-        }
-        if kind not in handlers or rest:
-            raise HttpError(404, ErrorCode.NO_SUCH_ENDPOINT)
-        method, handler = handlers[kind]
-        return self._only(request, method, lambda: handler(request, shard))
+        query = parse_query(head.query, endpoint.query)
+        if head.content_length and head.method not in BODY_METHODS:
+            raise malformed(f"{head.method} takes no body")
+        lane = Lane.PEER if credential is Credential.PEER and route == "digest" else endpoint.lane
+        return Admission(route, lane, call=Call(route, head.method, shard, credential, key,
+                                                query))
 
     @staticmethod
-    def _only(request: Request, method: str, fn: Callable[[], Response]) -> Response:
-        if request.method != method:
-            raise HttpError(405, ErrorCode.METHOD_NOT_ALLOWED, allowed=method)
-        return fn()
+    def _allow(head: RequestHead, methods: tuple[str, ...]) -> None:
+        if head.method not in methods:
+            raise HttpError(405, ErrorCode.METHOD_NOT_ALLOWED, allowed=", ".join(methods))
 
-    def _key_op(self, request: Request, shard: int, key: bytes) -> Response:
-        if request.method == "GET":
-            return self.get(request, shard, key)
-        if request.method == "PUT":
-            value = unb64(body_field(request, "value"), "value")
-            check_value(value)
-            return Response(200, {"lsn": self.write(request, shard, [(key, value)])[0]})
-        if request.method == "DELETE":
-            return Response(200, {"lsn": self.write(request, shard, [(key, None)])[0]})
-        raise HttpError(405, ErrorCode.METHOD_NOT_ALLOWED, allowed="GET, PUT, DELETE")
+    def _authorize(self, head: RequestHead, needs: Credential) -> Credential:
+        credential = self.credential(head.headers.get("authorization"))
+        if credential is None:
+            raise HttpError(401, ErrorCode.UNAUTHORIZED, detail="bad or missing token")
+        if needs is Credential.PEER and credential is not Credential.PEER:
+            raise HttpError(403, ErrorCode.FORBIDDEN, detail="this endpoint needs the peer token")
+        return credential
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        """Called once per answer."""
+        self.metrics.observe(route, status, seconds)
+
+    # answers: on a worker
+
+    def handle(self, head: RequestHead, call: Call, body: bytes) -> Response:
+        """Answer one admitted request."""
+        try:
+            if not self.table.serving:  # lost while the request waited for a worker
+                raise HttpError(503, ErrorCode.NOT_SERVING, detail="ZooKeeper session lost")
+            data = parse_json(body) if body else None
+            response = self._handlers[call.endpoint](self, call, data)
+        except HttpError as exc:
+            response = exc.response()
+        except Malformed as exc:  # a key, value or row that breaks the wire's rules
+            response = _malformed_response(exc)
+        if response.status == 307:
+            location = f"http://{response.body['primary']}{head.target}"
+            response = Response(307, response.body, headers={"Location": location})
+        return response
 
     # lookups
 
@@ -243,34 +316,52 @@ class DataPlane:
     # handlers
 
     def healthz(self) -> Response:
+        """200 while the process runs (its I/O thread answers); no ZooKeeper needed."""
         body = {
-            "status": "ok" if self.table.serving else "not_serving",
+            "status": "ok",
             "serving": self.table.serving,
             "writable": self.table.writable,
             "shards": len(self.table.routes()),
         }
-        return Response(200 if self.table.serving else 503, body)
+        return Response(200, body)
 
-    def get(self, request: Request, shard: int, key: bytes) -> Response:
-        self._primary_route(shard)
-        row = self._store_of(shard).get(key)
-        if row is None or row.tombstone:
-            raise HttpError(404, ErrorCode.NOT_FOUND)
-        return Response(200, row_to_json(row))
+    def readyz(self) -> Response:
+        """200 once the runtime said the agent read its plan in this session and serves it."""
+        ready, reason = self.metrics.readiness()
+        if ready and not self.table.serving:  # lost since the runtime's last turn
+            ready, reason = False, "ZooKeeper session lost: not serving"
+        if ready:
+            return Response(200, {"status": "ready"})
+        return Response(503, {"status": "not_ready", "error": ErrorCode.NOT_READY,
+                              "reason": reason})
 
-    def batch_put(self, request: Request, shard: int) -> Response:
-        puts = body_field(request, "puts")
+    def metrics_text(self) -> Response:
+        return Response(200, data=self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
+    def keys(self, call: Call, data: Any) -> Response:
+        if call.method == "GET":
+            self._primary_route(call.shard)
+            row = self._store_of(call.shard).get(call.key)
+            if row is None or row.tombstone:
+                raise HttpError(404, ErrorCode.NOT_FOUND)
+            return Response(200, row_to_json(row))
+        value = None
+        if call.method == "PUT":
+            value = unb64(body_field(data, "value"), "value")
+            check_value(value)
+        return Response(200, {"lsn": self.write(call.shard, [(call.key, value)])[0]})
+
+    def batch(self, call: Call, data: Any) -> Response:
+        puts = body_field(data, "puts")
         if not isinstance(puts, list) or not puts:
-            raise HttpError(400, ErrorCode.MALFORMED, detail="puts must be a non-empty list")
+            raise malformed("puts must be a non-empty list")
         if len(puts) > MAX_BATCH_KEYS:
             raise HttpError(413, ErrorCode.OVERSIZED,
                             detail=f"at most {MAX_BATCH_KEYS} puts per batch")
         changes = [parse_put(item) for item in puts]
-        return Response(200, {"lsns": self.write(request, shard, changes)})
+        return Response(200, {"lsns": self.write(call.shard, changes)})
 
-    def write(
-        self, request: Request, shard: int, changes: list[tuple[bytes, bytes | None]]
-    ) -> list[int]:
+    def write(self, shard: int, changes: list[tuple[bytes, bytes | None]]) -> list[int]:
         """The primary's write path; returns the LSNs once every in-sync replica applied."""
         self._primary_route(shard)
         store = self._store_of(shard)
@@ -292,55 +383,56 @@ class DataPlane:
         if not self.table.writable:
             raise HttpError(503, ErrorCode.NOT_WRITABLE, detail="ZooKeeper session suspended")
 
-    def replicate(self, request: Request, shard: int) -> Response:
+    def replicate(self, call: Call, data: Any) -> Response:
         """A replica applies a primary's forward (``replication.accept_forward``)."""
-        term = int_field(request, "term")
-        prev = int_field(request, "prev_lsn")
-        sync = body_field(request, "sync")
-        raw_rows = body_field(request, "rows")
+        term = int_field(data, "term", MAX_TERM)
+        prev = int_field(data, "prev_lsn", MAX_LSN)
+        sync = body_field(data, "sync")
+        raw_rows = body_field(data, "rows")
         if not isinstance(sync, bool) or not isinstance(raw_rows, list) or not raw_rows:
-            raise HttpError(400, ErrorCode.MALFORMED,
-                            detail="sync must be a bool, rows a non-empty list")
+            raise malformed("sync must be a bool, rows a non-empty list")
+        if len(raw_rows) > MAX_BATCH_KEYS:
+            raise HttpError(413, ErrorCode.OVERSIZED, detail=f"at most {MAX_BATCH_KEYS} rows")
         rows = [row_from_json(r) for r in raw_rows]
-        self._route_of(shard)
-        store = self._store_of(shard)
-        with self._lock_for(self._replica_locks, shard):
+        self._route_of(call.shard)
+        store = self._store_of(call.shard)
+        with self._lock_for(self._replica_locks, call.shard):
             # The route as the runtime set it last, read under the lock that orders forwards.
-            route = self._route_of(shard)
+            route = self._route_of(call.shard)
             try:
                 sync_lsn = accept_forward(route, store, term, prev, rows, sync)
             except Refused as exc:
                 raise HttpError(409, exc.error, **exc.details) from exc
         return Response(200, {"sync_lsn": sync_lsn})
 
-    def rows(self, request: Request, shard: int) -> Response:
-        after = query_int(request, "after", 0)
-        limit = query_int(request, "limit", DEFAULT_PAGE_ROWS)
-        if after < 0 or not 0 < limit <= MAX_PAGE_ROWS:
-            raise HttpError(400, ErrorCode.MALFORMED,
-                            detail=f"need after >= 0, 0 < limit <= {MAX_PAGE_ROWS}")
-        route = self._route_of(shard)
+    def rows(self, call: Call, data: Any) -> Response:
+        after = query_int(call, "after", 0, MAX_LSN)
+        limit = query_int(call, "limit", DEFAULT_PAGE_ROWS, MAX_PAGE_ROWS)
+        if limit == 0:
+            raise malformed(f"need 0 < limit <= {MAX_PAGE_ROWS}")
+        route = self._route_of(call.shard)
         if route.state not in SOURCES:
             raise HttpError(409, ErrorCode.NOT_A_SOURCE, state=str(route.state))
-        entries, upto, complete = self._store_of(shard).synced_entries(
+        entries, upto, complete = self._store_of(call.shard).synced_entries(
             after, limit, MAX_PAGE_BYTES
         )
-        return Response(200, {}, data=encode_rows_page(entries, upto, complete))
+        return Response(200, data=encode_rows_page(entries, upto, complete),
+                        content_type=ROWS_CONTENT_TYPE)
 
-    def snapshot(self, request: Request, shard: int) -> Response:
+    def snapshot(self, call: Call, data: Any) -> Response:
         """The shard's store file as a consistent image (a fresh replica's fast bootstrap)."""
-        route = self._route_of(shard)
+        route = self._route_of(call.shard)
         if route.state not in SOURCES:
             raise HttpError(409, ErrorCode.NOT_A_SOURCE, state=str(route.state))
         try:
-            image = self._store_of(shard).open_image()
+            image = self._store_of(call.shard).open_image()
         except StoreBusy as exc:
             raise HttpError(409, ErrorCode.BUSY, detail=str(exc)) from exc
-        return Response(200, {}, image=image)
+        return Response(200, image=image, content_type=SNAPSHOT_CONTENT_TYPE)
 
-    def digest(self, request: Request, shard: int) -> Response:
-        route = self._route_of(shard)
-        store = self._store_of(shard)
+    def digest(self, call: Call, data: Any) -> Response:
+        route = self._route_of(call.shard)
+        store = self._store_of(call.shard)
         body = {
             "digest": store.digest(),
             "max_lsn": store.max_lsn(),
@@ -352,185 +444,65 @@ class DataPlane:
         }
         return Response(200, body)
 
-    def repair(self, request: Request, shard: int) -> Response:
-        self._primary_route(shard)
-        keys = body_field(request, "keys")
+    def repair(self, call: Call, data: Any) -> Response:
+        self._primary_route(call.shard)
+        keys = body_field(data, "keys")
         if not isinstance(keys, list) or len(keys) > MAX_BATCH_KEYS:
-            raise HttpError(400, ErrorCode.MALFORMED,
-                            detail=f"keys must be a list of <= {MAX_BATCH_KEYS}")
+            raise malformed(f"keys must be a list of <= {MAX_BATCH_KEYS}")
         decoded = [unb64(k, "key") for k in keys]
-        found = self._store_of(shard).get_many(decoded)
+        for key in decoded:
+            check_key(key)
+        found = self._store_of(call.shard).get_many(decoded)
         answer = [
             {"key": b64(k), "row": row_to_json(found[k]) if k in found else None} for k in decoded
         ]
         return Response(200, {"rows": answer})
 
+    _handlers: dict[str, Callable[[DataPlane, Call, Any], Response]] = {
+        "keys": keys, "batch": batch, "replicate": replicate, "rows": rows,
+        "snapshot": snapshot, "digest": digest, "repair": repair,
+    }
+
 
 # -- request parsing ---------------------------------------------------------------------
 
 
-def parse_shard(text: str) -> int:
-    if not text.isdigit() or len(text) > 9:
-        raise HttpError(400, ErrorCode.MALFORMED, detail=f"bad shard number {text!r}")
-    return int(text)
+def route_of(segments: tuple[str, ...]) -> str:
+    """The route a path counts under in the metrics: a bounded set, never the raw path."""
+    if len(segments) == 1 and segments[0] in OPEN:
+        return segments[0]
+    if len(segments) >= 4 and segments[:2] == ("v1", "shards") and segments[3] in ENDPOINTS:
+        return segments[3]
+    return "other"
 
 
-def body_field(request: Request, name: str) -> Any:
-    if not isinstance(request.body, dict) or name not in request.body:
-        raise HttpError(400, ErrorCode.MALFORMED,
-                        detail=f"body must be a JSON object with {name!r}")
-    return request.body[name]
+def _malformed_response(exc: Malformed) -> Response:
+    return Response(exc.status, {"error": exc.error, "detail": str(exc)})
 
 
-def int_field(request: Request, name: str) -> int:
-    value = body_field(request, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise HttpError(400, ErrorCode.MALFORMED, detail=f"{name} must be a non-negative integer")
+def body_field(data: Any, name: str) -> Any:
+    if not isinstance(data, dict) or name not in data:
+        raise malformed(f"body must be a JSON object with {name!r}")
+    return data[name]
+
+
+def int_field(data: Any, name: str, maximum: int) -> int:
+    value = body_field(data, name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+        raise malformed(f"{name} must be an integer in 0..{maximum}")
     return value
 
 
-def query_int(request: Request, name: str, default: int) -> int:
-    text = request.query.get(name)
-    if text is None:
-        return default
-    if not text.isdigit():
-        raise HttpError(400, ErrorCode.MALFORMED, detail=f"{name} must be a non-negative integer")
-    return int(text)
+def query_int(call: Call, name: str, default: int, maximum: int) -> int:
+    text = call.query.get(name)
+    return default if text is None else ascii_int(text, name, maximum)
 
 
 def parse_put(item: Any) -> tuple[bytes, bytes]:
     if not isinstance(item, dict):
-        raise HttpError(400, ErrorCode.MALFORMED, detail="each put must be an object")
+        raise malformed("each put must be an object")
     key = unb64(item.get("key"), "key")
     value = unb64(item.get("value"), "value")
     check_key(key)
     check_value(value)
     return key, value
-
-
-# -- HTTP --------------------------------------------------------------------------------
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], handler: type, plane: DataPlane):
-        self.plane = plane
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        super().__init__(address, handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conns_lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conns_lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """Cut kept-alive connections too: a stopped agent must look dead to its peers."""
-        with self._conns_lock:
-            conns, self._conns = list(self._conns), set()
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-    timeout = 60  # idle kept-alive connections end after this
-    # Headers and body go out in two writes; with Nagle on, a delayed ACK adds ~40 ms each.
-    disable_nagle_algorithm = True
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._serve()
-
-    def do_PUT(self) -> None:  # noqa: N802
-        self._serve()
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._serve()
-
-    def do_DELETE(self) -> None:  # noqa: N802
-        self._serve()
-
-    # Other methods get a JSON 405 from the router rather than http.server's HTML 501.
-    do_PATCH = do_OPTIONS = do_DELETE
-
-    def _serve(self) -> None:
-        plane = self.server.plane
-        try:
-            body = self._read_body()
-        except HttpError as exc:
-            self.close_connection = True  # the unread body would poison the next request
-            self._send(Response(exc.status, exc.body))
-            return
-        if not plane.authorized(self.headers.get("Authorization")):
-            self._send(Response(401, {"error": ErrorCode.UNAUTHORIZED,
-                                      "detail": "bad or missing token"}))
-            return
-        parsed = urllib.parse.urlsplit(self.path)
-        segments = tuple(s for s in parsed.path.split("/") if s)
-        query = dict(urllib.parse.parse_qsl(parsed.query))
-        try:
-            decoded = json.loads(body) if body else None
-        except ValueError:
-            self._send(Response(400, {"error": ErrorCode.MALFORMED, "detail": "body is not JSON"}))
-            return
-        try:
-            response = plane.handle(Request(self.command, segments, query, decoded))
-        except Exception:  # a bug or a disk error must not kill the connection silently
-            log.exception("data plane failed on %s %s", self.command, self.path)
-            response = Response(500, {"error": ErrorCode.INTERNAL})
-        if response.status == 307:
-            location = f"http://{response.body['primary']}{self.path}"
-            response = replace(response, headers={"Location": location})
-        if response.image is not None:
-            self._send_image(response.image)
-        else:
-            self._send(response)
-
-    def _send_image(self, image: FileImage) -> None:
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", SNAPSHOT_CONTENT_TYPE)
-            self.send_header("Content-Length", str(image.size))
-            self.end_headers()
-            with image.path.open("rb") as f:
-                send_file(self.connection, f.fileno(), image.size, self.timeout)
-        except OSError as exc:  # the copier left (cancelled, timed out) or stalled for good
-            self.close_connection = True
-            log.info("snapshot %s not sent to %s: %r", image.path.name, self.client_address, exc)
-        finally:
-            image.close()
-
-    def _read_body(self) -> bytes:
-        length_text = self.headers.get("Content-Length", "0")
-        if not length_text.isdigit():
-            raise HttpError(400, ErrorCode.MALFORMED, detail="bad Content-Length")
-        length = int(length_text)
-        if length > MAX_BODY_BYTES:
-            raise HttpError(413, ErrorCode.OVERSIZED, detail=f"body over {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(length) if length else b""
-
-    def _send(self, response: Response) -> None:
-        if response.data is not None:
-            payload, content_type = response.data, ROWS_CONTENT_TYPE
-        else:
-            payload, content_type = json.dumps(response.body).encode(), "application/json"
-        self.send_response(response.status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in response.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
-        log.debug("%s %s", self.address_string(), format % args)
