@@ -30,6 +30,7 @@ class LeaderLink:
         self._changed = threading.Event()
         self._stop = threading.Event()
         self.connected_to: str | None = None
+        self._logged: str | None = None  # the last leader address a link was logged to
         self.thread = threading.Thread(target=self._run, name="leader-link", daemon=True)
 
     def start(self) -> LeaderLink:
@@ -66,6 +67,9 @@ class LeaderLink:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0) as sock:
             sock.sendall(hello(self.agent, self.started, self.token))
             self.connected_to = address
+            if address != self._logged:  # once per leader, not per reconnection
+                log.info("leader link to %s connected", address)
+                self._logged = address
             sock.settimeout(0.5)
             while not self._changed.is_set():
                 try:
