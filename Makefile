@@ -25,13 +25,20 @@ zookeeper:
 
 demo: $(VENV)/.installed zookeeper
 	$(SK) dev up --agents 3 --coordinators 2 --shards 64 --replicas 2
+	$(SK) load --keys 20000
 	$(SK) status
 	@echo
-	@echo "== SIGKILL agent-3 and watch the cluster rebalance =="
-	$(SK) dev kill agent-3
+	@echo "== SIGKILL agent-3 and watch the cluster re-replicate what it held =="
+	$(SK) dev kill agent-3 --watch
+	@echo
+	@echo "== verify: every shard's replicas hold the same data =="
+	$(SK) verify
 	$(SK) status
 	@echo
-	@echo "The cluster keeps running: try '$(SK) shards', '$(SK) dev status'; stop it with 'make demo-down'."
+	@echo "The cluster keeps running. Try: '$(SK) plan --drain agent-1' (what a drain would do),"
+	@echo "'$(SK) drain agent-1 --wait', '$(SK) dev start agent-3', '$(SK) dev add-agent',"
+	@echo "'$(SK) watch', '$(SK) dev status' (it prints the status page URL); stop it with"
+	@echo "'make demo-down'."
 
 demo-down: $(VENV)/.installed
 	$(SK) dev down

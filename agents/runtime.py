@@ -110,7 +110,7 @@ from shardkeeper.layout import (
     decode_liveness,
 )
 from shardkeeper.peer import PeerClient
-from shardkeeper.token import NoToken, Tokens, no_tokens_message, read_tokens
+from shardkeeper.token import BadTokens, NoToken, Tokens, no_tokens_message, read_tokens
 from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError
 from shardkeeper.zk import ZkTarget, ZkUnavailable, close, connect, ensure_layout
 
@@ -147,6 +147,7 @@ class _Inputs:
     register: bool = False
     stop: bool = False
     leave: bool = False  # SIGTERM: hand off, then stop
+    tokens: bool = False  # a token znode changed (a rotation step): read both again
 
 
 def target_of(assignment: Assignment, address_of: Any) -> Target:
@@ -214,6 +215,7 @@ class Agent:
         self.plane: DataPlane | None = None
         self.peer_client: PeerClient | None = None
         self.catch_up_client: PeerClient | None = None
+        self.tokens: Tokens | None = None  # what the data plane accepts and sends now
         self.handler: ShardHandler | None = handler
         self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.stop_event = threading.Event()
@@ -276,15 +278,35 @@ class Agent:
 
     def _use_token(self, tokens: Tokens) -> None:
         # Agents call each other's replication endpoints: they send the peer token.
-        downloaded = self.plane.metrics.downloaded if self.plane else None  # issue 12
-        self.peer_client = PeerClient(tokens.peer, timeout=5.0, attempts=4,
-                                      on_download=downloaded)
-        self.catch_up_client = PeerClient(tokens.peer, timeout=1.0, attempts=1)
+        self.tokens = tokens
+        if self.peer_client is not None and self.catch_up_client is not None:  # a rotation
+            self.peer_client.token = self.catch_up_client.token = tokens.peer
+        else:
+            downloaded = self.plane.metrics.downloaded if self.plane else None  # issue 12
+            self.peer_client = PeerClient(tokens.peer, timeout=5.0, attempts=4,
+                                          on_download=downloaded)
+            self.catch_up_client = PeerClient(tokens.peer, timeout=1.0, attempts=1)
         if self.handler is None:
             self.handler = KVShardHandler(self.stores, self.peer_client,
                                           quick_client=self.catch_up_client)
+        if self.link is not None:
+            self.link.token = tokens.peer
         if self.plane is not None:
             self.plane.set_tokens(tokens)
+
+    def _reread_tokens(self) -> None:
+        """A token znode changed: switch to what both say now, at once."""
+        try:
+            tokens = read_tokens(self.client, self.paths)
+        except BadTokens as e:
+            log.error("tokens not changed: %s", e)
+            return
+        except KazooException:
+            self._later("tokens")  # read them again shortly
+            raise
+        if tokens is not None and tokens != self.tokens:
+            self._use_token(tokens)
+            log.info("data-plane tokens changed: %s", tokens.counts())
 
     def read_token(self) -> Tokens:
         """The cluster and peer tokens; waits (woken by a watch) for `shardkeeper init`."""
@@ -442,6 +464,8 @@ class Agent:
             if self.link is None:
                 self.link = LeaderLink(self.id, self.info.started, token.peer).start()
             if not watching:
+                for path in (self.paths.token, self.paths.peer_token):  # rotations
+                    self.client.DataWatch(path, lambda *_: self.inbox.put(("tokens",)))
                 self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
                 # A plan written ahead of its commit is acted on once plan/meta catches up.
                 self.client.DataWatch(self.paths.plan_meta, self._on_plan)
@@ -484,6 +508,8 @@ class Agent:
             inputs.plan = True
         elif kind == "status":
             inputs.status = True
+        elif kind == "tokens":
+            inputs.tokens = True
         elif kind == "register":
             self._must_register = True
         elif kind == "session":
@@ -502,6 +528,8 @@ class Agent:
                 inputs.plan = True  # the source may have moved: read addresses again
 
     def _turn(self, inputs: _Inputs) -> None:
+        if inputs.tokens:
+            self._try(self._reread_tokens, "token read")
         plan = None
         session = self._session
         if session == Session.CONNECTED and self._must_register:

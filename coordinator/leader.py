@@ -33,6 +33,7 @@ from kazoo.exceptions import (
 
 from coordinator.decide import Inputs, Memory, decide
 from coordinator.liveness import LivenessServer
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.recover import rebuild
 from coordinator.writes import Write, batches
 from shardkeeper import cluster
@@ -46,7 +47,7 @@ from shardkeeper.layout import (
     encode_epoch,
 )
 from shardkeeper.plan import PlanState, digest
-from shardkeeper.token import read_peer_token
+from shardkeeper.token import peer_tokens_of, read_peer_tokens
 from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import ZkTarget, close, connect, ensure_layout
 
@@ -139,11 +140,12 @@ class LeaderTerm:
         stop: threading.Event,
         debounce: float = 0.02,
         liveness: tuple[str, int] | None = None,
+        metrics: CoordinatorMetrics | None = None,
     ):
         self.client = client
+        self.metrics = metrics or CoordinatorMetrics()  # issue 12: /metrics and /readyz
         self.liveness_at = liveness
         self.liveness: LivenessServer | None = None
-        self._peer_token: str | None = None  # the peer token, for liveness hellos
         # (agent, started) of member incarnations whose process is known dead.
         self.dead: set[tuple[str, float]] = set()
         self.paths = paths
@@ -342,23 +344,30 @@ class LeaderTerm:
         free port, failover simply waits for sessions."""
         if self.liveness_at is None:
             return
+        # The peer tokens: agents hold them, clients do not (a hello proves an agent).
+        # None yet before `shardkeeper init`: the server listens from the term's start all
+        # the same, refuses hellos until the watch below brings the tokens, and agents
+        # retry (a leader elected before init must not wait for crashed agents' sessions).
+        tokens = read_peer_tokens(self.client, self.paths)
         try:
-            self.liveness = LivenessServer(*self.liveness_at, self._liveness_token,
-                                           self._address_of, self._died).start()
+            self.liveness = LivenessServer(*self.liveness_at, tokens, self._address_of,
+                                           self._died).start()
         except OSError as e:
             log.error("cannot listen for liveness links on %s:%d (%s): crashed agents are"
                       " seen at their session timeout", *self.liveness_at, e.strerror)
+            return
+        self.client.DataWatch(self.paths.peer_token, self._on_peer_token)
 
-    def _liveness_token(self) -> str | None:
-        """The peer token (agents hold it, clients do not: a hello proves an agent), read
-        when the first hello arrives (a term may begin before `shardkeeper init` creates
-        it) and kept: it does not change under a cluster."""
-        if self._peer_token is None:
-            try:
-                self._peer_token = read_peer_token(self.client, self.paths)
-            except KazooException:
-                return None
-        return self._peer_token
+    def _on_peer_token(self, data: bytes | None, _stat: object) -> bool:
+        """A rotation step: accept the hellos of the peer tokens listed now."""
+        liveness = self.liveness
+        if liveness is None or liveness.stopped.is_set():
+            return False
+        tokens = peer_tokens_of(data)
+        if tokens and tokens != liveness.tokens:
+            liveness.tokens = tokens
+            log.info("liveness: accepting %d peer token(s)", len(tokens))
+        return True
 
     def _address_of(self, agent: str) -> str | None:
         info = self.members.snapshot().get(agent)
@@ -388,6 +397,7 @@ class LeaderTerm:
 
     def reconcile(self, now: float) -> None:
         """Read, decide (pure), and write what changed in fenced multis."""
+        started = time.monotonic()
         inputs = self.read_inputs(now)
         stop_at = time.monotonic() + PLACEMENT_BUDGET
         outcome = decide(self.memory, inputs, paths=self.paths, leader=self.leader_id,
@@ -409,6 +419,7 @@ class LeaderTerm:
         if outcome.plan_written:
             log.info("plan generation %d written: %d members, %d znodes", outcome.generation,
                      len(outcome.memory.live_before), len(outcome.writes))
+        self.metrics.pass_done(outcome, time.monotonic() - started)  # issue 12
 
     def load_plan(self) -> Memory:
         """The stored plan, rebuilt where plan znodes are damaged or missing: a damaged
@@ -440,6 +451,7 @@ class LeaderTerm:
         self.start_liveness()
         self.token = self.claim_epoch(self.memory.plan)
         log.info("%s leads with epoch %d", self.leader_id, self.token)
+        self.metrics.term_started(self.token)  # issue 12
         self.memory = replace(self.memory,
                               announce=f"{self.leader_id} leads with epoch {self.token}")
         self.events_kept = len(self.client.get_children(self.paths.events))
@@ -475,6 +487,7 @@ class LeaderTerm:
                 # our back): read it again, rebuilding what is damaged, and retry with a
                 # growing pause so that a fault we cannot fix costs no busy loop.
                 failures += 1
+                self.metrics.pass_failed(type(e).__name__)  # issue 12
                 pause = min(RETRY_MAX, RETRY_FIRST * 2 ** (failures - 1))
                 log.warning("reconcile failed (%s): reloading the stored plan, retrying in"
                             " %.2fs", e, pause)
@@ -489,8 +502,11 @@ class Coordinator:
 
     def __init__(self, zk: ZkTarget, cluster_name: str, candidate_id: str,
                  session_timeout: float = 10.0, debounce: float = 0.02,
-                 liveness: tuple[str, int] | None = ("127.0.0.1", 0)):
+                 liveness: tuple[str, int] | None = ("127.0.0.1", 0),
+                 metrics: CoordinatorMetrics | None = None):
         self.zk = zk
+        # Issue 12: what --http serves (/metrics, /readyz), fed by the marked hooks below.
+        self.metrics = metrics or CoordinatorMetrics()
         self.liveness = liveness  # where agents hold a link to the leader; None: no link
         self.paths = Paths(cluster_name)
         self.id = candidate_id
@@ -523,10 +539,12 @@ class Coordinator:
         lost = threading.Event()
 
         def on_state(state: str) -> None:
+            self.metrics.zk_connected(state == KazooState.CONNECTED)  # issue 12
             if state != KazooState.CONNECTED:
                 lost.set()
 
         client.add_listener(on_state)
+        self.metrics.zk_connected(client.connected)  # issue 12: connected before the listener
         try:
             ensure_layout(client, self.paths)
             self._election = client.Election(self.paths.election, self.id)
@@ -538,10 +556,11 @@ class Coordinator:
         finally:
             self._election = None
             close(client)
+            self.metrics.zk_connected(False)  # issue 12
 
     def _lead(self, client: KazooClient, lost: threading.Event) -> None:
         term = LeaderTerm(client, self.paths, self.id, lost, self.stop_event, self.debounce,
-                          self.liveness)
+                          self.liveness, self.metrics)
         try:
             term.run()
         except Deposed as e:
@@ -561,6 +580,7 @@ class Coordinator:
             log.exception("%s: leader term failed", self.id)
             self._backoff = 1.0
         finally:
+            self.metrics.term_ended()  # issue 12
             if term.liveness is not None:
                 term.liveness.stop()
             # Drop the session before Election.run releases its lock: releasing needs the

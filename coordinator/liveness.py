@@ -50,18 +50,19 @@ def refused(address: str, timeout: float = PROBE_TIMEOUT) -> bool:
 class LivenessServer:
     """The leader's end: accepts agents' connections and reports processes that died.
 
-    ``token()`` gives the cluster token hellos must carry (None while there is none yet:
-    a leader elected before `shardkeeper init` serves links from the moment it exists,
-    and agents that knew the token early are refused until then and retry);
+    ``tokens`` are the peer tokens a hello may carry (the leader replaces them on a
+    rotation step; empty while there are none yet: a leader elected before
+    `shardkeeper init` serves links from the moment it exists, and agents that knew the
+    token early are refused until then and retry);
     ``address_of(agent)`` gives an agent's data-plane address (from its member znode);
     ``on_dead(agent, started)`` is called (from this server's thread) when a probe finds
     the agent's port refused after its connection closed.
     """
 
-    def __init__(self, host: str, port: int, token: Callable[[], str | None],
+    def __init__(self, host: str, port: int, tokens: tuple[str, ...],
                  address_of: Callable[[str], str | None],
                  on_dead: Callable[[str, float], None]):
-        self.token = token
+        self.tokens = tokens  # the peer tokens accepted; the leader follows rotations
         self.address_of = address_of
         self.on_dead = on_dead
         self.sock = socket.create_server((host, port), reuse_port=False)
@@ -121,9 +122,7 @@ class LivenessServer:
             buffered = self._buffers[conn] + data
             if b"\n" in buffered:
                 del self._buffers[conn]
-                token = self.token()
-                who = None if token is None else parse_hello(buffered.split(b"\n", 1)[0],
-                                                             token)
+                who = parse_hello(buffered.split(b"\n", 1)[0], self.tokens)
                 if who is None:
                     self._close(conn)
                 else:

@@ -47,7 +47,7 @@ from shardkeeper import cluster as clusterstate
 from shardkeeper.layout import Paths, RoutingChunk
 from shardkeeper.peer import NotPrimary, PeerClient, PeerError, PeerUnavailable, ShardInfo
 from shardkeeper.ring import shard_for_key
-from shardkeeper.token import require_token
+from shardkeeper.token import follow_token, require_token
 from shardkeeper.vocab import ShardkeeperError
 from shardkeeper.zk import ZkTarget, close, connect
 
@@ -122,6 +122,8 @@ class DataClient:
         self.token = token or require_token(zk, paths)
         self.deadline = deadline
         self.peers = PeerClient(self.token, timeout=timeout, attempts=2)
+        if token is None:  # read from the cluster: follow its rotations (token.py)
+            follow_token(zk, paths, self._use_token)
         self._lock = threading.Lock()
         self._routing: Routing | None = None
         self._stale = True
@@ -139,6 +141,9 @@ class DataClient:
 
     def _on_meta(self, _data: bytes | None, _stat: object) -> None:
         self._stale = True
+
+    def _use_token(self, token: str) -> None:
+        self.token = self.peers.token = token
 
     # -- routing ------------------------------------------------------------------------
     def routing(self) -> Routing:
@@ -241,15 +246,53 @@ class DataClient:
 
     def shard_infos(self, shard: int) -> dict[str, ShardInfo | str]:
         """Each in-sync replica's digest info (or the error that prevented reading it)."""
-        routing = self.routing()
-        out: dict[str, ShardInfo | str] = {}
-        for agent in routing.replicas[shard]:
-            address = routing.addresses.get(agent)
-            if address is None:
-                out[agent] = "not a member"
-                continue
-            try:
-                out[agent] = self.peers.shard_info(address, shard)
-            except PeerError as exc:
-                out[agent] = str(exc)
-        return out
+        return replica_infos(self.peers, self.routing(), shard)
+
+
+# -- verification: one routing read per pass, shards in parallel -------------------------
+
+Infos = dict[str, ShardInfo | str]
+
+
+def replica_infos(peers: PeerClient, routing: Routing, shard: int) -> Infos:
+    """Each in-sync replica's digest info for ``shard`` by ``routing`` (or why it could
+    not be read), without reading the routing table again."""
+    out: Infos = {}
+    for agent in routing.replicas[shard]:
+        address = routing.addresses.get(agent)
+        if address is None:
+            out[agent] = "not a member"
+            continue
+        try:
+            out[agent] = peers.shard_info(address, shard)
+        except PeerError as exc:
+            out[agent] = str(exc)
+    return out
+
+
+def agree(infos: Infos) -> bool:
+    """True when the shard has in-sync replicas, all readable, with one digest."""
+    return bool(infos) and all(isinstance(i, ShardInfo) for i in infos.values()) and len(
+        {i.digest for i in infos.values() if isinstance(i, ShardInfo)}) == 1
+
+
+def check_shards(peers: PeerClient, routing: Routing, shards: Sequence[int], parallel: int,
+                 done: Callable[[int], None] | None = None) -> dict[int, Infos]:
+    """Every listed shard's replica infos, ``parallel`` shards at a time (``peers`` keeps
+    its connections per thread); ``done(shard)`` is called, in the caller's thread, as
+    each finishes."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    out: dict[int, Infos] = {}
+    pool = ThreadPoolExecutor(max(1, parallel), thread_name_prefix="verify")
+    try:
+        futures = {pool.submit(replica_infos, peers, routing, s): s for s in shards}
+        for future in as_completed(futures):
+            shard = futures[future]
+            out[shard] = future.result()
+            if done is not None:
+                done(shard)
+    finally:
+        # On Ctrl-C, drop the shards not started rather than check them all first.
+        pool.shutdown(wait=True, cancel_futures=True)
+    return out

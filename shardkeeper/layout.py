@@ -10,6 +10,8 @@ Layout under ``/shardkeeper/<cluster>`` (docs/architecture.md has the contracts)
     config                  persistent  admin        ClusterConfig
     token                   persistent  init         the data plane's cluster token
     peer_token              persistent  init         the data plane's peer token (agents only)
+    token_rotation, peer_token_rotation
+                            persistent  token rotate RotationStep, while a rotation is under way
     members/<agent>         ephemeral   agent        MemberInfo
     election/...            recipe      candidates   kazoo Election
     epoch                   persistent  new leader   leader id; its zk version is the fencing token
@@ -84,6 +86,10 @@ class Paths:
         """The peer token: agents' replication calls to each other carry it, clients never
         do (SHARDKEEPER_PEER_TOKEN on every agent host overrides it)."""
         return f"{self.root}/peer_token"
+
+    def rotation(self, token_path: str) -> str:
+        """The step of a rotation of ``token_path`` under way (`shardkeeper token rotate`)."""
+        return f"{token_path}_rotation"
 
     @property
     def members(self) -> str:
@@ -637,6 +643,30 @@ class Maintenance:
             note=_text(path, obj, "note", "", limit=4096),
             missing=_names(path, obj.get("missing", []), "missing"),
         )
+
+
+@dataclass(frozen=True)
+class RotationStep:
+    """A token rotation under way: ``step`` is "begun" (the token znode lists the old token,
+    then the new) or "switched" (the new, then the old); ``new`` the new token's fingerprint
+    (``shardkeeper.token.fingerprint``), never the token."""
+
+    step: str
+    new: str
+    since: float
+
+    STEPS = ("begun", "switched")
+
+    def encode(self) -> bytes:
+        return encode({"step": self.step, "new": self.new, "since": self.since})
+
+    @classmethod
+    def decode(cls, path: str, data: bytes | None) -> RotationStep:
+        obj = decode_object(path, data)
+        step = _text(path, obj, "step", limit=16)
+        if step not in cls.STEPS:
+            raise CorruptZnode(f"{path}: step {_show(step)} is not one of {', '.join(cls.STEPS)}")
+        return cls(step, _text(path, obj, "new", limit=64), _number(path, obj, "since"))
 
 
 @dataclass(frozen=True)

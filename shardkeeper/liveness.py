@@ -5,7 +5,9 @@ agent's ``agents/leaderlink.py``; what the link is for is said there."""
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Iterable
+
+from shardkeeper.token import accepted
 
 HELLO = b"shardkeeper-liveness 1"
 MAX_HELLO = 512
@@ -16,12 +18,13 @@ def hello(agent: str, started: float, token: str) -> bytes:
     return b" ".join([HELLO, agent.encode(), repr(started).encode(), token.encode()]) + b"\n"
 
 
-def parse_hello(line: bytes, token: str) -> tuple[str, float] | None:
-    """(agent, started) from a hello line carrying the right token, else None."""
+def parse_hello(line: bytes, tokens: Iterable[str]) -> tuple[str, float] | None:
+    """(agent, started) from a hello line carrying one of the peer ``tokens`` (two during a
+    rotation), else None."""
     parts = line.strip().split(b" ")
     if len(parts) != 5 or b" ".join(parts[:2]) != HELLO:
         return None
-    if not hmac.compare_digest(parts[4], token.encode()):
+    if not accepted(parts[4], tokens):
         return None
     try:
         return parts[2].decode("ascii"), float(parts[3])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import signal
@@ -14,13 +16,50 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+LOG_FORMATS = ("text", "json")
+# LogRecord attributes that are not fields passed with ``extra=``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (ISO 8601 with the zone), ``level``, ``role``
+    and ``id`` of the process, ``logger``, ``event`` (the message) and ``fields`` (what
+    the call passed with ``extra=``, and the exception's traceback, if any)."""
+
+    def __init__(self, role: str, ident: str):
+        super().__init__()
+        self.role = role
+        self.ident = ident
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created).astimezone()
+        fields = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        return json.dumps({
+            "time": stamp.isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "role": self.role,
+            "id": self.ident,
+            "logger": record.name,
+            "event": record.getMessage(),
+            "fields": fields,
+        }, default=str)
+
+
+def setup_logging(level: str, fmt: str = "text", role: str = "", ident: str = "") -> None:
+    """Log to stderr at ``level``: as text lines, or (``fmt`` "json") one JSON object per
+    line naming the process's ``role`` and ``ident`` (see JsonFormatter)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(role, ident))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # kazoo logs every reconnection attempt at WARNING; the roles log what matters.
     logging.getLogger("kazoo.client").setLevel(logging.ERROR)
 
@@ -55,8 +94,12 @@ def run_until_signal(run: Callable[[], None], stop: Callable[[], None]) -> None:
 
 
 def cli_command(*args: str) -> list[str]:
-    """The argv that runs `shardkeeper ARGS` with this interpreter (no PATH needed)."""
-    return [sys.executable, "-m", "shardkeeper", *args]
+    """The argv that runs `shardkeeper ARGS` with this interpreter (no PATH needed).
+
+    ``-P``: the current directory is not put first on sys.path, so that a process started
+    from another checkout of shardkeeper runs the code this interpreter has installed,
+    not that checkout's (`dev up` from the wrong directory ran agents of other code)."""
+    return [sys.executable, "-P", "-m", "shardkeeper", *args]
 
 
 def spawn(argv: Sequence[str], log_path: Path, detach: bool = False,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
+import re
 import signal
 import subprocess
+import urllib.parse
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,10 +18,30 @@ from kazoo.client import KazooClient
 
 from shardkeeper import cluster as clusterstate
 from shardkeeper.layout import Paths
+from shardkeeper.poll import poll_until
 from shardkeeper.process import cli_command, spawn
 from shardkeeper.zk import Credential, ZkTarget, close, connect
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+
+def fetch(url: str, method: str = "GET", timeout: float = 10.0) -> Reply:
+    """One HTTP request, any status (no proxy from the environment, no redirects)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""))
+        r = conn.getresponse()
+        return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+    finally:
+        conn.close()
 
 
 class RoleProcess:
@@ -56,6 +80,15 @@ class RoleProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def http_url(self, timeout: float = 20.0) -> str:
+        """The base URL (``http://HOST:PORT/``) a coordinator started with ``http`` logs once
+        it has bound its --http port (port 0: the port the kernel chose)."""
+        def logged() -> str | None:
+            found = re.search(r"serving HTTP on (http://\S+/)", self.output())
+            return found.group(1) if found else None
+
+        return poll_until(logged, timeout, f"{self.name} to serve HTTP")
 
 
 class Cluster:
@@ -118,7 +151,7 @@ class Cluster:
         assert r.returncode == 0, r.stderr
 
     def start_agent(self, name: str, session_timeout: float = 1.0, zone: str = "",
-                    weight: float = 1.0) -> RoleProcess:
+                    weight: float = 1.0, env: dict[str, str] | None = None) -> RoleProcess:
         argv = cli_command(
             "agent", "run", *self.zk_args(), "--id", name,
             # Port 0: the agent binds any free port and advertises it (no port race).
@@ -126,13 +159,16 @@ class Cluster:
             "--session-timeout", str(session_timeout), "--zone", zone, "--weight", str(weight),
             "--log-level", "debug",
         )
-        self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log", self.env())
+        self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log", self.env(env))
         return self.procs[name]
 
-    def start_coordinator(self, name: str, session_timeout: float = 1.0) -> RoleProcess:
+    def start_coordinator(self, name: str, session_timeout: float = 1.0,
+                          http: str | None = None) -> RoleProcess:
+        """``http``: serve --http there (``127.0.0.1:0``: any port; see ``http_url``)."""
         argv = cli_command(
             "coordinator", "run", *self.zk_args(), "--id", name,
             "--session-timeout", str(session_timeout), "--log-level", "debug",
+            *(["--http", http] if http is not None else []),
         )
         self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log", self.env())
         return self.procs[name]

@@ -237,3 +237,14 @@ def test_config_values_that_do_not_survive_conversion_are_refused(cluster: Clust
         assert "between" in r.output and reason in r.output, r.output
     shown = json.loads(cluster.cli("config", "show", "--json").stdout)
     assert shown["auto_maintenance_fraction"] == 0.5 and shown["rebalance_delay"] == 0
+
+
+def test_spawned_roles_run_the_installed_code_whatever_the_directory(tmp_path: Path) -> None:
+    """`dev up` run from another checkout must not start that checkout's agents."""
+    fake = tmp_path / "shardkeeper"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text("print('the wrong shardkeeper')")
+    r = subprocess.run(cli_command("--version"), capture_output=True, text=True,
+                       cwd=tmp_path, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("shardkeeper, version"), r.stdout

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import threading
 
+from shardkeeper import admin
 from shardkeeper import cluster as clusterstate
-from shardkeeper.layout import Paths
+from shardkeeper.layout import MoveRequest, Paths
 from shardkeeper.poll import poll_until
 from shardkeeper.process import cli_command
 from shardkeeper.vocab import HOLDING
@@ -195,9 +196,12 @@ def test_manual_move_is_carried_out_or_refused(cluster: Cluster) -> None:
     poll_until(lambda: dest in cluster.plan().routing[shard]
              and source not in cluster.plan().routing[shard], 15,
                  'dest in cluster.plan().routing[shard] and source not')
-    assert cluster.cli("move", "99", "--from", source, "--to", dest).returncode == 1
+    # The CLI refuses what it can tell is wrong (exit 2, nothing written)...
+    assert cluster.cli("move", "99", "--from", source, "--to", dest).returncode == 2
     r = cluster.cli("move", "1", "--from", "agent-9", "--to", dest)
-    assert r.returncode == 0
+    assert r.returncode == 2 and "no agent 'agent-9'" in r.stderr
+    # ...and the leader refuses a request that is wrong when it reads it.
+    admin.request_move(cluster.client, cluster.paths, MoveRequest(1, "agent-9", dest))
     poll_until(lambda: "move-refused" in event_kinds(cluster), 10,
         "'move-refused' in event_kinds(cluster)")
     assert "move-accepted" in event_kinds(cluster)

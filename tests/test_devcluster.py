@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.request
 from pathlib import Path
 
 from shardkeeper.dev.cluster import DevState, alive
@@ -31,6 +32,16 @@ def test_dev_up_status_kill_down(tmp_path: Path) -> None:
 
         listing = sk("dev", "status", "--dir", str(root)).stdout
         assert listing.count("running") == 6  # ZooKeeper, 2 coordinators, 3 agents
+        # Every coordinator serves the status page; dev up and dev status say where.
+        urls = [p["url"] for p in json.loads(
+            sk("dev", "status", "--json", "--dir", str(root)).stdout)["processes"]
+            if p["role"] == "coordinator"]
+        assert len(urls) == 2 and all(u.startswith("http://127.0.0.1:") for u in urls)
+        assert f"status page: {urls[0]} or {urls[1]}" in r.stdout
+        assert all(f"status page {u}" in listing for u in urls)
+        for url in urls:
+            with urllib.request.urlopen(url + "api/status", timeout=10) as answer:
+                assert len(json.load(answer)["members"]) == 3
 
         status = json.loads(sk("status", "--json", "--zk", state.zk).stdout)
         assert status["under_replicated"] == 0 and len(status["members"]) == 3
@@ -39,10 +50,27 @@ def test_dev_up_status_kill_down(tmp_path: Path) -> None:
         assert killed.returncode == 0, killed.stderr
         assert "member znode gone" in killed.stdout and "fully replicated again" in killed.stdout
         status = json.loads(sk("status", "--json", "--zk", state.zk).stdout)
-        assert [m["id"] for m in status["members"]] == ["agent-1", "agent-2"]
+        states = {m["id"]: m["state"] for m in status["members"]}
+        assert states == {"agent-1": "active", "agent-2": "active", "agent-3": "down"}
         assert status["under_replicated"] == 0
-        assert all(m["replicas"] == 16 for m in status["members"])
+        assert [m["replicas"] for m in status["members"]] == [16, 16, 0]
         assert "agent-3" in sk("dev", "status", "--dir", str(root)).stdout
+
+        # Back with its data, plus one more agent in a zone of its own.
+        started = sk("dev", "start", "agent-3", "--dir", str(root))
+        assert started.returncode == 0 and "started agent-3" in started.stdout, started.stderr
+        assert sk("dev", "start", "agent-3", "--dir", str(root)).returncode == 1, "running"
+        added = sk("dev", "add-agent", "--zone", "z9", "--weight", "2", "--dir", str(root))
+        assert added.returncode == 0 and "agent-4 joined" in added.stdout, added.stderr
+        listing = json.loads(sk("dev", "status", "--json", "--dir", str(root)).stdout)
+        procs = {p["name"]: p for p in listing["processes"]}
+        assert procs["agent-4"]["zone"] == "z9" and procs["agent-4"]["weight"] == 2
+        assert all(p["running"] for p in procs.values())
+        stable = sk("watch", "--until-stable", "--timeout", "60", "--zk", state.zk)
+        assert stable.returncode == 0, stable.stderr
+        status = json.loads(sk("status", "--json", "--zk", state.zk).stdout)
+        assert [m["state"] for m in status["members"]] == ["active"] * 4
+        assert status["under_replicated"] == 0
     finally:
         down = sk("dev", "down", "--dir", str(root))
     assert down.returncode == 0, down.stderr

@@ -19,6 +19,7 @@ from shardkeeper.layout import (
     MemberInfo,
     MoveRequest,
     PlanMeta,
+    RotationStep,
     RoutingChunk,
     ShardStatus,
     decode_epoch,
@@ -39,6 +40,7 @@ DECODERS = {
     "event": AuditEvent.decode,
     "events": decode_events,
     "config": ClusterConfig.decode,
+    "rotation": RotationStep.decode,
 }
 
 VALID = {
@@ -57,6 +59,7 @@ VALID = {
     "event": AuditEvent(1.0, "plan", "m", 2).encode(),
     "events": encode({"events": [AuditEvent(1.0, "plan", "m", 2).to_json()]}),
     "config": ClusterConfig(shards=8, replicas=2).encode(),
+    "rotation": RotationStep("begun", "0a1b2c3d", 1.5).encode(),
 }
 
 json_values = st.recursive(

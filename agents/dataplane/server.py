@@ -4,10 +4,13 @@ the protocol, ``agents.dataplane.conns`` the connections and threads).
 ``DataPlane`` is the application the connection layer calls, in two steps:
 
 - ``admit(head)``, on the I/O thread, before any body is read: the endpoint, the method,
-  the token (the peer token opens every endpoint, the cluster token only the client ones),
-  the shard number, key and query. Anything wrong is answered there (404, 405, 401, 403,
-  400, 413, 503) and the body is never read. An admitted request goes to a worker lane:
-  peers' forwards and repairs, clients' reads and writes, bulk transfers (rows, snapshots).
+  the token (the peer token opens every endpoint, the cluster token only the client ones;
+  during a rotation each lists two tokens, both accepted), the shard number, key and query.
+  ``GET /v1/auth`` is answered there too: which kind of token the request carries, so a
+  tool can check that this agent accepts a token (`shardkeeper token rotate`). Anything
+  wrong is answered there (404, 405, 401, 403, 400, 413, 503) and the body is never read.
+  An admitted request goes to a worker lane: peers' forwards and repairs, clients' reads
+  and writes, bulk transfers (rows, snapshots).
 - ``handle(head, call, body)``, on a worker: parse the JSON body, look the shard up in
   the ``ShardTable`` the runtime keeps, and answer from the shard's store.
 
@@ -52,7 +55,7 @@ from agents.dataplane.table import ShardRoute, ShardTable
 from agents.shardsm import ShardState
 from agents.store import ShardStore, StoreBusy, StoreSet, next_lsn
 from shardkeeper.peer import PeerClient
-from shardkeeper.token import Tokens
+from shardkeeper.token import Tokens, accepted
 from shardkeeper.wire import (
     DEFAULT_PAGE_ROWS,
     MAX_BATCH_KEYS,
@@ -109,6 +112,7 @@ BODY_METHODS = ("PUT", "POST")
 # Answered on the I/O thread without a token (issue 12): probes and scrapers hold none, and
 # these reveal no key, value or secret.
 OPEN = ("healthz", "readyz", "metrics")
+AUTH = ("v1", "auth")  # GET: {"credential": "client"|"peer", "current": the one sent?}
 
 
 @dataclass(frozen=True)
@@ -171,9 +175,9 @@ class DataPlane:
         )
 
     def set_tokens(self, tokens: Tokens) -> None:
-        """Switch to the cluster's tokens (the agent learns them after binding its port)."""
-        self.replicator.client = PeerClient(tokens.peer, timeout=self.forward_timeout,
-                                            attempts=1)
+        """Switch to the cluster's tokens (the agent learns them after binding its port, and
+        again at each step of a rotation): forwards send the new peer token from now on."""
+        self.replicator.client.token = tokens.peer
         self.tokens = tokens
 
     @property
@@ -206,9 +210,9 @@ class DataPlane:
         given = header.encode("latin-1", "replace")
         tokens = self.tokens  # one read: set_tokens may swap it meanwhile
         found = None
-        for credential, token in ((Credential.PEER, tokens.peer),
-                                  (Credential.CLIENT, tokens.client)):
-            if hmac.compare_digest(given, f"Bearer {token}".encode()):
+        for credential, listed in ((Credential.PEER, tokens.peer_accepted),
+                                   (Credential.CLIENT, tokens.client_accepted)):
+            if accepted(given, listed, b"Bearer "):
                 found = credential
         return found
 
@@ -230,6 +234,8 @@ class DataPlane:
             answer = {"healthz": self.healthz, "readyz": self.readyz,
                       "metrics": self.metrics_text}[route]
             return Admission(route, response=answer())
+        if seg == AUTH:
+            return Admission(route, response=self._auth(head))
         endpoint = ENDPOINTS.get(route)
         if endpoint is None or seg[:2] != ("v1", "shards") or len(seg) != (
             5 if route == "keys" else 4
@@ -263,6 +269,19 @@ class DataPlane:
         if needs is Credential.PEER and credential is not Credential.PEER:
             raise HttpError(403, ErrorCode.FORBIDDEN, detail="this endpoint needs the peer token")
         return credential
+
+    def _auth(self, head: RequestHead) -> Response:
+        """``GET /v1/auth``: the credential the token gives (401 as anywhere if none), and
+        whether it is the one this agent sends (the first of its list)."""
+        self._allow(head, ("GET",))
+        if head.content_length:
+            raise malformed(f"{head.method} takes no body")
+        credential = self._authorize(head, Credential.CLIENT)
+        tokens = self.tokens
+        sent = tokens.peer if credential is Credential.PEER else tokens.client
+        current = hmac.compare_digest(head.headers.get("authorization", "").encode(
+            "latin-1", "replace"), f"Bearer {sent}".encode())
+        return Response(200, {"credential": str(credential), "current": current})
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         """Called once per answer."""
@@ -471,6 +490,8 @@ def route_of(segments: tuple[str, ...]) -> str:
     """The route a path counts under in the metrics: a bounded set, never the raw path."""
     if len(segments) == 1 and segments[0] in OPEN:
         return segments[0]
+    if segments == AUTH:
+        return "auth"
     if len(segments) >= 4 and segments[:2] == ("v1", "shards") and segments[3] in ENDPOINTS:
         return segments[3]
     return "other"

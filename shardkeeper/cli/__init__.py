@@ -2,8 +2,10 @@
 
 Every command takes --zk and --cluster (or SHARDKEEPER_ZK / SHARDKEEPER_CLUSTER). Errors
 meant for the operator are printed on one line and exit non-zero, without a traceback.
-Commands live by theme: ``admin`` (state and steering), ``data`` (put/get/load/verify),
-``roles`` (agent run, coordinator run), and ``shardkeeper.dev`` (the local dev cluster).
+Commands live by theme: ``admin`` (state, pause, config, events, acl), ``steer`` (drain,
+undrain, move, rebalance, the `plan` what-if), ``watch``, ``data`` (put/get/load/verify),
+``roles`` (agent run, coordinator run), ``tokens`` (the data-plane tokens, their
+rotation), and ``shardkeeper.dev`` (the local dev cluster).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 
 import click
 
-from shardkeeper.cli import admin, data, roles
+from shardkeeper.cli import admin, data, roles, steer, tokens, watch
 
 
 class Commands(click.Group):
@@ -27,11 +29,33 @@ class Commands(click.Group):
         if name == "dev":
             from shardkeeper.dev.cluster import dev
 
-            return dev
+            return show_envvars(dev)
         return super().get_command(ctx, name)
 
 
-@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
+def show_envvars(command: click.Command, path: str = "") -> click.Command:
+    """Give every option an environment variable, SHARDKEEPER_<COMMAND>_<OPTION> (e.g.
+    SHARDKEEPER_DRAIN_TIMEOUT, SHARDKEEPER_DEV_UP_AGENTS, SHARDKEEPER_STATUS_JSON) unless
+    it has one of its own (SHARDKEEPER_ZK, SHARDKEEPER_CLUSTER, SHARDKEEPER_LOG_LEVEL...),
+    and let `--help` name it."""
+    path = path or command.name or ""
+    for param in command.params:
+        if not isinstance(param, click.Option):
+            continue
+        if not param.envvar:
+            flag = max(param.opts, key=len).lstrip("-")
+            param.envvar = f"SHARDKEEPER_{path}_{flag}".upper().replace("-", "_")
+        if "Env:" not in (param.help or ""):
+            param.show_envvar = True
+    for name, sub in getattr(command, "commands", {}).items():
+        show_envvars(sub, f"{path}_{name}")
+    return command
+
+
+@click.group(cls=Commands, context_settings={
+    "help_option_names": ["-h", "--help"],
+    "show_default": True,
+})
 @click.version_option(package_name="shardkeeper")
 def main() -> None:
     """shardkeeper: a ZooKeeper-coordinated cluster manager.
@@ -44,8 +68,9 @@ def main() -> None:
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)
 
 
-for _command in (*admin.COMMANDS, *data.COMMANDS, *roles.COMMANDS):
-    main.add_command(_command)
+for _command in (*admin.COMMANDS, *steer.COMMANDS, *watch.COMMANDS, *data.COMMANDS,
+                 *roles.COMMANDS, *tokens.COMMANDS):
+    main.add_command(show_envvars(_command))
 
 if __name__ == "__main__":
     main()

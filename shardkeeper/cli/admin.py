@@ -1,6 +1,7 @@
-"""Admin commands: create the cluster, show its state, and steer it (drain, pause,
-move, rebalance, config). They record requests under ``admin/``; the leader carries
-them out. None of them writes a plan."""
+"""Admin commands: create the cluster, show its state (status, shards, config, events),
+pause and resume moves, and manage ACLs. Requests are recorded under ``admin/``; the
+leader carries them out. None of them writes a plan. Drain, undrain, move, rebalance and
+the what-if live in ``steer``; `watch` in ``watch``."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import dataclasses
 import json
 import threading
 import time
-from typing import Any
 
 import click
 
 from shardkeeper import admin
 from shardkeeper import cluster as clusterstate
+from shardkeeper.cli.follow import latest_events, summary_of
 from shardkeeper.cli.options import (
     InputError,
     emit_json,
@@ -21,9 +22,10 @@ from shardkeeper.cli.options import (
     zk_options,
     zk_session,
 )
+from shardkeeper.cli.term import exit_interrupted, interruptible
+from shardkeeper.cli.view import status_text
 from shardkeeper.config import KNOBS, ClusterConfig
-from shardkeeper.layout import AuditEvent, MoveRequest, Paths, validate_name
-from shardkeeper.summary import summarize
+from shardkeeper.layout import AuditEvent, Paths
 from shardkeeper.vocab import ShardkeeperError
 from shardkeeper.zk import AUTH_HINT, ZkTarget, acl_census, set_acl_tree
 
@@ -60,73 +62,18 @@ def init(target: ZkTarget, paths: Paths, shards: int, replicas: int, force: bool
     click.echo(f"cluster {paths.cluster!r}: {shards} shards, {replicas} replicas per shard")
 
 
-def read_summary(target: ZkTarget, paths: Paths) -> dict[str, Any]:
-    with zk_session(target, paths) as client:
-        config = clusterstate.read_config(client, paths)
-        _, epoch = clusterstate.read_leader(client, paths)
-        return summarize(
-            cluster=paths.cluster,
-            leader=clusterstate.current_leader(client, paths),
-            epoch=epoch,
-            shards=config.shards,
-            replicas=config.replicas,
-            plan=clusterstate.read_plan(client, paths, complete=True),
-            members=clusterstate.read_members(client, paths, skip_corrupt=True),
-            statuses=clusterstate.read_statuses(client, paths),
-            maintenance=admin.maintenance(client, paths),
-            draining=admin.draining(client, paths),
-        )
-
-
-def render_status(s: dict[str, Any]) -> str:
-    lines = [
-        f"cluster {s['cluster']}  leader {s['leader'] or '(none)'}  epoch {s['epoch']}"
-        f"  generation {s['generation']}",
-        f"shards {s['shards']}  replicas {s['replicas']}  under-replicated {s['under_replicated']}"
-        f"  balance {s['balance']:.3f} (max/mean replicas per member)",
-    ]
-    if s["shortfall"]:
-        lines.append(f"shortfall {s['shortfall']} replicas: fewer members than replicas")
-    if s["moves"]["in_flight"] or s["moves"]["deferred"]:
-        lines.append(f"moves: {s['moves']['in_flight']} copying, {s['moves']['deferred']}"
-                     " waiting for the throttle")
-    catching_up = sum(m["catching_up"] for m in s["members"])
-    if catching_up:
-        lines.append(f"catching up: {catching_up} replicas repairing or fetching missed writes")
-    if s["unavailable"]:
-        lines.append(f"UNAVAILABLE: {s['unavailable']} shards have no live in-sync replica")
-    m = s["maintenance"]
-    if m:
-        lines.append(f"MAINTENANCE ({m['reason']}) since"
-                     f" {time.strftime('%H:%M:%S', time.localtime(m['since']))}:"
-                     f" {m['note'] or 'no note'}; no moves until `shardkeeper resume`")
-    header = ("MEMBER", "ZONE", "WEIGHT", "REPLICAS", "PRIMARIES", "COPYING", "APPLIED",
-              "STATE", "ADDRESS")
-    rows = [header] + [
-        (m["id"], m["zone"] or "-", f"{m['weight']:g}", str(m["replicas"]), str(m["primaries"]),
-         str(m["copying"]),
-         str(m["applied_generation"] if m["applied_generation"] is not None else "-"),
-         m["state"], m["address"])
-        for m in s["members"]
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    if not s["members"]:
-        lines.append("(no members: start agents with `shardkeeper agent run`)")
-    return "\n".join(lines)
-
-
 @click.command()
 @zk_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @operator_errors
 def status(target: ZkTarget, paths: Paths, as_json: bool) -> None:
-    """Leader, epoch, plan generation, members and balance."""
-    s = read_summary(target, paths)
+    """Leader, epoch, plan generation, members (down ones too) and balance."""
+    with zk_session(target, paths) as client:
+        s = summary_of(client, paths)
     if as_json:
         emit_json(s)
     else:
-        click.echo(render_status(s))
+        click.echo(status_text(s))
 
 
 @click.command()
@@ -155,41 +102,6 @@ def shards(target: ZkTarget, paths: Paths, agent: str | None, as_json: bool) -> 
         click.echo(f"{r['shard']:>6}  {' '.join(r['replicas']) or '(unplaced)'}")
 
 
-def check_agent_name(agent_id: str) -> str:
-    try:
-        return validate_name("agent id", agent_id)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="AGENT") from None
-
-
-@click.command()
-@zk_options
-@click.argument("agent_id", metavar="AGENT")
-@operator_errors
-def drain(target: ZkTarget, paths: Paths, agent_id: str) -> None:
-    """Move every replica off AGENT, make-before-break, then report it drained."""
-    check_agent_name(agent_id)
-    with zk_session(target, paths) as client:
-        clusterstate.read_config(client, paths)
-        members = clusterstate.read_members(client, paths, skip_corrupt=True)
-        new = admin.drain(client, paths, agent_id)
-    note = "" if agent_id in members else f" (note: {agent_id} is not a member now)"
-    click.echo(f"{agent_id} {'is now' if new else 'was already'} draining{note};"
-               " `shardkeeper status` shows its replicas leave, `shardkeeper events` when done")
-
-
-@click.command()
-@zk_options
-@click.argument("agent_id", metavar="AGENT")
-@operator_errors
-def undrain(target: ZkTarget, paths: Paths, agent_id: str) -> None:
-    """Let AGENT receive replicas again."""
-    check_agent_name(agent_id)
-    with zk_session(target, paths) as client:
-        removed = admin.undrain(client, paths, agent_id)
-    click.echo(f"{agent_id} {'is no longer' if removed else 'was not'} draining")
-
-
 @click.command()
 @zk_options
 @click.option("--note", default="", help="Why: shown by `shardkeeper status`.")
@@ -213,33 +125,6 @@ def resume(target: ZkTarget, paths: Paths) -> None:
     with zk_session(target, paths) as client:
         left = admin.resume(client, paths)
     click.echo("maintenance mode off: moves resume" if left else "not in maintenance mode")
-
-
-@click.command()
-@zk_options
-@operator_errors
-def rebalance(target: ZkTarget, paths: Paths) -> None:
-    """Re-plan now: re-replicate departed agents' replicas without waiting out the delay."""
-    with zk_session(target, paths) as client:
-        clusterstate.read_config(client, paths)
-        admin.request_rebalance(client, paths)
-    click.echo("rebalance requested")
-
-
-@click.command()
-@zk_options
-@click.argument("shard", type=click.IntRange(min=0))
-@click.option("--from", "source", required=True, help="Agent that holds the replica now.")
-@click.option("--to", "dest", required=True, help="Agent that should hold it.")
-@operator_errors
-def move(target: ZkTarget, paths: Paths, shard: int, source: str, dest: str) -> None:
-    """Move one replica of SHARD from one agent to another (make-before-break)."""
-    check_agent_name(source)
-    check_agent_name(dest)
-    with zk_session(target, paths) as client:
-        name = admin.request_move(client, paths, MoveRequest(shard, source, dest))
-    click.echo(f"requested {name.rsplit('/', 1)[-1]}: move shard {shard} from {source} to"
-               f" {dest}; the leader logs the outcome in `shardkeeper events`")
 
 
 @click.group()
@@ -292,24 +177,34 @@ def render_event(e: AuditEvent) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @operator_errors
 def events(target: ZkTarget, paths: Paths, follow: bool, limit: int, as_json: bool) -> None:
-    """The leader's audit log: joins, departures, plans, drains, maintenance."""
+    """The leader's audit log: leader changes, joins, departures, plans, drains, moves,
+    maintenance."""
 
-    def show(entries) -> str:
+    def show(entries: list[tuple[str, AuditEvent]]) -> str:
         for _, e in entries:
-            click.echo(json.dumps(dataclasses.asdict(e)) if as_json else render_event(e))
+            click.echo(json.dumps(e.to_json()) if as_json else render_event(e))
         return entries[-1][0] if entries else ""
 
     with zk_session(target, paths) as client:
         clusterstate.read_config(client, paths)
-        last = show(admin.events(client, paths)[-limit:])
+        last = show(latest_events(client, paths, limit))
         if not follow:
             return
         appended = threading.Event()
-        client.ChildrenWatch(paths.events, lambda _children: appended.set())
-        while True:
-            appended.wait()
-            appended.clear()
-            last = show(admin.events(client, paths, after=last)) or last
+        with interruptible(appended) as stop:
+
+            def on_children(_children: list[str]) -> bool:
+                appended.set()
+                return not stop.is_set()  # False removes the watch
+
+            client.ChildrenWatch(paths.events, on_children)
+            while not stop.is_set():
+                appended.wait()
+                appended.clear()
+                if not stop.is_set():
+                    last = show(admin.events(client, paths, after=last)) or last
+    # Ctrl-C is how `events -f` ends: the session is closed by now, no traceback.
+    exit_interrupted()
 
 
 @click.group()
@@ -346,5 +241,4 @@ def acl_apply(target: ZkTarget, paths: Paths) -> None:
                f" all permissions to digest user(s) {users} only")
 
 
-COMMANDS = (init, status, shards, drain, undrain, pause, resume, rebalance, move, config,
-            events, acl)
+COMMANDS = (init, status, shards, pause, resume, config, events, acl)

@@ -6,15 +6,17 @@ SHARDKEEPER_TOKEN or, failing that, from the cluster's token znode.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import click
 import xxhash
-from tenacity import retry, retry_if_result, stop_after_attempt, wait_fixed
 
-from shardkeeper.cli.options import operator_errors, zk_options, zk_session
-from shardkeeper.client import DataClient
+from shardkeeper.cli.options import InputError, emit_json, operator_errors, zk_options, zk_session
+from shardkeeper.cli.term import Progress
+from shardkeeper.client import DataClient, agree, check_shards
 from shardkeeper.layout import Paths
 from shardkeeper.peer import ShardInfo
 from shardkeeper.zk import ZkTarget
@@ -113,44 +115,88 @@ def load(target: ZkTarget, paths: Paths, count: int, value_size: int, prefix: st
 
 @click.command()
 @zk_options
+@click.option("--shard", "only", type=click.IntRange(min=0), multiple=True,
+              help="Check only this shard (repeatable).")
+@click.option("--parallel", type=click.IntRange(min=1, max=256), default=16,
+              show_default=True, help="Shards checked at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @operator_errors
-def verify(target: ZkTarget, paths: Paths) -> None:
-    """Check that every shard's in-sync replicas have equal digests; exit 1 if not."""
+def verify(target: ZkTarget, paths: Paths, only: tuple[int, ...], parallel: int,
+           as_json: bool) -> None:
+    """Check that every shard's in-sync replicas have equal digests; exit 1 if not.
+
+    One routing read per pass and shards checked in parallel, with a progress bar on
+    stderr; shards that differ (a write may be reaching replicas one after another, a
+    routing change landing) are checked again, up to three more passes."""
+    t0 = time.monotonic()
     with zk_session(target, paths) as zk:
         kv = DataClient(zk, paths)
-        bad = {}
-        for shard in range(kv.routing().shards):
-            infos = _settled_infos(kv, shard)
-            if not _agree(infos):
-                bad[shard] = infos
-    for shard, infos in sorted(bad.items()):
-        click.echo(f"shard {shard}: replicas differ")
-        for agent, info in sorted(infos.items()):
-            if isinstance(info, ShardInfo):
-                click.echo(f"  {agent}: digest {info.digest[:16]} rows {info.rows}"
-                           f" max_lsn {info.max_lsn} state {info.state}")
-            else:
-                click.echo(f"  {agent}: unreadable: {info}")
+        routing = kv.routing()
+        for shard in only:
+            if shard >= routing.shards:
+                raise InputError(f"--shard {shard}: shards are 0..{routing.shards - 1}")
+        shards = sorted(set(only)) if only else list(range(routing.shards))
+        progress = Progress("verifying")
+        checked: list[int] = []
+
+        def done(_shard: int) -> None:
+            checked.append(_shard)
+            progress.update(len(checked), len(shards))
+
+        try:
+            infos = check_shards(kv.peers, routing, shards, parallel, done)
+        finally:
+            progress.close()
+        progress.update(len(checked), len(shards), final=True)
+        passes = 1
+        while passes < VERIFY_PASSES and not all(agree(i) for i in infos.values()):
+            time.sleep(VERIFY_PAUSE)  # let writes in flight land before looking again
+            kv.invalidate()
+            routing = kv.routing()
+            again = [s for s, i in infos.items() if not agree(i)]
+            infos.update(check_shards(kv.peers, routing, again, parallel))
+            passes += 1
+    bad = {s: i for s, i in sorted(infos.items()) if not agree(i)}
+    report = {
+        "generation": routing.generation,
+        "shards": len(shards),
+        "agree": len(shards) - len(bad),
+        "differ": [{"shard": s, "replicas": {a: _info_json(x) for a, x in sorted(i.items())}}
+                   for s, i in bad.items() if i],
+        "unavailable": [s for s, i in bad.items() if not i],
+        "passes": passes,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    if as_json:
+        emit_json(report)
+    else:
+        for entry in report["differ"]:
+            click.echo(f"shard {entry['shard']}: replicas differ")
+            for agent, info in entry["replicas"].items():
+                if "error" in info:
+                    click.echo(f"  {agent}: unreadable: {info['error']}")
+                else:
+                    click.echo(f"  {agent}: digest {info['digest'][:16]} rows {info['rows']}"
+                               f" max_lsn {info['max_lsn']} state {info['state']}")
+        if report["unavailable"]:
+            click.echo(f"no in-sync replica to read: shards {_listed(report['unavailable'])}")
     if bad:
-        raise click.ClickException(f"{len(bad)} of {kv.routing().shards} shards differ")
-    click.echo(f"{kv.routing().shards} shards verified: every replica's digest is equal")
+        raise click.ClickException(f"{len(bad)} of {len(shards)} shards differ or cannot be"
+                                   " read")
+    if not as_json:
+        click.echo(f"{len(shards)} shards verified in {report['seconds']:.1f}s: every"
+                   " replica's digest is equal")
 
 
 COMMANDS = (put, get, delete, load, verify)
 
-
-def _agree(infos: dict[str, ShardInfo | str]) -> bool:
-    if not infos:
-        return False
-    if not all(isinstance(i, ShardInfo) for i in infos.values()):
-        return False
-    return len({i.digest for i in infos.values()}) == 1
+VERIFY_PASSES = 4
+VERIFY_PAUSE = 0.5
 
 
-@retry(retry=retry_if_result(lambda infos: not _agree(infos)), stop=stop_after_attempt(4),
-       wait=wait_fixed(0.5), retry_error_callback=lambda state: state.outcome.result())
-def _settled_infos(kv: DataClient, shard: int) -> dict[str, ShardInfo | str]:
-    """A shard's replica digests, read again a few times if they differ: a write in flight
-    reaches replicas one after another, and a routing change may be landing."""
-    kv.invalidate()
-    return kv.shard_infos(shard)
+def _info_json(info: ShardInfo | str) -> dict[str, object]:
+    return dataclasses.asdict(info) if isinstance(info, ShardInfo) else {"error": info}
+
+
+def _listed(shards: list[int]) -> str:
+    return ", ".join(map(str, shards[:20])) + (" ..." if len(shards) > 20 else "")

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -208,9 +209,18 @@ def operator_errors(f: Callable[..., Any]) -> Callable[..., Any]:
         except (KazooException, KazooTimeoutError) as e:
             raise click.ClickException(f"ZooKeeper request failed ({type(e).__name__}):"
                                        " try again; check ZooKeeper's health") from None
+        except BrokenPipeError:
+            # The reader went away (`| head`): nothing more to say, and nowhere to say it.
+            # stdout's file is pointed at /dev/null so that the flush at exit cannot fail.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(1) from None
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from None
+        except KeyboardInterrupt:
+            # Ctrl-C outside the waits that handle it: the shell's status, no traceback
+            # (click would print "Aborted!" and exit 1).
+            raise click.exceptions.Exit(130) from None
 
     return wrapper
 

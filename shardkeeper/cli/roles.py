@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -16,10 +18,22 @@ from shardkeeper.cli.options import (
     zk_options,
 )
 from shardkeeper.layout import Paths, validate_name
+from shardkeeper.process import LOG_FORMATS
 from shardkeeper.vocab import ShardkeeperError
 from shardkeeper.zk import ZkTarget, ZkTargetError, split_host_port
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+def log_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--log-level and --log-format of a long-lived role."""
+    f = click.option("--log-format", type=click.Choice(LOG_FORMATS, case_sensitive=False),
+                     default="text", show_default=True, envvar="SHARDKEEPER_LOG_FORMAT",
+                     help="text, or json: one object per line (time, level, role, id,"
+                     " logger, event, fields). Env: SHARDKEEPER_LOG_FORMAT.")(f)
+    return click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True,
+                        envvar="SHARDKEEPER_LOG_LEVEL",
+                        help="The least severe messages logged. Env: SHARDKEEPER_LOG_LEVEL.")(f)
 # ZooKeeper caps a session at its maxSessionTimeout (20 ticks by default) anyway.
 SESSION_TIMEOUT = FiniteFloatRange(min=0.5, max=600)
 
@@ -58,11 +72,11 @@ def agent() -> None:
               help="On SIGTERM, wait at most this many seconds for the leader to move the"
               " agent's primaries to in-sync replicas before closing its session (0: close"
               " it at once). Env: SHARDKEEPER_HANDOFF_TIMEOUT.")
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@log_options
 @operator_errors
 def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: float,
               listen: str, data_dir: Path, session_timeout: float, trash_keep: float,
-              handoff_timeout: float, log_level: str) -> None:
+              handoff_timeout: float, log_level: str, log_format: str) -> None:
     """Register with the cluster and hold the replicas the plan gives this agent."""
     from agents.runtime import Agent, HealthServer
     from shardkeeper.process import run_until_signal, setup_logging
@@ -74,7 +88,7 @@ def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: 
     writable_dir(data_dir, "--data-dir")
     host, port = parse_listen(listen)
     # Unbracketed, as the data plane splits an address at its last colon.
-    setup_logging(log_level)
+    setup_logging(log_level, log_format.lower(), "agent", agent_id)
     a = Agent(target, paths.cluster, agent_id, address=f"{host}:{port}", zone=zone,
               weight=weight, data_dir=data_dir, session_timeout=session_timeout,
               trash_keep=trash_keep, handoff_timeout=handoff_timeout)
@@ -186,18 +200,23 @@ def coordinator() -> None:
               " agent process fails over at once rather than at its session timeout (port 0:"
               " any free port; agents must be able to reach HOST). 'off' disables it."
               " Env: SHARDKEEPER_LIVENESS.")
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@click.option("--http", "http", default=None, envvar="SHARDKEEPER_HTTP",
+              help="HOST:PORT to serve the status page (/), /api/status, /api/shards,"
+              " /api/events, /metrics, /healthz and /readyz on, without the token (port 0:"
+              " any free port, logged). Default: not served. Env: SHARDKEEPER_HTTP.")
+@log_options
 @operator_errors
 def coordinator_run(target: ZkTarget, paths: Paths, candidate_id: str | None,
-                    session_timeout: float, liveness: str, log_level: str) -> None:
+                    session_timeout: float, liveness: str, http: str | None, log_level: str,
+                    log_format: str) -> None:
     """Campaign for leadership; when leading, plan on every membership or config change."""
     import os
 
     from coordinator.leader import Coordinator
     from shardkeeper.process import run_until_signal, setup_logging
 
-    setup_logging(log_level)
     cid = candidate_id or f"{socket.gethostname()}-{os.getpid()}"
+    setup_logging(log_level, log_format.lower(), "coordinator", cid)
     link = None
     if liveness.strip().lower() != "off":
         try:
@@ -206,7 +225,29 @@ def coordinator_run(target: ZkTarget, paths: Paths, candidate_id: str | None,
             raise InputError(f"--liveness: {e}") from None
     c = Coordinator(target, paths.cluster, cid, session_timeout=session_timeout,
                     liveness=link)
-    run_until_signal(c.run, c.stop)
+    server = serve_http(http, c, target, paths) if http is not None else None
+    try:
+        run_until_signal(c.run, c.stop)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def serve_http(address: str, c: Any, target: ZkTarget, paths: Paths) -> Any:
+    """Bind --http before campaigning, so that a bad address fails at once: exit 2 when it
+    is malformed, 1 when it cannot be bound (in use, not ours)."""
+    from coordinator.http import ClusterReader, StatusServer
+
+    try:
+        host, port = split_host_port(address.strip(), default_port=None, allow_zero=True)
+    except ZkTargetError as e:
+        raise InputError(f"--http: {e}") from None
+    try:
+        server = StatusServer(host, port, c.metrics, ClusterReader(target, paths))
+    except OSError as e:
+        raise ShardkeeperError(f"--http: cannot listen on {address.strip()}:"
+                               f" {e.strerror or e}") from None
+    return server.start()
 
 
 COMMANDS = (agent, coordinator)

@@ -13,8 +13,10 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,13 @@ from shardkeeper.cli.options import (
     FiniteFloatRange,
     auth_options,
     build_target,
+    emit_json,
     operator_errors,
     read_credentials,
     writable_dir,
     write_credentials,
 )
+from shardkeeper.cli.term import interruptible
 from shardkeeper.config import ClusterConfig
 from shardkeeper.dev.zkserver import ZkServer, free_port
 from shardkeeper.layout import Paths
@@ -52,6 +56,8 @@ class Proc:
     pid: int
     log: str
     address: str = ""
+    zone: str = ""  # agents: what `dev start` restarts them with
+    weight: float = 1.0
 
 
 @dataclass
@@ -117,26 +123,37 @@ def port_in_use(port: int) -> bool:
         return False
 
 
-def start_agent(root: Path, state: DevState, name: str) -> Proc:
-    port = free_port()
+def start_agent(root: Path, state: DevState, name: str, zone: str = "", weight: float = 1.0,
+                port: int | None = None) -> Proc:
+    """Start an agent in the background; ``port``: its data plane's (default: a free one)."""
+    port = port or free_port()
     log = root / "logs" / f"{name}.log"
     argv = cli_command(
         "agent", "run", *state.zk_args(), "--id", name,
         "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / "data" / name),
-        "--session-timeout", str(state.session_timeout),
+        "--session-timeout", str(state.session_timeout), "--zone", zone,
+        "--weight", f"{weight:g}",
     )
     p = spawn(argv, log, detach=True)
-    return Proc(name, "agent", p.pid, str(log), f"127.0.0.1:{port}")
+    return Proc(name, "agent", p.pid, str(log), f"127.0.0.1:{port}", zone, weight)
 
 
-def start_coordinator(root: Path, state: DevState, name: str) -> Proc:
+def start_coordinator(root: Path, state: DevState, name: str, port: int | None = None) -> Proc:
+    """A coordinator candidate serving its status page, /api/status and /metrics on
+    127.0.0.1:``port`` (a free port when None)."""
     log = root / "logs" / f"{name}.log"
+    port = port or free_port()
     argv = cli_command(
         "coordinator", "run", *state.zk_args(), "--id", name,
-        "--session-timeout", str(state.session_timeout),
+        "--session-timeout", str(state.session_timeout), "--http", f"127.0.0.1:{port}",
     )
     p = spawn(argv, log, detach=True)
-    return Proc(name, "coordinator", p.pid, str(log))
+    return Proc(name, "coordinator", p.pid, str(log), f"127.0.0.1:{port}")
+
+
+def page_url(proc: Proc) -> str:
+    """The status page of a coordinator of the dev cluster ("" for other processes)."""
+    return f"http://{proc.address}/" if proc.role == "coordinator" and proc.address else ""
 
 
 def up(root: Path, *, agents: int, shards: int, replicas: int, coordinators: int,
@@ -211,6 +228,84 @@ def down(root: Path, timeout: float = 10.0) -> list[str]:
     return stopped
 
 
+def restart(root: Path, name: str) -> Proc:
+    """Start a stopped process of the dev cluster again, with its data: an agent keeps its
+    id, zone, weight, data dir and (when still free) its port; ZooKeeper its data."""
+    state = DevState.load(root)
+    old = state.proc(name)
+    if alive(old.pid):
+        raise ShardkeeperError(f"{name} (pid {old.pid}) is running: `shardkeeper dev kill"
+                               f" {name}` first")
+    if old.role == "agent":
+        port = int(old.address.rsplit(":", 1)[1])
+        new = start_agent(root, state, name, old.zone, old.weight,
+                          port=None if port_in_use(port) else port)
+    elif old.role == "coordinator":
+        port = int(old.address.rsplit(":", 1)[1]) if old.address else 0
+        new = start_coordinator(root, state, name,
+                                port=None if not port or port_in_use(port) else port)
+    else:
+        port = int(old.address.rsplit(":", 1)[1])
+        if port_in_use(port):
+            raise ShardkeeperError(f"port {port} of ZooKeeper is taken by another process")
+        server = ZkServer(data_dir=(root / "zookeeper").resolve(), client_port=port,
+                          tick_ms=250)
+        server.start(detach=True)
+        server.wait_ready()
+        new = replace(old, pid=server.process.pid)
+    state.processes[state.processes.index(old)] = new
+    state.save(root)
+    if new.role == "agent":
+        wait_joined(state, new)
+    return new
+
+
+def add_agent(root: Path, zone: str, weight: float, timeout: float = 30.0) -> Proc:
+    """Start one more agent (agent-N, N one past the highest) and wait until it is a
+    member of the cluster."""
+    state = DevState.load(root)
+    numbers = [int(p.name.split("-")[1]) for p in state.processes
+               if p.role == "agent" and p.name.split("-")[-1].isdigit()]
+    name = f"agent-{max(numbers, default=0) + 1}"
+    proc = start_agent(root, state, name, zone, weight)
+    state.processes.append(proc)
+    state.save(root)
+    wait_joined(state, proc, timeout)
+    return proc
+
+
+def wait_joined(state: DevState, proc: Proc, timeout: float = 30.0) -> None:
+    """Wait until an agent just started is a member (so that what follows, e.g. `watch
+    --until-stable`, sees it)."""
+    paths = Paths(state.cluster)
+    client = connect(state.target(), root=paths.root)
+    try:
+        def joined() -> bool:
+            """the agent's member znode"""
+            if not alive(proc.pid):
+                raise ShardkeeperError(f"{proc.name} exited at start: see {proc.log}")
+            return client.exists(paths.member(proc.name)) is not None
+
+        poll_until(joined, timeout, f"{proc.name} to join")
+    finally:
+        close(client)
+
+
+def wait_departure(state: DevState, name: str, timeout: float = 60.0) -> None:
+    """Wait until the leader has written a plan without agent ``name``."""
+    paths = Paths(state.cluster)
+    client = connect(state.target(), root=paths.root)
+    try:
+        def planned() -> bool:
+            """a plan without the agent"""
+            meta = clusterstate.read_plan_meta(client, paths)
+            return meta is not None and name not in meta.members
+
+        poll_until(planned, timeout, f"a plan without {name}")
+    finally:
+        close(client)
+
+
 @dataclass(frozen=True)
 class Rebalance:
     member_gone_s: float
@@ -277,10 +372,12 @@ def dev() -> None:
 
 @dev.command("up")
 @dir_option
-@click.option("--agents", type=click.IntRange(min=1, max=50), default=3, show_default=True)
-@click.option("--coordinators", type=click.IntRange(min=1, max=5), default=2, show_default=True)
-@click.option("--shards", type=int, default=64, show_default=True)
-@click.option("--replicas", type=int, default=2, show_default=True)
+@click.option("--agents", type=click.IntRange(min=1, max=50), default=3, show_default=True,
+              help="Agents to start (agent-1 ... agent-N).")
+@click.option("--coordinators", type=click.IntRange(min=1, max=5), default=2, show_default=True,
+              help="Coordinator candidates to start; one leads.")
+@click.option("--shards", type=int, default=64, show_default=True, help="Shards S.")
+@click.option("--replicas", type=int, default=2, show_default=True, help="Replicas per shard R.")
 @click.option("--zk", default=None, envvar="SHARDKEEPER_ZK",
               help="Use this ZooKeeper (HOST:PORT[,...]) instead of starting one.")
 @click.option("--zk-port", type=click.IntRange(1, 65535), default=2181, show_default=True,
@@ -314,6 +411,9 @@ def dev_up(root: Path, agents: int, coordinators: int, shards: int, replicas: in
         f"dev cluster {cluster!r} up in {time.monotonic() - t0:.1f}s: ZooKeeper {state.zk},"
         f" {coordinators} coordinators, {agents} agents; logs in {root}/logs{acl}"
     )
+    pages = [page_url(p) for p in state.processes if page_url(p)]
+    if pages:
+        click.echo(f"status page: {' or '.join(pages)} (any coordinator serves it)")
 
 
 @dev.command("down")
@@ -327,31 +427,81 @@ def dev_down(root: Path) -> None:
 
 @dev.command("status")
 @dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @operator_errors
-def dev_status(root: Path) -> None:
+def dev_status(root: Path, as_json: bool) -> None:
     """The dev cluster's processes, and whether each is running."""
     state = DevState.load(root)
+    procs = [{**asdict(p), "running": alive(p.pid), "url": page_url(p)}
+             for p in state.processes]
+    if as_json:
+        emit_json({"zk": state.zk, "cluster": state.cluster, "dir": str(root),
+                   "processes": procs})
+        return
     click.echo(f"ZooKeeper {state.zk}  cluster {state.cluster}")
-    for p in state.processes:
-        running = "running" if alive(p.pid) else "stopped"
-        click.echo(f"{p.name:<16} {p.role:<12} pid {p.pid:<8} {running:<8} {p.address}")
+    for p in procs:
+        running = "running" if p["running"] else "stopped"
+        where = (p["url"] and f"status page {p['url']}") or p["address"]
+        where += (f"  zone {p['zone']}" if p["zone"] else "") + (
+            f"  weight {p['weight']:g}" if p["weight"] != 1 else "")
+        click.echo(f"{p['name']:<16} {p['role']:<12} pid {p['pid']:<8} {running:<8} {where}")
+
+
+@dev.command("start")
+@dir_option
+@click.argument("name")
+@operator_errors
+def dev_start(root: Path, name: str) -> None:
+    """Start a stopped process again (after `dev kill`), with its data."""
+    proc = restart(root, name)
+    click.echo(f"started {name} (pid {proc.pid})" + (f" on {proc.address}"
+                                                     if proc.address else ""))
+
+
+@dev.command("add-agent")
+@dir_option
+@click.option("--zone", default="", help="Failure zone of the new agent.")
+@click.option("--weight", type=FiniteFloatRange(min=0, min_open=True, max=1e6), default=1.0,
+              help="Relative capacity of the new agent.")
+@operator_errors
+def dev_add_agent(root: Path, zone: str, weight: float) -> None:
+    """Start one more agent (agent-N) and wait until it joins; the leader then moves
+    replicas to it (`shardkeeper watch` shows them move)."""
+    proc = add_agent(root, zone, weight)
+    click.echo(f"{proc.name} joined (pid {proc.pid}, {proc.address}); `shardkeeper watch`"
+               " shows replicas moving to it")
 
 
 @dev.command("kill")
 @dir_option
 @click.argument("name")
 @click.option("--signal", "sig", type=click.Choice(["KILL", "TERM", "STOP", "CONT"]),
-              default="KILL", show_default=True)
+              default="KILL", show_default=True,
+              help="KILL: a crash; TERM: a clean stop; STOP/CONT: a hung process and back.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for, and print, the rebalance that follows (agents only).")
+@click.option("--watch", "then_watch", is_flag=True,
+              help="Instead of --wait: once the leader has planned the agent's departure,"
+              " show it live with `shardkeeper watch --until-stable`.")
 @operator_errors
-def dev_kill(root: Path, name: str, sig: str, wait: bool) -> None:
+def dev_kill(root: Path, name: str, sig: str, wait: bool, then_watch: bool) -> None:
     """Send a signal to one process of the dev cluster (an agent by default: SIGKILL)."""
     signum = signal.Signals[f"SIG{sig}"]
     state = DevState.load(root)
     proc = state.proc(name)
     if not alive(proc.pid):
         raise ShardkeeperError(f"{name} (pid {proc.pid}) is not running")
+    if then_watch:
+        os.kill(proc.pid, signum)
+        click.echo(f"sent SIG{sig} to {name} (pid {proc.pid})")
+        if proc.role == "agent" and signum != signal.SIGCONT:
+            # `watch --until-stable` would find the cluster stable if it looked before
+            # the leader noticed the departure.
+            wait_departure(state, name)
+        argv = cli_command("watch", "--until-stable", "--timeout", "300", *state.zk_args())
+        # Ctrl-C reaches the watch too, which ends cleanly and says so with its status.
+        with interruptible():
+            sys.exit(subprocess.call(argv))
     if not wait or proc.role != "agent" or signum in (signal.SIGCONT,):
         os.kill(proc.pid, signum)
         click.echo(f"sent SIG{sig} to {name} (pid {proc.pid})")

@@ -1,0 +1,115 @@
+"""Issue 10's rotation without downtime, end to end: real ZooKeeper, a coordinator and agent
+processes at R=3 (every write is forwarded with the peer token), a client writing all the
+time; `shardkeeper token rotate begin/switch/finish` for the token, then the peer token.
+No write fails, every acknowledged one is readable, the old tokens are refused after."""
+
+from __future__ import annotations
+
+import re
+
+from shardkeeper.peer import PeerClient
+from shardkeeper.poll import poll_until
+from shardkeeper.token import fingerprint, read_peer_token, read_token
+from shardkeeper.wire import key_path
+from tests.test_data_e2e import Writer, assert_all_readable, cli_ok, start
+
+AGENTS = ("agent-1", "agent-2", "agent-3")
+
+
+def refused(cluster, *args: str) -> str:
+    """A step out of order: exit 2, one line, no traceback."""
+    r = cluster.cli(*args)
+    assert r.returncode == 2, f"{args}: {r.stdout}\n{r.stderr}"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    return lines[0]
+
+
+def test_both_tokens_rotate_under_a_write_load_with_no_failed_write(cluster) -> None:
+    kv = start(cluster, agents=AGENTS, shards=8, replicas=3)
+    old_client = read_token(cluster.client, cluster.paths)
+    old_peer = read_peer_token(cluster.client, cluster.paths)
+    addresses = list(kv.routing().addresses.values())
+    assert len(addresses) == 3
+    # Out of order before any rotation.
+    for step in ("switch", "finish"):
+        assert "no rotation of the token is under way" in refused(
+            cluster, "token", "rotate", step)
+    writer = Writer(kv, "rot-")
+    writer.start()
+    try:
+        writer.wait_acks(50)
+        for peer in ((), ("--peer",)):
+            name = "peer token" if peer else "token"
+            out = cli_ok(cluster, "token", "rotate", "begin", *peer)
+            assert "every live agent accepts" in out
+            assert "a rotation of the " + name + " is under way (begun)" in refused(
+                cluster, "token", "rotate", "begin", *peer)
+            assert "its next step is `shardkeeper token rotate switch" in refused(
+                cluster, "token", "rotate", "finish", *peer)
+            writer.wait_acks(len(writer.acked) + 30)
+            assert "every live agent sends" in cli_ok(cluster, "token", "rotate", "switch", *peer)
+            assert "(switched)" in refused(cluster, "token", "rotate", "switch", *peer)
+            writer.wait_acks(len(writer.acked) + 30)
+            assert "rotated" in cli_ok(cluster, "token", "rotate", "finish", *peer)
+            writer.wait_acks(len(writer.acked) + 30)
+    finally:
+        writer.stop()
+    assert writer.failed == 0, f"{writer.failed} writes failed during the rotation"
+    assert len(writer.acked) >= 200
+    assert_all_readable(kv, writer.acked)
+    new_client = read_token(cluster.client, cluster.paths)
+    new_peer = read_peer_token(cluster.client, cluster.paths)
+    assert new_client not in (old_client, old_peer) and new_peer not in (old_client, old_peer)
+    assert kv.token == new_client, "the client followed the token znode"
+    # The old tokens are refused by every agent; the new ones work.
+    some_key = key_path(0, b"k")  # refused at admission, whichever shard holds it
+    for address in addresses:
+        for old in (old_client, old_peer):
+            client = PeerClient(old, attempts=1)
+            assert client.call(address, "GET", "/v1/auth").status == 401
+            assert client.call(address, "GET", some_key).status == 401
+        for token, kind in ((new_client, "client"), (new_peer, "peer")):
+            reply = PeerClient(token, attempts=1).call(address, "GET", "/v1/auth")
+            assert (reply.status, reply.body) == (200, {"credential": kind, "current": True})
+    # `token status`: counts and fingerprints, never a token.
+    status = cli_ok(cluster, "token", "status")
+    assert f"token:       1 accepted: {fingerprint(new_client)} (sent)" in status
+    assert f"peer token:  1 accepted: {fingerprint(new_peer)} (sent)" in status
+    for secret in (old_client, old_peer, new_client, new_peer):
+        assert secret not in status
+    # Each agent logged each switch with counts, never a token.
+    for name in AGENTS:
+        log = cluster.procs[name].output()
+        assert re.search(r"tokens changed: accepting 2 client token\(s\) and 1 peer", log)
+        assert "accepting 1 client token(s) and 1 peer token(s)" in log
+        for secret in (new_client, new_peer):
+            assert secret not in log
+    # The leader's liveness check followed the peer token (agents' links send the new one).
+    coordinator = cluster.procs["coord-1"].output()
+    assert "liveness: accepting 2 peer token(s)" in coordinator
+    assert "liveness: accepting 1 peer token(s)" in coordinator
+    # The cluster is still whole: a write and a read after it all.
+    kv.put(b"after", b"1")
+    assert kv.get(b"after") == b"1"
+
+
+def test_a_step_waits_for_an_agent_that_does_not_follow_and_names_it(cluster) -> None:
+    """An agent whose token comes from SHARDKEEPER_TOKEN does not follow the znode: `begin`
+    times out naming it, and `switch` refuses to write while it lags."""
+    cluster.init(2, 2)
+    token = read_token(cluster.client, cluster.paths)
+    cluster.start_coordinator("coord-1")
+    cluster.start_agent("agent-1")
+    cluster.start_agent("agent-2", env={"SHARDKEEPER_TOKEN": token})
+    poll_until(lambda: cluster.settled({"agent-1", "agent-2"}), 30, "convergence")
+    r = cluster.cli("token", "rotate", "begin", "--timeout", "2")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == ("Error: timed out after 2s: agents that do not accept the new"
+                                " token: agent-2 (answers 401)")
+    before = cluster.client.get(cluster.paths.token)[0]
+    r = cluster.cli("token", "rotate", "switch", "--timeout", "1")
+    assert r.returncode == 1 and "agent-2 (answers 401)" in r.stderr
+    assert cluster.client.get(cluster.paths.token)[0] == before, "switch wrote nothing"
+    assert "rotation begun, next: `shardkeeper token rotate switch`" in cli_ok(
+        cluster, "token", "status")
