@@ -31,6 +31,10 @@ from shardkeeper.liveness import MAX_HELLO, parse_hello
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 0.5  # a port that neither accepts nor refuses by then proves nothing
+# A dying process's kernel closes its sockets one by one: the link may close while the
+# data-plane port still accepts. Probe again this often, this many times, before taking
+# the closed link for a live agent's (a live agent's port keeps accepting throughout).
+PROBE_INTERVAL, PROBE_TRIES = 0.2, 5
 
 
 def refused(address: str, timeout: float = PROBE_TIMEOUT) -> bool:
@@ -142,10 +146,21 @@ class LivenessServer:
 
     def _probe(self, agent: str, started: float) -> None:
         address = self.address_of(agent)
-        if address is not None and refused(address):
-            log.warning("%s: its connection closed and %s refuses connections: the process"
-                        " is gone", agent, address)
-            self.on_dead(agent, started)
+        if address is None:
+            return
+        for attempt in range(PROBE_TRIES):
+            if attempt:
+                if self.stopped.wait(PROBE_INTERVAL):
+                    return
+                if (agent, started) in list(self._agents.values()):
+                    return  # it linked again: alive
+            if refused(address):
+                log.warning("%s: its connection closed and %s refuses connections: the"
+                            " process is gone", agent, address)
+                self.on_dead(agent, started)
+                return
+        log.info("%s: its connection closed but %s still accepts: taken for alive (its"
+                 " session decides)", agent, address)
 
     def _close(self, conn: socket.socket) -> None:
         self._buffers.pop(conn, None)
