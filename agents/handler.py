@@ -52,6 +52,7 @@ from agents.shardsm import (
     CopyFailed,
     Demote,
     DropDone,
+    DropFailed,
     Promote,
     Promoted,
     Repair,
@@ -186,9 +187,10 @@ def perform(handler: ShardHandler, action: ShardAction, stop: threading.Event) -
     """Carry out one shard action through ``handler``; return the event to feed back,
     carrying the action's work number.
 
-    A copy returns CopyDone or CopyFailed; a promotion Promoted; a repair, demotion or
-    catch-up Synced (and raises on failure: the runtime retries, then reports SyncFailed,
-    or PromoteFailed for a promotion). ``stop`` is the shard's cancel flag.
+    A copy returns CopyDone or CopyFailed; a drop DropDone or DropFailed; a promotion
+    Promoted; a repair, demotion or catch-up Synced (and raises on failure: the runtime
+    retries, then reports SyncFailed, or PromoteFailed for a promotion). ``stop`` is the
+    shard's cancel flag.
     """
     shard, work = action.shard, action.work
     if isinstance(action, StartBootstrap):
@@ -210,6 +212,8 @@ def perform(handler: ShardHandler, action: ShardAction, stop: threading.Event) -
         # best effort: take them from the in-sync peers before taking writes.
         handler.catch_up(shard, action.peers)
         return Promoted(shard, handler.on_become_primary(shard, action.term) or 0, work)
-    stop.set()
-    handler.on_drop(shard)
+    try:
+        handler.on_drop(shard)
+    except Exception as exc:  # retried by the machine (DropFailed), with backoff
+        return DropFailed(shard, f"{type(exc).__name__}: {exc}", work)
     return DropDone(shard, work)

@@ -93,16 +93,15 @@ from agents.shardsm import (
     SetServing,
     SetWritable,
     ShardEvent,
-    Target,
 )
-from agents.store import StoreSet
+from agents.shardsm.views import referenced_agents, target_of
+from agents.store import StoreError, StoreSet
 from agents.trash import DEFAULT_KEEP_SECONDS, Trash
 from agents.work import Job, ShardWork
 from shardkeeper import __version__
 from shardkeeper.layout import (
     AgentPlan,
     AgentStatus,
-    Assignment,
     MemberInfo,
     Paths,
     PlanMeta,
@@ -111,7 +110,7 @@ from shardkeeper.layout import (
 )
 from shardkeeper.peer import PeerClient
 from shardkeeper.token import BadTokens, NoToken, Tokens, no_tokens_message, read_tokens
-from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError
+from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import ZkTarget, ZkUnavailable, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
@@ -148,33 +147,6 @@ class _Inputs:
     stop: bool = False
     leave: bool = False  # SIGTERM: hand off, then stop
     tokens: bool = False  # a token znode changed (a rotation step): read both again
-
-
-def target_of(assignment: Assignment, address_of: Any) -> Target:
-    """Pure: the state machine's target for one plan assignment (agent ids -> addresses)."""
-    if assignment.role == Role.PRIMARY:
-        return Target(
-            Role.PRIMARY,
-            term=assignment.term,
-            peers=tuple(address_of(a) for a in assignment.peers),
-            bootstrapping=tuple(address_of(a) for a in assignment.bootstrapping),
-        )
-    return Target(
-        Role.REPLICA,
-        term=assignment.term,
-        source=address_of(assignment.source) if assignment.source else None,
-        primary=address_of(assignment.primary) if assignment.primary else None,
-    )
-
-
-def referenced_agents(replicas: dict[int, Assignment]) -> set[str]:
-    """Every agent id an AgentPlan names (whose address the shell needs)."""
-    ids: set[str] = set()
-    for a in replicas.values():
-        ids.update(x for x in (a.primary, a.source) if x)
-        ids.update(a.peers)
-        ids.update(a.bootstrapping)
-    return ids
 
 
 class Agent:
@@ -761,7 +733,12 @@ class Agent:
             self.report()
         else:
             if isinstance(action, shardsm.StartBootstrap):
-                self.stores.open(action.shard)  # forwards land in it while it copies
+                try:
+                    self.stores.open(action.shard)  # forwards land in it while it copies
+                except StoreError as e:
+                    # A full disk: the copy opens it again and fails, and the machine
+                    # retries it (bounded) or reports it; the agent itself must go on.
+                    log.warning("shard %d: %s", action.shard, e)
             self.work.submit(action)
 
     # -- the data plane's table ---------------------------------------------------------

@@ -17,6 +17,18 @@ A small ``meta`` table keeps the replica's progress markers, so they survive a c
 - ``is_primary``: 1 from promotion until demotion; a demoted primary must repair first.
 - ``image_tried``: 1 once a bootstrap asked for its source's file image (``open_image``);
   a retry then streams rows, which resume, instead of downloading the file again.
+- ``horizon``: tombstones at or below this LSN have been purged (``compact``).
+
+**Tombstone compaction.** A delete must stay a tombstone while some replica may still
+need it: one that streams the rows after its cursor would otherwise never learn the key
+was deleted, and keep (or later serve) the value the delete removed. ``compact(h)``
+purges the tombstones at or below ``h`` and records ``h`` as the store's horizon; the
+caller picks an ``h`` every in-sync replica has passed (``agents.dataplane.compaction``).
+From then on every read of "the rows after X" with X below the horizon raises
+BehindHorizon instead of answering with rows that silently lack those deletes: a copier
+or a repair that meets it must copy the whole store again (a file image, which carries
+the horizon with it). Digests leave tombstones out: a purged tombstone and a kept one
+mean the same thing, an absent key.
 
 LSNs are ``(term << 32) | seq``: a primary of term ``t`` (the plan generation that made it
 primary) issues LSNs above ``t << 32``, hence above every LSN of a primary of an older term.
@@ -50,6 +62,7 @@ META_SYNC_LSN = "sync_lsn"
 META_PROMOTION_LSN = "promotion_lsn"
 META_IS_PRIMARY = "is_primary"
 META_IMAGE_TRIED = "image_tried"
+META_HORIZON = "horizon"
 
 SCHEMA_VERSION = 2
 # A rowid table keeps each row's value inline in the table b-tree (up to ~page size); the
@@ -107,6 +120,22 @@ class StoreBusy(StoreError):
     """The store cannot hand out a file image now."""
 
 
+class BehindHorizon(StoreError):
+    """Rows after ``after`` were asked for, but tombstones up to ``horizon`` (above it)
+    are purged: the answer would lack deletes. The asker must copy the store afresh."""
+
+    def __init__(self, name: str, after: int, horizon: int):
+        super().__init__(f"{name}: rows after LSN {after} asked for, but tombstones up to"
+                         f" LSN {horizon} are compacted away")
+        self.after = after
+        self.horizon = horizon
+
+
+class StoreClosed(StoreError):
+    """The store was closed (its shard dropped, the agent stopping) or could not be
+    opened again after an image swap: the request that met it changes nothing."""
+
+
 @dataclass(frozen=True)
 class FileImage:
     """A store file frozen as a consistent image (see ``ShardStore.open_image``)."""
@@ -155,10 +184,12 @@ def _digest_bytes(row: Row) -> bytes:
 
 
 def digest_rows(rows: Iterable[Row]) -> str:
-    """A stable hash of rows given in key order (tombstones included)."""
+    """A stable hash of the live rows among ``rows`` (given in key order): a tombstone and
+    no row at all both mean "absent", and replicas purge tombstones at their own pace."""
     h = xxhash.xxh3_128()
     for row in rows:
-        h.update(_digest_bytes(row))
+        if not row.tombstone:
+            h.update(_digest_bytes(row))
     return h.hexdigest()
 
 
@@ -169,18 +200,41 @@ class ShardStore:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._images = 0  # file images handed out and not yet closed
-        self._db = self._connect()
+        # The one connection; None once closed. Only ever read or replaced under _lock:
+        # install_image swaps it and StoreSet.drop closes it while requests are in flight.
+        self._conn: sqlite3.Connection | None = None
+        self._connect()
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(
-            str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
-        )
-        db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # ignored once the file has data
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        self._db = db
-        self._create_or_migrate()
+    def _connect(self) -> None:
+        """Open the file (creating it) as the store's connection. A file that cannot be
+        opened or set up (a full disk, a damaged file) raises StoreError, so that callers
+        tell a store that failed from a bug."""
+        try:
+            db = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path.name}: {exc}") from exc
+        try:
+            db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # ignored once the file has data
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            self._conn = db
+            self._create_or_migrate()
+        except BaseException as exc:
+            self._conn = None
+            db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open {self.path.name}: {exc}") from exc
+            raise
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """The open connection; callers hold ``_lock``. Raises StoreClosed after close()."""
+        db = self._conn
+        if db is None:
+            raise StoreClosed(f"{self.path.name} is closed")
         return db
 
     def _create_or_migrate(self) -> None:
@@ -196,11 +250,19 @@ class ShardStore:
         )
 
     def close(self) -> None:
+        """Close the connection; every later call raises StoreClosed. Waits for the call
+        in progress (they hold the lock), so none of them meets a closed connection."""
         with self._lock:
-            self._db.close()
+            db, self._conn = self._conn, None
+            if db is not None:
+                db.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db, self._lock)
+        return _Transaction(self)
 
     # -- rows ----------------------------------------------------------------------------
 
@@ -266,12 +328,27 @@ class ShardStore:
         return self._db.total_changes - before
 
     def max_lsn(self) -> int:
+        """The highest LSN this store has held, purged tombstones included: a primary
+        numbers its next write above it, and must never reuse a purged delete's LSN (its
+        replicas, which may still hold that tombstone, would see no gap)."""
         with self._lock:
-            return self._db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+            return self._max_lsn()
+
+    def _max_lsn(self) -> int:
+        found = self._db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+        return max(found, self._get_meta(META_HORIZON))
+
+    def _check_horizon(self, after: int) -> None:
+        """Raise BehindHorizon if the rows after ``after`` may lack purged deletes."""
+        horizon = self.horizon()
+        if after < horizon:
+            raise BehindHorizon(self.path.name, after, horizon)
 
     def rows_after(self, lsn: int, limit: int) -> list[Row]:
-        """Up to ``limit`` rows with LSN above ``lsn``, in LSN order (for paged streaming)."""
+        """Up to ``limit`` rows with LSN above ``lsn``, in LSN order (for paged streaming).
+        BehindHorizon if ``lsn`` is below the compaction horizon."""
         with self._lock:
+            self._check_horizon(lsn)
             found = self._db.execute(
                 "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ? ORDER BY lsn LIMIT ?",
                 (lsn, limit),
@@ -290,6 +367,7 @@ class ShardStore:
         prefix keeps a copier's cursor a point it can truly resume from.
         """
         with self._lock:
+            self._check_horizon(lsn)
             upto = self.sync_lsn()
             found = self._db.execute(
                 "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ? AND lsn <= ?"
@@ -310,6 +388,7 @@ class ShardStore:
         entries: list[Entry] = []
         size = 0
         with self._lock:
+            self._check_horizon(lsn)
             upto = self.sync_lsn()
             cursor = self._db.execute(
                 "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ? AND lsn <= ?"
@@ -323,6 +402,38 @@ class ShardStore:
                     cursor.close()
                     return entries, upto, False
         return entries, upto, len(entries) < limit
+
+    def rows_after_unchecked(self, lsn: int, limit: int) -> list[Row]:
+        """``rows_after`` for this store's own use (listing its suspects in a repair):
+        what it lacks below its horizon it purged itself, so nothing is hidden from it."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ? ORDER BY lsn LIMIT ?",
+                (lsn, limit),
+            ).fetchall()
+        return [entry_to_row(r) for r in found]
+
+    def compact(self, upto: int) -> int:
+        """Purge the tombstones at or below ``min(upto, sync_lsn)`` and make that the
+        horizon (it never moves back); returns how many were purged.
+
+        The caller vouches that every in-sync replica has passed ``upto``: each of them
+        then holds every delete up to there, and needs no tombstone to learn it again.
+        """
+        with self._transaction():
+            sync = self._get_meta(META_SYNC_LSN)
+            horizon = min(upto, sync)
+            if horizon <= self._get_meta(META_HORIZON):
+                return 0
+            purged = self._db.execute(
+                "DELETE FROM rows WHERE tombstone = 1 AND lsn <= ?", (horizon,)
+            ).rowcount
+            self._set_meta(META_HORIZON, horizon)
+            return purged
+
+    def tombstones(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM rows WHERE tombstone = 1").fetchone()[0]
 
     def count(self) -> int:
         """Number of rows, tombstones included."""
@@ -345,7 +456,10 @@ class ShardStore:
 
     def get_meta(self, name: str, default: int = 0) -> int:
         with self._lock:
-            found = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+            return self._get_meta(name, default)
+
+    def _get_meta(self, name: str, default: int = 0) -> int:
+        found = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return found[0] if found else default
 
     def set_meta(self, name: str, value: int) -> None:
@@ -396,27 +510,39 @@ class ShardStore:
         with self._lock:
             self._images -= 1
 
-    def install_image(self, image: Path) -> int:
+    def install_image(self, image: Path, *, keep_after: int = 0, synced: bool = False) -> int:
         """Replace this store's rows by a copied file image of another replica's store.
 
         The image keeps the rows up to the source's ``sync_lsn`` (its later, best-effort
-        rows and its markers are the source's, not ours); the rows this store already
-        holds (forwards received while copying) are applied over it last-writer-wins, and
-        the bootstrap cursor becomes that ``sync_lsn``, which is returned. The image is
-        prepared before it replaces the file, so a crash leaves one or the other.
+        rows and its markers are the source's, not ours) and its compaction horizon; the
+        rows this store already holds past that ``sync_lsn`` and past ``keep_after``
+        (forwards received while copying) are applied over it last-writer-wins, and the
+        bootstrap cursor becomes that ``sync_lsn``, which is returned. Rows at or below it
+        are the image's business: a delete of one of them may be compacted away there.
+        ``synced``: the store follows the image's stream from its ``sync_lsn`` on (a
+        replica copied afresh while it stays in the in-sync set). The image is prepared
+        before it replaces the file, so a crash leaves one or the other.
         """
         sync = prepare_image(image)
         with self._lock:
-            mine = self._db.execute("SELECT key, value, lsn, tombstone FROM rows").fetchall()
-            self._db.close()  # the last connection: its WAL is checkpointed and removed
+            mine = self._db.execute(
+                "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ?",
+                (max(sync, keep_after),),
+            ).fetchall()
+            db, self._conn = self._conn, None
+            db.close()  # the last connection: its WAL is checkpointed and removed
             try:
                 for suffix in ("-wal", "-shm"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
                 os.replace(image, self.path)
             finally:
-                self._connect()  # the image, or the old file if the swap failed
+                # The image, or the old file if the swap failed; if even that cannot be
+                # opened (a full disk), the store stays closed and says so (StoreClosed).
+                self._connect()
             with self._transaction():
                 self._db.executemany(_UPSERT_NEWER, mine)
+                if synced:
+                    self._set_meta(META_SYNC_LSN, sync)
         return sync
 
     def bootstrap_cursor(self) -> int:
@@ -425,13 +551,17 @@ class ShardStore:
     def sync_lsn(self) -> int:
         return self.get_meta(META_SYNC_LSN)
 
+    def horizon(self) -> int:
+        """Tombstones at or below this LSN are purged (0: none ever were)."""
+        return self.get_meta(META_HORIZON)
+
     def promotion_lsn(self) -> int:
         return self.get_meta(META_PROMOTION_LSN)
 
     def mark_promoted(self) -> int:
         """Record the promotion point (this replica's ``max_lsn`` now) and return it."""
         with self._transaction():
-            point = self._db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+            point = self._max_lsn()
             self._set_meta(META_PROMOTION_LSN, point)
             self._set_meta(META_SYNC_LSN, point)
             self._set_meta(META_IS_PRIMARY, 1)
@@ -447,7 +577,9 @@ class ShardStore:
 
 def prepare_image(path: Path) -> int:
     """Turn a copied store file into a fresh replica's: drop the rows after the source's
-    ``sync_lsn`` and its markers, set the bootstrap cursor there; returns that LSN."""
+    ``sync_lsn`` and its markers (but its compaction horizon: the image lacks the deletes
+    purged below it, and must say so to whoever copies from it next), set the bootstrap
+    cursor there; returns that LSN."""
     with path.open("rb") as f:
         if f.read(16) != b"SQLite format 3\x00":
             raise StoreError(f"{path.name} is not an SQLite file")
@@ -459,7 +591,7 @@ def prepare_image(path: Path) -> int:
         sync = found[0] if found else 0
         db.execute("BEGIN IMMEDIATE")
         db.execute("DELETE FROM rows WHERE lsn > ?", (sync,))
-        db.execute("DELETE FROM meta")
+        db.execute("DELETE FROM meta WHERE name != ?", (META_HORIZON,))
         db.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (META_BOOTSTRAP_CURSOR, sync))
         db.execute("COMMIT")
     except sqlite3.Error as exc:
@@ -475,25 +607,30 @@ def prepare_image(path: Path) -> int:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` .. ``COMMIT`` under the store lock; rolls back on error."""
+    """``BEGIN IMMEDIATE`` .. ``COMMIT`` under the store lock; rolls back on error.
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
-        self._db = db
-        self._lock = lock
+    The connection is looked up only once the lock is held: an image swap or a close
+    replaces it under that lock, and one taken before would be a closed connection."""
+
+    def __init__(self, store: ShardStore):
+        self._store = store
+        self._db: sqlite3.Connection | None = None
 
     def __enter__(self) -> None:
-        self._lock.acquire()
+        self._store._lock.acquire()
         try:
+            self._db = self._store._db
             self._db.execute("BEGIN IMMEDIATE")
         except BaseException:
-            self._lock.release()
+            self._store._lock.release()
             raise
 
     def __exit__(self, exc_type: object, *_rest: object) -> None:
         try:
+            assert self._db is not None
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
-            self._lock.release()
+            self._store._lock.release()
 
 
 class StoreSet:

@@ -13,7 +13,7 @@ catch-ups and drops, which run before copies (long, and the state machine alread
 bounds how many run at once); ``RESERVED`` workers are kept for promotions and
 demotions alone, so that a burst of copies and repairs never makes one wait.
 
-Retries: a copy, a catch-up or a promotion that is itself a retry (``attempt`` > 0)
+Retries: a copy, a catch-up, a promotion or a drop that is itself a retry (``attempt`` > 0)
 waits a growing pause first; a repair, demotion or catch-up that fails is tried again
 for up to ``RETRY_SECONDS`` (its peer may be mid-transition), then reported failed. A
 pause is a timer, not a sleeping worker: hundreds of repairs waiting for their new
@@ -140,7 +140,7 @@ class ShardWork:
         self._current[shard] = job
         action = job.action
         pause = backoff(action.attempt) if isinstance(
-            action, StartBootstrap | CatchUp | Promote) else 0.0
+            action, StartBootstrap | CatchUp | Promote | StartDrop) else 0.0
         if pause:
             self._wait(job, pause)
         else:

@@ -29,6 +29,7 @@ from shardkeeper.layout import (
     encode_events,
 )
 from shardkeeper.plan import PlanState
+from shardkeeper.vocab import Role
 
 # How long `status` shows a departed member as down (longer while it still holds
 # replicas, e.g. inside the rebalance delay).
@@ -192,6 +193,7 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         min_in_sync=config.replicas,
         failed=failed,
         leaving=leaving,
+        fenced=fenced_successors(memory.plan, inputs.statuses),
     )
     for shard, agent, source, other in step.retried:
         why = failed.get((agent, shard)) or "no reason given"
@@ -349,6 +351,26 @@ def failed_copies(plan: PlanState, statuses: Mapping[str, AgentStatus]
         for shard, st in status.shards.items():
             if st.state == "ERROR":
                 out[(agent, shard)] = st.reason
+    return out
+
+
+def fenced_successors(plan: PlanState, statuses: Mapping[str, AgentStatus]
+                      ) -> set[tuple[str, int]]:
+    """(agent, shard): the replicas each shard's primary knows in sync, per the latest plan
+    znode it was written and has applied (its status says so). The primary forwards to
+    them with must-ack; once one takes a new term it refuses those forwards, so a handover
+    to it leaves the old primary nothing it could still acknowledge. A replica that joined
+    in a plan the primary has not applied yet gets its writes only best effort: promoted
+    then, it could miss writes the old primary acknowledged after its catch-up (found by
+    bench.chaos; issue 13)."""
+    out = set()
+    for agent, mine in plan.agents.items():
+        status = statuses.get(agent)
+        if status is None or status.generation < mine.generation:
+            continue
+        for shard, assignment in mine.replicas.items():
+            if assignment.role == Role.PRIMARY:
+                out.update((peer, shard) for peer in assignment.peers)
     return out
 
 

@@ -16,13 +16,18 @@ still copying (bootstrapping, each from a named in-sync source). One step:
    step issues it afresh at a newer generation: a failed copy always leads somewhere.
 3. **Start copies** for target replicas the shard lacks, within the per-agent and
    cluster throttles; shards below their replica count go before moves made for balance.
-4. **Promote** the target's primary once it is in sync. A **leaving** agent (shutting
-   down, asking for a graceful hand-off) holds no primary: its primaries move to an
-   in-sync replica that stays, even in maintenance (a hand-off copies and drops nothing),
-   and no copy starts into it or, where another source exists, from it.
+4. **Promote** the target's primary once it is in sync, and once the current primary
+   knows it in sync (``fenced``: it applied a plan listing it as a peer). Only then does
+   the old primary forward to it with must-ack, so that the moment the new primary takes
+   its new term, the old one can acknowledge nothing more: a write the old primary
+   acknowledged after the new one caught up from its peers would be repaired away. A
+   **leaving** agent (shutting down, asking for a graceful hand-off) holds no primary: its
+   primaries move to an in-sync replica that stays and that it knows in sync, even in
+   maintenance (a hand-off copies and drops nothing), and no copy starts into it or,
+   where another source exists, from it.
 5. **Drop (break) last**: a replica outside the target leaves only while the shard keeps
    at least as many in-sync replicas as the target asks for, so a move never lowers
-   redundancy.
+   redundancy; the primary leaves only after a fenced successor took over.
 
 A shard with no live in-sync replica is left exactly as it is and reported
 ``unavailable``: its agents may come back with their data (a ZooKeeper hiccup, a
@@ -60,6 +65,7 @@ class Step:
     in_flight: int = 0  # copies running after this step
     # Failed copies handled: (shard, agent, old source, new source or None if withdrawn).
     retried: tuple[tuple[int, str, str, str | None], ...] = ()
+    handovers_waiting: int = 0  # primary moves held until the primary knows its successor
 
 
 @dataclass
@@ -77,6 +83,7 @@ class _Tally:
     promotions: int = 0
     handoffs: int = 0
     deferred: int = 0
+    handovers_waiting: int = 0
     retried: list[tuple[int, str, str, str | None]] = field(default_factory=list)
     withdrawn: set[tuple[str, int]] = field(default_factory=set)
     leaving: frozenset[str] = frozenset()
@@ -108,9 +115,14 @@ class _Tally:
 def fail_over(
     shard: ShardPlan, target: Sequence[str], live: Collection[str],
     caught_up: Collection[str], tally: _Tally, failed: Collection[str] = (), index: int = -1,
+    fenced: Collection[str] | None = None,
 ) -> tuple[list[str], list[tuple[str, str]]] | None:
     """Steps 1 and 2: drop departed replicas, re-point or join bootstraps; re-point or
     withdraw the copies in ``failed`` (agents whose copy of this shard failed).
+
+    When the primary departed, a survivor it knew in sync (``fenced``) takes over first:
+    a departed primary slow to notice its lost session still forwards to those with
+    must-ack, and they refuse once they follow the new term.
 
     Returns (in_sync, bootstrapping), or None when no live in-sync replica is left.
     """
@@ -122,6 +134,8 @@ def fail_over(
         return None
     if shard.replicas[0] not in live:
         tally.failovers += 1
+        if fenced is not None:
+            in_sync.sort(key=lambda a: a not in fenced)  # stable: plan order otherwise
     boot: list[tuple[str, str]] = []
     for agent, source in shard.bootstrapping:
         if agent not in live:
@@ -169,13 +183,21 @@ def start_copies(
         tally.started += 1
 
 
-def hand_off(in_sync: list[str], target: Sequence[str], tally: _Tally) -> None:
-    """A leaving agent holds no primary: give it to an in-sync replica that stays (the
-    target's primary if it is one, else the first such replica of the target, else any).
-    In sync means it applied every acknowledged write, so the hand-off loses nothing."""
+def hand_off(in_sync: list[str], target: Sequence[str], tally: _Tally,
+             fenced: Collection[str] | None = None) -> None:
+    """A leaving agent holds no primary: give it to an in-sync replica that stays and that
+    it knows in sync (``fenced``; the target's primary if it is one, else the first such
+    replica of the target, else any). In sync means it applied every acknowledged write,
+    and known in sync means the leaving primary forwards to it with must-ack, so its new
+    term fences the old primary: the hand-off loses nothing. With no such replica yet the
+    hand-off waits (the leaving agent keeps the primary until its hand-off timeout)."""
     if not in_sync or in_sync[0] not in tally.leaving:
         return
     stays = [a for a in in_sync if a not in tally.leaving]
+    if fenced is not None:
+        if stays and not any(a in fenced for a in stays):
+            tally.handovers_waiting += 1
+        stays = [a for a in stays if a in fenced]
     if not stays:
         return  # no replica to take it: the leaving agent keeps it (and says so)
     choice = next((a for a in target if a in stays), stays[0])
@@ -187,21 +209,29 @@ def hand_off(in_sync: list[str], target: Sequence[str], tally: _Tally) -> None:
 def settle(
     in_sync: list[str], boot: list[tuple[str, str]], target: Sequence[str],
     paused: bool, tally: _Tally, min_in_sync: int = 0,
+    fenced: Collection[str] | None = None,
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Steps 4 and 5: promote the target's primary, then drop what the target no longer has.
 
+    ``fenced``: the replicas the current primary knows in sync (None: any may take over).
+    A handover to another replica waits for it, and so does dropping the primary.
     Hand-offs from leaving agents happen even when paused: they copy and drop nothing."""
     wanted = set(target)
-    hand_off(in_sync, target, tally)
+    hand_off(in_sync, target, tally, fenced)
     if not paused:
         # Copies for replicas the target no longer wants are cancelled: they hold nothing
         # that the shard relies on.
         boot = [(a, s) for a, s in boot if a in wanted]
+        waiting = False  # a handover to the target's primary waits for it to be fenced
         if (target and target[0] in in_sync and in_sync[0] != target[0]
                 and target[0] not in tally.leaving):
-            in_sync.remove(target[0])
-            in_sync.insert(0, target[0])
-            tally.promotions += 1
+            if fenced is None or target[0] in fenced:
+                in_sync.remove(target[0])
+                in_sync.insert(0, target[0])
+                tally.promotions += 1
+            else:
+                waiting = True
+                tally.handovers_waiting += 1
         # A drain or move must not cost redundancy, even when the target is short of R
         # (too few eligible agents): then the old replica stays until there is room.
         keep = max(len(target), min_in_sync)
@@ -209,6 +239,11 @@ def settle(
             if len(in_sync) - 1 < keep:
                 break
             if any(source == agent for _, source in boot):
+                continue
+            if agent == in_sync[0] and fenced is not None and (
+                    waiting or len(in_sync) < 2 or in_sync[1] not in fenced):
+                # Dropping the primary hands over to in_sync[1]: only to a fenced one, and
+                # not while the handover the target wants is waiting.
                 continue
             in_sync.remove(agent)
             tally.dropped += 1
@@ -227,6 +262,7 @@ def next_step(
     min_in_sync: int = 0,
     failed: Collection[tuple[str, int]] = (),
     leaving: Collection[str] = (),
+    fenced: Collection[tuple[str, int]] | None = None,
 ) -> Step:
     """One step toward ``target`` (shard -> agents, primary first, as placement returns).
 
@@ -235,6 +271,9 @@ def next_step(
     outside the target are dropped only while at least ``min_in_sync`` (R) stay in sync.
     ``failed`` are the (agent, shard) copies whose agent reports them failed. ``leaving``
     agents are shutting down: their primaries are handed off to in-sync replicas.
+    ``fenced`` are the (agent, shard) replicas each shard's primary knows in sync (it
+    applied a plan listing them): only they may take over from a live primary (None: no
+    such check).
     """
     live = set(live)
     caught = set(caught_up)
@@ -247,13 +286,19 @@ def next_step(
     tally = _Tally(throttle, leaving=leaving)
     staged: dict[int, tuple[list[str], list[tuple[str, str]]]] = {}
     unavailable: list[int] = []
+    successors: dict[int, set[str]] | None = None
+    if fenced is not None:
+        successors = {}
+        for agent, s in fenced:
+            successors.setdefault(s, set()).add(agent)
     for s, shard in enumerate(shards):
         if shard.replicas == tuple(target[s]) and not shard.bootstrapping and all(
             a in live for a in shard.replicas
         ) and not (shard.replicas and shard.replicas[0] in leaving):
             continue  # already at its target: the common case, kept cheap at 100k shards
         joined = {a for a, _ in shard.bootstrapping if (a, s) in caught}
-        result = fail_over(shard, target[s], live, joined, tally, broken.get(s, ()), s)
+        result = fail_over(shard, target[s], live, joined, tally, broken.get(s, ()), s,
+                           None if successors is None else successors.get(s, set()))
         if result is None:
             unavailable.append(s)
         else:
@@ -264,7 +309,8 @@ def next_step(
         start_copies(staged[s][0], staged[s][1], target[s], live, tally, s)
     plan = list(shards)
     for s, (in_sync, boot) in staged.items():
-        in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync)
+        in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync,
+                               None if successors is None else successors.get(s, set()))
         # The term stays the shard's own until with_terms stamps a changed primary.
         plan[s] = ShardPlan(tuple(in_sync), tuple(boot), shards[s].term)
     in_flight = sum(len(p.bootstrapping) for p in plan)
@@ -280,6 +326,7 @@ def next_step(
         unavailable=tuple(unavailable),
         in_flight=in_flight,
         retried=tuple(tally.retried),
+        handovers_waiting=tally.handovers_waiting,
     )
 
 

@@ -17,10 +17,14 @@ the agent does not hold, or no primary at all: the cached table is marked stale 
 call is retried with jittered exponential backoff, from ``FIRST_RETRY`` seconds (a
 primary hand-off takes a plan propagation, tens of milliseconds: a write that meets one
 is retried at the new primary at once) up to ``MAX_RETRY_WAIT``, until ``deadline``
-seconds have passed (a bounded tenacity policy), then raises ``Unavailable``. A 4xx
-answer (bad token, malformed or oversized request) is not retried: it raises
-``RequestError`` at once. A write that timed out may still have been applied; a
-retried put writes the same value again, which is harmless.
+seconds have passed (a bounded tenacity policy), then raises ``Unavailable``. While
+ZooKeeper is unreachable (the client's session suspended: quorum loss, a partition) the
+table is not read again, since kazoo would hold the read until ZooKeeper answers and the
+deadline would mean nothing: the cached table serves (the agents still serve their last
+plan, and redirect or refuse what they no longer hold), and with no table cached the
+call is retried until the deadline. A 4xx answer (bad token, malformed or oversized
+request) is not retried: it raises ``RequestError`` at once. A write that timed out may
+still have been applied; a retried put writes the same value again, which is harmless.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kazoo.client import KazooClient
+from kazoo.exceptions import KazooException
 from tenacity import (
     RetryError,
     retry,
@@ -73,6 +78,10 @@ class RequestError(DataError):
 
 class _Retry(Exception):
     """Internal: this attempt failed in a way a fresh routing table may fix."""
+
+
+class ZooKeeperUnreachable(Unavailable):
+    """No routing table is cached and ZooKeeper cannot be read now."""
 
 
 @dataclass(frozen=True)
@@ -147,11 +156,21 @@ class DataClient:
 
     # -- routing ------------------------------------------------------------------------
     def routing(self) -> Routing:
-        """The cached routing table, read again if the plan changed since."""
+        """The cached routing table, read again if the plan changed since and ZooKeeper
+        can be read (else the cached one; ``ZooKeeperUnreachable`` if there is none)."""
         with self._lock:
-            if self._stale or self._routing is None:
-                self._stale = False
+            if self._routing is not None and not (self._stale and self.zk.connected):
+                return self._routing
+            if not self.zk.connected:
+                raise ZooKeeperUnreachable(f"cluster {self.paths.cluster!r}: ZooKeeper is"
+                                           " unreachable and no routing table is cached")
+            self._stale = False
+            try:
                 self._routing = read_routing(self.zk, self.paths)
+            except KazooException:  # lost meanwhile: the cached table, or retry
+                self._stale = True
+                if self._routing is None:
+                    raise
             return self._routing
 
     def invalidate(self) -> None:
@@ -172,6 +191,8 @@ class DataClient:
         def once() -> T:
             try:
                 return fn()
+            except (ZooKeeperUnreachable, KazooException) as exc:
+                raise _Retry(str(exc) or type(exc).__name__) from exc
             except (PeerUnavailable, NotPrimary) as exc:
                 self.invalidate()
                 raise _Retry(str(exc)) from exc

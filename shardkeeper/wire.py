@@ -97,6 +97,7 @@ class ErrorCode(StrEnum):
     NOT_REPLICA = "not_replica"  # 409: a forward to a holder that takes none
     NOT_A_SOURCE = "not_a_source"  # 409: rows or a snapshot from a holder still copying
     BUSY = "busy"  # 409: another snapshot of the shard is being sent
+    BEHIND_HORIZON = "behind_horizon"  # 409: rows asked for past compacted deletes, with "horizon"
     TIMEOUT = "timeout"  # 408: the head or body did not arrive in time
     LENGTH_REQUIRED = "length_required"  # 411: a body without Content-Length
     OVERSIZED = "oversized"  # 413
@@ -106,6 +107,7 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"  # 503: the agent's connection limit is reached
     NO_PRIMARY = "no_primary"  # 503
     SHARD_NOT_OPEN = "shard_not_open"  # 503
+    STORE_FAILED = "store_failed"  # 503: the shard's store failed (a full disk, an I/O error)
     NOT_SERVING = "not_serving"  # 503: the agent's ZooKeeper session was lost
     NOT_WRITABLE = "not_writable"  # 503: the agent's ZooKeeper session is suspended
     NOT_READY = "not_ready"  # 503 from /readyz, with "reason"

@@ -287,3 +287,21 @@ def test_a_leaving_member_that_must_keep_its_primaries_is_answered_at_once() -> 
     # No replica anywhere else: the plan does not change, but plan/meta answers.
     assert [w.path for w in out.writes if w.op != "append"] == [PATHS.plan_meta]
     assert out.memory.plan.meta.leaving() == {"a1": mine}
+
+
+def test_only_replicas_the_primary_applied_as_peers_are_fenced_successors() -> None:
+    from coordinator.decide import fenced_successors
+    from shardkeeper.layout import AgentPlan, Assignment
+    from shardkeeper.plan import PlanState
+
+    plan = PlanState(agents={
+        "a": AgentPlan(5, 7, {0: Assignment(Role.PRIMARY, peers=("b",), term=3),
+                              1: Assignment(Role.REPLICA, primary="b", term=4)}),
+        "b": AgentPlan(6, 7, {1: Assignment(Role.PRIMARY, peers=("a", "c"), term=4)}),
+    })
+    statuses = {"a": AgentStatus("a", 5, {}), "b": AgentStatus("b", 5, {})}
+    assert fenced_successors(plan, statuses) == {("b", 0)}, "b has not applied generation 6"
+    statuses["b"] = AgentStatus("b", 6, {})
+    assert fenced_successors(plan, statuses) == {("b", 0), ("a", 1), ("c", 1)}
+    del statuses["a"]
+    assert fenced_successors(plan, statuses) == {("a", 1), ("c", 1)}

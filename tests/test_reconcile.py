@@ -299,3 +299,39 @@ def test_no_copy_starts_into_a_leaving_agent_and_it_is_the_last_choice_of_source
     assert step.plan[0].bootstrapping == (("a2", "a1"),), "copied from a1, not from a0"
     assert step.plan[1].bootstrapping == (), "a0 is shutting down: no copy into it"
     assert step.plan[0].primary == "a1"
+
+
+def test_a_handover_waits_until_the_primary_knows_its_successor() -> None:
+    """bench.chaos lost acknowledged writes when a replica joined and was promoted while
+    the old primary still ran an older plan: it forwarded to the new primary only best
+    effort and kept acknowledging writes, alone, after the new primary had caught up;
+    the new primary's repairs then removed them. A live primary hands over only to a
+    replica it knows in sync (``fenced``), and is not dropped before."""
+    live = {"a", "b", "c"}
+    joining = ShardPlan(("a", "c"), (("b", "a"),), term=2)
+    step = next_step((joining,), [("b", "c")], live, {("b", 0)}, fenced={("c", 0)})
+    assert step.plan[0].replicas[0] == "a", "b joined; a does not know it in sync yet"
+    assert step.handovers_waiting == 1 and step.joined == 1
+    assert set(step.plan[0].replicas) == {"a", "b", "c"}, "a stays until b takes over"
+    known = next_step(step.plan, [("b", "c")], live, set(), fenced={("b", 0), ("c", 0)})
+    assert known.plan[0].replicas == ("b", "c") and known.promotions == 1
+    # Without the check (None), the old behaviour: join and promote in one step.
+    assert next_step((joining,), [("b", "c")], live, {("b", 0)}).plan[0].replicas[0] == "b"
+
+
+def test_dropping_a_primary_hands_over_only_to_a_fenced_replica() -> None:
+    live = {"a", "b", "c", "d"}
+    over = ShardPlan(("a", "b", "c", "d"), term=2)
+    step = next_step((over,), [("b", "c", "d")], live, set(), fenced={("c", 0)})
+    assert step.plan[0].replicas[0] == "a", "b would take over unknown to a"
+    step = next_step((over,), [("b", "c", "d")], live, set(),
+                     fenced={("b", 0), ("c", 0), ("d", 0)})
+    assert step.plan[0].replicas == ("b", "c", "d")
+
+
+def test_a_failover_prefers_a_survivor_the_old_primary_knew_in_sync() -> None:
+    live = {"b", "c"}
+    plan = ShardPlan(("a", "b", "c"), term=2)
+    step = next_step((plan,), [("b", "c")], live, set(), fenced={("c", 0)})
+    assert step.plan[0].replicas[0] == "c" and step.failovers == 1
+    assert next_step((plan,), [("b", "c")], live, set()).plan[0].replicas[0] == "b"

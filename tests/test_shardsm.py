@@ -16,6 +16,7 @@ from agents.shardsm import (
     CopyFailed,
     Demote,
     DropDone,
+    DropFailed,
     Limits,
     PeerLost,
     Plan,
@@ -107,6 +108,21 @@ def test_bootstrap_then_online_then_promoted_then_dropped():
     d = reconcile(d.agent, plan=Plan(5, {}))
     assert shard_actions(d) == [StartDrop(7)] and states(d.agent) == {7: S.DROPPING}
     d = reconcile(d.agent, events=[done(d, DropDone, 7)])
+    assert states(d.agent) == {}
+
+
+def test_a_failed_drop_is_retried_with_backoff_until_it_is_done():
+    """Issue 13: a drop that failed (its data could not be put aside on a full disk) left
+    the shard DROPPING for good; the agent then never matched its plan."""
+    d = connected(plan=Plan(1, {4: Target(R, 1, primary="a:1")}))
+    d = reconcile(d.agent, events=[done(d, Synced, 4, 0)])
+    d = reconcile(d.agent, plan=Plan(2, {}))
+    assert shard_actions(d) == [StartDrop(4)]
+    for attempt in (1, 2, 3):
+        d = reconcile(d.agent, events=[done(d, DropFailed, 4, "OSError: no space left")])
+        assert shard_actions(d) == [StartDrop(4, attempt=attempt)]
+        assert states(d.agent) == {4: S.DROPPING}
+    d = reconcile(d.agent, events=[done(d, DropDone, 4)])
     assert states(d.agent) == {}
 
 
@@ -594,7 +610,11 @@ def test_only_finished_work_is_served(history, limits):
                 assert record.state == S.PRIMARY
                 assert any(isinstance(e, Promoted) and e.shard == shard for e in evs)
             if record.served == S.REPLICA and (was is None or was.served != S.REPLICA):
-                assert record.state == S.REPLICA
+                # A replica synced in the same step as a plan that promotes it serves as a
+                # replica while its promotion runs (the Promote is issued in this step).
+                promoting = any(isinstance(a, Promote) and a.shard == shard
+                                for a in decision.actions)
+                assert record.state == S.REPLICA or (record.state == S.PRIMARY and promoting)
                 demoted = was is not None and was.state == S.PRIMARY
                 assert demoted or any(isinstance(e, Synced) and e.shard == shard for e in evs)
             if record.served is not None:

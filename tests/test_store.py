@@ -238,3 +238,91 @@ def test_an_image_whose_edits_stay_in_a_wal_is_refused(tmp_path):
     finally:
         squatter.close()
     assert target.count() == 0 and not target.was_primary(), "nothing of the image installed"
+
+
+def _image_of(source: ShardStore, dest):
+    import shutil
+
+    image = source.open_image()
+    try:
+        shutil.copyfile(image.path, dest)
+    finally:
+        image.close()
+    return dest
+
+
+def test_forwards_racing_image_swaps_never_meet_a_closed_connection(tmp_path):
+    """Issue 13: a forward to a replica still copying raced install_image, which closes and
+    replaces the connection; _transaction took the connection before the lock and failed
+    with sqlite3.ProgrammingError ("Cannot operate on a closed database")."""
+    import threading
+
+    source = ShardStore(tmp_path / "source.sqlite3")
+    source.apply_forward([Row(f"s{i}".encode(), b"x" * 100, i + 1) for i in range(200)],
+                         sync_lsn=200)
+    target = ShardStore(tmp_path / "target.sqlite3")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def forward() -> None:
+        lsn = 1000
+        while not stop.is_set():
+            lsn += 1
+            try:
+                target.apply_forward([Row(b"f", str(lsn).encode(), lsn)], sync_lsn=None)
+                target.max_lsn()
+                target.get(b"f")
+            except BaseException as exc:  # noqa: BLE001 - any failure is the bug
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=forward) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(40):
+            target.install_image(_image_of(source, tmp_path / f"image-{i}.sqlite3"))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not errors, f"a forward failed during an image swap: {errors[0]!r}"
+    assert target.get(b"f").lsn > 1000, "forwards kept landing across the swaps"
+    assert target.count() == 201
+
+
+def test_a_store_closed_under_requests_fails_them_cleanly(tmp_path):
+    """StoreSet.drop closes a store that requests may still hold: they get StoreClosed (a
+    StoreError the data plane answers as such), never sqlite3.ProgrammingError."""
+    import threading
+
+    from agents.store import StoreClosed
+
+    stores = StoreSet(tmp_path / "shards")
+    store = stores.open(3)
+    store.apply([Row(b"k", b"v", 1)])
+    outcomes: list[BaseException | None] = []
+    go = threading.Barrier(5)
+
+    def request() -> None:
+        go.wait()
+        try:
+            for lsn in range(2, 400):
+                store.apply_forward([Row(b"k", b"v", lsn)], sync_lsn=lsn)
+                store.rows_after(0, 10)
+            outcomes.append(None)
+        except BaseException as exc:  # noqa: BLE001 - classified below
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for t in threads:
+        t.start()
+    go.wait()
+    stores.drop(3)
+    for t in threads:
+        t.join(10)
+    assert store.closed
+    wrong = [o for o in outcomes if o is not None and not isinstance(o, StoreClosed)]
+    assert not wrong, f"not a clean StoreClosed: {wrong[0]!r}"
+    with pytest.raises(StoreClosed):
+        store.get(b"k")

@@ -5,6 +5,11 @@
 - ``repair_shard``: a replica brought into line with a new primary (after a failover, a
   demotion, or a catch-up), then caught up by streaming.
 - ``catch_up_from_peers``: a replica about to be promoted pulls what it may have missed.
+
+Compaction: a source that purged tombstones past the point a copy or a repair streams
+from answers ``409 behind_horizon`` (the rows would lack deletes). The copy then takes
+the source's whole store again as a file image, which carries the deletes as absent keys
+and the horizon with it; a repair does the same from the primary, and stays in sync.
 """
 
 from __future__ import annotations
@@ -26,11 +31,19 @@ from agents.store import (
     make_lsn,
 )
 from shardkeeper.peer import PeerClient, PeerError
-from shardkeeper.wire import DEFAULT_PAGE_ROWS, Row
+from shardkeeper.wire import DEFAULT_PAGE_ROWS, ErrorCode, Row
 
 log = logging.getLogger(__name__)
 
 SCAN_ROWS = 2_000  # rows per query while a repair lists its suspects
+# Copies of a whole store one copy may start over with, when its source compacts deletes
+# past its cursor meanwhile (the horizon moves once per grace period: rarely twice).
+MAX_RECOPIES = 2
+
+
+def behind_horizon(exc: PeerError) -> bool:
+    """The source purged deletes past the point asked for: only a whole copy will do."""
+    return exc.status == 409 and exc.body.get("error") == ErrorCode.BEHIND_HORIZON
 
 
 @dataclass(frozen=True)
@@ -71,13 +84,23 @@ def copy_shard(
     source stays unreachable (bounded retries) and CopyCancelled when ``stop`` is set.
     """
     cursor = store.bootstrap_cursor()
-    fetched = pages = image_bytes = 0
+    fetched = pages = image_bytes = recopies = 0
     if image_path is not None and cursor == 0 and not store.get_meta(META_IMAGE_TRIED):
         cursor, image_bytes = _copy_image(store, shard, source, client, image_path, stop)
     while True:
         if stop is not None and stop.is_set():
             raise CopyCancelled(f"shard {shard} copy stopped at LSN {cursor}")
-        page = client.rows_after(source, shard, cursor, page_size)
+        try:
+            page = client.rows_after(source, shard, cursor, page_size)
+        except PeerError as exc:
+            if not behind_horizon(exc) or image_path is None or recopies >= MAX_RECOPIES:
+                raise
+            recopies += 1
+            log.info("shard %s: %s compacted deletes past LSN %d: copying its store again",
+                     shard, source, cursor)
+            cursor, size = _copy_image(store, shard, source, client, image_path, stop)
+            image_bytes += size
+            continue
         client.downloaded("rows", page.size)
         if page.complete:
             # Every synced row up to max_lsn is here (LSNs of overwritten rows are gone).
@@ -106,15 +129,19 @@ def _copy_image(
     client: PeerClient,
     dest: Path,
     stop: threading.Event | None,
+    *,
+    keep_after: int = 0,
+    synced: bool = False,
 ) -> tuple[int, int]:
     """Fetch and install the source's file image: (new cursor, image size); the cursor is
-    unchanged and the size 0 if it fell back to the rows stream."""
+    unchanged and the size 0 if it fell back to the rows stream. ``keep_after`` and
+    ``synced`` are ``ShardStore.install_image``'s."""
     store.set_meta(META_IMAGE_TRIED, 1)  # install_image clears it with the source's markers
     try:
         size = fetch_snapshot(source, shard, dest, token=client.token, timeout=client.timeout,
                               stop=stop)
         client.downloaded("snapshot", size)
-        return store.install_image(dest), size
+        return store.install_image(dest, keep_after=keep_after, synced=synced), size
     except (PeerError, StoreError) as exc:
         log.info("shard %s: no file image from %s (%s); streaming rows", shard, source, exc)
         return store.bootstrap_cursor(), 0
@@ -158,7 +185,23 @@ def repair_shard(
             if wanted != row and store.replace_if_unchanged(row.lsn, row.key, wanted):
                 replaced += 1
     store.set_meta(META_BOOTSTRAP_CURSOR, start)
-    caught_up = copy_shard(store, shard, primary, client)
+    try:
+        caught_up = copy_shard(store, shard, primary, client)
+    except PeerError as exc:
+        if not behind_horizon(exc):
+            raise
+        # The primary purged deletes this replica may have missed: take its whole store.
+        # Rows of the primary's own term that forwards brought meanwhile stay; anything
+        # older past the image is an unacknowledged tail of an earlier primary.
+        log.info("shard %s: %s compacted deletes past LSN %d: copying its store afresh",
+                 shard, primary, start)
+        cursor, size = _copy_image(store, shard, primary, client,
+                                   Path(f"{store.path}.incoming"), None,
+                                   keep_after=make_lsn(info.term, 0), synced=True)
+        if not size:
+            raise
+        store.set_meta(META_BOOTSTRAP_CURSOR, cursor)
+        caught_up = copy_shard(store, shard, primary, client)
     return RepairResult(shard, info.promotion_lsn, start, len(suspects), replaced, caught_up)
 
 
@@ -211,7 +254,7 @@ def catch_up_from_peers(
 
 
 def _all_rows_after(store: ShardStore, lsn: int) -> Iterator[Row]:
-    while page := store.rows_after(lsn, SCAN_ROWS):
+    while page := store.rows_after_unchecked(lsn, SCAN_ROWS):
         yield from page
         lsn = page[-1].lsn
 

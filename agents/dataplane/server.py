@@ -25,12 +25,15 @@ rows and the agent is still writable. A replica takes forwards through
 from __future__ import annotations
 
 import hmac
+import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from agents.dataplane.compaction import Compactor, grace_from_env
 from agents.dataplane.conns import Admission, HttpServer, ServerLimits
 from agents.dataplane.http import (
     HttpError,
@@ -53,7 +56,15 @@ from agents.dataplane.replication import (
 )
 from agents.dataplane.table import ShardRoute, ShardTable
 from agents.shardsm import ShardState
-from agents.store import ShardStore, StoreBusy, StoreSet, next_lsn
+from agents.store import (
+    BehindHorizon,
+    ShardStore,
+    StoreBusy,
+    StoreClosed,
+    StoreError,
+    StoreSet,
+    next_lsn,
+)
 from shardkeeper.peer import PeerClient
 from shardkeeper.token import Tokens, accepted
 from shardkeeper.wire import (
@@ -77,6 +88,8 @@ from shardkeeper.wire import (
     row_to_json,
     unb64,
 )
+
+log = logging.getLogger(__name__)
 
 SOURCES = (ShardState.REPLICA, ShardState.PRIMARY)  # may serve rows and snapshots
 
@@ -102,7 +115,7 @@ class Endpoint:
 ENDPOINTS: dict[str, Endpoint] = {
     "keys": Endpoint(("GET", "PUT", "DELETE"), Credential.CLIENT, Lane.CLIENT),
     "batch": Endpoint(("POST",), Credential.CLIENT, Lane.CLIENT),
-    "digest": Endpoint(("GET",), Credential.CLIENT, Lane.CLIENT),
+    "digest": Endpoint(("GET",), Credential.CLIENT, Lane.CLIENT, frozenset({"digest"})),
     "replicate": Endpoint(("POST",), Credential.PEER, Lane.PEER),
     "repair": Endpoint(("POST",), Credential.PEER, Lane.PEER),
     "rows": Endpoint(("GET",), Credential.PEER, Lane.BULK, frozenset({"after", "limit"})),
@@ -173,6 +186,9 @@ class DataPlane:
             workers=self._server.limits.forward_workers,
             name=f"{self._server.name}-forward",
         )
+        # Purges the tombstones every in-sync replica has had for a while (SHARDKEEPER_
+        # TOMBSTONE_GRACE; see agents.dataplane.compaction); asks peers with the peer token.
+        self.compactor = Compactor(stores, table, lambda: self.tokens.peer, grace_from_env())
 
     def set_tokens(self, tokens: Tokens) -> None:
         """Switch to the cluster's tokens (the agent learns them after binding its port, and
@@ -195,9 +211,11 @@ class DataPlane:
 
     def start(self) -> DataPlane:
         self._server.start()
+        self.compactor.start()
         return self
 
     def stop(self) -> None:
+        self.compactor.stop()
         self._server.stop()
         self.replicator.close()
 
@@ -300,6 +318,16 @@ class DataPlane:
             response = exc.response()
         except Malformed as exc:  # a key, value or row that breaks the wire's rules
             response = _malformed_response(exc)
+        except BehindHorizon as exc:  # the asker must copy the whole store instead
+            response = Response(409, {"error": ErrorCode.BEHIND_HORIZON,
+                                      "horizon": exc.horizon})
+        except StoreClosed as exc:  # dropped (or swapped and not reopened) under the request
+            response = Response(503, {"error": ErrorCode.SHARD_NOT_OPEN, "detail": str(exc)})
+        except (StoreError, sqlite3.Error) as exc:
+            # A full disk or an I/O error: nothing was acknowledged, the caller retries
+            # elsewhere or later. One line: a traceback per request would bury the log.
+            log.warning("%s %s: shard store failed: %s", head.method, head.target, exc)
+            response = Response(503, {"error": ErrorCode.STORE_FAILED, "detail": str(exc)})
         if response.status == 307:
             location = f"http://{response.body['primary']}{head.target}"
             response = Response(307, response.body, headers={"Location": location})
@@ -450,10 +478,13 @@ class DataPlane:
         return Response(200, image=image, content_type=SNAPSHOT_CONTENT_TYPE)
 
     def digest(self, call: Call, data: Any) -> Response:
+        """The shard's markers, and its digest unless ``?digest=0`` (the compactor asks
+        only for the markers, often)."""
         route = self._route_of(call.shard)
         store = self._store_of(call.shard)
         body = {
-            "digest": store.digest(),
+            "digest": store.digest() if call.query.get("digest") != "0" else "",
+            "horizon": store.horizon(),
             "max_lsn": store.max_lsn(),
             "sync_lsn": store.sync_lsn(),
             "promotion_lsn": store.promotion_lsn(),

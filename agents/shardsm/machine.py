@@ -16,6 +16,7 @@ from agents.shardsm.model import (
     Decision,
     Demote,
     DropDone,
+    DropFailed,
     Event,
     Limits,
     PeerLost,
@@ -157,6 +158,12 @@ def apply_event(
         copy_failed(step, event.shard, event.reason, generation, limits)
     elif isinstance(event, DropDone) and state == ShardState.DROPPING:
         step.move(event.shard, ShardRecord())
+    elif isinstance(event, DropFailed) and state == ShardState.DROPPING:
+        # Local work (the data is moved aside): a full disk is the likely cause, so it is
+        # retried, with the shell's backoff, until it succeeds. Left undone, the shard
+        # would stay DROPPING for good and its agent never match its plan.
+        retry = replace(record, attempts=record.attempts + 1, reason=event.reason)
+        step.move(event.shard, retry, StartDrop(event.shard, attempt=record.attempts + 1))
     elif isinstance(event, Synced) and state == ShardState.REPLICA and record.catching_up:
         synced = replace(record, catching_up=False, lsn=event.lsn or record.lsn, attempts=0,
                          reason=None, served=ShardState.REPLICA)

@@ -84,6 +84,15 @@ class DropDone:
 
 
 @dataclass(frozen=True)
+class DropFailed:
+    """Putting the shard's data aside failed (a full disk): the drop is retried."""
+
+    shard: int
+    reason: str
+    work: int = 0
+
+
+@dataclass(frozen=True)
 class Synced:
     """The handler finished bringing a replica into line (repair or catch-up) at ``lsn``."""
 
@@ -122,7 +131,8 @@ class PeerLost:
     address: str
 
 
-ShardEvent = CopyDone | CopyFailed | DropDone | Synced | SyncFailed | Promoted | PromoteFailed
+ShardEvent = (CopyDone | CopyFailed | DropDone | DropFailed | Synced | SyncFailed | Promoted
+              | PromoteFailed)
 Event = ShardEvent | PeerLost
 
 
@@ -244,9 +254,11 @@ class CatchUp:
 
 @dataclass(frozen=True)
 class StartDrop:
-    """Stop serving the shard, cancel any copy, put its data aside; report DropDone."""
+    """Stop serving the shard, cancel any copy, put its data aside; report DropDone, or
+    DropFailed. ``attempt`` > 0 is a retry: the shell backs off before it."""
 
     shard: int
+    attempt: int = 0
     work: int = 0
 
 
