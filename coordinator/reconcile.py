@@ -184,7 +184,7 @@ def start_copies(
 
 
 def hand_off(in_sync: list[str], target: Sequence[str], tally: _Tally,
-             fenced: Collection[str] | None = None) -> None:
+             fenced: Collection[str] | None = None) -> bool:
     """A leaving agent holds no primary: give it to an in-sync replica that stays and that
     it knows in sync (``fenced``; the target's primary if it is one, else the first such
     replica of the target, else any). In sync means it applied every acknowledged write,
@@ -192,18 +192,20 @@ def hand_off(in_sync: list[str], target: Sequence[str], tally: _Tally,
     term fences the old primary: the hand-off loses nothing. With no such replica yet the
     hand-off waits (the leaving agent keeps the primary until its hand-off timeout)."""
     if not in_sync or in_sync[0] not in tally.leaving:
-        return
+        return False
     stays = [a for a in in_sync if a not in tally.leaving]
+    if fenced is not None and stays and not any(a in fenced for a in stays):
+        tally.handovers_waiting += 1
+        return True
     if fenced is not None:
-        if stays and not any(a in fenced for a in stays):
-            tally.handovers_waiting += 1
         stays = [a for a in stays if a in fenced]
     if not stays:
-        return  # no replica to take it: the leaving agent keeps it (and says so)
+        return False  # no replica to take it: the leaving agent keeps it (and says so)
     choice = next((a for a in target if a in stays), stays[0])
     in_sync.remove(choice)
     in_sync.insert(0, choice)
     tally.handoffs += 1
+    return False
 
 
 def settle(
@@ -217,7 +219,7 @@ def settle(
     A handover to another replica waits for it, and so does dropping the primary.
     Hand-offs from leaving agents happen even when paused: they copy and drop nothing."""
     wanted = set(target)
-    hand_off(in_sync, target, tally, fenced)
+    handing_off = hand_off(in_sync, target, tally, fenced)  # True: waiting for a successor
     if not paused:
         # Copies for replicas the target no longer wants are cancelled: they hold nothing
         # that the shard relies on.
@@ -231,7 +233,7 @@ def settle(
                 tally.promotions += 1
             else:
                 waiting = True
-                tally.handovers_waiting += 1
+                tally.handovers_waiting += 0 if handing_off else 1
         # A drain or move must not cost redundancy, even when the target is short of R
         # (too few eligible agents): then the old replica stays until there is room.
         keep = max(len(target), min_in_sync)

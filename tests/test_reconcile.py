@@ -283,6 +283,23 @@ def test_a_leaving_agents_primaries_go_to_in_sync_replicas_even_when_paused() ->
     assert [t.term for t in terms] == [9, 9, 5], "a new primary takes a new term"
 
 
+def test_a_hand_off_goes_only_to_a_replica_the_leaving_primary_knows_in_sync() -> None:
+    """As for any handover from a live primary (issue 13's lost writes): the successor must
+    be one the leaving primary forwards to with must-ack, else the hand-off waits."""
+    plan = (ShardPlan(("a0", "a1", "a2"), term=3),)
+    target = [("a1", "a2", "a0")]
+    live = {"a0", "a1", "a2"}
+    step = next_step(plan, target, live, set(), leaving={"a0"}, fenced={("a2", 0)})
+    assert step.plan[0].replicas[0] == "a2", "a1 is not known in sync by a0: a2 takes it"
+    assert step.handoffs == 1
+    step = next_step(plan, target, live, set(), leaving={"a0"}, fenced=set())
+    assert step.plan[0].replicas == ("a0", "a1", "a2"), "nobody fenced yet: it waits"
+    assert step.handoffs == 0 and step.handovers_waiting == 1
+    step = next_step(plan, target, live, set(), leaving={"a0"},
+                     fenced={("a1", 0), ("a2", 0)})
+    assert step.plan[0].replicas[0] == "a1", "the target's primary, once fenced"
+
+
 def test_a_leaving_agent_keeps_a_primary_no_in_sync_replica_can_take() -> None:
     plan = (ShardPlan(("a0",), (("a1", "a0"),)), ShardPlan(("a0", "a1")))
     target = [("a0", "a1"), ("a0", "a1")]
