@@ -672,6 +672,8 @@ class Agent:
     def _refuse(self, reason: str) -> None:
         """Keep the applied plan and every replica; say why in the log and in status."""
         self.refused += 1
+        if self.plane is not None:
+            self.plane.metrics.plan_refused()
         if reason != self._refusal:
             log.error("not acting on plan znode (keeping generation %d and every replica):"
                       " %s", self.applied_generation, reason)

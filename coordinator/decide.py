@@ -183,17 +183,19 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
             audit.add("move-refused", f"{o.name} refused: {o.reason}", gen)
 
     failed = failed_copies(memory.plan, inputs.statuses)
+    caught = caught_up(memory.plan, inputs.statuses)
     step = next_step(
         memory.plan.shards,
         target,
         live,
-        caught_up(memory.plan, inputs.statuses),
+        caught,
         Throttle(config.max_moves_per_agent, config.max_moves_total,
                  paused=maintenance is not None),
         min_in_sync=config.replicas,
         failed=failed,
         leaving=leaving,
         fenced=fenced_successors(memory.plan, inputs.statuses),
+        settled=caught,  # a primary is caught up once its promotion finished
     )
     for shard, agent, source, other in step.retried:
         why = failed.get((agent, shard)) or "no reason given"

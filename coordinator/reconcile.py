@@ -27,7 +27,9 @@ still copying (bootstrapping, each from a named in-sync source). One step:
    where another source exists, from it.
 5. **Drop (break) last**: a replica outside the target leaves only while the shard keeps
    at least as many in-sync replicas as the target asks for, so a move never lowers
-   redundancy; the primary leaves only after a fenced successor took over.
+   redundancy; the primary leaves only after a fenced successor took over. Nothing
+   leaves a shard whose primary is new until that primary reports its promotion done:
+   it pulls from the replicas its plan names what it may lack, the old primary among them.
 
 A shard with no live in-sync replica is left exactly as it is and reported
 ``unavailable``: its agents may come back with their data (a ZooKeeper hiccup, a
@@ -211,13 +213,23 @@ def hand_off(in_sync: list[str], target: Sequence[str], tally: _Tally,
 def settle(
     in_sync: list[str], boot: list[tuple[str, str]], target: Sequence[str],
     paused: bool, tally: _Tally, min_in_sync: int = 0,
-    fenced: Collection[str] | None = None,
+    fenced: Collection[str] | None = None, primary_before: str | None = None,
+    primary_settled: bool = True,
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Steps 4 and 5: promote the target's primary, then drop what the target no longer has.
 
     ``fenced``: the replicas the current primary knows in sync (None: any may take over).
     A handover to another replica waits for it, and so does dropping the primary.
-    Hand-offs from leaving agents happen even when paused: they copy and drop nothing."""
+    Hand-offs from leaving agents happen even when paused: they copy and drop nothing.
+
+    Nothing is dropped while the shard's primary is new: in the step that changes it, nor
+    until it reports its promotion finished (``primary_settled``). A new primary first
+    pulls, from the in-sync replicas its plan names, the rows it may lack: writes acked
+    while it was still copying reached it only best effort, and a replica that joined
+    the in-sync set holds them only once the primary's next write pushed the gap. The
+    old primary holds every one of them; dropped in the same step, it would take them
+    to the trash (bench.chaos found this: acknowledged writes rolled back).
+    ``primary_before``: the shard's primary in the current plan (None: it had none)."""
     wanted = set(target)
     handing_off = hand_off(in_sync, target, tally, fenced)  # True: waiting for a successor
     if not paused:
@@ -234,6 +246,9 @@ def settle(
             else:
                 waiting = True
                 tally.handovers_waiting += 0 if handing_off else 1
+        if primary_before is not None and (
+                not primary_settled or in_sync[:1] != [primary_before]):
+            return in_sync, boot  # drops wait until the new primary caught up (above)
         # A drain or move must not cost redundancy, even when the target is short of R
         # (too few eligible agents): then the old replica stays until there is room.
         keep = max(len(target), min_in_sync)
@@ -265,6 +280,7 @@ def next_step(
     failed: Collection[tuple[str, int]] = (),
     leaving: Collection[str] = (),
     fenced: Collection[tuple[str, int]] | None = None,
+    settled: Collection[tuple[str, int]] | None = None,
 ) -> Step:
     """One step toward ``target`` (shard -> agents, primary first, as placement returns).
 
@@ -276,10 +292,14 @@ def next_step(
     ``fenced`` are the (agent, shard) replicas each shard's primary knows in sync (it
     applied a plan listing them): only they may take over from a live primary (None: no
     such check).
+    ``settled`` are the (agent, shard) primaries that report their promotion finished
+    under their latest plan: a shard drops replicas only while its primary is one of them
+    and stays primary (None: no such check; a step that changes the primary never drops).
     """
     live = set(live)
     caught = set(caught_up)
     leaving = frozenset(leaving)
+    settled_set = set(settled or ())
     broken: dict[int, set[str]] = {}
     for agent, s in failed:
         broken.setdefault(s, set()).add(agent)
@@ -311,8 +331,10 @@ def next_step(
         start_copies(staged[s][0], staged[s][1], target[s], live, tally, s)
     plan = list(shards)
     for s, (in_sync, boot) in staged.items():
+        primary = shards[s].primary
         in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync,
-                               None if successors is None else successors.get(s, set()))
+                               None if successors is None else successors.get(s, set()),
+                               primary, settled is None or (primary, s) in settled_set)
         # The term stays the shard's own until with_terms stamps a changed primary.
         plan[s] = ShardPlan(tuple(in_sync), tuple(boot), shards[s].term)
     in_flight = sum(len(p.bootstrapping) for p in plan)

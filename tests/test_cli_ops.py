@@ -10,9 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from shardkeeper.cli.follow import summary_of
 from shardkeeper.poll import poll_until
 from shardkeeper.process import cli_command
+from shardkeeper.summary import read_summary
 from tests.harness import Cluster, RoleProcess
 from tests.test_cli import one_line_error
 
@@ -22,7 +22,7 @@ AGENTS = ("agent-1", "agent-2", "agent-3")
 def status(cluster: Cluster) -> dict:
     """What `status --json` prints, read in this process (the CLI costs a second a call
     on a loaded machine; `status` itself runs below too)."""
-    return summary_of(cluster.client, cluster.paths)
+    return read_summary(cluster.client, cluster.paths)
 
 
 def member(s: dict, agent: str) -> dict:

@@ -331,7 +331,10 @@ def test_a_handover_waits_until_the_primary_knows_its_successor() -> None:
     assert step.handovers_waiting == 1 and step.joined == 1
     assert set(step.plan[0].replicas) == {"a", "b", "c"}, "a stays until b takes over"
     known = next_step(step.plan, [("b", "c")], live, set(), fenced={("b", 0), ("c", 0)})
-    assert known.plan[0].replicas == ("b", "c") and known.promotions == 1
+    assert known.plan[0].replicas == ("b", "a", "c") and known.promotions == 1
+    done = next_step(known.plan, [("b", "c")], live, set(), fenced={("a", 0), ("c", 0)},
+                     settled={("b", 0)})
+    assert done.plan[0].replicas == ("b", "c") and done.dropped == 1
     # Without the check (None), the old behaviour: join and promote in one step.
     assert next_step((joining,), [("b", "c")], live, {("b", 0)}).plan[0].replicas[0] == "b"
 
@@ -343,7 +346,33 @@ def test_dropping_a_primary_hands_over_only_to_a_fenced_replica() -> None:
     assert step.plan[0].replicas[0] == "a", "b would take over unknown to a"
     step = next_step((over,), [("b", "c", "d")], live, set(),
                      fenced={("b", 0), ("c", 0), ("d", 0)})
+    assert step.plan[0].replicas == ("b", "a", "c", "d"), "a stays while b takes over"
+    step = next_step(step.plan, [("b", "c", "d")], live, set(), settled={("b", 0)})
     assert step.plan[0].replicas == ("b", "c", "d")
+
+
+def test_no_replica_leaves_until_a_new_primary_reports_its_promotion_done() -> None:
+    """bench.chaos rolled back acknowledged writes: a replica joined the in-sync set
+    lacking writes acked while it copied (they reach a copy only best effort, and the
+    primary pushes the gap only with its next write), was promoted, and the old primary,
+    the one holder of those writes, was dropped in the same step. The new primary pulls
+    what it lacks from the replicas its plan names; the old one must be among them."""
+    live = {"a", "b", "c", "d"}
+    moving = ShardPlan(("a", "b", "c", "d"), term=2)
+    target = [("d", "b", "c")]
+    step = next_step((moving,), target, live, set(), fenced={("b", 0), ("c", 0), ("d", 0)},
+                     settled={("a", 0)})
+    assert step.plan[0].replicas == ("d", "a", "b", "c") and step.dropped == 0
+    # d reports at its new plan, but still promoting: nothing leaves yet.
+    waiting = next_step(step.plan, target, live, set(), settled=set())
+    assert waiting.plan[0].replicas == ("d", "a", "b", "c") and waiting.dropped == 0
+    # Its promotion is done: the old primary goes.
+    done = next_step(step.plan, target, live, set(), settled={("d", 0)})
+    assert done.plan[0].replicas == ("d", "b", "c") and done.dropped == 1
+    # A failover changes the primary too: a surplus replica stays for that step.
+    failed = next_step((ShardPlan(("a", "b", "c", "d"), term=2),), [("b", "c")],
+                       {"b", "c", "d"}, set(), settled={("a", 0), ("b", 0)})
+    assert failed.plan[0].replicas == ("b", "c", "d") and failed.dropped == 0
 
 
 def test_a_failover_prefers_a_survivor_the_old_primary_knew_in_sync() -> None:

@@ -356,6 +356,23 @@ def test_a_replica_being_promoted_names_no_primary_so_clients_retry_rather_than_
     assert served(d) == {2: Serve(S.PRIMARY, 5, "me:1", ("a:1",))}
 
 
+def reports(decision):
+    """shard -> catching_up, from the status report the decision issues (None if none)."""
+    for action in decision.actions:
+        if isinstance(action, ReportStatus):
+            return {e.shard: e.catching_up for e in action.shards}
+    return None
+
+
+def test_a_primary_reports_itself_catching_up_until_its_promotion_is_done():
+    """The leader drops none of a shard's replicas until its new primary pulled from them
+    what it may lack: the promotion is reported, as a change, once it is done."""
+    d = connected(plan=Plan(4, {1: Target(P, 4, peers=("b:1",))}))
+    assert reports(d) == {1: True}
+    d = reconcile(d.agent, events=[done(d, Promoted, 1, 5)])
+    assert reports(d) == {1: False}
+
+
 def test_a_failed_promotion_is_retried_and_never_serves():
     d = connected(plan=Plan(4, {1: Target(P, 4, peers=("b:1",))}))
     d = reconcile(d.agent, events=[done(d, PromoteFailed, 1, "disk full")])
@@ -557,7 +574,7 @@ def test_a_replica_counts_in_sync_only_after_its_handler_synced_it(history, limi
                 assert decision.agent.shards[action.shard].catching_up
             if isinstance(action, ReportStatus):
                 for e in action.shards:
-                    assert e.catching_up == decision.agent.shards[e.shard].catching_up
+                    assert e.catching_up == decision.agent.shards[e.shard].unsettled
         plan = decision.agent.plan
         if session != Session.CONNECTED or plan is None:
             continue

@@ -9,11 +9,12 @@ import subprocess
 import time
 
 from shardkeeper.client import DataClient
+from shardkeeper.cluster import read_members
 from shardkeeper.layout import Paths
 from shardkeeper.poll import poll_until
 from shardkeeper.process import cli_command
 from shardkeeper.vocab import CorruptZnode
-from tests.harness import Cluster
+from tests.harness import Cluster, fetch
 
 SESSION = 1.0
 KEYS = [f"key-{i:04d}".encode() for i in range(200)]
@@ -80,6 +81,12 @@ def test_a_forged_plan_deletes_nothing_and_real_plans_still_apply(cluster: Clust
                "agent-1 refuses the forged plan")
     status = cluster.statuses()["agent-1"]
     assert "999999999" in status.refused
+    # ...and counts it where a scraper sees it.
+    address = read_members(cluster.client, cluster.paths)["agent-1"].address
+    scraped = fetch(f"http://{address}/metrics").body.decode()
+    refused = [float(line.split()[-1]) for line in scraped.splitlines()
+               if line.startswith("shardkeeper_plans_refused_total ")]
+    assert refused and refused[0] >= 1, scraped
     assert shard_files(cluster, "agent-1") == held, "no shard file was touched"
     assert not (cluster.workdir / "agent-1" / "trash").exists()
     all_keys_readable(kv)

@@ -56,6 +56,11 @@ class PlaneMetrics:
             "shardkeeper_dataplane_request_seconds",
             "Time from a request's complete head to its answer handed to the kernel, by route.",
             ["route"], buckets=REQUEST_BUCKETS, registry=self.registry)
+        self._refused = Counter(
+            "shardkeeper_plans_refused",
+            "Plan znode reads not acted on because they could not be trusted (forged,"
+            " from an old epoch, uncommitted or older than the plan applied); every replica"
+            " was kept.", registry=self.registry)
         self._ready_gauge = Gauge(
             "shardkeeper_ready", "1 while /readyz answers 200, else 0.", registry=self.registry)
         for state in ShardState:
@@ -75,6 +80,9 @@ class PlaneMetrics:
         """The agent's replicas by state (every state not named is set to 0)."""
         for state in {*map(str, ShardState), *counts}:
             self._replicas.labels(state).set(counts.get(state, 0))
+
+    def plan_refused(self) -> None:
+        self._refused.inc()
 
     def zk_connected(self, connected: bool) -> None:
         self._zk.set(1 if connected else 0)

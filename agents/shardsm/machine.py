@@ -175,6 +175,7 @@ def apply_event(
         promoted = replace(record, lsn=event.lsn or record.lsn, attempts=0, reason=None,
                            served=ShardState.PRIMARY)
         step.move(event.shard, promoted)
+        step.synced = True  # the leader waits for this to drop the shard's other replicas
     elif isinstance(event, PromoteFailed) and state == ShardState.PRIMARY:
         # Promotion is local work (a marker in the store): a full disk is the likely
         # cause, so it is retried, with the shell's backoff, until it succeeds or the
@@ -398,7 +399,7 @@ def worth_reporting(step: _Step) -> bool:
 
 def status_report(shards: Mapping[int, ShardRecord], generation: int) -> ReportStatus:
     entries = tuple(
-        ShardReport(shard, record.state, record.lsn, record.catching_up,
+        ShardReport(shard, record.state, record.lsn, record.unsettled,
                     (record.reason or "") if record.state == ShardState.ERROR else "")
         for shard, record in sorted(shards.items())
     )

@@ -160,6 +160,14 @@ class ShardRecord:
     served: ShardState | None = None  # what the data plane may serve for it now
     work: int = 0  # the latest action issued for the shard; older results are stale
 
+    @property
+    def unsettled(self) -> bool:
+        """Reported catching up: a replica repairing or catching up, or a primary still
+        promoting (pulling from its peers what it may lack). The leader drops none of
+        a shard's replicas while its primary is unsettled."""
+        return self.catching_up or (
+            self.state == ShardState.PRIMARY and self.served != ShardState.PRIMARY)
+
 
 @dataclass(frozen=True)
 class AgentState:
@@ -281,7 +289,7 @@ class ShardReport:
     shard: int
     state: ShardState
     lsn: int
-    catching_up: bool = False  # a REPLICA still repairing or catching up: not in sync
+    catching_up: bool = False  # a REPLICA repairing or catching up, a PRIMARY promoting
     reason: str = ""  # why it is in ERROR
 
 

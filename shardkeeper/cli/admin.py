@@ -14,7 +14,7 @@ import click
 
 from shardkeeper import admin
 from shardkeeper import cluster as clusterstate
-from shardkeeper.cli.follow import latest_events, summary_of
+from shardkeeper.cli.follow import latest_events
 from shardkeeper.cli.options import (
     InputError,
     emit_json,
@@ -26,6 +26,7 @@ from shardkeeper.cli.term import exit_interrupted, interruptible
 from shardkeeper.cli.view import status_text
 from shardkeeper.config import KNOBS, ClusterConfig
 from shardkeeper.layout import AuditEvent, Paths
+from shardkeeper.summary import read_summary
 from shardkeeper.vocab import ShardkeeperError
 from shardkeeper.zk import AUTH_HINT, ZkTarget, acl_census, set_acl_tree
 
@@ -69,7 +70,7 @@ def init(target: ZkTarget, paths: Paths, shards: int, replicas: int, force: bool
 def status(target: ZkTarget, paths: Paths, as_json: bool) -> None:
     """Leader, epoch, plan generation, members (down ones too) and balance."""
     with zk_session(target, paths) as client:
-        s = summary_of(client, paths)
+        s = read_summary(client, paths)
     if as_json:
         emit_json(s)
     else:

@@ -25,11 +25,6 @@ from shardkeeper.summary import read_summary
 from shardkeeper.vocab import CorruptZnode
 
 
-def summary_of(client: KazooClient, paths: Paths) -> dict[str, Any]:
-    """The status document, read now (NoConfig when the cluster has no config)."""
-    return read_summary(client, paths)
-
-
 def latest_events(client: KazooClient, paths: Paths, limit: int
                   ) -> list[tuple[str, AuditEvent]]:
     """The last ``limit`` audit events (reads only the znodes that hold them)."""
@@ -91,7 +86,7 @@ class Follower:
 
     def read(self) -> Snapshot:
         try:
-            summary = summary_of(self.client, self.paths)
+            summary = read_summary(self.client, self.paths)
             if self.last_event is None:
                 entries = latest_events(self.client, self.paths, self.first_events)
             else:
