@@ -56,6 +56,7 @@ bench: $(VENV)/.installed zookeeper
 	$(VENV)/bin/python -m bench.dataplane
 	$(VENV)/bin/python -m bench.scale
 	$(VENV)/bin/python -m bench.failover
+	$(VENV)/bin/python -m bench.rolling
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

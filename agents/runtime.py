@@ -31,7 +31,13 @@ What it does on each ZooKeeper event:
 * Its own member or status znode deleted or overwritten while the session lives (a
   mistake or an attack): write it again at once (both are watched).
 * A failed ZooKeeper read or status write: retried from the main loop after a short delay.
-* SIGTERM: close the session, so that the member znode vanishes at once.
+* SIGTERM (``stop``): the graceful hand-off, when the agent holds primaries
+  (``agents.leaving``). It marks its member znode ``leaving``; the leader moves its
+  primaries to in-sync replicas (the agent demotes each at once: it refuses writes and
+  redirects to the new primary). Once that is done, or after ``handoff_timeout``, it
+  refuses writes, closes its session (the member znode vanishes at once) and keeps
+  answering forwards for a moment, so that no write waits on a replica that is gone.
+  ``handoff_timeout`` 0 skips all of this: the session closes at once (``halt`` always).
 
 Dropped replicas go to the data dir's trash (``agents.trash``), not to deletion.
 
@@ -42,9 +48,7 @@ Other agents are known by id in the plan; their data-plane addresses are read fr
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -73,9 +77,11 @@ from tenacity import (
 )
 
 from agents import shardsm
-from agents.dataplane import DataPlane, ShardRoute, ShardTable
+from agents.dataplane import DataPlane, ShardRoute
 from agents.handler import KVShardHandler, ShardHandler
+from agents.host import DataDirInUse, DataDirLock, HealthServer  # noqa: F401 - for the CLI
 from agents.leaderlink import LeaderLink
+from agents.leaving import HANDOFF_TIMEOUT, HandOff, LookupTable, linger, primaries
 from agents.shardsm import (
     Action,
     AgentState,
@@ -87,8 +93,8 @@ from agents.shardsm import (
     SetServing,
     SetWritable,
     ShardEvent,
-    Target,
 )
+from agents.shardsm.views import referenced_agents, target_of
 from agents.store import StoreError, StoreSet
 from agents.trash import DEFAULT_KEEP_SECONDS, Trash
 from agents.work import Job, ShardWork
@@ -96,7 +102,6 @@ from shardkeeper import __version__
 from shardkeeper.layout import (
     AgentPlan,
     AgentStatus,
-    Assignment,
     MemberInfo,
     Paths,
     PlanMeta,
@@ -105,7 +110,7 @@ from shardkeeper.layout import (
 )
 from shardkeeper.peer import PeerClient
 from shardkeeper.token import BadTokens, NoToken, Tokens, no_tokens_message, read_tokens
-from shardkeeper.vocab import CorruptZnode, Role, ShardkeeperError
+from shardkeeper.vocab import CorruptZnode, ShardkeeperError
 from shardkeeper.zk import ZkTarget, ZkUnavailable, close, connect, ensure_layout
 
 log = logging.getLogger(__name__)
@@ -131,34 +136,6 @@ class StillRegistered(ShardkeeperError):
     pass
 
 
-class DataDirInUse(ShardkeeperError):
-    pass
-
-
-class DataDirLock:
-    """An exclusive lock on a data dir, held for the agent's life: two agents on one data
-    dir would overwrite each other's shards, and the trash is only edited offline."""
-
-    def __init__(self, data_dir: Path):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / "agent.lock"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self._fd)
-            raise DataDirInUse(f"data dir {data_dir} is in use by another agent (pid"
-                               f" {holder}): stop it first") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 @dataclass
 class _Inputs:
     """What one turn of the main loop collected from its inbox."""
@@ -168,34 +145,8 @@ class _Inputs:
     status: bool = False
     register: bool = False
     stop: bool = False
+    leave: bool = False  # SIGTERM: hand off, then stop
     tokens: bool = False  # a token znode changed (a rotation step): read both again
-
-
-def target_of(assignment: Assignment, address_of: Any) -> Target:
-    """Pure: the state machine's target for one plan assignment (agent ids -> addresses)."""
-    if assignment.role == Role.PRIMARY:
-        return Target(
-            Role.PRIMARY,
-            term=assignment.term,
-            peers=tuple(address_of(a) for a in assignment.peers),
-            bootstrapping=tuple(address_of(a) for a in assignment.bootstrapping),
-        )
-    return Target(
-        Role.REPLICA,
-        term=assignment.term,
-        source=address_of(assignment.source) if assignment.source else None,
-        primary=address_of(assignment.primary) if assignment.primary else None,
-    )
-
-
-def referenced_agents(replicas: dict[int, Assignment]) -> set[str]:
-    """Every agent id an AgentPlan names (whose address the shell needs)."""
-    ids: set[str] = set()
-    for a in replicas.values():
-        ids.update(x for x in (a.primary, a.source) if x)
-        ids.update(a.peers)
-        ids.update(a.bootstrapping)
-    return ids
 
 
 class Agent:
@@ -213,6 +164,7 @@ class Agent:
         limits: Limits = Limits(max_bootstraps=4),  # noqa: B008 - frozen
         handler: ShardHandler | None = None,
         trash_keep: float = DEFAULT_KEEP_SECONDS,
+        handoff_timeout: float = HANDOFF_TIMEOUT,
     ):
         self.zk = zk
         self.paths = Paths(cluster)
@@ -231,7 +183,7 @@ class Agent:
         self.trash = Trash(Path(data_dir) / "trash", trash_keep)
         self.stores = StoreSet(Path(data_dir) / "shards", self.trash)
         # Nothing is served until the first connected reconcile says so.
-        self.table = ShardTable(writable=False, serving=False)
+        self.table = LookupTable(writable=False, serving=False)
         self.plane: DataPlane | None = None
         self.peer_client: PeerClient | None = None
         self.catch_up_client: PeerClient | None = None
@@ -249,9 +201,15 @@ class Agent:
         self._pruned = False
         self._report = ReportStatus(0, ())  # the status the machine last asked for
         self._written: dict[str, bytes] = {}  # path -> what we last wrote to our znodes
+        # ... and what we wrote before that: a watch callback may read the previous write
+        # and run only after the next one was recorded.
+        self._before: dict[str, bytes] = {}
         self.refused = 0  # plans not acted on because they could not be trusted
         self._refusal = ""  # why the current plan znode is not acted on, for status
         self.link: LeaderLink | None = None
+        self.handoff = HandOff(handoff_timeout)
+        self._running = threading.Event()  # past start-up: the main loop reads the inbox
+        self._cut_linger = threading.Event()  # halt() during the linger: stop now
         self.work = ShardWork(lambda: self.handler, self._job_done,
                               retry_hint=lambda: self.inbox.put(("plan",)))
 
@@ -360,13 +318,20 @@ class Agent:
             if self.stop_event.is_set():
                 return False
             written = self._written.get(path)
-            if written is not None and data != written and self._session == Session.CONNECTED:
+            ours = data == written or (data is not None and data == self._before.get(path))
+            if written is not None and not ours and self._session == Session.CONNECTED:
                 log.warning("%s was %s behind our back: writing it again", path,
                             "deleted" if data is None else "changed")
                 self.inbox.put((kind,))
             return True
 
         return on_data
+
+    def _remember(self, path: str, data: bytes) -> None:
+        """``data`` is what we are writing to our own znode ``path``."""
+        if path in self._written and self._written[path] != data:
+            self._before[path] = self._written[path]
+        self._written[path] = data
 
     def _later(self, *item: Any) -> None:
         timer = threading.Timer(RETRY_DELAY, self.inbox.put, args=(item,))
@@ -378,7 +343,17 @@ class Agent:
 
     # -- main loop ----------------------------------------------------------------------
     def stop(self) -> None:
+        """SIGTERM: hand off this agent's primaries, then leave (see the module docstring).
+        An agent still starting (waiting for ZooKeeper or its tokens) holds nothing: it
+        stops at once."""
+        if not self._running.is_set():
+            self.halt()
+        self.inbox.put(("leave",))
+
+    def halt(self) -> None:
+        """Leave at once: close the session without a hand-off (or end the linger)."""
         self.stop_event.set()
+        self._cut_linger.set()
         self.inbox.put(("stop",))
 
     def _connect(self) -> KazooClient | None:
@@ -413,22 +388,33 @@ class Agent:
         self.client.add_listener(self._on_state)
         try:
             self._start()
+            self._running.set()
             self.inbox.put(("session", Session.CONNECTED))
             while not self.stop_event.is_set():
                 try:
-                    first = self.inbox.get(timeout=REFRESH_SECONDS)
+                    first = self.inbox.get(timeout=self._idle_wait())
                 except queue.Empty:
                     first = ("plan",)
                 inputs = self._collect(first)
                 if inputs.stop:
                     break
                 self._turn(inputs)
+                if inputs.leave or self.handoff.started:
+                    self._leave_when_handed_off()
         finally:
-            if self.link is not None:
-                self.link.stop()
+            if self.handoff.handed_off:
+                # Nothing here may take a write once the session is gone.
+                self.table.set_writable(False)
             self.work.shutdown()
             close(self.client)
             log.info("agent %s stopped; session closed", self.id)
+            if self.handoff.handed_off and self.plane is not None:
+                linger(self.table, self._cut_linger)
+            if self.link is not None:
+                self.link.stop()
+
+    def _idle_wait(self) -> float:
+        return self.handoff.wait(REFRESH_SECONDS, time.monotonic())
 
     def _start(self) -> None:
         """Layout, token, registration and the watches, retried (bounded) while the
@@ -488,6 +474,8 @@ class Agent:
         kind = item[0]
         if kind == "stop":
             inputs.stop = True
+        elif kind == "leave":
+            inputs.leave = True
         elif kind == "plan":
             inputs.plan = True
         elif kind == "status":
@@ -522,6 +510,13 @@ class Agent:
                 inputs.plan = False
             else:
                 self._must_register = False
+        if session == Session.CONNECTED and self.handoff.started:
+            # The leader's answer to our leaving, read before our plan: a plan read after
+            # it is at least as new as the plan that answer comes with.
+            acked = self._try(self._read_ack, "plan")
+            if acked is not None and acked != self.handoff.acked:
+                self.handoff.acked = acked
+                inputs.plan = True
         if session == Session.CONNECTED and (inputs.plan or not self._plan_current):
             plan = self._try(self.read_plan, "plan")
         if not self._plan_current:
@@ -554,6 +549,43 @@ class Agent:
             self._later("register" if isinstance(e, StillRegistered) else "plan")
             return None
 
+    # -- leaving (SIGTERM) ---------------------------------------------------------------
+    def _leave_when_handed_off(self) -> None:
+        """Start the hand-off on SIGTERM, and end the main loop once it is done, or
+        pointless (nothing to hand off, no session, disabled), or past its deadline."""
+        now, handoff = time.monotonic(), self.handoff
+        if not handoff.started:
+            if (handoff.timeout <= 0 or self._session != Session.CONNECTED
+                    or not primaries(self.state) or not self._announce_leaving()):
+                handoff.handed_off = handoff.timeout > 0
+                self.stop_event.set()
+            else:
+                handoff.begin(self.state, now)
+        elif handoff.may_leave(self.state, now):
+            self.stop_event.set()
+
+    def _announce_leaving(self) -> bool:
+        """Mark our member znode ``leaving``; False if ZooKeeper could not be told."""
+        self.info = dataclasses.replace(self.info, leaving=True)
+        path = self.paths.member(self.id)
+        data = self.info.encode()
+        self._remember(path, data)
+        try:
+            self.client.set(path, data)
+        except KazooException as e:
+            log.warning("leaving: cannot mark %s (%s); leaving at once", path,
+                        type(e).__name__)
+            return False
+        return True
+
+    def _read_ack(self) -> int | None:
+        """How many primaries the leader lets us keep, once it has seen us leaving."""
+        try:
+            data, _ = self.client.get(self.paths.plan_meta)
+            return PlanMeta.decode(self.paths.plan_meta, data).leaving().get(self.id)
+        except (NoNodeError, CorruptZnode):
+            return None
+
     # -- issue 12: what only the runtime knows, for the data plane's /metrics and /readyz --
     def _publish(self) -> None:
         """Replicas by state, ZooKeeper connectivity and readiness, after each turn."""
@@ -576,7 +608,7 @@ class Agent:
         session is reported and registration retried from the main loop."""
         path = self.paths.member(self.id)
         data = self.info.encode()
-        self._written[path] = data
+        self._remember(path, data)
         self._create_ephemeral(path, data, wait)
         self.report()
         log.info("registered as %s at %s", self.id, self.info.address)
@@ -732,7 +764,7 @@ class Agent:
         """Write status/<id>; if ZooKeeper is unavailable, try again shortly."""
         path = self.paths.agent_status(self.id)
         data = self.status().encode()
-        self._written[path] = data
+        self._remember(path, data)
         try:
             try:
                 self.client.set(path, data)
@@ -741,29 +773,3 @@ class Agent:
         except KazooException as e:
             log.warning("status write failed (%s); retrying", type(e).__name__)
             self._later("status")
-
-
-class HealthServer:
-    """The agent's data plane (client and replication API, and GET /healthz) on --listen,
-    and the lock on its data dir.
-
-    Kept under this name for `shardkeeper agent run`: it binds at construction (so a bad
-    --listen fails before the agent registers) and serves once the agent knows the token.
-    """
-
-    def __init__(self, agent: Agent, host: str, port: int):
-        self.agent = agent
-        self.lock = DataDirLock(agent.stores.data_dir.parent)
-        try:
-            self.plane = agent.attach_plane(host, port)
-        except OSError:
-            self.lock.release()
-            raise
-
-    def start(self) -> None:
-        self.plane.start()
-
-    def stop(self) -> None:
-        self.plane.stop()
-        self.agent.stores.close_all()
-        self.lock.release()

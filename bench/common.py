@@ -108,6 +108,67 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_threads(pid: int) -> int:
+    """The number of threads of a live process (from /proc)."""
+    return int(_proc_status(pid)["Threads"])
+
+
+def proc_rss_mb(pid: int) -> float:
+    """A live process's resident set size in MB (VmRSS)."""
+    return int(_proc_status(pid)["VmRSS"].split()[0]) / 1024
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def process_figures(pids: dict[str, int], window: float) -> dict[str, dict[str, float]]:
+    """name -> threads, RSS (MB) and CPU (% of one core, averaged over ``window``)."""
+    before = {n: cpu_seconds(p) for n, p in pids.items()}
+    t0 = time.monotonic()
+    time.sleep(window)  # the measuring window itself
+    elapsed = time.monotonic() - t0
+    return {
+        n: {
+            "threads": proc_threads(p),
+            "rss_mb": round(proc_rss_mb(p), 1),
+            "cpu_pct": round(100 * (cpu_seconds(p) - before[n]) / elapsed, 2),
+        }
+        for n, p in pids.items()
+    }
+
+
+class PeakSampler:
+    """The most threads and RSS each process of ``pids()`` had, sampled every ``period``
+    seconds in a daemon thread until ``stop``: what an agent costs while it works (copies,
+    failovers), not only when idle."""
+
+    def __init__(self, pids: Callable[[], dict[str, int]], period: float = 0.5):
+        self.pids = pids
+        self.period = period
+        self.threads: dict[str, int] = {}
+        self.rss_mb: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="peaks")
+
+    def start(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            for name, pid in self.pids().items():
+                with contextlib.suppress(OSError, KeyError, ValueError):
+                    self.threads[name] = max(self.threads.get(name, 0), proc_threads(pid))
+                    self.rss_mb[name] = round(max(self.rss_mb.get(name, 0.0),
+                                                  proc_rss_mb(pid)), 1)
+
+
 def wait_idle(
     pids: Callable[[], Iterable[int]],
     timeout: float,
@@ -128,6 +189,27 @@ def wait_idle(
         return sum(cpu_seconds(p) for p in watched) - before < busy * window
 
     poll_until(idle, timeout, what, interval=0.0, error=BenchTimeout)
+
+
+STARTED = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (stdout carries only the table or the JSON)."""
+    elapsed = time.monotonic() - STARTED
+    print(f"{time.strftime('%H:%M:%S')} +{elapsed:4.0f}s {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Phase:
+    """The samples of one scenario, and what went wrong in it."""
+
+    samples: list[Any] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def failed(self, what: str, error: Exception) -> None:
+        self.failures.append(f"{what}: {error}")
+        progress(f"{what} FAILED: {error}")
 
 
 # -- processes and ZooKeeper -------------------------------------------------------------
@@ -183,6 +265,12 @@ class Processes:
         at = time.time()
         proc.kill()
         proc.wait(10)
+        return at
+
+    def signal(self, name: str, sig: signal.Signals) -> float:
+        """Send ``sig`` to ``name`` (still registered); the wall-clock instant it was sent."""
+        at = time.time()
+        self.running[name].send_signal(sig)
         return at
 
     def terminate(self, name: str, timeout: float = 15.0) -> None:
@@ -482,12 +570,13 @@ class ClusterWatch:
         """The first plan/meta seen at index >= ``since`` that ``accept`` takes (under lock)."""
         return next((m for m in self.metas[since:] if accept(m.meta)), None)
 
-    def under_replicated(self, shards: int, replicas: int) -> int:
-        """Shards held (per status) by fewer than R live members: the product's own count."""
+    def under_replicated(self, shards: int, replicas: int, dead: Iterable[str] = ()) -> int:
+        """Shards held (per status) by fewer than R live members: the product's own count.
+        ``dead``: members whose process is gone though their session lives on (a SIGKILLed
+        agent's member and status znodes stay until its session expires)."""
         # under_replicated only uses the routing table's length and the members' ids.
-        return under_replicated(
-            ((),) * shards, replicas, dict.fromkeys(self.members), self.statuses
-        )
+        live = dict.fromkeys(self.members - set(dead))
+        return under_replicated(((),) * shards, replicas, live, self.statuses)
 
 
 def unsettled(client: KazooClient, paths: Paths, replicas: int, live: set[str]) -> str:

@@ -76,6 +76,7 @@ class Memory:
     notes: tuple[str, ...] = ()  # repairs made while reading, for the next audit
     announce: str = ""  # "leader X leads with epoch N", audited on the term's first pass
     down: Mapping[str, float] = field(default_factory=dict)  # departed member -> since
+    leaving: frozenset[str] = frozenset()  # leaving members already audited
 
     @classmethod
     def at_start(cls, plan: PlanState, notes: tuple[str, ...] = (), announce: str = ""
@@ -127,6 +128,8 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         return Outcome(replace(memory, config_refused=refusal))
     members = live_members(inputs.members, inputs.statuses, memory.known, inputs.dead)
     live = frozenset(members)
+    # Members shutting down gracefully (SIGTERM): their primaries are handed off first.
+    leaving = frozenset(a for a, info in members.items() if info.leaving)
     if live != memory.seen:
         memory = replace(memory, seen=live, membership_changed=now)
     if memory.plan.meta is None and (
@@ -169,6 +172,7 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
     )
     target, pins = policy.hold_moves(placement.replicas, memory.pins, live, draining)
     target, outcomes = policy.apply_moves(target, inputs.moves, live, draining)
+    target = policy.hand_off_targets(target, [p.replicas for p in memory.plan.shards], leaving)
     pins += [o.request for o in outcomes if o.accepted]
     for o in outcomes:
         writes.append(Write("delete", f"{paths.moves}/{o.name}"))
@@ -189,6 +193,7 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
                  paused=maintenance is not None),
         min_in_sync=config.replicas,
         failed=failed,
+        leaving=leaving,
         fenced=fenced_successors(memory.plan, inputs.statuses),
         settled=caught,  # a primary is caught up once its promotion finished
     )
@@ -199,6 +204,9 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
                   f" ({why}): {then}", gen)
     down = track_down(memory.down, memory.live_before, live, now,
                       holding={a for p in memory.plan.shards for a in p.holders})
+    # The acknowledgement a leaving agent waits for: the primaries it must keep (no other
+    # in-sync replica to take them), so that it leaves as soon as nothing more can move.
+    kept = {a: sum(1 for p in step.plan if p.primary == a) for a in sorted(leaving)}
     summary = {
         "down": {a: round(t, 3) for a, t in sorted(down.items())},
         "in_flight": step.in_flight,
@@ -208,11 +216,15 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         "draining": sorted(draining),
         "waiting": sorted(waiting),
     }
+    if kept:
+        summary["leaving"] = kept
+    acked = memory.plan.meta.leaving() if memory.plan.meta else {}
     plan_changes, state = plan_writes(
         paths, memory.plan, with_terms(memory.plan.shards, step.plan, gen),
         tuple(target), live,
         epoch=epoch, leader=leader, replicas=config.replicas,
         shortfall=placement.shortfall, now=now, summary=summary,
+        force=kept != acked,  # a leaving agent waits for this answer even if nothing moves
     )
     unavailable_reported = memory.unavailable_reported
     if plan_changes:
@@ -222,6 +234,9 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
                       f"{len(step.unavailable)} shards have no live in-sync replica",
                       state.generation)
             unavailable_reported = step.unavailable
+    for agent in sorted(leaving - memory.leaving):
+        audit.add("member-leaving", f"{agent} is leaving: its primaries go to in-sync"
+                  f" replicas ({kept[agent]} kept, with no other in-sync replica)", gen)
     drained = drains_done(state, draining, memory.drained_reported)
     for agent in sorted(drained - memory.drained_reported):
         audit.add("drain-done", f"{agent} is drained", gen)
@@ -231,7 +246,7 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         plan=state, known=known, live_before=live, departed_at=departed_at, pins=tuple(pins),
         drained_reported=drained, unavailable_reported=unavailable_reported,
         seen=memory.seen, membership_changed=memory.membership_changed,
-        config=config, config_refused=refusal, down=down,
+        config=config, config_refused=refusal, down=down, leaving=leaving,
     )
     deadline = policy.next_deadline(departed_at, config.rebalance_delay, now)
     if not placement.complete:
@@ -363,13 +378,15 @@ def fenced_successors(plan: PlanState, statuses: Mapping[str, AgentStatus]
 
 def describe_step(step: Step, generation: int, audit: _Audit) -> None:
     """One "plan" event per generation that moved something (and the very first plan)."""
-    moves = step.started + step.dropped + step.failovers + step.promotions + step.joined
+    moves = (step.started + step.dropped + step.failovers + step.promotions + step.joined
+             + step.handoffs)
     if moves or generation == 1:
+        handoffs = f", {step.handoffs} handed off" if step.handoffs else ""
         audit.add(
             "plan",
             f"generation {generation}: {step.started} copies started, {step.joined} joined,"
             f" {step.dropped} dropped, {step.failovers} failovers, {step.promotions} primary"
-            f" moves, {step.in_flight} in flight, {step.deferred} deferred",
+            f" moves{handoffs}, {step.in_flight} in flight, {step.deferred} deferred",
             generation,
         )
 

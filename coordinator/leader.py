@@ -163,6 +163,9 @@ class LeaderTerm:
         # What this term believes each plan znode holds (digest of its bytes): a watch
         # that sees something else means a znode was changed or deleted behind our back.
         self.digests: dict[str, int] = {}
+        # The digest each plan znode had before our last write of it: a watch callback may
+        # read that write's predecessor and run only after we recorded the new digest.
+        self.previous: dict[str, int | None] = {}
         self.tampered = threading.Event()
         self._chunk_watches: set[str] = set()
 
@@ -191,6 +194,7 @@ class LeaderTerm:
         """Apply writes in fenced multi() batches; plan/meta, last, is the commit point."""
         for w in writes:
             if w.path.startswith(self.paths.plan + "/") and w.op != "append":
+                self.previous[w.path] = self.digests.get(w.path)
                 if w.op == "delete":
                     self.digests.pop(w.path, None)
                 else:
@@ -255,7 +259,9 @@ class LeaderTerm:
         def on_data(data: bytes | None, _stat: object) -> bool:
             if not self._active():
                 return False
-            if path in self.digests and digest(data) != self.digests[path]:
+            seen = digest(data)
+            if (path in self.digests and seen != self.digests[path]
+                    and (data is None or seen != self.previous.get(path))):
                 self._tamper(path, "deleted" if data is None else "changed")
             return data is not None or path == self.paths.plan_meta
 

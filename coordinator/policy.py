@@ -1,6 +1,6 @@
 """The leader's policies, pure: departures and rebalance delay, the mass-departure guard,
-drains and manual moves. The leader shell feeds them what it read and writes what they
-decide; they take ``now`` as an argument and read no clock.
+drains, manual moves and the targets of leaving agents. The leader shell feeds them what
+it read and writes what they decide; they take ``now`` as an argument and read no clock.
 """
 
 from __future__ import annotations
@@ -158,3 +158,33 @@ def hold_moves(
             out[pin.shard] = tuple(pin.dest if a == pin.source else a for a in row)
             kept.append(pin)
     return out, kept
+
+
+def hand_off_targets(
+    target: Sequence[tuple[str, ...]],
+    in_sync: Sequence[Sequence[str]],
+    leaving: Collection[str],
+) -> list[tuple[str, ...]]:
+    """Targets in which no leaving agent is the primary, where another member can be.
+
+    A leaving agent (shutting down, see ``MemberInfo.leaving``) keeps its place in the
+    target as a replica: it comes back with its data. Its primaries go to the first other
+    target member that is in sync now (``in_sync``: shard -> the plan's in-sync replicas),
+    else to the first other target member. Without this, placement's sticky target would
+    keep naming it, and the reconciler would promote it back as soon as it could.
+    """
+    if not leaving:
+        return list(target)
+    out = list(target)
+    for s, row in enumerate(out):
+        if not row or row[0] not in leaving:
+            continue
+        now = set(in_sync[s]) if s < len(in_sync) else set()
+        others = [i for i, a in enumerate(row) if a not in leaving]
+        if not others:
+            continue
+        pick = next((i for i in others if row[i] in now), others[0])
+        swapped = list(row)
+        swapped[0], swapped[pick] = swapped[pick], swapped[0]
+        out[s] = tuple(swapped)
+    return out

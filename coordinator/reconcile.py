@@ -20,7 +20,11 @@ still copying (bootstrapping, each from a named in-sync source). One step:
    knows it in sync (``fenced``: it applied a plan listing it as a peer). Only then does
    the old primary forward to it with must-ack, so that the moment the new primary takes
    its new term, the old one can acknowledge nothing more: a write the old primary
-   acknowledged after the new one caught up from its peers would be repaired away.
+   acknowledged after the new one caught up from its peers would be repaired away. A
+   **leaving** agent (shutting down, asking for a graceful hand-off) holds no primary: its
+   primaries move to an in-sync replica that stays and that it knows in sync, even in
+   maintenance (a hand-off copies and drops nothing), and no copy starts into it or,
+   where another source exists, from it.
 5. **Drop (break) last**: a replica outside the target leaves only while the shard keeps
    at least as many in-sync replicas as the target asks for, so a move never lowers
    redundancy; the primary leaves only after a fenced successor took over. Nothing
@@ -57,6 +61,7 @@ class Step:
     dropped: int = 0  # replicas removed after their replacement joined
     failovers: int = 0  # primaries replaced because their agent departed
     promotions: int = 0  # primaries moved to a caught-up replica for balance
+    handoffs: int = 0  # primaries moved off leaving agents to in-sync replicas
     deferred: int = 0  # copies the target wants but the throttle (or pause) holds back
     unavailable: tuple[int, ...] = ()  # shards with no live in-sync replica
     in_flight: int = 0  # copies running after this step
@@ -78,10 +83,12 @@ class _Tally:
     dropped: int = 0
     failovers: int = 0
     promotions: int = 0
+    handoffs: int = 0
     deferred: int = 0
     handovers_waiting: int = 0
     retried: list[tuple[int, str, str, str | None]] = field(default_factory=list)
     withdrawn: set[tuple[str, int]] = field(default_factory=set)
+    leaving: frozenset[str] = frozenset()
 
     def count(self, agent: str, source: str) -> None:
         self.copies_in[agent] += 1
@@ -97,12 +104,14 @@ class _Tally:
         )
 
     def pick_source(self, in_sync: Sequence[str], avoid: str | None = None) -> str | None:
-        """The in-sync replica with the fewest outgoing copies (in-sync order breaks ties)."""
+        """The in-sync replica with the fewest outgoing copies (in-sync order breaks ties);
+        a leaving agent only if no other can serve (it is about to go away)."""
         candidates = [a for a in in_sync if a != avoid
                       and self.copies_out[a] < self.throttle.max_moves_per_agent]
         if not candidates:
             return None
-        return min(candidates, key=lambda a: (self.copies_out[a], in_sync.index(a)))
+        return min(candidates, key=lambda a: (a in self.leaving, self.copies_out[a],
+                                              in_sync.index(a)))
 
 
 def fail_over(
@@ -165,6 +174,8 @@ def start_copies(
     for agent in target:
         if agent in holding or agent not in live or (agent, shard) in tally.withdrawn:
             continue
+        if agent in tally.leaving:
+            continue  # it is shutting down: copy to it when it is back
         source = tally.pick_source(in_sync) if tally.allows(agent) else None
         if source is None:
             tally.deferred += 1
@@ -172,6 +183,31 @@ def start_copies(
         boot.append((agent, source))
         tally.count(agent, source)
         tally.started += 1
+
+
+def hand_off(in_sync: list[str], target: Sequence[str], tally: _Tally,
+             fenced: Collection[str] | None = None) -> bool:
+    """A leaving agent holds no primary: give it to an in-sync replica that stays and that
+    it knows in sync (``fenced``; the target's primary if it is one, else the first such
+    replica of the target, else any). In sync means it applied every acknowledged write,
+    and known in sync means the leaving primary forwards to it with must-ack, so its new
+    term fences the old primary: the hand-off loses nothing. With no such replica yet the
+    hand-off waits (the leaving agent keeps the primary until its hand-off timeout)."""
+    if not in_sync or in_sync[0] not in tally.leaving:
+        return False
+    stays = [a for a in in_sync if a not in tally.leaving]
+    if fenced is not None and stays and not any(a in fenced for a in stays):
+        tally.handovers_waiting += 1
+        return True
+    if fenced is not None:
+        stays = [a for a in stays if a in fenced]
+    if not stays:
+        return False  # no replica to take it: the leaving agent keeps it (and says so)
+    choice = next((a for a in target if a in stays), stays[0])
+    in_sync.remove(choice)
+    in_sync.insert(0, choice)
+    tally.handoffs += 1
+    return False
 
 
 def settle(
@@ -184,6 +220,7 @@ def settle(
 
     ``fenced``: the replicas the current primary knows in sync (None: any may take over).
     A handover to another replica waits for it, and so does dropping the primary.
+    Hand-offs from leaving agents happen even when paused: they copy and drop nothing.
 
     Nothing is dropped while the shard's primary is new: in the step that changes it, nor
     until it reports its promotion finished (``primary_settled``). A new primary first
@@ -194,19 +231,21 @@ def settle(
     to the trash (bench.chaos found this: acknowledged writes rolled back).
     ``primary_before``: the shard's primary in the current plan (None: it had none)."""
     wanted = set(target)
+    handing_off = hand_off(in_sync, target, tally, fenced)  # True: waiting for a successor
     if not paused:
         # Copies for replicas the target no longer wants are cancelled: they hold nothing
         # that the shard relies on.
         boot = [(a, s) for a, s in boot if a in wanted]
         waiting = False  # a handover to the target's primary waits for it to be fenced
-        if target and target[0] in in_sync and in_sync[0] != target[0]:
+        if (target and target[0] in in_sync and in_sync[0] != target[0]
+                and target[0] not in tally.leaving):
             if fenced is None or target[0] in fenced:
                 in_sync.remove(target[0])
                 in_sync.insert(0, target[0])
                 tally.promotions += 1
             else:
                 waiting = True
-                tally.handovers_waiting += 1
+                tally.handovers_waiting += 0 if handing_off else 1
         if primary_before is not None and (
                 not primary_settled or in_sync[:1] != [primary_before]):
             return in_sync, boot  # drops wait until the new primary caught up (above)
@@ -239,6 +278,7 @@ def next_step(
     throttle: Throttle = DEFAULT_THROTTLE,
     min_in_sync: int = 0,
     failed: Collection[tuple[str, int]] = (),
+    leaving: Collection[str] = (),
     fenced: Collection[tuple[str, int]] | None = None,
     settled: Collection[tuple[str, int]] | None = None,
 ) -> Step:
@@ -247,22 +287,25 @@ def next_step(
     ``live`` are the current members; ``caught_up`` the (agent, shard) pairs whose status
     reports the replica online and caught up with the plan that asked for it. Replicas
     outside the target are dropped only while at least ``min_in_sync`` (R) stay in sync.
-    ``failed`` are the (agent, shard) copies whose agent reports them failed. ``fenced``
-    are the (agent, shard) replicas each shard's primary knows in sync (it applied a plan
-    listing them): only they may take over from a live primary (None: no such check).
+    ``failed`` are the (agent, shard) copies whose agent reports them failed. ``leaving``
+    agents are shutting down: their primaries are handed off to in-sync replicas.
+    ``fenced`` are the (agent, shard) replicas each shard's primary knows in sync (it
+    applied a plan listing them): only they may take over from a live primary (None: no
+    such check).
     ``settled`` are the (agent, shard) primaries that report their promotion finished
     under their latest plan: a shard drops replicas only while its primary is one of them
     and stays primary (None: no such check; a step that changes the primary never drops).
     """
     live = set(live)
     caught = set(caught_up)
+    leaving = frozenset(leaving)
     settled_set = set(settled or ())
     broken: dict[int, set[str]] = {}
     for agent, s in failed:
         broken.setdefault(s, set()).add(agent)
     n = len(target)
     shards = list(current[:n]) + [ShardPlan()] * (n - len(current))
-    tally = _Tally(throttle)
+    tally = _Tally(throttle, leaving=leaving)
     staged: dict[int, tuple[list[str], list[tuple[str, str]]]] = {}
     unavailable: list[int] = []
     successors: dict[int, set[str]] | None = None
@@ -273,7 +316,7 @@ def next_step(
     for s, shard in enumerate(shards):
         if shard.replicas == tuple(target[s]) and not shard.bootstrapping and all(
             a in live for a in shard.replicas
-        ):
+        ) and not (shard.replicas and shard.replicas[0] in leaving):
             continue  # already at its target: the common case, kept cheap at 100k shards
         joined = {a for a, _ in shard.bootstrapping if (a, s) in caught}
         result = fail_over(shard, target[s], live, joined, tally, broken.get(s, ()), s,
@@ -302,6 +345,7 @@ def next_step(
         dropped=tally.dropped,
         failovers=tally.failovers,
         promotions=tally.promotions,
+        handoffs=tally.handoffs,
         deferred=tally.deferred,
         unavailable=tuple(unavailable),
         in_flight=in_flight,

@@ -105,10 +105,12 @@ def plan_writes(
     shortfall: int,
     now: float,
     summary: dict | None = None,
+    force: bool = False,
 ) -> tuple[list[Write], PlanState]:
     """The writes that take the stored plan from ``prev`` to ``shards``, and the new state.
 
-    Returns no writes when neither the plan, the target nor the member list changed. A
+    Returns no writes when neither the plan, the target nor the member list changed,
+    unless ``force`` (a summary an agent waits for: at least plan/meta is written). A
     departed agent's plan znode is deleted; a live agent without replicas gets an empty
     plan, so that it drops what it holds.
     """
@@ -117,6 +119,7 @@ def plan_writes(
     members = tuple(sorted(members))
     if (
         prev.meta is not None
+        and not force
         and not prev.rewrite
         and prev.shards == shards
         and prev.targets == targets

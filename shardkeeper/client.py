@@ -12,21 +12,24 @@ addresses through ``members/<id>``. The table is read once and cached; a ZooKeep
 ``plan/meta`` (the plan's commit point) marks it stale, and it is read again on next use.
 
 Failures: requests go to the primary; a redirect is followed (bounded, by ``PeerClient``).
-No answer, 503 (fenced, failing over), a shard the agent does not hold, or no primary at
-all: the cached table is marked stale and the call is retried with exponential backoff
-until ``deadline`` seconds have passed (a bounded tenacity policy), then raises
-``Unavailable``. While ZooKeeper is unreachable (the client's session suspended: quorum
-loss, a partition) the table is not read again, since kazoo would hold the read until
-ZooKeeper answers and the deadline would mean nothing: the cached table serves (the
-agents still serve their last plan, and redirect or refuse what they no longer hold), and
-with no table cached the call is retried until the deadline. A 4xx answer (bad token,
-malformed or oversized request) is not retried: it raises ``RequestError`` at once. A
-write that timed out may still have been applied; a retried put writes the same value
-again, which is harmless.
+No answer, 503 (fenced, failing over, a primary being handed off or promoted), a shard
+the agent does not hold, or no primary at all: the cached table is marked stale and the
+call is retried with jittered exponential backoff, from ``FIRST_RETRY`` seconds (a
+primary hand-off takes a plan propagation, tens of milliseconds: a write that meets one
+is retried at the new primary at once) up to ``MAX_RETRY_WAIT``, until ``deadline``
+seconds have passed (a bounded tenacity policy), then raises ``Unavailable``. While
+ZooKeeper is unreachable (the client's session suspended: quorum loss, a partition) the
+table is not read again, since kazoo would hold the read until ZooKeeper answers and the
+deadline would mean nothing: the cached table serves (the agents still serve their last
+plan, and redirect or refuse what they no longer hold), and with no table cached the
+call is retried until the deadline. A 4xx answer (bad token, malformed or oversized
+request) is not retried: it raises ``RequestError`` at once. A write that timed out may
+still have been applied; a retried put writes the same value again, which is harmless.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,6 +45,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_delay,
     wait_exponential,
+    wait_random,
 )
 
 from shardkeeper import cluster as clusterstate
@@ -52,8 +56,12 @@ from shardkeeper.token import follow_token, require_token
 from shardkeeper.vocab import ShardkeeperError
 from shardkeeper.zk import ZkTarget, close, connect
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Item = tuple[bytes, bytes]
+# Retries after a routing-type failure: 10, 20, 40 ... ms (plus up to 10 ms of jitter, so
+# that clients failed by the same hand-off do not come back in step), at most 1 s apart.
+FIRST_RETRY, MAX_RETRY_WAIT = 0.01, 1.0
 
 
 class DataError(ShardkeeperError):
@@ -198,10 +206,16 @@ class DataClient:
                 self.invalidate()
                 raise _Retry(str(exc)) from exc
 
+        def log_retry(state: Any) -> None:
+            log.debug("%s: attempt %d failed (%s); retrying in %.3fs", what,
+                      state.attempt_number, state.outcome.exception(), state.next_action.sleep)
+
         policy = retry(
             retry=retry_if_exception_type(_Retry),
             stop=stop_after_delay(self.deadline),
-            wait=wait_exponential(multiplier=0.05, max=1.0),
+            wait=wait_exponential(multiplier=FIRST_RETRY, max=MAX_RETRY_WAIT)
+            + wait_random(0, FIRST_RETRY),
+            before_sleep=log_retry,
         )
         try:
             return policy(once)()

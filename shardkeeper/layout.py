@@ -271,7 +271,13 @@ def _show(value: Any) -> str:
 
 @dataclass(frozen=True)
 class MemberInfo:
-    """What an agent publishes in its ephemeral member znode."""
+    """What an agent publishes in its ephemeral member znode.
+
+    ``leaving``: the agent is shutting down (SIGTERM) and asks the leader to move its
+    primaries to in-sync replicas before it closes its session (the graceful hand-off);
+    the leader acknowledges in ``plan/meta``'s summary (``leaving``: agent -> primaries
+    it keeps, having no in-sync replica elsewhere to give them to).
+    """
 
     id: str
     address: str
@@ -279,18 +285,20 @@ class MemberInfo:
     weight: float = 1.0
     version: str = ""
     started: float = 0.0
+    leaving: bool = False
 
     def encode(self) -> bytes:
-        return encode(
-            {
-                "id": self.id,
-                "address": self.address,
-                "zone": self.zone,
-                "weight": self.weight,
-                "version": self.version,
-                "started": self.started,
-            }
-        )
+        obj = {
+            "id": self.id,
+            "address": self.address,
+            "zone": self.zone,
+            "weight": self.weight,
+            "version": self.version,
+            "started": self.started,
+        }
+        if self.leaving:  # only when set: older readers see the znode they know
+            obj["leaving"] = True
+        return encode(obj)
 
     @classmethod
     def decode(cls, path: str, data: bytes | None) -> MemberInfo:
@@ -311,6 +319,7 @@ class MemberInfo:
             weight=weight,
             version=_text(path, obj, "version", "", limit=64),
             started=_number(path, obj, "started", 0.0),
+            leaving=obj.get("leaving") is True,
         )
 
 
@@ -450,6 +459,15 @@ class PlanMeta:
             created=_number(path, obj, "created", 0.0),
             summary=obj.get("summary") if isinstance(obj.get("summary"), dict) else {},
         )
+
+    def leaving(self) -> dict[str, int]:
+        """The leader's acknowledgement of leaving agents (summary ``leaving``): agent ->
+        the primaries it keeps because no other in-sync replica can take them. Tolerant:
+        the summary is advisory, so a malformed entry is simply absent."""
+        raw = self.summary.get("leaving")
+        if not isinstance(raw, dict):
+            return {}
+        return {a: n for a, n in raw.items() if valid_name(a) and _is_count(n)}
 
 
 @dataclass(frozen=True)

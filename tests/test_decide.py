@@ -258,6 +258,37 @@ def test_down_members_are_recorded_with_since_and_survive_a_new_term() -> None:
     assert back.memory.plan.meta.summary["down"] == {}, "a returning member is up"
 
 
+def test_a_leaving_member_hands_off_its_primaries_and_is_answered_in_plan_meta() -> None:
+    live = members("a1", "a2", "a3")
+    memory, now, _ = settle(Memory(), 0.0, live)
+    held = [s for s, p in enumerate(memory.plan.shards) if p.primary == "a1"]
+    assert held
+    leaving = {**live, "a1": replace(live["a1"], leaving=True)}
+    out = run(memory, now, leaving)
+    assert "member-leaving" in audit_of(out) and out.plan_written
+    assert all(p.primary != "a1" for p in out.memory.plan.shards)
+    assert all("a1" in out.memory.plan.shards[s].replicas for s in held), "replicas stay"
+    assert out.memory.plan.meta.leaving() == {"a1": 0}
+    # Nothing else to do: no more writes, and the answer is not repeated.
+    again = run(out.memory, now + 1, leaving, statuses=in_sync_statuses(out.memory, leaving))
+    assert again.writes == ()
+    # Gone, then back as a new incarnation: it may be primary again (balance).
+    gone = run(again.memory, now + 2, members("a2", "a3"))
+    assert gone.memory.plan.meta.leaving() == {}
+
+
+def test_a_leaving_member_that_must_keep_its_primaries_is_answered_at_once() -> None:
+    config = replace(CONFIG, replicas=1)
+    live = members("a1", "a2")
+    memory, now, _ = settle(Memory(), 0.0, live, config=config)
+    mine = sum(1 for p in memory.plan.shards if p.primary == "a1")
+    leaving = {**live, "a1": replace(live["a1"], leaving=True)}
+    out = run(memory, now, leaving, config=config)
+    # No replica anywhere else: the plan does not change, but plan/meta answers.
+    assert [w.path for w in out.writes if w.op != "append"] == [PATHS.plan_meta]
+    assert out.memory.plan.meta.leaving() == {"a1": mine}
+
+
 def test_only_replicas_the_primary_applied_as_peers_are_fenced_successors() -> None:
     from coordinator.decide import fenced_successors
     from shardkeeper.layout import AgentPlan, Assignment

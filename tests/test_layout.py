@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from shardkeeper.config import ClusterConfig
@@ -149,3 +151,15 @@ def test_config_set_parses_types_and_refuses_bad_keys_and_shard_changes() -> Non
     with pytest.raises(ConfigError, match="auto_maintenance_fraction must be between 0 and 1"):
         cfg.with_settings({"auto_maintenance_fraction": "1.5"})
     assert ClusterConfig.decode("c", new.encode()) == new
+
+
+def test_a_leaving_member_and_the_leaders_answer_round_trip_tolerantly() -> None:
+    info = MemberInfo("a1", "h:1", started=5.0)
+    assert b"leaving" not in info.encode(), "unset: the znode older readers know"
+    leaving = MemberInfo("a1", "h:1", started=5.0, leaving=True)
+    assert MemberInfo.decode("/m", leaving.encode()) == leaving
+    assert MemberInfo.decode("/m", encode({**json.loads(info.encode()), "leaving": 1})) == info
+    meta = PlanMeta(3, 1, "c", 8, 2, ("a1",), 1,
+                    summary={"leaving": {"a1": 2, "bad id!": 1, "a2": -1, "a3": True}})
+    assert PlanMeta.decode("/meta", meta.encode()).leaving() == {"a1": 2}
+    assert PlanMeta(3, 1, "c", 8, 2, ("a1",), 1, summary={"leaving": [1]}).leaving() == {}

@@ -6,6 +6,7 @@ from coordinator.policy import (
     apply_moves,
     delayed,
     guard,
+    hand_off_targets,
     hold_moves,
     next_deadline,
     placement_members,
@@ -90,3 +91,13 @@ def test_pins_hold_a_moved_replica_against_leveling() -> None:
     assert hold_moves([("a", "b")], [pin], {"a", "b", "c"}, {"c"}) == ([("a", "b")], [])
     assert hold_moves([("a", "b")], [pin], {"a", "b"}, set()) == ([("a", "b")], [])
     assert hold_moves([("b", "d")], [pin], {"a", "b", "c", "d"}, set()) == ([("b", "d")], [])
+
+
+def test_hand_off_targets_name_a_primary_that_stays_in_sync_first() -> None:
+    target = [("L", "b", "c"), ("L", "b", "c"), ("a", "L"), ("L", "M"), ()]
+    in_sync = [("L", "c"), ("L",), ("a", "L"), ("L", "M"), ()]
+    out = hand_off_targets(target, in_sync, {"L", "M"})
+    assert out[0] == ("c", "b", "L"), "the member in sync now"
+    assert out[1] == ("b", "L", "c"), "else the first one that stays"
+    assert out[2] == ("a", "L") and out[3] == ("L", "M") and out[4] == ()
+    assert hand_off_targets(target, in_sync, set()) == target

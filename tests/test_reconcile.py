@@ -266,6 +266,58 @@ def test_a_failed_copy_is_re_pointed_or_issued_afresh() -> None:
                      failed={("d", 0), ("c", 1)}).plan[0] == two
 
 
+def test_a_leaving_agents_primaries_go_to_in_sync_replicas_even_when_paused() -> None:
+    """The graceful hand-off: a leaving agent keeps its replicas but no primary; the new
+    primary is a replica in sync now (the target's primary if it is one)."""
+    plan = (ShardPlan(("a0", "a1", "a2"), term=3), ShardPlan(("a0", "a2"), (("a1", "a2"),)),
+            ShardPlan(("a1", "a0"), term=5))
+    target = [("a0", "a2", "a1"), ("a0", "a1", "a2"), ("a1", "a0")]
+    live = {"a0", "a1", "a2"}
+    step = next_step(plan, target, live, set(), Throttle(paused=True), leaving={"a0"})
+    assert step.plan[0].replicas == ("a2", "a0", "a1"), "the target's next in-sync replica"
+    assert step.plan[1].replicas == ("a2", "a0"), "a1 is still copying: not promoted"
+    assert step.plan[1].bootstrapping == (("a1", "a2"),)
+    assert step.plan[2].replicas == ("a1", "a0"), "not its primary: untouched"
+    assert step.handoffs == 2 and step.dropped == 0 and step.started == 0
+    terms = with_terms(plan, step.plan, 9)
+    assert [t.term for t in terms] == [9, 9, 5], "a new primary takes a new term"
+
+
+def test_a_hand_off_goes_only_to_a_replica_the_leaving_primary_knows_in_sync() -> None:
+    """As for any handover from a live primary (issue 13's lost writes): the successor must
+    be one the leaving primary forwards to with must-ack, else the hand-off waits."""
+    plan = (ShardPlan(("a0", "a1", "a2"), term=3),)
+    target = [("a1", "a2", "a0")]
+    live = {"a0", "a1", "a2"}
+    step = next_step(plan, target, live, set(), leaving={"a0"}, fenced={("a2", 0)})
+    assert step.plan[0].replicas[0] == "a2", "a1 is not known in sync by a0: a2 takes it"
+    assert step.handoffs == 1
+    step = next_step(plan, target, live, set(), leaving={"a0"}, fenced=set())
+    assert step.plan[0].replicas == ("a0", "a1", "a2"), "nobody fenced yet: it waits"
+    assert step.handoffs == 0 and step.handovers_waiting == 1
+    step = next_step(plan, target, live, set(), leaving={"a0"},
+                     fenced={("a1", 0), ("a2", 0)})
+    assert step.plan[0].replicas[0] == "a1", "the target's primary, once fenced"
+
+
+def test_a_leaving_agent_keeps_a_primary_no_in_sync_replica_can_take() -> None:
+    plan = (ShardPlan(("a0",), (("a1", "a0"),)), ShardPlan(("a0", "a1")))
+    target = [("a0", "a1"), ("a0", "a1")]
+    step = next_step(plan, target, {"a0", "a1"}, set(), leaving={"a0", "a1"})
+    assert [p.primary for p in step.plan] == ["a0", "a0"]
+    assert step.handoffs == 0
+
+
+def test_no_copy_starts_into_a_leaving_agent_and_it_is_the_last_choice_of_source() -> None:
+    plan = (ShardPlan(("a0", "a1")), ShardPlan(("a2", "a3")))
+    target = [("a1", "a0", "a2"), ("a2", "a3", "a0")]
+    live = {"a0", "a1", "a2", "a3"}
+    step = next_step(plan, target, live, set(), leaving={"a0"})
+    assert step.plan[0].bootstrapping == (("a2", "a1"),), "copied from a1, not from a0"
+    assert step.plan[1].bootstrapping == (), "a0 is shutting down: no copy into it"
+    assert step.plan[0].primary == "a1"
+
+
 def test_a_handover_waits_until_the_primary_knows_its_successor() -> None:
     """bench.chaos lost acknowledged writes when a replica joined and was promoted while
     the old primary still ran an older plan: it forwarded to the new primary only best

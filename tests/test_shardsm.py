@@ -344,6 +344,18 @@ def test_a_primary_takes_writes_only_once_promoted_and_refuses_them_once_demoted
     assert served(d) == {1: Serve(S.REPLICA, 6, "b:1")}
 
 
+def test_a_replica_being_promoted_names_no_primary_so_clients_retry_rather_than_loop():
+    """A hand-off: the old primary redirects to the new one at once, but the new one takes
+    writes only once promoted; meanwhile it must not send clients back to the old one."""
+    d = connected(plan=Plan(1, {2: Target(R, 1, primary="a:1")}))
+    d = reconcile(d.agent, events=[done(d, Synced, 2, 0)])
+    d = reconcile(d.agent, plan=Plan(5, {2: Target(P, 5, peers=("a:1",))}))
+    assert shard_actions(d) == [Promote(2, 5, ("a:1",))]
+    assert served(d) == {2: Serve(S.REPLICA, 5, None)}
+    d = reconcile(d.agent, events=[done(d, Promoted, 2, 7)])
+    assert served(d) == {2: Serve(S.PRIMARY, 5, "me:1", ("a:1",))}
+
+
 def reports(decision):
     """shard -> catching_up, from the status report the decision issues (None if none)."""
     for action in decision.actions:

@@ -3,7 +3,7 @@ makes moot, and whether to act on a plan znode at all."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from agents.shardsm.model import (
     AgentState,
@@ -17,6 +17,7 @@ from agents.shardsm.model import (
     StartDrop,
     Target,
 )
+from shardkeeper.layout import Assignment
 from shardkeeper.vocab import Role, ShardState
 
 
@@ -62,6 +63,11 @@ def serving(agent: AgentState, me: str) -> dict[int, Serve]:
             else:
                 in_sync, copying = (), ()
             out[shard] = Serve(ShardState.PRIMARY, record.term, me, in_sync, copying)
+        elif record.state == ShardState.PRIMARY:
+            # Being promoted: it serves as a replica until Promoted, and names no primary,
+            # so clients are told to retry (503) rather than sent back to the old primary,
+            # which has been demoted and would send them here again.
+            out[shard] = Serve(record.served, record.term, None)
         else:
             out[shard] = Serve(record.served, record.term, record.primary)
     return out
@@ -107,3 +113,30 @@ def states(agent: AgentState) -> dict[int, ShardState]:
 def plan_from(generation: int, targets: Iterable[tuple[int, Target]]) -> Plan:
     """Build a Plan from (shard, target) pairs (convenience for the shell and tests)."""
     return Plan(generation, dict(targets))
+
+
+def target_of(assignment: Assignment, address_of: Callable[[str], str]) -> Target:
+    """Pure: the state machine's target for one plan assignment (agent ids -> addresses)."""
+    if assignment.role == Role.PRIMARY:
+        return Target(
+            Role.PRIMARY,
+            term=assignment.term,
+            peers=tuple(address_of(a) for a in assignment.peers),
+            bootstrapping=tuple(address_of(a) for a in assignment.bootstrapping),
+        )
+    return Target(
+        Role.REPLICA,
+        term=assignment.term,
+        source=address_of(assignment.source) if assignment.source else None,
+        primary=address_of(assignment.primary) if assignment.primary else None,
+    )
+
+
+def referenced_agents(replicas: dict[int, Assignment]) -> set[str]:
+    """Every agent id an AgentPlan names (whose address the shell needs)."""
+    ids: set[str] = set()
+    for a in replicas.values():
+        ids.update(x for x in (a.primary, a.source) if x)
+        ids.update(a.peers)
+        ids.update(a.bootstrapping)
+    return ids

@@ -67,11 +67,16 @@ def agent() -> None:
               show_default=True, envvar="SHARDKEEPER_TRASH_KEEP",
               help="Seconds to keep a dropped replica's files in <data-dir>/trash before"
               " deleting them (0: delete at once). Env: SHARDKEEPER_TRASH_KEEP.")
+@click.option("--handoff-timeout", type=FiniteFloatRange(min=0, max=20), default=10.0,
+              show_default=True, envvar="SHARDKEEPER_HANDOFF_TIMEOUT",
+              help="On SIGTERM, wait at most this many seconds for the leader to move the"
+              " agent's primaries to in-sync replicas before closing its session (0: close"
+              " it at once). Env: SHARDKEEPER_HANDOFF_TIMEOUT.")
 @log_options
 @operator_errors
 def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: float,
               listen: str, data_dir: Path, session_timeout: float, trash_keep: float,
-              log_level: str, log_format: str) -> None:
+              handoff_timeout: float, log_level: str, log_format: str) -> None:
     """Register with the cluster and hold the replicas the plan gives this agent."""
     from agents.runtime import Agent, HealthServer
     from shardkeeper.process import run_until_signal, setup_logging
@@ -86,7 +91,7 @@ def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: 
     setup_logging(log_level, log_format.lower(), "agent", agent_id)
     a = Agent(target, paths.cluster, agent_id, address=f"{host}:{port}", zone=zone,
               weight=weight, data_dir=data_dir, session_timeout=session_timeout,
-              trash_keep=trash_keep)
+              trash_keep=trash_keep, handoff_timeout=handoff_timeout)
     try:
         health = HealthServer(a, host, port)
     except OSError as e:
