@@ -331,27 +331,33 @@ def steer_maintenance(
 
 
 def caught_up(plan: PlanState, statuses: Mapping[str, AgentStatus]) -> set[tuple[str, int]]:
-    """(agent, shard) pairs reported in sync by an agent that applied its latest plan."""
+    """(agent, shard) pairs reported in sync by an agent that applied a plan at least as
+    new as its assignment for that shard (``PlanState.assigned_at``): a later change to
+    its other shards does not make the report stale. Requiring its latest plan instead
+    held joins back while re-replication rewrote every agent's plan at each step."""
     out = set()
     for agent, status in statuses.items():
         mine = plan.agents.get(agent)
-        if mine is None or status.generation < mine.generation:
+        if mine is None:
             continue
-        out.update((agent, s) for s, st in status.shards.items() if st.in_sync)
+        out.update((agent, s) for s, st in status.shards.items()
+                   if st.in_sync and s in mine.replicas
+                   and status.generation >= plan.assigned_at(agent, s))
     return out
 
 
 def failed_copies(plan: PlanState, statuses: Mapping[str, AgentStatus]
                   ) -> dict[tuple[str, int], str]:
-    """(agent, shard) -> reason, for the copies agents report failed (ERROR) under the
-    plan they were last given (an older report is answered already)."""
+    """(agent, shard) -> reason, for the copies agents report failed (ERROR) under their
+    current assignment (an older report is answered already: answering changes it)."""
     out = {}
     for agent, status in statuses.items():
         mine = plan.agents.get(agent)
-        if mine is None or status.generation < mine.generation:
+        if mine is None:
             continue
         for shard, st in status.shards.items():
-            if st.state == "ERROR":
+            if st.state == "ERROR" and shard in mine.replicas and (
+                    status.generation >= plan.assigned_at(agent, shard)):
                 out[(agent, shard)] = st.reason
     return out
 

@@ -135,6 +135,7 @@ def plan_writes(
         existing.add(path)
 
     new_agents: dict[str, AgentPlan] = {}
+    assigned: dict[tuple[str, int], int] = {}
     wanted = agent_targets(prev, shards)
     live = set(members)
     for agent in sorted(set(wanted) | set(prev.agents) | live):
@@ -148,10 +149,19 @@ def plan_writes(
             continue
         if old is not None and old.replicas == mine and path not in prev.rewrite:
             new_agents[agent] = old
+            assigned.update((k, prev.assigned[k]) for k in ((agent, s) for s in mine)
+                            if k in prev.assigned)
             continue
         plan = AgentPlan(generation=generation, epoch=epoch, replicas=mine)
         new_agents[agent] = plan
         put(path, plan.encode())
+        if old is not None:
+            # Assignments the new znode carries unchanged keep their age: the agent's
+            # reports about them stay current (joins need not wait for every agent to
+            # apply every plan that changed some other shard of theirs).
+            for s, assignment in mine.items():
+                if old.replicas.get(s) == assignment:
+                    assigned[(agent, s)] = prev.assigned_at(agent, s)
     kept = {paths.plan_agent(a) for a in new_agents}
     for path in sorted(p for p in existing if p.startswith(paths.plan_agents + "/")):
         if path not in kept:  # a leftover no agent owns (damaged, or a stray name)
@@ -180,7 +190,7 @@ def plan_writes(
     )
     put(paths.plan_meta, meta.encode())
     return writes, PlanState(meta=meta, agents=new_agents, shards=shards, targets=targets,
-                             existing=frozenset(existing))
+                             existing=frozenset(existing), assigned=assigned)
 
 
 def batches(writes: Sequence[Write], max_bytes: int = 512 * 1024) -> list[list[Write]]:

@@ -55,10 +55,22 @@ class PlanState:
     targets: Targets = ()
     existing: frozenset[str] = frozenset()
     rewrite: frozenset[str] = frozenset()
+    # The leader's memory, never stored: the generation that last changed an (agent,
+    # shard) assignment, where that is older than the agent's plan znode (see assigned_at).
+    assigned: dict[tuple[str, int], int] = field(default_factory=dict, compare=False)
 
     @property
     def generation(self) -> int:
         return self.meta.generation if self.meta else 0
+
+    def assigned_at(self, agent: str, shard: int) -> int:
+        """The generation since which ``agent``'s assignment for ``shard`` is what it is:
+        a status the agent wrote under that plan or a later one speaks of this assignment.
+        Without the leader's memory of it (a new term), the agent's plan generation, which
+        is never older."""
+        mine = self.agents.get(agent)
+        since = mine.generation if mine is not None else 0
+        return self.assigned.get((agent, shard), since)
 
     @property
     def routing(self) -> Targets:

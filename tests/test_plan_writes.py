@@ -123,3 +123,29 @@ def test_incremental_agent_plans_equal_a_full_recomputation(history) -> None:
         full = assignments(tuple(rows))
         for agent in members:
             assert state.agents[agent].replicas == full.get(agent, {})
+
+
+def test_an_assignment_keeps_its_age_while_the_agents_other_shards_change() -> None:
+    """Re-replication rewrites every agent's plan at each step (its primaries' peers
+    change as copies join); a copy's report must not wait for the agent to apply the
+    latest of those plans, only one as new as its own assignment."""
+    from coordinator.decide import caught_up
+    from shardkeeper.layout import AgentStatus, ShardStatus
+
+    copying = (ShardPlan(("a",), (("b", "a"),), term=1), ShardPlan(("b", "a"), term=1))
+    _, first = write(PlanState(), copying, ["a", "b"])
+    # Shard 1 changes (its primary b loses its peer a): b's znode is rewritten.
+    changed = (copying[0], ShardPlan(("b",), term=1))
+    _, second = write(first, changed, ["a", "b"])
+    assert second.agents["b"].generation == 2
+    assert second.assigned_at("b", 0) == 1 and second.assigned_at("b", 1) == 2
+    done = {"b": AgentStatus("b", 1, {0: ShardStatus("REPLICA"), 1: ShardStatus("PRIMARY")}),
+            "a": AgentStatus("a", 2, {0: ShardStatus("PRIMARY")})}
+    assert caught_up(second, done) == {("b", 0), ("a", 0)}, "b's copy of 0 is current"
+    # Once shard 0's own assignment changes, the old report no longer counts.
+    _, third = write(second, (ShardPlan(("a",), (("b", "c"),), term=1), changed[1]),
+                     ["a", "b", "c"])
+    assert ("b", 0) not in caught_up(third, done)
+    # A new term of the leader knows no ages: the agent's plan generation, never older.
+    fresh = PlanState(meta=third.meta, agents=third.agents, shards=third.shards)
+    assert fresh.assigned_at("b", 0) == third.agents["b"].generation
