@@ -30,8 +30,10 @@ run; the figures ending in ``_procs``). Measured in one run:
   ``puts_per_s_r1_procs``, their ``put_ratio_procs``, ``batched_keys_per_s_r3_procs``), and
   puts from ``--clients`` client threads at once, each its own keys
   (``concurrent_puts_per_s_r3_procs``, ``concurrent_puts_per_s_r1_procs``,
-  ``concurrent_put_ratio_procs``); afterwards the R=3 primary and replicas must hold the
-  same rows (digest), or the run fails. ``load_avg_1m_end`` is the load average at the end.
+  ``concurrent_put_ratio_procs``); ``concurrent_puts_per_batch_r3_procs`` is how many of
+  those R=3 puts the primary wrote per batch (one transaction, one forward per replica:
+  group commit). Afterwards the R=3 primary and replicas must hold the same rows (digest),
+  or the run fails. ``load_avg_1m_end`` is the load average at the end.
 """
 
 from __future__ import annotations
@@ -300,11 +302,15 @@ def bench_writes_procs(root: Path, seconds: float, batch: int, clients: int) -> 
             "puts_per_s_r3_procs": rate(seconds, put(primary)),
             "puts_per_s_r1_procs": rate(seconds, put(solo)),
             "batched_keys_per_s_r3_procs": rate(seconds, put_batch),
-            "concurrent_puts_per_s_r3_procs": concurrent_rate(seconds, clients,
-                                                              put_concurrent(primary)),
-            "concurrent_puts_per_s_r1_procs": concurrent_rate(seconds, clients,
-                                                              put_concurrent(solo)),
         }
+        before = primary.command(batches=True)
+        out["concurrent_puts_per_s_r3_procs"] = concurrent_rate(seconds, clients,
+                                                                put_concurrent(primary))
+        after = primary.command(batches=True)
+        out["concurrent_puts_per_batch_r3_procs"] = (
+            (after["writes"] - before["writes"]) / max(1, after["batches"] - before["batches"]))
+        out["concurrent_puts_per_s_r1_procs"] = concurrent_rate(seconds, clients,
+                                                                put_concurrent(solo))
         held = [node.command(digest=True) for node in (primary, r1, r2)]
         if len({(h["digest"], h["rows"]) for h in held}) != 1:
             raise AssertionError(f"the R=3 holders disagree after the run: {held}")
@@ -346,7 +352,7 @@ def main(as_json: bool, rows: int, value_size: int, page: int, seconds: float, b
             "put_ratio", "puts_per_s_r3_procs", "puts_per_s_r1_procs", "put_ratio_procs",
             "batched_keys_per_s_r3_procs", "concurrent_puts_per_s_r3_procs",
             "concurrent_puts_per_s_r1_procs", "concurrent_put_ratio_procs", "clients",
-            "load_avg_1m_end"]
+            "concurrent_puts_per_batch_r3_procs", "load_avg_1m_end"]
     if as_json:
         click.echo(json.dumps({k: round(result[k], 3) for k in keys}))
         return

@@ -7,7 +7,9 @@ command per line on stdin and answers each with one JSON line:
 
 * ``{"lead": [addresses]}``: become SHARD's primary at term 1 with these in-sync replicas;
 * ``{"follow": address}``: become a replica of SHARD at term 1 under that primary;
-* ``{"digest": true}``: ``{"digest": ..., "rows": ..., "sync_lsn": ...}`` of SHARD's store.
+* ``{"digest": true}``: ``{"digest": ..., "rows": ..., "sync_lsn": ...}`` of SHARD's store;
+* ``{"batches": true}``: ``{"batches": ..., "writes": ...}``: the write batches this node
+  wrote to SHARD as its primary, and the writes in them (group commit).
 
 End of stdin (the bench closed it, or died) stops the node: nothing outlives the bench.
 """
@@ -37,6 +39,9 @@ def serve(root: Path, name: str) -> None:
                 store = node.stores.open(SHARD)
                 answer = {"digest": store.digest(), "rows": store.count(),
                           "sync_lsn": store.sync_lsn()}
+            elif "batches" in command:
+                writes = node.plane.writes_of(SHARD)
+                answer = {"batches": writes.batches, "writes": writes.writes}
             else:
                 answer = {"error": f"unknown command {command!r}"}
             print(json.dumps(answer), flush=True)
