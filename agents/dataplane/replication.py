@@ -85,11 +85,10 @@ def accept_forward(
     if not sync:
         store.apply(rows)
         return store.sync_lsn()
-    have, top = store.sync_lsn(), rows[-1].lsn
-    if have == prev:
-        store.apply_forward(rows, sync_lsn=top)
-        return top
-    if have >= top and _holds(store, rows):
+    applied, have = store.apply_on_top(rows, prev)  # reads sync_lsn in the same transaction
+    if applied:
+        return have
+    if have >= rows[-1].lsn and _holds(store, rows):
         return have  # a retried forward we already hold
     raise Refused(ErrorCode.GAP if have < prev else ErrorCode.DIVERGED, sync_lsn=have)
 
