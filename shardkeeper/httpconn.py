@@ -118,7 +118,8 @@ class Connection:
         status_line, *lines = head.split("\r\n")
         version, _, rest = status_line.partition(" ")
         code = rest[:3]
-        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        if version not in ("HTTP/1.1", "HTTP/1.0") or not (len(code) == 3 and code.isascii()
+                                                          and code.isdigit()):
             raise ProtocolError(f"bad status line {status_line[:100]!r}")
         headers: dict[str, str] = {}
         for line in lines:

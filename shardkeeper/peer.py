@@ -241,23 +241,29 @@ class PeerClient:
                     sent.append(PeerUnavailable(address, f"POST {path}: {exc!r}"))
                 break
         replies: list[Reply | PeerError] = []
-        for (address, path, payload), reused in zip(calls, sent, strict=True):
-            if isinstance(reused, PeerError):
-                replies.append(reused)
-                continue
-            # An answer already here counts even past the deadline: it came in time, while
-            # this thread read the others.
-            left = max(deadline - time.monotonic(), 0.001)
-            try:
-                replies.append(self._receive(address, "POST", left))
-            except (OSError, ProtocolError) as exc:
-                if reused and not isinstance(exc, TimeoutError):
-                    try:  # the kept-alive connection had been closed: one fresh try
-                        replies.append(self._exchange(address, "POST", path, payload, left))
-                    except PeerError as again:
-                        replies.append(again)
+        try:
+            for (address, path, payload), reused in zip(calls, sent, strict=True):
+                if isinstance(reused, PeerError):
+                    replies.append(reused)
                     continue
-                replies.append(PeerUnavailable(address, f"POST {path}: {exc!r}"))
+                # An answer already here counts even past the deadline: it came in time,
+                # while this thread read the others.
+                left = max(deadline - time.monotonic(), 0.001)
+                try:
+                    replies.append(self._receive(address, "POST", left))
+                except (OSError, ProtocolError) as exc:
+                    if reused and not isinstance(exc, TimeoutError):
+                        try:  # the kept-alive connection had been closed: one fresh try
+                            replies.append(self._exchange(address, "POST", path, payload, left))
+                        except PeerError as again:
+                            replies.append(again)
+                        continue
+                    replies.append(PeerUnavailable(address, f"POST {path}: {exc!r}"))
+        finally:
+            # Whatever escaped: no connection is left with an answer unread, which the next
+            # call on it would take for its own.
+            for address, _, _ in calls[len(replies):]:
+                self._drop(address)
         return replies
 
     def _checked(self, address: str, method: str, path: str, body: Any = None) -> dict:

@@ -162,6 +162,31 @@ def test_post_many_puts_a_failure_in_the_place_of_an_answer_that_does_not_come(s
         client.post_many([(ok.address, "/1", b"{}"), (ok.address, "/2", b"{}")])
 
 
+def test_no_connection_is_left_with_an_answer_unread(stand_ins, monkeypatch):
+    """Should anything unforeseen escape post_many while answers are outstanding, those
+    connections are dropped: the next call must not read an old answer as its own."""
+    def numbered(sock: socket.socket) -> None:
+        n = 0
+        while read_request(sock) is not None:
+            n += 1
+            sock.sendall(answer(b'{"n": %d}' % n))
+
+    a, b = stand_ins(numbered), stand_ins(numbered)
+    client = PeerClient(PEER_TOKEN, timeout=HANG, attempts=1)
+    calls = [(a.address, "/a", b"{}"), (b.address, "/b", b"{}")]
+    assert client.post_many(calls) == [Reply(200, {"n": 1})] * 2
+
+    def unforeseen(*args, **kwargs):
+        raise RuntimeError("unforeseen")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(client, "_receive", unforeseen)
+        with pytest.raises(RuntimeError):
+            client.post_many(calls)
+    assert client.post_many(calls) == [Reply(200, {"n": 1})] * 2, "fresh connections"
+    assert (a.connections, b.connections) == (2, 2)
+
+
 @pytest.mark.parametrize("many", [False, True])
 def test_a_kept_alive_connection_the_peer_closed_gets_one_fresh_try(stand_ins, many):
     closed = threading.Event()
@@ -236,6 +261,7 @@ def test_answers_are_read_by_their_framing(stand_ins):
     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
     b"HTTP/1.1 200 OK\r\n no-name\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n",  # closed within the head
+    "HTTP/1.1 2\u00b200 OK\r\nContent-Length: 0\r\n\r\n".encode("latin-1"),  # "²".isdigit()
 ])
 def test_answers_that_break_the_framing_are_protocol_errors(stand_ins, data):
     with pytest.raises(ProtocolError):
