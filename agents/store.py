@@ -306,6 +306,18 @@ class ShardStore:
                 self._set_meta(META_SYNC_LSN, sync_lsn)
             return applied
 
+    def apply_on_top(self, rows: Sequence[Row], prev: int) -> tuple[bool, int]:
+        """An in-sync forward: if ``sync_lsn`` is ``prev``, apply ``rows`` and move
+        ``sync_lsn`` to the last one's LSN, in one transaction. Returns whether it applied,
+        and ``sync_lsn`` after (unchanged when it was not ``prev``)."""
+        with self._transaction():
+            have = self._get_meta(META_SYNC_LSN)
+            if have != prev:
+                return False, have
+            self._apply_newer(rows)
+            self._set_meta(META_SYNC_LSN, rows[-1].lsn)
+            return True, rows[-1].lsn
+
     def replace_if_unchanged(self, expected_lsn: int, key: bytes, row: Row | None) -> bool:
         """Overwrite ``key`` with ``row`` (None: remove it) if it still has ``expected_lsn``.
 

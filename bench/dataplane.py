@@ -1,7 +1,11 @@
-"""`python -m bench.dataplane [--json]`: the data plane's throughput and latency, in one process.
+"""`python -m bench.dataplane [--json]`: the data plane's throughput and latency.
 
 Real HTTP on 127.0.0.1, real SQLite files, the same DataPlane the agents run; no ZooKeeper
-(the shard table is set by hand, as the runtime would). Measured in one run:
+(the shard table is set by hand, as the runtime would). Two topologies, in the same run:
+*in-process* (every node a DataPlane in this one Python process, sharing its GIL with the
+client: the bench as it always was, every figure without a suffix) and *per-process* (each
+node in a process of its own, ``bench.dataplane_node``, the client in this one: how agents
+run; the figures ending in ``_procs``). Measured in one run:
 
 * bootstrap: a fresh replica copies one shard (``--rows`` rows of ``--value-size`` bytes)
   from its primary with ``copy_shard``, as an agent does: the source's store file as a
@@ -17,8 +21,19 @@ Real HTTP on 127.0.0.1, real SQLite files, the same DataPlane the agents run; no
   text output also shows the raw copy with an fsync of the result, and ``--rows-stream``
   measures the row-by-row path alone (what a resumed copy uses).
 * acknowledged puts/s from one client, one key per request, with a primary and two in-sync
-  replicas (R=3) and with a primary alone (R=1); and keys/s with batches of ``--batch``.
-* read latency (GET from the primary), p50 and p99 over ``--reads`` sequential reads.
+  replicas (R=3) and with a primary alone (R=1); and keys/s with batches of ``--batch``
+  (``puts_per_s_r3``, ``puts_per_s_r1``, ``batched_keys_per_s_r3``: in-process, R=3 for
+  ``--seconds`` then R=1 for as long, as always). ``put_ratio`` is R=3 / R=1 of that run.
+* read latency (GET from the primary), p50 and p99 over ``--reads`` sequential reads
+  (in-process).
+* the same puts with each node in its own process (``puts_per_s_r3_procs``,
+  ``puts_per_s_r1_procs``, their ``put_ratio_procs``, ``batched_keys_per_s_r3_procs``), and
+  puts from ``--clients`` client threads at once, each its own keys
+  (``concurrent_puts_per_s_r3_procs``, ``concurrent_puts_per_s_r1_procs``,
+  ``concurrent_put_ratio_procs``); ``concurrent_puts_per_batch_r3_procs`` is how many of
+  those R=3 puts the primary wrote per batch (one transaction, one forward per replica:
+  group commit). Afterwards the R=3 primary and replicas must hold the same rows (digest),
+  or the run fails. ``load_avg_1m_end`` is the load average at the end.
 """
 
 from __future__ import annotations
@@ -29,7 +44,10 @@ import os
 import shutil
 import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +64,7 @@ TOKEN = "bench-token"
 PEER_TOKEN = "bench-peer-token"  # agents' replication calls (issue 10)
 SHARD = 1
 MB = 1 << 20
+REPO = Path(__file__).resolve().parents[1]  # the node processes run `-m bench...` from here
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -66,16 +85,55 @@ class Node:
         return self.plane.address
 
     def lead(self, replicas: Sequence[Node] = ()) -> None:
+        self.lead_addresses([r.address for r in replicas])
+        for r in replicas:
+            r.follow(self.address)
+
+    def lead_addresses(self, in_sync: Sequence[str]) -> None:
+        """Become SHARD's primary at term 1, with ``in_sync`` as its in-sync replicas."""
         self.store.mark_promoted()
         self.table.set_route(SHARD, ShardRoute(
-            ShardState.PRIMARY, term=1, primary=self.address,
-            in_sync=tuple(r.address for r in replicas)))
-        for r in replicas:
-            r.table.set_route(SHARD, ShardRoute(ShardState.REPLICA, term=1, primary=self.address))
+            ShardState.PRIMARY, term=1, primary=self.address, in_sync=tuple(in_sync)))
+
+    def follow(self, primary: str) -> None:
+        self.table.set_route(SHARD, ShardRoute(ShardState.REPLICA, term=1, primary=primary))
 
     def close(self) -> None:
         self.plane.stop()
         self.stores.close_all()
+
+
+class NodeProcess:
+    """A Node in a process of its own (``bench.dataplane_node``), driven over its stdin."""
+
+    def __init__(self, root: Path, name: str):
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.dataplane_node", str(root), name],
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        self.address = self.proc.stdout.readline().strip()
+        if not self.address:
+            raise RuntimeError(f"node {name} did not start (exit {self.proc.wait(10)})")
+
+    def command(self, **command: object) -> dict:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline())
+        if "error" in answer:
+            raise RuntimeError(f"node {self.name}: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # end of commands: the node stops
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def rate(seconds: float, op: Callable[[int], int]) -> float:
@@ -86,6 +144,30 @@ def rate(seconds: float, op: Callable[[int], int]) -> float:
         done += op(i)
         i += 1
     return done / elapsed
+
+
+def concurrent_rate(seconds: float, clients: int, op: Callable[[int, int], int]) -> float:
+    """``clients`` threads each call ``op(client, i)`` for ``seconds``; items per second."""
+    done = [0] * clients
+    start = threading.Barrier(clients + 1)
+    deadline = [0.0]
+
+    def loop(client: int) -> None:
+        start.wait()
+        i = 0
+        while time.perf_counter() < deadline[0]:
+            done[client] += op(client, i)
+            i += 1
+
+    threads = [threading.Thread(target=loop, args=(c,)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    t0 = time.perf_counter()
+    deadline[0] = t0 + seconds
+    start.wait()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.perf_counter() - t0)
 
 
 def checkpoint(path: Path) -> None:
@@ -187,6 +269,57 @@ def bench_writes(root: Path, seconds: float, batch: int, reads: int) -> dict[str
             node.close()
 
 
+def bench_writes_procs(root: Path, seconds: float, batch: int, clients: int) -> dict[str, float]:
+    """The puts of ``bench_writes`` with each node in a process of its own, the client
+    (threads) in this one; then checks that the three holders of the R=3 shard agree."""
+    nodes: list[NodeProcess] = []
+    try:
+        for name in ("pp", "pr1", "pr2", "psolo"):
+            nodes.append(NodeProcess(root, name))
+        primary, r1, r2, solo = nodes
+        for replica in (r1, r2):
+            replica.command(follow=primary.address)
+        primary.command(lead=[r1.address, r2.address])
+        solo.command(lead=[])
+        client = PeerClient(TOKEN, timeout=10.0)
+        value = b"x" * 100
+
+        def put(node: NodeProcess) -> Callable[[int], int]:
+            return lambda i: (client.put(node.address, SHARD, f"k{i:09d}".encode(), value), 1)[1]
+
+        def put_concurrent(node: NodeProcess) -> Callable[[int, int], int]:
+            def op(c: int, i: int) -> int:
+                client.put(node.address, SHARD, f"c{c:03d}-{i:09d}".encode(), value)
+                return 1
+            return op
+
+        def put_batch(i: int) -> int:
+            items = [(f"b{i:06d}-{j:05d}".encode(), value) for j in range(batch)]
+            client.batch_put(primary.address, SHARD, items)
+            return batch
+
+        out = {
+            "puts_per_s_r3_procs": rate(seconds, put(primary)),
+            "puts_per_s_r1_procs": rate(seconds, put(solo)),
+            "batched_keys_per_s_r3_procs": rate(seconds, put_batch),
+        }
+        before = primary.command(batches=True)
+        out["concurrent_puts_per_s_r3_procs"] = concurrent_rate(seconds, clients,
+                                                                put_concurrent(primary))
+        after = primary.command(batches=True)
+        out["concurrent_puts_per_batch_r3_procs"] = (
+            (after["writes"] - before["writes"]) / max(1, after["batches"] - before["batches"]))
+        out["concurrent_puts_per_s_r1_procs"] = concurrent_rate(seconds, clients,
+                                                                put_concurrent(solo))
+        held = [node.command(digest=True) for node in (primary, r1, r2)]
+        if len({(h["digest"], h["rows"]) for h in held}) != 1:
+            raise AssertionError(f"the R=3 holders disagree after the run: {held}")
+        return out
+    finally:
+        for node in nodes:
+            node.close()
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--rows", default=20_000, show_default=True, help="Rows in the bootstrapped shard.")
@@ -197,16 +330,29 @@ def bench_writes(root: Path, seconds: float, batch: int, reads: int) -> dict[str
 @click.option("--reads", default=3000, show_default=True, help="Reads timed for latency.")
 @click.option("--rows-stream", is_flag=True, help="Bootstrap row by row, without a file image.")
 @click.option("--runs", default=5, show_default=True, help="Bootstraps and raw copies (median).")
+@click.option("--clients", default=8, show_default=True,
+              help="Client threads of the concurrent put runs (per-process nodes).")
 def main(as_json: bool, rows: int, value_size: int, page: int, seconds: float, batch: int,
-         reads: int, rows_stream: bool, runs: int) -> None:
+         reads: int, rows_stream: bool, runs: int, clients: int) -> None:
     """Measure bootstrap MB/s against a raw file copy, acknowledged puts/s, read latency."""
     with tempfile.TemporaryDirectory(prefix="bench-dataplane-") as tmp:
         root = Path(tmp)
         result = bench_bootstrap(root, rows, value_size, page, rows_stream, runs)
         result.update(bench_writes(root, seconds, batch, reads))
+        result.update(bench_writes_procs(root, seconds, batch, clients))
     result["bootstrap_ratio"] = result["bootstrap_mb_s"] / result["raw_copy_mb_s"]
+    result["put_ratio"] = result["puts_per_s_r3"] / result["puts_per_s_r1"]
+    result["put_ratio_procs"] = result["puts_per_s_r3_procs"] / result["puts_per_s_r1_procs"]
+    result["concurrent_put_ratio_procs"] = (result["concurrent_puts_per_s_r3_procs"]
+                                            / result["concurrent_puts_per_s_r1_procs"])
+    result["clients"] = clients
+    result["load_avg_1m_end"] = os.getloadavg()[0]
     keys = ["bootstrap_mb_s", "raw_copy_mb_s", "bootstrap_ratio", "puts_per_s_r3",
-            "puts_per_s_r1", "batched_keys_per_s_r3", "read_p50_ms", "read_p99_ms", "load_avg_1m"]
+            "puts_per_s_r1", "batched_keys_per_s_r3", "read_p50_ms", "read_p99_ms", "load_avg_1m",
+            "put_ratio", "puts_per_s_r3_procs", "puts_per_s_r1_procs", "put_ratio_procs",
+            "batched_keys_per_s_r3_procs", "concurrent_puts_per_s_r3_procs",
+            "concurrent_puts_per_s_r1_procs", "concurrent_put_ratio_procs", "clients",
+            "concurrent_puts_per_batch_r3_procs", "load_avg_1m_end"]
     if as_json:
         click.echo(json.dumps({k: round(result[k], 3) for k in keys}))
         return

@@ -1,23 +1,29 @@
 """The data plane's HTTP client: what clients and agents call on an agent (``shardkeeper.wire``
 documents the endpoints).
 
-Connections are kept alive per thread and address; every call has a bounded timeout.
-Idempotent calls (reads, the rows stream, repair lookups, digests) retry on no answer and
-503 with a bounded tenacity policy; writes follow up to ``max_redirects`` redirects to the
-primary and are not retried here (the client library decides, with a fresh routing table).
+Connections (``shardkeeper.httpconn``) are kept alive per thread and address; every call
+has a bounded timeout. Idempotent calls (reads, the rows stream, repair lookups, digests)
+retry on no answer and 503 with a bounded tenacity policy; writes follow up to
+``max_redirects`` redirects to the primary and are not retried here (the client library
+decides, with a fresh routing table).
+
+``post_many`` sends several requests to different agents before it reads any answer: a
+primary's forward goes to all its replicas at once from the thread that holds the write,
+without a hand-off to other threads and back.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from shardkeeper.httpconn import Answer, Connection, ProtocolError
 from shardkeeper.wire import (
     ROWS_CONTENT_TYPE,
     Entry,
@@ -120,7 +126,7 @@ class PeerClient:
 
     # transport
 
-    def _connections(self) -> dict[str, http.client.HTTPConnection]:
+    def _connections(self) -> dict[str, Connection]:
         conns = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
@@ -137,6 +143,66 @@ class PeerClient:
             conn.close()
         self._connections().clear()
 
+    def _headers(self, payload: bytes | None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+    def _send(self, address: str, method: str, path: str, payload: bytes | None,
+              timeout: float) -> bool:
+        """Send one request on this thread's connection to ``address``; whether that
+        connection was kept alive from an earlier call (the peer may have closed it since:
+        a failure on it is worth one more try on a fresh one). Raises OSError."""
+        conns = self._connections()
+        conn = conns.get(address)
+        reused = conn is not None and conn.opened
+        if conn is None:
+            host, _, port = address.rpartition(":")
+            conn = conns[address] = Connection(host, int(port), timeout)
+        conn.settimeout(timeout)
+        try:
+            conn.send_request(method, path, self._headers(payload), payload)
+        except OSError:
+            self._drop(address)
+            raise
+        return reused
+
+    def _receive(self, address: str, method: str, timeout: float | None = None) -> Reply:
+        """The answer to the request sent last to ``address``; raises OSError or
+        ProtocolError (the connection is dropped then)."""
+        conn = self._connections()[address]
+        if timeout is not None:
+            conn.settimeout(timeout)
+        try:
+            answer = conn.read_response(head_only=method == "HEAD")
+        except (OSError, ProtocolError):
+            self._drop(address)
+            raise
+        if answer.will_close:
+            self._drop(address)
+        return _reply(answer)
+
+    def _drop(self, address: str) -> None:
+        conn = self._connections().pop(address, None)
+        if conn is not None:
+            conn.close()
+
+    def _exchange(self, address: str, method: str, path: str, payload: bytes | None,
+                  timeout: float) -> Reply:
+        """One request and its answer; a kept-alive connection that fails (not by a
+        time-out) gets one fresh try. Raises PeerUnavailable if no answer arrives in time."""
+        for attempt in range(2):
+            reused = False
+            try:
+                reused = self._send(address, method, path, payload, timeout)
+                return self._receive(address, method)
+            except (OSError, ProtocolError) as exc:
+                if attempt == 0 and reused and not isinstance(exc, TimeoutError):
+                    continue
+                raise PeerUnavailable(address, f"{method} {path}: {exc!r}") from exc
+        raise AssertionError("unreachable")
+
     def call(
         self,
         address: str,
@@ -148,36 +214,57 @@ class PeerClient:
     ) -> Reply:
         """One request; raises PeerUnavailable if no HTTP answer arrives in time."""
         payload = None if body is None else json.dumps(body).encode()
-        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
-        conns = self._connections()
-        # A kept-alive connection may have been closed by the peer meanwhile: one fresh try.
-        for reused in (address in conns, False):
-            conn = conns.get(address)
-            if conn is None:
-                host, _, port = address.rpartition(":")
-                conn = http.client.HTTPConnection(host, int(port), timeout=timeout or self.timeout)
-                conns[address] = conn
-            else:
-                conn.timeout = timeout or self.timeout
-                if conn.sock is not None:
-                    conn.sock.settimeout(conn.timeout)
-            try:
-                conn.request(method, path, body=payload, headers=headers)
-                response = conn.getresponse()
-                raw = response.read()
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                conns.pop(address, None)
-                if reused and not isinstance(exc, TimeoutError):
+        return self._exchange(address, method, path, payload, timeout or self.timeout)
+
+    def post_many(
+        self, calls: Sequence[tuple[str, str, bytes]], *, timeout: float | None = None
+    ) -> list[Reply | PeerError]:
+        """POST each ``(address, path, JSON payload)``, every request sent before any
+        answer is read, so that the peers work on them at the same time; the addresses
+        must differ. Returns the answers in order, a PeerUnavailable in the place of one
+        that did not come within ``timeout`` of the sending (or failed)."""
+        if len({address for address, _, _ in calls}) != len(calls):
+            raise ValueError("post_many takes one call per address")
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + timeout
+        sent: list[bool | PeerError] = []
+        for address, path, payload in calls:
+            for attempt in range(2):
+                conn = self._connections().get(address)
+                kept = conn is not None and conn.opened
+                try:
+                    sent.append(self._send(address, "POST", path, payload, timeout))
+                except OSError as exc:
+                    if attempt == 0 and kept and not isinstance(exc, TimeoutError):
+                        # closed by the peer meanwhile: one more try on a fresh one
+                        continue
+                    sent.append(PeerUnavailable(address, f"POST {path}: {exc!r}"))
+                break
+        replies: list[Reply | PeerError] = []
+        try:
+            for (address, path, payload), reused in zip(calls, sent, strict=True):
+                if isinstance(reused, PeerError):
+                    replies.append(reused)
                     continue
-                raise PeerUnavailable(address, f"{method} {path}: {exc!r}") from exc
-            if response.will_close:
-                conn.close()
-                conns.pop(address, None)
-            if response.getheader("Content-Type") == ROWS_CONTENT_TYPE:
-                return Reply(response.status, {}, raw)
-            return Reply(response.status, json_object(raw))
-        raise AssertionError("unreachable")
+                # An answer already here counts even past the deadline: it came in time,
+                # while this thread read the others.
+                left = max(deadline - time.monotonic(), 0.001)
+                try:
+                    replies.append(self._receive(address, "POST", left))
+                except (OSError, ProtocolError) as exc:
+                    if reused and not isinstance(exc, TimeoutError):
+                        try:  # the kept-alive connection had been closed: one fresh try
+                            replies.append(self._exchange(address, "POST", path, payload, left))
+                        except PeerError as again:
+                            replies.append(again)
+                        continue
+                    replies.append(PeerUnavailable(address, f"POST {path}: {exc!r}"))
+        finally:
+            # Whatever escaped: no connection is left with an answer unread, which the next
+            # call on it would take for its own.
+            for address, _, _ in calls[len(replies):]:
+                self._drop(address)
+        return replies
 
     def _checked(self, address: str, method: str, path: str, body: Any = None) -> dict:
         """A call whose non-2xx answers become exceptions."""
@@ -227,14 +314,14 @@ class PeerClient:
         sync: bool,
         timeout: float | None = None,
     ) -> Reply:
-        """One forward, answered as is (the primary decides what a refusal means)."""
-        body = {
-            "term": term,
-            "prev_lsn": prev_lsn,
-            "sync": sync,
-            "rows": [row_to_json(r) for r in rows],
-        }
-        return self.call(address, "POST", shard_path(shard, "replicate"), body, timeout=timeout)
+        """One forward, answered as is (the primary decides what a refusal means); raises
+        PeerUnavailable if no answer comes."""
+        payload = forward_payload(term=term, prev_lsn=prev_lsn, rows=rows, sync=sync)
+        reply = self.post_many([(address, shard_path(shard, "replicate"), payload)],
+                               timeout=timeout)[0]
+        if isinstance(reply, PeerError):
+            raise reply
+        return reply
 
     def rows_after(self, address: str, shard: int, after: int, limit: int) -> Page:
         path = rows_path(shard, after, limit)
@@ -308,6 +395,19 @@ class PeerClient:
         return [int(x) for x in reply["lsns"]]
 
 
+def forward_payload(*, term: int, prev_lsn: int, rows: Sequence[Row], sync: bool) -> bytes:
+    """A replicate call's body, encoded once for every replica it goes to."""
+    body = {"term": term, "prev_lsn": prev_lsn, "sync": sync,
+            "rows": [row_to_json(r) for r in rows]}
+    return json.dumps(body).encode()
+
+
+def _reply(answer: Answer) -> Reply:
+    if answer.headers.get("content-type") == ROWS_CONTENT_TYPE:
+        return Reply(answer.status, {}, answer.body)
+    return Reply(answer.status, json_object(answer.body))
+
+
 def _parsed(address: str, parse: Callable[[Any], T], value: Any) -> T:
     """A peer's answer that breaks the wire format is a failed call, like no answer."""
     try:
@@ -324,4 +424,5 @@ __all__ = [
     "PeerUnavailable",
     "Reply",
     "ShardInfo",
+    "forward_payload",
 ]

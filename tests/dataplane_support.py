@@ -15,7 +15,7 @@ import pytest
 from agents.dataplane import DataPlane, ShardRoute, ShardTable
 from agents.shardsm import ShardState
 from agents.store import StoreSet
-from shardkeeper.peer import PeerClient
+from shardkeeper.peer import PeerClient, Reply
 
 TOKEN = "test-cluster-token"  # what clients hold
 PEER_TOKEN = "test-peer-token"  # what agents send each other (replication)
@@ -138,14 +138,15 @@ def load(client: PeerClient, node: Node, count: int, prefix: str = "k", batch: i
 
 
 class RecordingClient(PeerClient):
-    """A primary's forwarding client that keeps the error of every answer it gets."""
+    """A primary's forwarding client that keeps the error of every answer it gets (every
+    forward, first tries and follow-ups alike, goes through ``post_many``)."""
 
     def __init__(self) -> None:
         super().__init__(PEER_TOKEN, timeout=1.0, attempts=1)
         self.errors: list[str | None] = []
 
-    def replicate(self, *args, **kwargs):
-        reply = super().replicate(*args, **kwargs)
-        self.errors.append(reply.body.get("error"))
-        return reply
+    def post_many(self, *args, **kwargs):
+        replies = super().post_many(*args, **kwargs)
+        self.errors += [r.body.get("error") for r in replies if isinstance(r, Reply)]
+        return replies
 

@@ -78,6 +78,16 @@ def test_synced_page_stops_at_sync_lsn(store):
     assert store.synced_page(2, 10) == ([], 2)
 
 
+def test_an_in_sync_forward_applies_only_on_top_of_sync_lsn(store):
+    assert store.apply_on_top([Row(b"a", b"1", 1), Row(b"b", b"2", 2)], prev=0) == (True, 2)
+    before = store.digest()
+    assert store.apply_on_top([Row(b"c", b"3", 5)], prev=4) == (False, 2), "a gap"
+    assert store.apply_on_top([Row(b"a", b"x", 2)], prev=1) == (False, 2), "behind"
+    assert store.digest() == before and store.sync_lsn() == 2
+    assert store.apply_on_top([Row(b"c", b"3", 3)], prev=2) == (True, 3)
+    assert store.get(b"c") == Row(b"c", b"3", 3) and store.sync_lsn() == 3
+
+
 def test_digest_depends_on_content_not_history(tmp_path):
     a = ShardStore(tmp_path / "a.sqlite3")
     b = ShardStore(tmp_path / "b.sqlite3")

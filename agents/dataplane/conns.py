@@ -97,9 +97,10 @@ class ServerLimits:
     linger: float = 2.0  # draining the body of a refused request, before closing
     # Client bodies announced and not yet answered, in all: 8 bodies of the largest size.
     max_buffered_bytes: int = 8 * MAX_BODY_BYTES
-    # A primary's forwards to its replicas, in parallel (replication.Replicator); beyond it
-    # they queue. Two per client worker would let every client write forward to 2 replicas
-    # at once; 16 keeps an agent of ~600 replicas within issue 14's 64 threads.
+    # Threads for the follow-ups of a primary's forwards (replication.Replicator): pushing
+    # a lagging replica what it missed, asking again one on an older plan; beyond it they
+    # queue. The forwards themselves go out from the worker that holds the write. 16 keeps
+    # an agent of ~600 replicas within issue 14's 64 threads.
     forward_workers: int = 16
     # After an answer, a worker waits this long for the connection's next request (while
     # another worker is spare) before handing the connection back to the I/O thread.

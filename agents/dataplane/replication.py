@@ -2,13 +2,18 @@
 
 Primary (``Replicator.forward``, called by the write path under the shard's write lock,
 after the rows are applied locally): forward the rows to every in-sync replica (must ack)
-and every bootstrapping replica (best effort), in parallel, with bounded timeouts. Forwards
-carry the primary's term and ``prev_lsn`` (its LSN before the batch). An in-sync replica
-that is behind answers ``gap`` and is pushed every row it missed, in LSN order; one that
-answers ``term_ahead`` has not read the plan that made this primary yet and is asked again
-for up to ``TERM_AHEAD_SECONDS``, then counts as failed (a bootstrapping one is not asked
-again: what it misses is pushed once it is in sync). Holding the shard lock across the
-forward keeps each replica's stream in LSN order.
+and every bootstrapping replica (best effort), in parallel, with bounded timeouts. The
+calling thread encodes the forward once per kind (in sync, best effort), sends it to every
+replica, then reads the answers (``PeerClient.post_many``): the replicas work at the same
+time, and no other thread is woken on the way (a hand-off to a pool thread and back cost
+more than a forward's own round trip on a busy 2-core host). Forwards carry the primary's
+term and ``prev_lsn`` (its LSN before the batch). An in-sync replica that is behind answers
+``gap`` and is pushed every row it missed, in LSN order; one that answers ``term_ahead``
+has not read the plan that made this primary yet and is asked again for up to
+``TERM_AHEAD_SECONDS``, then counts as failed (a bootstrapping one is not asked again: what
+it misses is pushed once it is in sync). Those follow-ups run on the pool, in parallel,
+within the same bound as before. Holding the shard lock across the forward keeps each
+replica's stream in LSN order.
 
 Replica (``accept_forward``, called under the shard's replica lock): the fencing rule. A
 forward is taken only at exactly the term of the replica's route, which the runtime sets
@@ -33,8 +38,8 @@ from typing import Any
 from agents.dataplane.table import ShardRoute
 from agents.shardsm import ShardState
 from agents.store import ShardStore, lsn_term
-from shardkeeper.peer import PeerClient, PeerError, Reply
-from shardkeeper.wire import ErrorCode, Malformed, Row
+from shardkeeper.peer import PeerClient, PeerError, Reply, forward_payload
+from shardkeeper.wire import ErrorCode, Malformed, Row, shard_path
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +85,10 @@ def accept_forward(
     if not sync:
         store.apply(rows)
         return store.sync_lsn()
-    have, top = store.sync_lsn(), rows[-1].lsn
-    if have == prev:
-        store.apply_forward(rows, sync_lsn=top)
-        return top
-    if have >= top and _holds(store, rows):
+    applied, have = store.apply_on_top(rows, prev)  # reads sync_lsn in the same transaction
+    if applied:
+        return have
+    if have >= rows[-1].lsn and _holds(store, rows):
         return have  # a retried forward we already hold
     raise Refused(ErrorCode.GAP if have < prev else ErrorCode.DIVERGED, sync_lsn=have)
 
@@ -147,26 +151,47 @@ class Replicator:
     ) -> list[str]:
         """Forward ``rows`` to all of ``route``'s replicas in parallel; returns the in-sync
         replicas that did not apply them (the write must not be acknowledged then)."""
-        must: dict[Future, str] = {}
-        for address in route.in_sync:
-            future = self._pool.submit(
-                self._forward_in_sync, address, shard, route.term, store, prev, rows
-            )
-            must[future] = address
-        best_effort = [
-            self._pool.submit(self._forward_best_effort, address, shard, route.term, rows)
-            for address in route.bootstrapping
-        ]
-        timeout = self.forward_timeout * 3 + self.term_ahead_wait
-        done, _ = wait([*must, *best_effort], timeout=timeout)
-        failed = []
-        for future, address in sorted(must.items(), key=lambda item: item[1]):
-            error = future.exception() if future in done else TimeoutError("no answer in time")
-            if error is not None:
-                log.warning("shard %s: forward to in-sync replica %s failed: %s",
-                            shard, address, error)
-                failed.append(address)
-        return failed
+        path = shard_path(shard, "replicate")
+        in_sync = list(dict.fromkeys(route.in_sync))  # each once (post_many's rule)
+        bootstrapping = [a for a in dict.fromkeys(route.bootstrapping) if a not in in_sync]
+        calls = []
+        if in_sync:
+            payload = forward_payload(term=route.term, prev_lsn=prev, rows=rows, sync=True)
+            calls += [(address, path, payload) for address in in_sync]
+        if bootstrapping:
+            payload = forward_payload(term=route.term, prev_lsn=0, rows=rows, sync=False)
+            calls += [(address, path, payload) for address in bootstrapping]
+        if not calls:
+            return []
+        replies = self.client.post_many(calls, timeout=self.forward_timeout)
+        answers = dict(zip([address for address, _, _ in calls], replies, strict=True))
+        for address in bootstrapping:
+            _log_best_effort(shard, address, answers[address])
+        failed: dict[str, BaseException] = {}
+        follow_ups: dict[Future, str] = {}
+        for address in in_sync:
+            reply = answers[address]
+            if isinstance(reply, PeerError):
+                failed[address] = reply
+            elif _term_ahead(reply) or _gap(reply):
+                future = self._pool.submit(
+                    self._forward_in_sync, address, shard, route.term, store, prev, rows, reply
+                )
+                follow_ups[future] = address
+            elif reply.status != 200:
+                failed[address] = PeerError(address, f"replicate: {reply.status} {reply.body}",
+                                            reply.status)
+        if follow_ups:
+            timeout = self.forward_timeout * 3 + self.term_ahead_wait
+            done, _ = wait(follow_ups, timeout=timeout)
+            for future, address in follow_ups.items():
+                error = future.exception() if future in done else TimeoutError("no answer in time")
+                if error is not None:
+                    failed[address] = error
+        for address in sorted(failed):
+            log.warning("shard %s: forward to in-sync replica %s failed: %s",
+                        shard, address, failed[address])
+        return sorted(failed)
 
     def _send(
         self, address: str, shard: int, term: int, prev: int, rows: list[Row], sync: bool
@@ -186,10 +211,14 @@ class Replicator:
             pause = min(pause * 2, 0.2)
 
     def _forward_in_sync(
-        self, address: str, shard: int, term: int, store: ShardStore, prev: int, rows: list[Row]
+        self, address: str, shard: int, term: int, store: ShardStore, prev: int, rows: list[Row],
+        first: Reply,
     ) -> None:
-        reply = self._send(address, shard, term, prev, rows, sync=True)
-        if reply.status == 409 and reply.body.get("error") == ErrorCode.GAP:
+        """Finish a forward whose ``first`` answer was term_ahead (ask again) or gap (push
+        what the replica misses); raises unless the replica applied the rows."""
+        reply = self._send(address, shard, term, prev, rows, sync=True) if _term_ahead(
+            first) else first
+        if _gap(reply):
             self._push_missing(address, shard, term, store, int(reply.body["sync_lsn"]))
         elif reply.status != 200:
             raise PeerError(address, f"replicate: {reply.status} {reply.body}", reply.status)
@@ -208,17 +237,17 @@ class Replicator:
                 raise PeerError(address, f"push: {reply.status} {reply.body}", reply.status)
             cursor = page[-1].lsn
 
-    def _forward_best_effort(self, address: str, shard: int, term: int, rows: list[Row]) -> None:
-        # One try, even on term_ahead: what a bootstrapping replica misses is pushed to it
-        # (gap) with the first forward after it joins the in-sync set, so asking again
-        # would only hold the shard's write lock longer.
-        try:
-            reply = self.client.replicate(
-                address, shard, term=term, prev_lsn=0, rows=rows, sync=False
-            )
-        except PeerError as exc:
-            log.debug("best-effort forward of shard %s to %s failed: %s", shard, address, exc)
-            return
-        if reply.status != 200:
-            log.debug("best-effort forward of shard %s to %s refused: %s %s",
-                      shard, address, reply.status, reply.body)
+
+def _gap(reply: Reply) -> bool:
+    return reply.status == 409 and reply.body.get("error") == ErrorCode.GAP
+
+
+def _log_best_effort(shard: int, address: str, reply: Reply | PeerError) -> None:
+    # One try, even on term_ahead: what a bootstrapping replica misses is pushed to it
+    # (gap) with the first forward after it joins the in-sync set, so asking again
+    # would only hold the shard's write lock longer.
+    if isinstance(reply, PeerError):
+        log.debug("best-effort forward of shard %s to %s failed: %s", shard, address, reply)
+    elif reply.status != 200:
+        log.debug("best-effort forward of shard %s to %s refused: %s %s",
+                  shard, address, reply.status, reply.body)

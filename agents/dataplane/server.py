@@ -14,10 +14,12 @@ the protocol, ``agents.dataplane.conns`` the connections and threads).
 - ``handle(head, call, body)``, on a worker: parse the JSON body, look the shard up in
   the ``ShardTable`` the runtime keeps, and answer from the shard's store.
 
-The primary's write path runs here under the shard's write lock: assign LSNs above the
+The primary's write path runs here, one batch at a time per shard: assign LSNs above the
 local maximum and above every older term's (``store.next_lsn``), apply locally, forward
 (``replication.Replicator``), and acknowledge only if every in-sync replica applied the
-rows and the agent is still writable. A replica takes forwards through
+rows and the agent is still writable. Writes to a shard that arrive while another is being
+written queue, and go out together as the next batch (``group.GroupCommit``). A replica
+takes forwards through
 ``replication.accept_forward`` under the shard's replica lock. Snapshots go out with
 ``transfer.send_file``.
 """
@@ -35,6 +37,7 @@ from typing import Any
 
 from agents.dataplane.compaction import Compactor, grace_from_env
 from agents.dataplane.conns import Admission, HttpServer, ServerLimits
+from agents.dataplane.group import Change, GroupCommit
 from agents.dataplane.http import (
     HttpError,
     RequestHead,
@@ -92,6 +95,10 @@ from shardkeeper.wire import (
 log = logging.getLogger(__name__)
 
 SOURCES = (ShardState.REPLICA, ShardState.PRIMARY)  # may serve rows and snapshots
+# Writers queued on one shard go out as one batch up to this many bytes of keys and values
+# (and MAX_BATCH_KEYS rows, what a replica takes in one forward); one write alone may be
+# larger. A forward's body stays far below MAX_BODY_BYTES.
+GROUP_MAX_BYTES = 4 << 20
 
 
 class Credential(StrEnum):
@@ -173,7 +180,7 @@ class DataPlane:
         self.table = table
         self.tokens = Tokens(token, peer_token)
         self.forward_timeout = forward_timeout
-        self._write_locks: dict[int, threading.Lock] = {}
+        self._writes: dict[int, GroupCommit] = {}
         self._replica_locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.metrics = metrics or PlaneMetrics()
@@ -360,6 +367,14 @@ class DataPlane:
         with self._locks_guard:
             return locks.setdefault(shard, threading.Lock())
 
+    def writes_of(self, shard: int) -> GroupCommit:
+        """The shard's queue of writes (one batch written at a time)."""
+        with self._locks_guard:
+            writes = self._writes.get(shard)
+            if writes is None:
+                writes = self._writes[shard] = GroupCommit(MAX_BATCH_KEYS, GROUP_MAX_BYTES)
+            return writes
+
     # handlers
 
     def healthz(self) -> Response:
@@ -408,22 +423,27 @@ class DataPlane:
         changes = [parse_put(item) for item in puts]
         return Response(200, {"lsns": self.write(call.shard, changes)})
 
-    def write(self, shard: int, changes: list[tuple[bytes, bytes | None]]) -> list[int]:
+    def write(self, shard: int, changes: list[Change]) -> list[int]:
         """The primary's write path; returns the LSNs once every in-sync replica applied."""
         self._primary_route(shard)
+        self._store_of(shard)
+        return self.writes_of(shard).write(changes, lambda batch: self._write_batch(shard, batch))
+
+    def _write_batch(self, shard: int, changes: list[Change]) -> list[int]:
+        """Write one batch (one writer's changes, or several queued writers'); called for
+        one batch at a time per shard, which keeps each replica's stream in LSN order."""
+        # Read now, not when the writers arrived: a demotion or a new term may have landed.
+        route = self._primary_route(shard)
         store = self._store_of(shard)
-        with self._lock_for(self._write_locks, shard):
-            # Re-read under the lock: a demotion or a new term may have landed meanwhile.
-            route = self._primary_route(shard)
-            self._require_writable()
-            prev = store.max_lsn()
-            first = next_lsn(route.term, prev)
-            rows = [Row(key, value, first + i) for i, (key, value) in enumerate(changes)]
-            store.apply_forward(rows, sync_lsn=rows[-1].lsn)
-            failed = self.replicator.forward(shard, route, store, prev, rows)
-            if failed:
-                raise HttpError(503, ErrorCode.REPLICATION_FAILED, replicas=failed)
-            self._require_writable()  # fenced while forwarding: do not acknowledge
+        self._require_writable()
+        prev = store.max_lsn()
+        first = next_lsn(route.term, prev)
+        rows = [Row(key, value, first + i) for i, (key, value) in enumerate(changes)]
+        store.apply_forward(rows, sync_lsn=rows[-1].lsn)
+        failed = self.replicator.forward(shard, route, store, prev, rows)
+        if failed:
+            raise HttpError(503, ErrorCode.REPLICATION_FAILED, replicas=failed)
+        self._require_writable()  # fenced while forwarding: do not acknowledge
         return [row.lsn for row in rows]
 
     def _require_writable(self) -> None:
