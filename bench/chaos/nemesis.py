@@ -36,6 +36,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -307,6 +308,7 @@ KINDS = tuple(FAULTS)
 
 SKIP_RETRIES = 8  # a planned fault that finds no target is tried again this often
 SKIP_DELAY = 2.0
+SETTLE_WAIT = 30.0  # at most this long an exclusive fault waits for the cluster to settle
 
 
 @dataclass(frozen=True)
@@ -371,7 +373,7 @@ class Nemesis(threading.Thread):
     """Runs a schedule against the fleet; ``records`` is what happened."""
 
     def __init__(self, fleet: Fleet, plan: list[Planned], seed: int, clock: float,
-                 max_active: int = 3):
+                 max_active: int = 3, settled: Callable[[], bool] | None = None):
         super().__init__(name="nemesis", daemon=True)
         self.fleet = fleet
         self.plan = sorted(plan, key=lambda p: p.at)
@@ -385,6 +387,10 @@ class Nemesis(threading.Thread):
         self._active: list[tuple[Fault, Record, float]] = []  # fault, record, ends at
         self._tries: Counter[Planned] = Counter()
         self.began = 0.0
+        # A fault that runs alone waits (at most SETTLE_WAIT) for the cluster to settle
+        # after the faults before it, so that the churn measured after it is its own.
+        self.settled = settled
+        self._waiting_since: dict[Planned, float] = {}
 
     def now(self) -> float:
         return time.monotonic() - self.clock
@@ -423,8 +429,15 @@ class Nemesis(threading.Thread):
             if any(f.exclusive for f, _, _ in self._active):
                 return False
             if FAULTS[planned.kind].exclusive:
-                return not self._active
+                return not self._active and self._quiet(planned)
             return len(self._active) < self.max_active
+
+    def _quiet(self, planned: Planned) -> bool:
+        """For a fault that runs alone: the cluster settled, or SETTLE_WAIT has passed."""
+        if self.settled is None or self.settled():
+            return True
+        since = self._waiting_since.setdefault(planned, self.now())
+        return self.now() - since >= SETTLE_WAIT
 
     def _begin(self, planned: Planned) -> bool:
         """Start one fault; False if it found no target (it is not counted then)."""

@@ -100,6 +100,13 @@ class Monitor(threading.Thread):
                 self.samples.append(Sample(at, None, type(exc).__name__, load=load))
             self.halt.wait(0.5)  # the sampling period
 
+    def settled_now(self) -> bool:
+        """The latest sample found the cluster settled (no copy running, every replica in
+        sync): a fault that must run alone starts only then, so that the churn after it
+        is its own and not the tail of the fault before (a drain's undrain, say)."""
+        samples = self.samples
+        return bool(samples) and samples[-1].healthy is True
+
     def read_events(self) -> None:
         for name, event in admin.events(self.fleet.client, self.fleet.paths, self._last_event):
             self.events.append(event)
@@ -301,7 +308,8 @@ def _run(fleet: Fleet, opts: RunOptions, root: Path) -> dict[str, Any]:
                     opts.quorum_span)
     monitor = Monitor(fleet, clock)
     workload = Workload(opts.seed, fleet.target, fleet.paths, token, opts.workload, clock)
-    nemesis = Nemesis(fleet, plan, opts.seed, clock, opts.max_active)
+    nemesis = Nemesis(fleet, plan, opts.seed, clock, opts.max_active,
+                      settled=monitor.settled_now)
     monitor.start()
     workload.start()
     try:
