@@ -117,29 +117,37 @@ class LoadIndex(ReplicaIndex):
             yield [*unwind(reached, a), (a, kind, b)]
         # Then the same last steps from other sources: an agent next to a sink was reached
         # from one source only, and most sources share a few such agents after a big change.
-        # The sources still able to give are kept in a list that drops the exhausted ones.
+        # Each (agent, kind) next to a sink scans its level's sources once, from a cursor
+        # that later sinks of the same agent resume from (a source passed over was spent or
+        # could not reach the agent); a last step whose shards ran out stops the scan.
         givers: dict[int, list[tuple[str, int]]] = {}
+        cursor: dict[tuple[str, int], int] = {}
         for x, kind, b in found:
             step = reached[x]
             if step is None or step[1] == RETURN or reached[step[0]] is not None:
+                continue
+            if not (is_sink(b) and self._open(x, kind, b)):
                 continue
             at = level_of[x]
             if at not in givers:
                 givers[at] = [
                     e for e in (expanded[at] if at < len(expanded) else ()) if reached[e[0]] is None
                 ]
-            alive = [e for e in givers[at] if is_source(e[0])]
-            givers[at] = alive
+            todo = givers[at]
             zx = self.zone[x]
-            for a, akind in alive:
-                if not is_sink(b):
-                    break
+            k = cursor.get((x, kind), 0)
+            while k < len(todo):
+                a, akind = todo[k]
                 if (
                     a != step[0]
                     and is_source(a)
                     and self._room(a, akind, zx) - self._expand(a, akind)[1][x] > 0
                 ):
                     yield [(a, akind, x), (x, kind, b)]
+                    if not (is_sink(b) and self._open(x, kind, b)):
+                        break  # the same source may serve this agent's next sink
+                k += 1
+            cursor[x, kind] = k
 
     def _pool(self, a: str, kind: int, b: str) -> deque[int]:
         """The shards where a's replica of this kind may go to b, those a does not lead
@@ -154,6 +162,15 @@ class LoadIndex(ReplicaIndex):
             led = self._led(a)
             pool = self.pools[key] = deque([*sorted(shards - led), *sorted(shards & led)])
         return pool
+
+    def _open(self, a: str, kind: int, b: str) -> bool:
+        """Whether this search's pool still holds a shard where a's replica of this kind
+        may go to b (a shard that became possible since the pool was made waits for the
+        next search)."""
+        pool, rows = self._pool(a, kind, b), self.rows
+        while pool and not (a in rows[pool[0]] and self._fits(rows[pool[0]], a, b)):
+            pool.popleft()
+        return bool(pool)
 
     def _take(self, a: str, kind: int, b: str, used: set[int]) -> int | None:
         """A shard where a's replica of this kind may go to b now, preferably one no other
