@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from itertools import chain, islice
+from itertools import chain, compress, islice, repeat
+from operator import eq, itemgetter, not_
 
 from coordinator.placement.index import ReplicaIndex
 from coordinator.placement.paths import FRESH, ORIGINAL, RETURN, Move, Step, augment, unwind
@@ -17,6 +18,8 @@ from coordinator.placement.paths import FRESH, ORIGINAL, RETURN, Move, Step, aug
 
 class LoadIndex(ReplicaIndex):
     """Levelling's searches and pushes over the replica index."""
+
+    CHUNK = 512  # most replicas a bulk push moves between two questions to should_stop
 
     def search(
         self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
@@ -158,9 +161,11 @@ class LoadIndex(ReplicaIndex):
         key = (a, kind, self.zone[b] if self.cap == 1 and kind != RETURN else b)
         pool = self.pools.get(key)
         if pool is None:
-            shards = self._candidates(a, kind, b)
-            led = self._led(a)
-            pool = self.pools[key] = deque([*sorted(shards - led), *sorted(shards & led)])
+            shards = sorted(self._candidates(a, kind, b))
+            heads = list(map(itemgetter(0), map(self.rows.__getitem__, shards)))
+            led = list(map(eq, heads, repeat(a)))
+            pool = self.pools[key] = deque(compress(shards, map(not_, led)))
+            pool.extend(compress(shards, led))
         return pool
 
     def _open(self, a: str, kind: int, b: str) -> bool:
@@ -252,11 +257,28 @@ class LoadIndex(ReplicaIndex):
         left = min(source(a), sink(b))  # both count: one move lowers each by one
         pushed = 0
         while pool and pushed < left and not self.w.out_of_time():
-            s = pool.popleft()
-            if a in rows[s] and self._fits(rows[s], a, b):
-                self.direct += 1
-                self.move(s, a, b, track=self.direct <= limit)
-                pushed += 1
+            if self.cap > 1 or self.direct < limit:
+                s = pool.popleft()
+                if a in rows[s] and self._fits(rows[s], a, b):
+                    self.direct += 1
+                    self.move(s, a, b, track=self.direct <= limit)
+                    pushed += 1
+                continue
+            # Untracked, zone cap 1: a chunk at a time (moves in distinct shards from a to b
+            # cannot invalidate one another), between two questions to should_stop.
+            chunk: list[int] = []
+            gone = self.gone
+            while pool and len(chunk) < min(left - pushed, self.CHUNK):
+                s = pool.popleft()
+                if a in rows[s] and self._fits(rows[s], a, b):
+                    if s in gone:  # others' free returns to update: one at a time
+                        self.move(s, a, b, track=False)
+                        pushed += 1
+                    else:
+                        chunk.append(s)
+            self.move_many(chunk, a, kind, b)
+            self.direct += len(chunk)
+            pushed += len(chunk)
         return pushed
 
     def augment(self, source: Callable[[str], int], sink: Callable[[str], int]) -> bool:

@@ -66,7 +66,6 @@ class ReplicaIndex:
         self.direct = 0  # moves made by _push_direct
         self.full: dict[str, set[int]] = {}  # see _full
         self.pools: dict[tuple[str, int, str], deque[int]] = {}  # see _pool; reset per search
-        self.led: dict[str, set[int]] = {}  # see _led
 
     def _blockers(self, row: Sequence[str], x: str) -> tuple[list[str], list[str]]:
         """What keeps another agent out of x's place in `row`: the zones that are full
@@ -139,11 +138,6 @@ class ReplicaIndex:
         self.held[FRESH if s in fresh[a] else ORIGINAL][a].discard(s)
         self.w.replace(s, i, b)
         row = self.rows[s]
-        if i == 0 and self.led:
-            if a in self.led:
-                self.led[a].discard(s)
-            if b in self.led:
-                self.led[b].add(s)
         if simple:  # a's zone leaves the shard, b's enters
             if za in self.full:
                 self.full[za].discard(s)
@@ -175,6 +169,79 @@ class ReplicaIndex:
                 self._count(x, s, +1)
         if s in self.gone:
             self._note_returns(s, True)
+
+    def move_many(self, shards: list[int], a: str, kind: int, b: str) -> None:
+        """Move a's replicas of `shards` (all of this kind, each valid for b, none in
+        `gone`) to b, as `move` would one by one without `track`, for a zone cap of 1. A
+        bulk push runs this once per chunk: the rows are edited in one pass and the sets and
+        counts updated per chunk, per zone and per co-replica, not per replica."""
+        rows, zone, w = self.rows, self.zone, self.w
+        touched, previous = w.touched, w.previous
+        za, zb = zone[a], zone[b]
+        led = 0
+        back: list[int] = []  # shards b held in `previous`: its replica there is ORIGINAL
+        known = len(previous)
+        for s in shards:
+            row = rows[s]
+            if s not in touched:
+                row = rows[s] = list(row)
+                touched.add(s)
+            i = row.index(a)
+            row[i] = b
+            if not i:
+                led += 1
+            if s < known and b in previous[s]:
+                back.append(s)
+        n = len(shards)
+        load = w.load
+        load[a] -= n
+        load[b] = load.get(b, 0) + n
+        if led and w.pc:
+            w.pc[a] -= led
+            w.pc[b] = w.pc.get(b, 0) + led
+        moved = set(shards)
+        new = moved.difference(back) if back else moved  # b's FRESH replicas
+        self.held[kind][a].difference_update(moved)
+        self.held[ORIGINAL][b].update(back)
+        self.held[FRESH][b].update(new)
+        if za != zb:
+            if za in self.full:
+                self.full[za].difference_update(moved)
+            if zb in self.full:
+                self.full[zb].update(moved)
+        if not self.expanded:
+            return
+        # The zones around a's and b's replicas, and what a's zone leaving and b's entering
+        # each shard does to its other agents' counts.
+        together = Counter(chain.from_iterable(map(rows.__getitem__, shards)))
+        st = self.stats.get((a, kind))
+        if st is not None:
+            counts = st[0]
+            for y, m in together.items():
+                if y != b:
+                    counts[zone[y]] -= m
+        for bkind, part in ((ORIGINAL, back), (FRESH, new)):
+            st = self.stats.get((b, bkind)) if part else None
+            if st is not None:
+                counts = st[0]
+                peers = together
+                if len(part) != n:
+                    peers = Counter(chain.from_iterable(map(rows.__getitem__, part)))
+                for y, m in peers.items():
+                    if y != b:
+                        counts[zone[y]] += m
+        if za == zb:
+            return
+        fresh = self.held[FRESH]
+        for y, m in together.items():
+            if y == b or y not in self.expanded:
+                continue
+            f = len(fresh[y].intersection(moved)) if fresh[y] else 0
+            for ykind, k in ((FRESH, f), (ORIGINAL, m - f)):
+                st = self.stats.get((y, ykind)) if k else None
+                if st is not None:
+                    st[0][za] -= k
+                    st[0][zb] += k
 
     def _gone(self, s: int, a: str, left: bool) -> None:
         """Record that a left shard s it held in `previous`, or came back to it."""
@@ -223,14 +290,6 @@ class ReplicaIndex:
                 counts = Counter(chain.from_iterable(held))
                 shards = {s for s, n in counts.items() if n >= self.cap}
             self.full[z] = shards
-        return shards
-
-    def _led(self, a: str) -> set[int]:
-        """The shards a leads (built on first use, then kept up to date by `move`)."""
-        shards = self.led.get(a)
-        if shards is None:
-            rows = self.rows
-            shards = self.led[a] = {s for h in self.held for s in h[a] if rows[s][0] == a}
         return shards
 
     def _candidates(self, a: str, kind: int, b: str) -> set[int]:

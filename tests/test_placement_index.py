@@ -1,0 +1,77 @@
+"""The levelling index (coordinator.placement.index) against itself: a bulk move of many
+replicas must leave exactly the state that moving them one at a time leaves."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from coordinator.placement import Member, place
+from coordinator.placement.chains import LoadIndex
+from coordinator.placement.fill import keep_valid, rehome_orphans
+from coordinator.placement.model import cluster_model
+from coordinator.placement.paths import FRESH, ORIGINAL
+
+
+def twins(seed: int):
+    """Two identical indexes over the same plan after a change (orphans re-homed, so some
+    replicas are FRESH), every agent expanded and every zone's `full` set built."""
+    rnd = random.Random(seed)
+    members = [
+        Member(f"m{i:02d}", rnd.choice(["a", "b", "c", "d", ""]), rnd.choice([0.5, 1.0, 3.0]))
+        for i in range(14)
+    ]
+    shards = 400
+    p = place(None, members, shards, 3)
+    gone = members[rnd.randrange(len(members))].id
+    after = [m for m in members if m.id != gone]
+    cl = cluster_model(after, shards, 3)
+    out = []
+    for _ in range(2):
+        w, _, holes = keep_valid(p.replicas, cl)
+        rehome_orphans(w, holes, random.Random(1))
+        index = LoadIndex(w, fresh_only=False)
+        for a in cl.agents:
+            index._expand(a, ORIGINAL)
+            index._expand(a, FRESH)
+        for z in cl.by_zone:
+            index._full(z)
+        out.append(index)
+    return cl, out
+
+
+def state(index: LoadIndex):
+    return (
+        [list(row) for row in index.rows],
+        dict(index.w.load),
+        sorted(index.w.touched),
+        [{a: sorted(s) for a, s in h.items()} for h in index.held],
+        {z: sorted(s) for z, s in index.full.items()},
+        {k: tuple({z: n for z, n in c.items() if n} for c in st) for k, st in index.stats.items()},
+    )
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_bulk_move_leaves_the_index_as_single_moves_do(seed):
+    cl, (one, bulk) = twins(seed)
+    assert cl.zone_cap == 1
+    rnd = random.Random(seed)
+    done = 0
+    for a in cl.agents:
+        for kind in (ORIGINAL, FRESH):
+            for b in rnd.sample(cl.agents, len(cl.agents)):
+                shards = sorted(
+                    s
+                    for s in one._candidates(a, kind, b)
+                    if s not in one.gone and a in one.rows[s] and one._fits(one.rows[s], a, b)
+                )[: rnd.randint(1, 40)]
+                if a == b or not shards:
+                    continue
+                for s in shards:
+                    one.move(s, a, b, track=False)
+                bulk.move_many(shards, a, kind, b)
+                done += len(shards)
+                assert state(one) == state(bulk)
+                break
+    assert done > 0
