@@ -8,8 +8,8 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain, islice
-from operator import itemgetter
+from itertools import chain, islice, repeat
+from operator import itemgetter, ne
 
 import xxhash
 
@@ -270,6 +270,15 @@ class Work:
     def original(self, s: int) -> Sequence[str]:
         """The agents that held shard s in `previous` (moves are counted against them)."""
         return self.previous[s] if s < len(self.previous) else ()
+
+    def new_primaries(self, shards: Sequence[int]) -> list[bool]:
+        """For each of these shards, whether its primary differs from `previous`' (or it had
+        none): C-level passes, as a change can touch every row."""
+        previous = self.previous
+        if len(previous) < self.cl.shards:
+            previous = [*previous, *[()] * (self.cl.shards - len(previous))]
+        old = map(next, map(iter, map(previous.__getitem__, shards)), repeat(None))
+        return list(map(ne, old, map(itemgetter(0), map(self.rows.__getitem__, shards))))
 
     def writable(self, s: int) -> list[str]:
         row = self.rows[s]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from itertools import chain
+from itertools import chain, compress, repeat
 
 from coordinator.placement.model import Bounds, Work, primary_targets
 from coordinator.placement.paths import FRESH, ORIGINAL, Step, augment, unwind
@@ -94,14 +94,15 @@ class PrimaryIndex:
             {a: set() for a in self.agents},
             {a: set() for a in self.agents},
         )
-        original = self.led[ORIGINAL]
-        for s, row in enumerate(w.rows):
-            if row:
-                original[row[0]].add(s)
-        for s in w.touched:  # the other rows are `previous`' own: same primary
-            if w.rows[s] and self._kind(s) == FRESH:
-                original[w.rows[s][0]].discard(s)
-                self.led[FRESH][w.rows[s][0]].add(s)
+        original, fresh = self.led
+        for s, a in enumerate(map(next, map(iter, w.rows), repeat(None))):
+            if a is not None:
+                original[a].add(s)
+        touched = sorted(w.touched)  # the other rows are `previous`' own: same primary
+        for s in compress(touched, w.new_primaries(touched)):
+            a = w.rows[s][0]
+            original[a].discard(s)
+            fresh[a].add(s)
         self.peers: dict[tuple[str, int], Counter[str]] = {}
         self.pools: dict[tuple[str, int], dict[str, deque[int]]] = {}  # see _pool
 
@@ -121,15 +122,23 @@ class PrimaryIndex:
         row = self.rows[s]
         a = row[0]
         kind = self._kind(s)
-        if (a, kind) in self.peers:
-            self.peers[a, kind].subtract(row[1:])
+        peers = self.peers.get((a, kind))
+        if peers is not None:  # plain loops: Counter.subtract checks types on every call
+            for x in row[1:]:
+                peers[x] -= 1
         self.led[kind][a].discard(s)
         self.w.promote(s, b)
         row = self.rows[s]
         kind = self._kind(s)
         self.led[kind][b].add(s)
-        if (b, kind) in self.peers:
-            self.peers[b, kind].update(row[1:])
+        peers = self.peers.get((b, kind))
+        if peers is not None:
+            for x in row[1:]:
+                peers[x] += 1
+        pools = self.pools.get((b, kind))
+        if pools is not None:
+            for x in row[1:]:
+                pools.setdefault(x, deque()).append(s)
 
     def search(
         self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
@@ -142,7 +151,6 @@ class PrimaryIndex:
         An agent reached from several sources at the same level keeps them all, and a path
         is given from each through it into a sink: after a big change most sources share a
         few agents next to the sinks, and one search then serves all of them."""
-        self.pools.clear()
         parent: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
         level_of: dict[str, int] = dict.fromkeys(sources, 0)
         also: dict[str, list[tuple[str, int]]] = {}  # further parents at the same level
@@ -181,21 +189,30 @@ class PrimaryIndex:
             level += 1
         for a, kind, b in found:
             yield [*unwind(parent, a), (a, kind, b)]
+        cursor: dict[str, int] = {}
         for a, kind, b in found:
             alternatives = also.get(a, ())
             if not (alternatives and is_sink(b) and self._has(a, kind, b)):
                 continue
-            for p, pkind in alternatives:
+            # The next sink of a resumes where this one stopped: a parent passed over had
+            # run out of primaries to give or of shards that a holds.
+            k = cursor.get(a, 0)
+            while k < len(alternatives):
+                p, pkind = alternatives[k]
                 if parent[p] is None and is_source(p) and self._has(p, pkind, a):
                     yield [(p, pkind, a), (a, kind, b)]
                     # Go on while the last step has shards left and b room.
                     if not (is_sink(b) and self._has(a, kind, b)):
                         break
+                k += 1
+            cursor[a] = k
 
     def _pool(self, a: str, kind: int, b: str) -> deque[int]:
-        """The shards of this kind that a leads and b holds, in order. For one search, all
-        of a's are sorted by co-replica in one pass (a leader of S/2 shards may give to a
-        thousand agents); pushes check each shard again when they take it."""
+        """The shards of this kind that a leads and b holds. All of a's are sorted by
+        co-replica in one pass, the first time a search needs one (a leader of S/2 shards
+        may give to a thousand agents); a shard a comes to lead later is appended, and one
+        it no longer leads (with this kind) is dropped when its turn comes. A row's agents
+        do not change while primaries are balanced, so b still holds every shard listed."""
         by_peer = self.pools.get((a, kind))
         if by_peer is None:
             by_peer = self.pools[a, kind] = {}
@@ -206,9 +223,9 @@ class PrimaryIndex:
         return by_peer.setdefault(b, deque())
 
     def _has(self, a: str, kind: int, b: str) -> bool:
-        """Whether a still leads a shard of this kind that b holds, in this search's pool."""
-        pool, rows = self._pool(a, kind, b), self.rows
-        while pool and not (rows[pool[0]][0] == a and b in rows[pool[0]]):
+        """Whether a still leads a shard of this kind that b holds."""
+        pool, led = self._pool(a, kind, b), self.led[kind][a]
+        while pool and pool[0] not in led:
             pool.popleft()
         return bool(pool)
 
@@ -217,13 +234,12 @@ class PrimaryIndex:
     ) -> int:
         """Hand primaries over along the path as often as its ends and its steps allow. The
         steps' shards differ (each has one primary), so they are chosen before any moves."""
-        rows = self.rows
-        pools = [self._pool(a, k, b) for a, k, b in steps]
+        pools = [(self._pool(a, k, b), self.led[k][a], b) for a, k, b in steps]
         pushed = 0
         while True:
             plan = []
-            for (a, _, b), pool in zip(steps, pools, strict=True):
-                while pool and not (rows[pool[0]][0] == a and b in rows[pool[0]]):
+            for pool, led, b in pools:
+                while pool and pool[0] not in led:
                     pool.popleft()
                 if not pool:
                     return pushed
@@ -253,7 +269,8 @@ def balance_primaries(w: Work, headless: Mapping[int, int]) -> bool:
         return False
     reached = True
     # Shards whose primary is new in this round (or that had none) change it for free.
-    fresh = [s for s in sorted(w.touched) if not w.original(s) or w.original(s)[0] != w.rows[s][0]]
+    touched = sorted(w.touched)
+    fresh = list(compress(touched, w.new_primaries(touched)))
     if todo := [a for a in cl.agents if b.over(a)]:
         hand_over(w, set(todo), hi, share, fresh)
     if todo := [a for a in cl.agents if b.under(a)]:
