@@ -120,18 +120,20 @@ class LoadIndex(ReplicaIndex):
             yield [*unwind(reached, a), (a, kind, b)]
         # Then the same last steps from other sources: an agent next to a sink was reached
         # from one source only, and most sources share a few such agents after a big change.
-        # Each (agent, kind) next to a sink scans its level's sources once, from a cursor
-        # that later sinks of the same agent resume from (a source passed over was spent or
-        # could not reach the agent); a last step whose shards ran out stops the scan.
-        givers: dict[int, list[tuple[str, int]]] = {}
+        # The other sources of its level may step to it at the same cost: those whose
+        # replicas it may take, or, when it was reached by a free return, those holding a
+        # shard it may return to. Each (agent, kind) next to a sink scans them once, from a
+        # cursor that later sinks of the same agent resume from (a source passed over was
+        # spent or could not reach the agent); a last step whose shards ran out stops it.
+        givers: dict[int, list[tuple[str, int]]] = {-1: [(a, RETURN) for a in sources]}
         cursor: dict[tuple[str, int], int] = {}
         for x, kind, b in found:
             step = reached[x]
-            if step is None or step[1] == RETURN or reached[step[0]] is not None:
+            if step is None or reached[step[0]] is not None:
                 continue
             if not (is_sink(b) and self._open(x, kind, b)):
                 continue
-            at = level_of[x]
+            at = -1 if step[1] == RETURN else level_of[x]
             if at not in givers:
                 givers[at] = [
                     e for e in (expanded[at] if at < len(expanded) else ()) if reached[e[0]] is None
@@ -144,7 +146,11 @@ class LoadIndex(ReplicaIndex):
                 if (
                     a != step[0]
                     and is_source(a)
-                    and self._room(a, akind, zx) - self._expand(a, akind)[1][x] > 0
+                    and (
+                        x in self.returns.get(a, ())
+                        if akind == RETURN
+                        else self._room(a, akind, zx) - self._expand(a, akind)[1][x] > 0
+                    )
                 ):
                     yield [(a, akind, x), (x, kind, b)]
                     if not (is_sink(b) and self._open(x, kind, b)):
