@@ -116,8 +116,23 @@ class LoadIndex(ReplicaIndex):
                     if not members:
                         del todo[z]
             level += 1
+        # One entry per (agent, sink) pair it can reach: after a big change most of them
+        # belong to a source already spent or a sink already full, skipped cheaply here.
+        spent: set[str] = set()
+        filled: set[str] = set()
         for a, kind, b in found:
-            yield [*unwind(reached, a), (a, kind, b)]
+            if b in filled or a in spent:
+                continue
+            steps = [*unwind(reached, a), (a, kind, b)]
+            root = steps[0][0]
+            if root in spent:
+                continue
+            if not is_sink(b):
+                filled.add(b)
+            elif not is_source(root):
+                spent.add(root)
+            else:
+                yield steps
         # Then the same last steps from other sources: an agent next to a sink was reached
         # from one source only, and most sources share a few such agents after a big change.
         # The other sources of its level may step to it at the same cost: those whose
@@ -291,4 +306,42 @@ class LoadIndex(ReplicaIndex):
         """Move replicas along cheapest paths until no agent is a source. Returns False when
         some source has no path to a sink (its reachable agents hold all they can: the
         bound is out of reach, see docs/placement.md) or when time ran out."""
+        if not self.fresh_only and self.cap == 1:
+            self._direct(source, sink)
         return augment(self, self.cl.agents, source, sink)
+
+    def _direct(self, source: Callable[[str], int], sink: Callable[[str], int]) -> None:
+        """One-step moves from each source to the sinks it can give to, before any search,
+        when no source has a free step (no FRESH replica, no shard to give back): every
+        path then costs at least 1, as these do, so they are as cheap as any. They need no
+        search, so no zone counts are built for them nor updated as they move (after one
+        weight change they are nearly all the moves). Sinks are taken zone by zone, each
+        zone's in a shared pool; the pools built cost at most 2 * S * R set lookups, past
+        which the searches do the rest."""
+        sources = [a for a in self.agents if source(a)]
+        if any(self.held[FRESH][a] or self.returns.get(a) for a in sources):
+            return
+        sinks: dict[str, list[str]] = {}
+        for b in self.agents:
+            if sink(b):
+                sinks.setdefault(self.zone[b], []).append(b)
+        budget = 2 * self.cl.shards * self.cl.per_shard
+        first = dict.fromkeys(sinks, 0)  # each zone's sinks before this one are full
+        for a in sources:
+            for z, members in sinks.items():
+                if budget <= 0 or self.w.out_of_time():
+                    return
+                if not source(a):
+                    break
+                k = first[z]
+                while k < len(members) and not sink(members[k]):
+                    k += 1
+                first[z] = k
+                if k == len(members) or not self._open(a, ORIGINAL, members[k]):
+                    continue
+                budget -= len(self.held[ORIGINAL][a])
+                for b in members[k:]:
+                    if sink(b):
+                        self._push_direct(a, ORIGINAL, b, source, sink)
+                        if not (source(a) and self._open(a, ORIGINAL, b)):
+                            break
