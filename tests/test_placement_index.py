@@ -77,21 +77,25 @@ def test_a_bulk_move_leaves_the_index_as_single_moves_do(seed):
     assert done > 0
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_primary_pools_stay_complete_across_hand_overs(seed):
+@pytest.mark.parametrize("whole", [0, 10**9])
+@pytest.mark.parametrize("seed", range(6))
+def test_primary_pools_stay_complete_across_hand_overs(seed, whole, monkeypatch):
     """PrimaryIndex keeps its per-leader pools across searches: every shard an agent
     leads (of a kind) must stay listed under each of its co-replicas, however often the
-    primary changes hands, and the counts of co-replicas must stay exact."""
+    primary changes hands, and the counts of co-replicas must stay exact. Both ways of
+    building a pool: for every co-replica at once (big leaders), or per co-replica."""
     from coordinator.placement.primaries import PrimaryIndex
 
+    monkeypatch.setattr(PrimaryIndex, "WHOLE", whole)
     cl, (index, _) = twins(seed)
     w = index.w
     w.count_primaries()
     prim = PrimaryIndex(w)
     rnd = random.Random(seed)
-    for a in cl.agents:  # build every pool and count before any hand-over
+    for a in cl.agents:  # every pool and count exists before any hand-over
         for kind in (ORIGINAL, FRESH):
-            prim._pool(a, kind, a)
+            for b in cl.agents:
+                prim._pool(a, kind, b)
             prim._expand(a, kind)
     for _ in range(300):
         s = rnd.randrange(cl.shards)
@@ -101,6 +105,6 @@ def test_primary_pools_stay_complete_across_hand_overs(seed):
     for (a, kind), by_peer in prim.pools.items():
         for s in prim.led[kind][a]:
             for b in w.rows[s][1:]:
-                assert s in by_peer.get(b, ()), (a, kind, b, s)
+                assert s in by_peer[b], (a, kind, b, s)
         peers = {x: n for x, n in prim.peers[a, kind].items() if n}
         assert peers == dict(fresh._expand(a, kind))

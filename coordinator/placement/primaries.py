@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain, compress, repeat
+from operator import contains
 
 from coordinator.placement.model import Bounds, Work, primary_targets
 from coordinator.placement.paths import FRESH, ORIGINAL, Step, augment, unwind
@@ -88,6 +89,8 @@ class PrimaryIndex:
     every hand-over), so a search costs O(edges among the agents it reaches), never a pass
     over the shards."""
 
+    WHOLE = 64  # leaders of more shards have their pools built for every co-replica at once
+
     def __init__(self, w: Work):
         self.w, self.rows, self.agents = w, w.rows, w.cl.agents
         self.led: tuple[dict[str, set[int]], dict[str, set[int]]] = (
@@ -105,6 +108,7 @@ class PrimaryIndex:
             fresh[a].add(s)
         self.peers: dict[tuple[str, int], Counter[str]] = {}
         self.pools: dict[tuple[str, int], dict[str, deque[int]]] = {}  # see _pool
+        self.whole: set[tuple[str, int]] = set()  # pools sorted by every co-replica at once
 
     def _kind(self, s: int) -> int:
         old = self.w.original(s)
@@ -137,8 +141,12 @@ class PrimaryIndex:
                 peers[x] += 1
         pools = self.pools.get((b, kind))
         if pools is not None:
+            whole = (b, kind) in self.whole
             for x in row[1:]:
-                pools.setdefault(x, deque()).append(s)
+                if whole:
+                    pools.setdefault(x, deque()).append(s)
+                elif x in pools:
+                    pools[x].append(s)
 
     def search(
         self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
@@ -208,19 +216,32 @@ class PrimaryIndex:
             cursor[a] = k
 
     def _pool(self, a: str, kind: int, b: str) -> deque[int]:
-        """The shards of this kind that a leads and b holds. All of a's are sorted by
-        co-replica in one pass, the first time a search needs one (a leader of S/2 shards
-        may give to a thousand agents); a shard a comes to lead later is appended, and one
-        it no longer leads (with this kind) is dropped when its turn comes. A row's agents
-        do not change while primaries are balanced, so b still holds every shard listed."""
-        by_peer = self.pools.get((a, kind))
+        """The shards of this kind that a leads and b holds. A leader of many shards (S/2
+        of them after one weight change; it may give to a thousand agents) has all of its
+        sorted by co-replica in one pass, the first time a search needs one; for the others
+        each co-replica's are picked out when first needed (C-level, a few dozen shards). A
+        shard a comes to lead later is appended, and one it no longer leads (with this
+        kind) is dropped when its turn comes. A row's agents do not change while primaries
+        are balanced, so b still holds every shard listed."""
+        key = (a, kind)
+        by_peer = self.pools.get(key)
         if by_peer is None:
-            by_peer = self.pools[a, kind] = {}
-            rows = self.rows
-            for s in sorted(self.led[kind][a]):
-                for x in rows[s][1:]:
-                    by_peer.setdefault(x, deque()).append(s)
-        return by_peer.setdefault(b, deque())
+            by_peer = self.pools[key] = {}
+            led = self.led[kind][a]
+            if len(led) > self.WHOLE:
+                self.whole.add(key)
+                rows = self.rows
+                for s in sorted(led):
+                    for x in rows[s][1:]:
+                        by_peer.setdefault(x, deque()).append(s)
+        pool = by_peer.get(b)
+        if pool is None:
+            pool = by_peer[b] = deque()
+            if key not in self.whole:
+                order = sorted(self.led[kind][a])
+                holds = map(contains, map(self.rows.__getitem__, order), repeat(b))
+                pool.extend(compress(order, holds))
+        return pool
 
     def _has(self, a: str, kind: int, b: str) -> bool:
         """Whether a still leads a shard of this kind that b holds."""
