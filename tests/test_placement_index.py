@@ -108,3 +108,41 @@ def test_primary_pools_stay_complete_across_hand_overs(seed, whole, monkeypatch)
                 assert s in by_peer[b], (a, kind, b, s)
         peers = {x: n for x, n in prim.peers[a, kind].items() if n}
         assert peers == dict(fresh._expand(a, kind))
+
+
+def test_a_primary_path_that_cannot_be_pushed_keeps_its_shards_listed():
+    """Pools outlive a search: a push whose later step has no shard must leave the earlier
+    steps' shards in their pools (it once took them out, and the leader could never hand
+    those over again: a primary stayed above its ceiling)."""
+    from coordinator.placement.primaries import PrimaryIndex
+
+    cl, (index, _) = twins(3)
+    w = index.w
+    w.count_primaries()
+    prim = PrimaryIndex(w)
+    s = next(s for s, row in enumerate(w.rows) if len(row) == 3)
+    a, x, y = w.rows[s]
+    # a -> x over shard s, then x -> y over a shard x leads of a kind it leads none of.
+    kind = ORIGINAL if s in prim.led[ORIGINAL][a] else FRESH
+    empty = next(k for k in (ORIGINAL, FRESH) if not any(y in w.rows[t] for t in prim.led[k][x]))
+    before = list(prim._pool(a, kind, x))
+    assert s in before
+    assert prim.push([(a, kind, x), (x, empty, y)], lambda _: 1, lambda _: 1) == 0
+    assert list(prim._pool(a, kind, x)) == before
+    assert prim._has(a, kind, x)
+
+
+def test_primaries_after_a_crash_and_a_weight_change():
+    """Found by hypothesis (test_medium_clusters_keep_the_rules_through_changes) when the
+    primary pools first outlived a search: agent-21 kept 26 primaries for a share of 24.8."""
+    from tests.test_placement import check_plan
+
+    weights = [1, 0.5, 0.5, 1, 0.5, 1, 1, 3, 0.5, 1, 2, 2, 1, 1, 3, 2, 0.5, 0.5, 1, 1, 0.5, 3]
+    weights += [0.5, 3, 1, 1]
+    members = [Member(f"agent-{i:02d}", "", w) for i, w in enumerate(weights)]
+    p = place(None, members, 1366, 2)
+    del members[23]
+    p = place(p.replicas, members, 1366, 2)
+    members[21] = Member("agent-21", "", 0.5)
+    q = place(p.replicas, members, 1366, 2)
+    check_plan(q, members, 1366, 2)

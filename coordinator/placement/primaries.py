@@ -258,13 +258,12 @@ class PrimaryIndex:
         pools = [(self._pool(a, k, b), self.led[k][a], b) for a, k, b in steps]
         pushed = 0
         while True:
-            plan = []
-            for pool, led, b in pools:
+            for pool, led, _ in pools:
                 while pool and pool[0] not in led:
                     pool.popleft()
-                if not pool:
+                if not pool:  # nothing taken: the pools outlive the search
                     return pushed
-                plan.append((pool.popleft(), b))
+            plan = [(pool.popleft(), b) for pool, _, b in pools]
             for s, b in plan:
                 self.promote(s, b)
             pushed += 1
