@@ -38,6 +38,7 @@ class LoadIndex(ReplicaIndex):
         a zone cap of 1, since a zone blocked in every shard of a is in the first one), the
         agents it reaches and the sinks already found."""
         self.pools.clear()
+        self.refilled.clear()
         reached: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
         todo = {
             z: dict.fromkeys(b for b in members if b not in reached)
@@ -50,7 +51,12 @@ class LoadIndex(ReplicaIndex):
         found: list[Step] = []  # the last step of each path
         sinks = {b: n for b in self.agents if (n := is_sink(b))}
         need = sum(sinks.values())
-        hit: dict[str, None] = {}  # sinks reached
+        hit: dict[str, list[str]] = {}  # zone -> its sinks reached
+        hit_agents: set[str] = set()
+        # The level is searched until the sources of the paths found could fill the sinks.
+        root = dict.fromkeys(sources, "")  # "": a source is its own root
+        rooted: set[str] = set()
+        supply = 0
 
         level_of: dict[str, int] = {}
         expanded: list[list[tuple[str, int]]] = [[] for _ in levels]  # per level
@@ -58,8 +64,10 @@ class LoadIndex(ReplicaIndex):
         def reach(b: str, a: str, kind: int) -> None:
             reached[b] = (a, kind)
             level_of[b] = level
+            root[b] = root[a] or a
             if b in sinks:
-                hit[b] = None
+                hit.setdefault(self.zone[b], []).append(b)
+                hit_agents.add(b)
                 found.append((a, kind, b))
                 return
             levels[level].append((b, FRESH))
@@ -78,12 +86,20 @@ class LoadIndex(ReplicaIndex):
 
         def useless(a: str) -> bool:
             za = self.zone[a]
-            shut = (z in closed and z != za for z in chain(todo, map(self.zone.get, hit)))
+            shut = (z in closed and z != za for z in chain(todo, hit))
             return all(shut) and not (self.returns.get(a) and kind == FRESH)
 
         while level < len(levels) and not found:
             queue = levels[level]
-            while queue and len(found) < need:
+            a, counted = "", len(found)
+            while queue:
+                if len(found) > counted:  # the last expansion found paths: count its source
+                    counted, source = len(found), root[a] or a
+                    if source not in rooted:
+                        rooted.add(source)
+                        supply += is_source(source)
+                        if supply >= need:
+                            break
                 a, kind = queue.popleft()
                 if useless(a):
                     continue
@@ -92,7 +108,7 @@ class LoadIndex(ReplicaIndex):
                     if b not in reached:
                         del todo[self.zone[b]][b]
                         reach(b, a, RETURN)
-                    elif b in hit:
+                    elif b in hit_agents:
                         found.append((a, RETURN, b))
                 if not self.held[kind][a]:
                     continue
@@ -100,9 +116,14 @@ class LoadIndex(ReplicaIndex):
                 while len(expanded) <= level:
                     expanded.append([])
                 expanded[level].append((a, kind))
-                for b in hit:
-                    if self._room(a, kind, self.zone[b]) - present[b] > 0:
-                        found.append((a, kind, b))
+                for z, zone_sinks in hit.items():
+                    room = self._room(a, kind, z)
+                    if room <= 0:
+                        continue
+                    if present:
+                        found.extend((a, kind, b) for b in zone_sinks if room - present[b] > 0)
+                    else:  # zone cap 1: b is out only where its zone is
+                        found.extend(zip(repeat(a), repeat(kind), zone_sinks))
                 for z in list(todo):
                     room = self._room(a, kind, z)
                     if room <= 0:
@@ -117,11 +138,18 @@ class LoadIndex(ReplicaIndex):
                         del todo[z]
             level += 1
         # One entry per (agent, sink) pair it can reach: after a big change most of them
-        # belong to a source already spent or a sink already full, skipped cheaply here.
+        # belong to a source already spent, a sink already full or a pool gone dry (shared
+        # by the sinks of a zone), all skipped with a set lookup. None of the three comes
+        # back within a search unless something moves, so a search that pushes nothing
+        # has not skipped a path that could be pushed.
         spent: set[str] = set()
         filled: set[str] = set()
+        dry: set[tuple[str, int, str]] = set()
         for a, kind, b in found:
             if b in filled or a in spent:
+                continue
+            key = self._key(a, kind, b)
+            if key in dry:
                 continue
             steps = [*unwind(reached, a), (a, kind, b)]
             root = steps[0][0]
@@ -131,88 +159,131 @@ class LoadIndex(ReplicaIndex):
                 filled.add(b)
             elif not is_source(root):
                 spent.add(root)
+            elif not self._open(a, kind, b):  # the last step has no shard left
+                dry.add(key)
             else:
                 yield steps
         # Then the same last steps from other sources: an agent next to a sink was reached
         # from one source only, and most sources share a few such agents after a big change.
         # The other sources of its level may step to it at the same cost: those whose
         # replicas it may take, or, when it was reached by a free return, those holding a
-        # shard it may return to. Each (agent, kind) next to a sink scans them once, from a
+        # shard it may return to. The candidates are listed once per level and zone (those
+        # with room in the zone); each (agent, kind) next to a sink scans them once, from a
         # cursor that later sinks of the same agent resume from (a source passed over was
         # spent or could not reach the agent); a last step whose shards ran out stops it.
         givers: dict[int, list[tuple[str, int]]] = {-1: [(a, RETURN) for a in sources]}
+        lists: dict[tuple[int, str], list[tuple[str, int]]] = {}
         cursor: dict[tuple[str, int], int] = {}
         for x, kind, b in found:
             step = reached[x]
-            if step is None or reached[step[0]] is not None:
+            if step is None or reached[step[0]] is not None or b in filled:
                 continue
-            if not (is_sink(b) and self._open(x, kind, b)):
+            key = self._key(x, kind, b)
+            if key in dry:
+                continue
+            if not is_sink(b):
+                filled.add(b)
+                continue
+            if not self._open(x, kind, b):
+                dry.add(key)
                 continue
             at = -1 if step[1] == RETURN else level_of[x]
-            if at not in givers:
-                givers[at] = [
-                    e for e in (expanded[at] if at < len(expanded) else ()) if reached[e[0]] is None
-                ]
-            todo = givers[at]
             zx = self.zone[x]
+            todo = lists.get((at, zx))
+            if todo is None:
+                if at not in givers:
+                    givers[at] = [
+                        e
+                        for e in (expanded[at] if at < len(expanded) else ())
+                        if reached[e[0]] is None
+                    ]
+                todo = givers[at]
+                if at >= 0:
+                    todo = [e for e in todo if self._room(e[0], e[1], zx) > 0]
+                lists[at, zx] = todo
             k = cursor.get((x, kind), 0)
             while k < len(todo):
                 a, akind = todo[k]
+                k += 1
+                if a in spent or a == step[0]:
+                    continue
+                if not is_source(a):
+                    spent.add(a)
+                    continue
                 if (
-                    a != step[0]
-                    and is_source(a)
-                    and (
-                        x in self.returns.get(a, ())
-                        if akind == RETURN
-                        else self._room(a, akind, zx) - self._expand(a, akind)[1][x] > 0
-                    )
+                    x in self.returns.get(a, ())
+                    if akind == RETURN
+                    else self._room(a, akind, zx) - self._expand(a, akind)[1][x] > 0
                 ):
                     yield [(a, akind, x), (x, kind, b)]
-                    if not (is_sink(b) and self._open(x, kind, b)):
-                        break  # the same source may serve this agent's next sink
-                k += 1
+                    if not is_sink(b):
+                        filled.add(b)
+                    elif not self._open(x, kind, b):
+                        dry.add(key)
+                    else:
+                        continue
+                    k -= 1  # the same source may serve this agent's next sink
+                    break
             cursor[x, kind] = k
+
+    def _key(self, a: str, kind: int, b: str) -> tuple[str, int, str]:
+        # With a zone cap of 1 the receivers of one zone share a pool: a giver with 10^5
+        # shards and 10^3 receivers needs one set difference per zone, not per receiver.
+        return (a, kind, self.zone[b] if self.cap == 1 and kind != RETURN else b)
 
     def _pool(self, a: str, kind: int, b: str) -> deque[int]:
         """The shards where a's replica of this kind may go to b, those a does not lead
         first (a primary that moves is a primary change as well). Pushes take them in turn,
         checking each again when its turn comes; the paths of one search share them."""
-        # With a zone cap of 1 the receivers of one zone share a pool: a giver with 10^5
-        # shards and 10^3 receivers needs one set difference per zone, not per receiver.
-        key = (a, kind, self.zone[b] if self.cap == 1 and kind != RETURN else b)
+        key = self._key(a, kind, b)
         pool = self.pools.get(key)
         if pool is None:
-            shards = sorted(self._candidates(a, kind, b))
-            heads = list(map(itemgetter(0), map(self.rows.__getitem__, shards)))
-            led = list(map(eq, heads, repeat(a)))
-            pool = self.pools[key] = deque(compress(shards, map(not_, led)))
-            pool.extend(compress(shards, led))
+            pool = self.pools[key] = deque()
+            self._fill(pool, a, kind, b)
         return pool
 
+    def _fill(self, pool: deque[int], a: str, kind: int, b: str) -> None:
+        shards = sorted(self._candidates(a, kind, b))
+        heads = list(map(itemgetter(0), map(self.rows.__getitem__, shards)))
+        led = list(map(eq, heads, repeat(a)))
+        pool.extend(compress(shards, map(not_, led)))
+        pool.extend(compress(shards, led))
+
     def _open(self, a: str, kind: int, b: str) -> bool:
-        """Whether this search's pool still holds a shard where a's replica of this kind
-        may go to b (a shard that became possible since the pool was made waits for the
-        next search)."""
+        """Whether the pool still holds a shard where a's replica of this kind may go to b
+        now. A pool is made once per search, but moves can open shards to b after that
+        (its zone leaves them): when the pool runs dry while a's counts say such a shard
+        exists, it is made again, once per search."""
         pool, rows = self._pool(a, kind, b), self.rows
+        while pool and not (a in rows[pool[0]] and self._fits(rows[pool[0]], a, b)):
+            pool.popleft()
+        if pool or kind == RETURN or (a, kind) not in self.stats:
+            return bool(pool)
+        key = self._key(a, kind, b)
+        if (
+            key in self.refilled
+            or self._room(a, kind, self.zone[b]) - self.stats[a, kind][1][b] <= 0
+        ):
+            return False
+        self.refilled.add(key)
+        self._fill(pool, a, kind, b)
         while pool and not (a in rows[pool[0]] and self._fits(rows[pool[0]], a, b)):
             pool.popleft()
         return bool(pool)
 
     def _take(self, a: str, kind: int, b: str, used: set[int]) -> int | None:
         """A shard where a's replica of this kind may go to b now, preferably one no other
-        step uses and a does not lead. A few of a's shards are tried first: most often one
-        fits and the full pool (a pass over a's shards) is not needed."""
+        step uses and a does not lead. Before the pool is made a few of a's shards are
+        tried: most often one fits and the pool (a pass over a's shards) is not needed."""
         rows = self.rows
-        if kind != RETURN and (a, kind, b) not in self.pools:
+        if kind != RETURN and self._key(a, kind, b) not in self.pools:
             for s in list(islice(self.held[kind][a], 16)):
                 row = rows[s]
                 if s not in used and row[0] != a and self._fits(row, a, b):
                     return s
-        pool = self._pool(a, kind, b)
-        while pool and not (a in rows[pool[0]] and self._fits(rows[pool[0]], a, b)):
-            pool.popleft()
-        if not pool:
+        if not self._open(a, kind, b):
             return None
+        pool = self.pools[self._key(a, kind, b)]
         for i, s in enumerate(islice(pool, len(used) + 1)):
             if s not in used and a in rows[s] and self._fits(rows[s], a, b):
                 del pool[i]
@@ -247,8 +318,10 @@ class LoadIndex(ReplicaIndex):
         Returns how many replicas reached the sink."""
         if len(steps) == 1 and steps[0][1] != RETURN:
             return self._push_direct(*steps[0], source, sink)
-        pushed = 0
+        pushed = self._push_chunks(steps, source, sink) if self.cap == 1 else 0
         while True:
+            if not (source(steps[0][0]) and sink(steps[-1][2])) or self.w.out_of_time():
+                return pushed
             plan: list[Move] = []
             used: set[int] = set()
             for a, kind, b in steps:
@@ -263,41 +336,91 @@ class LoadIndex(ReplicaIndex):
             for s, a, b in moves:
                 self.move(s, a, b)
             pushed += 1
-            if not (source(steps[0][0]) and sink(steps[-1][2])) or self.w.out_of_time():
+
+    def _push_chunks(
+        self, steps: list[Step], source: Callable[[str], int], sink: Callable[[str], int]
+    ) -> int:
+        """With a zone cap of 1, many units along the path at once: each step takes its
+        shards from its pool, none that another step of the chunk takes, so the moves are
+        in distinct shards and cannot invalidate one another (no untangling). Stops when a
+        step has no such shard left; push then goes on unit by unit, untangling the steps
+        that must share a shard."""
+        rows = self.rows
+        pushed = 0
+        while not self.w.out_of_time():
+            k = min(source(steps[0][0]), sink(steps[-1][2]), self.CHUNK)
+            picks: list[tuple[deque[int], list[int]]] = []
+            used: set[int] = set()
+            for a, kind, b in steps:
+                if k <= 0:
+                    break
+                self._open(a, kind, b)
+                pool = self._pool(a, kind, b)
+                got: list[int] = []
+                skipped: list[int] = []
+                while pool and len(got) < k:
+                    s = pool.popleft()
+                    if a in rows[s] and self._fits(rows[s], a, b):
+                        (skipped if s in used else got).append(s)
+                pool.extendleft(reversed(skipped))
+                picks.append((pool, got))
+                used.update(got)
+                k = min(k, len(got))
+            for pool, got in picks:  # what the chunk does not use goes back, in order
+                pool.extendleft(reversed(got[max(k, 0) :]))
+            if k <= 0:
                 return pushed
+            for (a, kind, b), (_, got) in zip(steps, picks, strict=True):
+                self._move_chunk(got[:k], a, kind, b, track=True)
+            pushed += k
+        return pushed
+
+    def _move_chunk(self, shards: list[int], a: str, kind: int, b: str, track: bool) -> None:
+        """Move a's replicas of these shards (valid, of this kind) to b, as `move` does one
+        by one: shards others may return to one at a time, the rest with `move_many`."""
+        gone = self.gone
+        rest = []
+        for s in shards:
+            if s in gone:
+                self.move(s, a, b, track)
+            else:
+                rest.append(s)
+        if rest:
+            self.move_many(rest, a, kind, b)
+            if track and kind == ORIGINAL:  # a held these in `previous`: it may come back
+                for s in rest:
+                    self._gone(s, a, True)
+                    self._note_returns(s, True)
 
     def _push_direct(
         self, a: str, kind: int, b: str, source: Callable[[str], int], sink: Callable[[str], int]
     ) -> int:
         """One step: straight from the pool, as many as the source and the sink allow (up
-        to S after one weight change). Past max(4096, S / 8) such moves in one call they are
-        no longer offered back as free returns: the bookkeeping would then cost more than
-        the rare chain that uses one saves."""
+        to S after one weight change), with a zone cap of 1 a chunk at a time (moves in
+        distinct shards from a to b cannot invalidate one another), between two questions
+        to should_stop. Past max(4096, S / 8) such moves in one call they are no longer
+        offered back as free returns: the bookkeeping would then cost more than the rare
+        chain that uses one saves."""
         pool, rows = self._pool(a, kind, b), self.rows
         limit = max(4096, self.cl.shards // 8)
         left = min(source(a), sink(b))  # both count: one move lowers each by one
         pushed = 0
-        while pool and pushed < left and not self.w.out_of_time():
-            if self.cap > 1 or self.direct < limit:
+        while pushed < left and self._open(a, kind, b) and not self.w.out_of_time():
+            if self.cap > 1:
                 s = pool.popleft()
                 if a in rows[s] and self._fits(rows[s], a, b):
                     self.direct += 1
                     self.move(s, a, b, track=self.direct <= limit)
                     pushed += 1
                 continue
-            # Untracked, zone cap 1: a chunk at a time (moves in distinct shards from a to b
-            # cannot invalidate one another), between two questions to should_stop.
+            track = self.direct < limit
+            n = min(left - pushed, self.CHUNK, limit - self.direct if track else self.CHUNK)
             chunk: list[int] = []
-            gone = self.gone
-            while pool and len(chunk) < min(left - pushed, self.CHUNK):
+            while pool and len(chunk) < n:
                 s = pool.popleft()
                 if a in rows[s] and self._fits(rows[s], a, b):
-                    if s in gone:  # others' free returns to update: one at a time
-                        self.move(s, a, b, track=False)
-                        pushed += 1
-                    else:
-                        chunk.append(s)
-            self.move_many(chunk, a, kind, b)
+                    chunk.append(s)
+            self._move_chunk(chunk, a, kind, b, track)
             self.direct += len(chunk)
             pushed += len(chunk)
         return pushed

@@ -66,6 +66,7 @@ class ReplicaIndex:
         self.direct = 0  # moves made by _push_direct
         self.full: dict[str, set[int]] = {}  # see _full
         self.pools: dict[tuple[str, int, str], deque[int]] = {}  # see _pool; reset per search
+        self.refilled: set[tuple[str, int, str]] = set()  # see _open; reset per search
 
     def _blockers(self, row: Sequence[str], x: str) -> tuple[list[str], list[str]]:
         """What keeps another agent out of x's place in `row`: the zones that are full
