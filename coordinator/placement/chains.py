@@ -8,8 +8,8 @@ docs/placement.md for the argument and the complexity."""
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from itertools import chain, compress, islice, repeat
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain, compress, filterfalse, islice, repeat
 from operator import eq, itemgetter, not_
 
 from coordinator.placement.index import ReplicaIndex
@@ -375,16 +375,27 @@ class LoadIndex(ReplicaIndex):
             pushed += k
         return pushed
 
+    def _still(self, shards: list[int], a: str, kind: int, b: str) -> Iterable[int]:
+        """Those of these shards (from a's pool of this kind for b) where a's replica may go
+        to b now. With a zone cap of 1, by set lookups (C-level): a still holds it and b's
+        zone is not there (a's own zone is, if b shares it: a is leaving)."""
+        if self.fresh_only:  # its zone sets would need every agent's shards
+            rows = self.rows
+            return [s for s in shards if a in rows[s] and self._fits(rows[s], a, b)]
+        ok: Iterable[int] = compress(shards, map(self.held[kind][a].__contains__, shards))
+        if self.zone[b] != self.zone[a]:
+            ok = filterfalse(self._full(self.zone[b]).__contains__, ok)
+        return ok
+
     def _move_chunk(self, shards: list[int], a: str, kind: int, b: str, track: bool) -> None:
         """Move a's replicas of these shards (valid, of this kind) to b, as `move` does one
         by one: shards others may return to one at a time, the rest with `move_many`."""
         gone = self.gone
-        rest = []
-        for s in shards:
-            if s in gone:
-                self.move(s, a, b, track)
-            else:
-                rest.append(s)
+        rest = list(filterfalse(gone.__contains__, shards))
+        if len(rest) < len(shards):
+            for s in shards:
+                if s in gone:
+                    self.move(s, a, b, track)
         if rest:
             self.move_many(rest, a, kind, b)
             if track and kind == ORIGINAL:  # a held these in `previous`: it may come back
@@ -417,9 +428,8 @@ class LoadIndex(ReplicaIndex):
             n = min(left - pushed, self.CHUNK, limit - self.direct if track else self.CHUNK)
             chunk: list[int] = []
             while pool and len(chunk) < n:
-                s = pool.popleft()
-                if a in rows[s] and self._fits(rows[s], a, b):
-                    chunk.append(s)
+                taken = [pool.popleft() for _ in range(min(len(pool), n - len(chunk)))]
+                chunk.extend(self._still(taken, a, kind, b))
             self._move_chunk(chunk, a, kind, b, track)
             self.direct += len(chunk)
             pushed += len(chunk)

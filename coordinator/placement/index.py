@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from itertools import chain
+from itertools import chain, compress, filterfalse, repeat
+from operator import contains
 
 from coordinator.placement.model import Work
 from coordinator.placement.paths import FRESH, ORIGINAL, RETURN
@@ -179,20 +180,22 @@ class ReplicaIndex:
         rows, zone, w = self.rows, self.zone, self.w
         touched, previous = w.touched, w.previous
         za, zb = zone[a], zone[b]
-        led = 0
-        back: list[int] = []  # shards b held in `previous`: its replica there is ORIGINAL
-        known = len(previous)
-        for s in shards:
-            row = rows[s]
-            if s not in touched:
-                row = rows[s] = list(row)
-                touched.add(s)
-            i = row.index(a)
-            row[i] = b
-            if not i:
-                led += 1
-            if s < known and b in previous[s]:
-                back.append(s)
+        # C-level passes (map over the rows' own methods): a chunk can be 512 rows.
+        first = list(filterfalse(touched.__contains__, shards))  # copied on first change
+        if first:
+            touched.update(first)
+            copies = map(list, map(rows.__getitem__, first))
+            deque(map(rows.__setitem__, first, copies), 0)
+        edited = list(map(rows.__getitem__, shards))
+        at = list(map(list.index, edited, repeat(a)))
+        deque(map(list.__setitem__, edited, at, repeat(b)), 0)
+        led = at.count(0)
+        # The shards b held in `previous`: its replica there is ORIGINAL.
+        if len(previous) >= self.cl.shards:
+            old = map(previous.__getitem__, shards)
+            back = list(compress(shards, map(contains, old, repeat(b))))
+        else:
+            back = [s for s in shards if s < len(previous) and b in previous[s]]
         n = len(shards)
         load = w.load
         load[a] -= n
