@@ -39,11 +39,10 @@ class ReplicaIndex:
             {a: set() for a in cl.agents},
         )
         self.held = held
-        if not fresh_only:
-            original = held[ORIGINAL]
-            for s, row in enumerate(w.rows):
-                for a in row:
-                    original[a].add(s)
+        if not fresh_only:  # every (agent, shard) pair, C-level: S * R of them
+            shards = chain.from_iterable(map(repeat, range(cl.shards), map(len, w.rows)))
+            owners = map(held[ORIGINAL].__getitem__, chain.from_iterable(w.rows))
+            deque(map(set.add, owners, shards), 0)
         # shard -> agents that held it in `previous` and left it in this round
         self.gone: dict[int, dict[str, None]] = {}
         # a -> b -> shards where b could come back in a's place (kept exact on every move)

@@ -98,9 +98,13 @@ class PrimaryIndex:
             {a: set() for a in self.agents},
         )
         original, fresh = self.led
-        for s, a in enumerate(map(next, map(iter, w.rows), repeat(None))):
-            if a is not None:
-                original[a].add(s)
+        heads = list(map(next, map(iter, w.rows), repeat(None)))
+        if None in heads:  # rows are never empty when there are agents, but be safe
+            heads = [a for a in heads if a is not None]
+            shards: Iterable[int] = (s for s, row in enumerate(w.rows) if row)
+        else:
+            shards = range(len(heads))
+        deque(map(set.add, map(original.__getitem__, heads), shards), 0)  # C-level
         touched = sorted(w.touched)  # the other rows are `previous`' own: same primary
         for s in compress(touched, w.new_primaries(touched)):
             a = w.rows[s][0]
