@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain, compress, repeat
-from operator import contains
+from operator import contains, itemgetter, not_
 
 from coordinator.placement.model import Bounds, Work, primary_targets
 from coordinator.placement.paths import FRESH, ORIGINAL, Step, augment, unwind
@@ -34,12 +34,14 @@ def hand_over(
     over: set[str],
     hi: Mapping[str, int],
     share: Mapping[str, float],
-    among: Iterable[int],
+    among: Sequence[int],
 ) -> None:
     """One pass over `among`: a shard led by an agent above its ceiling passes the primary
     role to the replica furthest below its share that is below its own ceiling."""
     pc = w.pc
-    for s in (s for s in among if w.rows[s][0] in over):
+    # C-level screen, read lazily: each row as it is when reached, `over` as it shrinks.
+    leaders = map(itemgetter(0), map(w.rows.__getitem__, among))
+    for s in compress(among, map(over.__contains__, leaders)):
         row = w.rows[s]
         a = row[0]
         best = None
@@ -62,12 +64,13 @@ def take_over(
     under: set[str],
     lo: Mapping[str, int],
     share: Mapping[str, float],
-    among: Iterable[int],
+    among: Sequence[int],
 ) -> None:
     """One pass over `among`: an agent below its floor becomes primary of a shard it holds
     whose primary is above its own floor."""
     pc = w.pc
-    for s in (s for s in among if not under.isdisjoint(w.rows[s])):
+    # C-level screen, read lazily: each row as it is when reached, `under` as it shrinks.
+    for s in compress(among, map(not_, map(under.isdisjoint, map(w.rows.__getitem__, among)))):
         row = w.rows[s]
         a = row[0]
         if a in under or pc[a] <= lo[a]:
@@ -170,10 +173,23 @@ class PrimaryIndex:
         found: list[Step] = []
         sinks = {b: n for b in self.agents if (n := is_sink(b))}
         need = sum(sinks.values())
+        # The level is searched until the sources of the paths found could fill the sinks
+        # (a source with one primary to spare reaching ten sinks adds ten paths, one unit).
+        root = dict.fromkeys(sources, "")  # "": a source is its own root
+        rooted: set[str] = set()
+        supply = 0
         level = 0
         while level < len(levels) and not found:
             queue = levels[level]
-            while queue and len(found) < need:
+            a, counted = "", len(found)
+            while queue:
+                if len(found) > counted:  # the last expansion found paths: count its source
+                    counted, origin = len(found), root[a] or a
+                    if origin not in rooted:
+                        rooted.add(origin)
+                        supply += is_source(origin)
+                        if supply >= need:
+                            break
                 a, kind = queue.popleft()
                 if not self.led[kind][a]:
                     continue
@@ -191,6 +207,7 @@ class PrimaryIndex:
                         continue
                     parent[b] = (a, kind)
                     level_of[b] = level
+                    root[b] = root[a] or a
                     if b in sinks:
                         found.append((a, kind, b))
                         continue
@@ -199,8 +216,20 @@ class PrimaryIndex:
                         levels.append(deque())
                     levels[level + 1].append((b, ORIGINAL))
             level += 1
+        spent: set[str] = set()  # sources with nothing left to give, sinks full: skipped
+        filled: set[str] = set()
         for a, kind, b in found:
-            yield [*unwind(parent, a), (a, kind, b)]
+            if b in filled:
+                continue
+            steps = [*unwind(parent, a), (a, kind, b)]
+            if steps[0][0] in spent:
+                continue
+            if not is_sink(b):
+                filled.add(b)
+            elif not is_source(steps[0][0]):
+                spent.add(steps[0][0])
+            else:
+                yield steps
         cursor: dict[str, int] = {}
         for a, kind, b in found:
             alternatives = also.get(a, ())
