@@ -11,7 +11,7 @@ from coordinator.placement import Member, place
 from coordinator.placement.chains import LoadIndex
 from coordinator.placement.fill import keep_valid, rehome_orphans
 from coordinator.placement.model import cluster_model
-from coordinator.placement.paths import FRESH, ORIGINAL
+from coordinator.placement.paths import FRESH, ORIGINAL, RETURN
 
 
 def twins(seed: int):
@@ -43,6 +43,8 @@ def twins(seed: int):
 
 def state(index: LoadIndex):
     return (
+        {s: list(g) for s, g in index.gone.items()},
+        {a: {b: sorted(s) for b, s in r.items() if s} for a, r in index.returns.items()},
         [list(row) for row in index.rows],
         dict(index.w.load),
         sorted(index.w.touched),
@@ -146,3 +148,40 @@ def test_primaries_after_a_crash_and_a_weight_change():
     members[21] = Member("agent-21", "", 0.5)
     q = place(p.replicas, members, 1366, 2)
     check_plan(q, members, 1366, 2)
+
+
+@pytest.mark.parametrize("track", [False, True])
+@pytest.mark.parametrize("seed", range(8))
+def test_a_chunk_with_free_returns_moves_as_single_moves_do(seed, track):
+    """LoadIndex._move_chunk (move_many plus the free returns of the shards it touches)
+    against `move` one shard at a time, with shards that others left earlier in the round
+    among them, for every kind of step (a RETURN step's shards mix ORIGINAL and FRESH)."""
+    cl, (one, bulk) = twins(seed)
+    rnd = random.Random(seed)
+    # Tracked single moves on both, so that some shards hold agents that may come back.
+    for _ in range(60):
+        s = rnd.randrange(cl.shards)
+        a = rnd.choice(one.rows[s])
+        b = rnd.choice(cl.agents)
+        if a != b and one._fits(one.rows[s], a, b):
+            one.move(s, a, b)
+            bulk.move(s, a, b)
+    assert state(one) == state(bulk) and one.gone
+    done = 0
+    for a in cl.agents:
+        for kind in (ORIGINAL, FRESH, RETURN):
+            for b in rnd.sample(cl.agents, len(cl.agents)):
+                shards = sorted(
+                    s
+                    for s in one._candidates(a, kind, b)
+                    if a in one.rows[s] and one._fits(one.rows[s], a, b)
+                )[: rnd.randint(1, 40)]
+                if a == b or not shards:
+                    continue
+                for s in shards:
+                    one.move(s, a, b, track=track)
+                bulk._move_chunk(shards, a, kind, b, track)
+                done += len(shards)
+                assert state(one) == state(bulk)
+                break
+    assert done > 0

@@ -389,19 +389,32 @@ class LoadIndex(ReplicaIndex):
 
     def _move_chunk(self, shards: list[int], a: str, kind: int, b: str, track: bool) -> None:
         """Move a's replicas of these shards (valid, of this kind) to b, as `move` does one
-        by one: shards others may return to one at a time, the rest with `move_many`."""
+        by one (with `track`, a's leaving is offered back as a free return): the rows, sets
+        and counts with `move_many`, then the free returns of the shards concerned."""
+        if kind == RETURN:  # by the kind of a's replica in each shard
+            fresh = self.held[FRESH][a]
+            for part, k in (
+                (list(filterfalse(fresh.__contains__, shards)), ORIGINAL),
+                (list(filter(fresh.__contains__, shards)), FRESH),
+            ):
+                if part:
+                    self._move_chunk(part, a, k, b, track)
+            return
         gone = self.gone
-        rest = list(filterfalse(gone.__contains__, shards))
-        if len(rest) < len(shards):
+        pending = list(filter(gone.__contains__, shards))
+        for s in pending:  # the returns these shards offer change with their agents
+            self._note_returns(s, False)
+        self.move_many(shards, a, kind, b)
+        for s in pending:
+            if b in gone[s]:  # b came back
+                self._gone(s, b, False)
+        if track and kind == ORIGINAL:  # a held these in `previous`: it may come back
             for s in shards:
-                if s in gone:
-                    self.move(s, a, b, track)
-        if rest:
-            self.move_many(rest, a, kind, b)
-            if track and kind == ORIGINAL:  # a held these in `previous`: it may come back
-                for s in rest:
-                    self._gone(s, a, True)
-                    self._note_returns(s, True)
+                self._gone(s, a, True)
+            pending = shards
+        for s in pending:
+            if s in gone:
+                self._note_returns(s, True)
 
     def _push_direct(
         self, a: str, kind: int, b: str, source: Callable[[str], int], sink: Callable[[str], int]

@@ -172,10 +172,11 @@ class ReplicaIndex:
             self._note_returns(s, True)
 
     def move_many(self, shards: list[int], a: str, kind: int, b: str) -> None:
-        """Move a's replicas of `shards` (all of this kind, each valid for b, none in
-        `gone`) to b, as `move` would one by one without `track`, for a zone cap of 1. A
-        bulk push runs this once per chunk: the rows are edited in one pass and the sets and
-        counts updated per chunk, per zone and per co-replica, not per replica."""
+        """Move a's replicas of `shards` (all of this kind, each valid for b) to b, as
+        `move` would one by one, for a zone cap of 1, but for the free returns (`gone`,
+        `returns`), which are the caller's (LoadIndex._move_chunk). A bulk push runs this
+        once per chunk: the rows are edited with C-level passes and the sets and counts
+        updated per chunk, per zone and per co-replica, not per replica."""
         rows, zone, w = self.rows, self.zone, self.w
         touched, previous = w.touched, w.previous
         za, zb = zone[a], zone[b]
