@@ -159,10 +159,14 @@ class LoadIndex(ReplicaIndex):
                 filled.add(b)
             elif not is_source(root):
                 spent.add(root)
-            elif not self._open(a, kind, b):  # the last step has no shard left
-                dry.add(key)
             else:
-                yield steps
+                for step in reversed(steps):  # each step must have a shard left
+                    step_key = self._key(*step)
+                    if step_key in dry or not self._open(*step):
+                        dry.add(step_key)
+                        break
+                else:
+                    yield steps
         # Then the same last steps from other sources: an agent next to a sink was reached
         # from one source only, and most sources share a few such agents after a big change.
         # The other sources of its level may step to it at the same cost: those whose
