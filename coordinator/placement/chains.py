@@ -53,7 +53,9 @@ class LoadIndex(ReplicaIndex):
         need = sum(sinks.values())
         hit: dict[str, list[str]] = {}  # zone -> its sinks reached
         hit_agents: set[str] = set()
-        # The level is searched until the sources of the paths found could fill the sinks.
+        # The level is searched until there are as many paths as the sinks can take units
+        # and their sources could fill the sinks: one source with one unit may reach many
+        # sinks, and one with many units may reach them through agents with one shard each.
         root = dict.fromkeys(sources, "")  # "": a source is its own root
         rooted: set[str] = set()
         supply = 0
@@ -98,8 +100,8 @@ class LoadIndex(ReplicaIndex):
                     if source not in rooted:
                         rooted.add(source)
                         supply += is_source(source)
-                        if supply >= need:
-                            break
+                    if supply >= need <= counted:
+                        break
                 a, kind = queue.popleft()
                 if useless(a):
                     continue

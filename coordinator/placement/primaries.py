@@ -92,7 +92,9 @@ class PrimaryIndex:
     every hand-over), so a search costs O(edges among the agents it reaches), never a pass
     over the shards."""
 
-    WHOLE = 64  # leaders of more shards have their pools built for every co-replica at once
+    # Leaders of more shards, or asked for a fifth co-replica, have their pools built for
+    # every co-replica at once.
+    WHOLE = 64
 
     def __init__(self, w: Work):
         self.w, self.rows, self.agents = w, w.rows, w.cl.agents
@@ -173,11 +175,13 @@ class PrimaryIndex:
         found: list[Step] = []
         sinks = {b: n for b in self.agents if (n := is_sink(b))}
         need = sum(sinks.values())
-        # The level is searched until the sources of the paths found could fill the sinks
-        # (a source with one primary to spare reaching ten sinks adds ten paths, one unit).
+        # The level is searched until there are as many paths as the sinks can take units
+        # and their sources could fill the sinks: one source with one primary to spare may
+        # reach ten sinks, and one with many through agents that share one shard with each.
         root = dict.fromkeys(sources, "")  # "": a source is its own root
         rooted: set[str] = set()
         supply = 0
+        wanted = set(self.agents).difference(sources)  # not reached, or a sink
         level = 0
         while level < len(levels) and not found:
             queue = levels[level]
@@ -188,14 +192,17 @@ class PrimaryIndex:
                     if origin not in rooted:
                         rooted.add(origin)
                         supply += is_source(origin)
-                        if supply >= need:
-                            break
+                    if supply >= need <= counted:
+                        break
                 a, kind = queue.popleft()
                 if not self.led[kind][a]:
                     continue
                 source = parent[a] is None  # only sources serve as further parents
-                for b, n in self._expand(a, kind).items():
-                    if n <= 0:
+                peers = self._expand(a, kind)
+                # Past the sources, only agents not reached yet and sinks matter: a C-level
+                # filter skips the others (most of an agent's peers, after a few levels).
+                for b in peers if source else filter(wanted.__contains__, peers):
+                    if peers[b] <= 0:
                         continue
                     if b in parent:
                         if parent[b] is None:
@@ -211,15 +218,20 @@ class PrimaryIndex:
                     if b in sinks:
                         found.append((a, kind, b))
                         continue
+                    wanted.discard(b)
                     queue.append((b, FRESH))
                     if len(levels) <= level + 1:
                         levels.append(deque())
                     levels[level + 1].append((b, ORIGINAL))
             level += 1
-        spent: set[str] = set()  # sources with nothing left to give, sinks full: skipped
+        # Sources with nothing left to give, full sinks and steps with no shard left (a
+        # path's first steps are shared by the paths into every sink next to its last
+        # agent) are skipped with a set lookup.
+        spent: set[str] = set()
         filled: set[str] = set()
+        dry: set[Step] = set()
         for a, kind, b in found:
-            if b in filled:
+            if b in filled or (a, kind, b) in dry:
                 continue
             steps = [*unwind(parent, a), (a, kind, b)]
             if steps[0][0] in spent:
@@ -229,7 +241,12 @@ class PrimaryIndex:
             elif not is_source(steps[0][0]):
                 spent.add(steps[0][0])
             else:
-                yield steps
+                for step in reversed(steps):
+                    if step in dry or not self._has(*step):
+                        dry.add(step)
+                        break
+                else:
+                    yield steps
         cursor: dict[str, int] = {}
         for a, kind, b in found:
             alternatives = also.get(a, ())
@@ -260,20 +277,25 @@ class PrimaryIndex:
         by_peer = self.pools.get(key)
         if by_peer is None:
             by_peer = self.pools[key] = {}
+        pool = by_peer.get(b)
+        if pool is None:
             led = self.led[kind][a]
-            if len(led) > self.WHOLE:
+            if key not in self.whole and (len(led) > self.WHOLE or len(by_peer) >= 4):
+                # Every co-replica's at once (those already made are complete).
                 self.whole.add(key)
+                made = set(by_peer)
                 rows = self.rows
                 for s in sorted(led):
                     for x in rows[s][1:]:
-                        by_peer.setdefault(x, deque()).append(s)
-        pool = by_peer.get(b)
-        if pool is None:
-            pool = by_peer[b] = deque()
-            if key not in self.whole:
-                order = sorted(self.led[kind][a])
-                holds = map(contains, map(self.rows.__getitem__, order), repeat(b))
-                pool.extend(compress(order, holds))
+                        if x not in made:
+                            by_peer.setdefault(x, deque()).append(s)
+                pool = by_peer.setdefault(b, deque())
+            else:
+                pool = by_peer[b] = deque()
+                if key not in self.whole:
+                    order = sorted(led)
+                    holds = map(contains, map(self.rows.__getitem__, order), repeat(b))
+                    pool.extend(compress(order, holds))
         return pool
 
     def _has(self, a: str, kind: int, b: str) -> bool:
