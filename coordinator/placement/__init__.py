@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import and_, is_not
 
 import xxhash
 
@@ -103,13 +105,9 @@ def place(
 
 
 def _changes(w: Work, out: Sequence[tuple[str, ...]]) -> tuple[int, int]:
-    touched = sorted(w.touched)
-    old = [w.original(s) for s in touched]
-    new = [out[s] for s in touched]
     # C-level: one weight change can touch every row.
-    moves = sum(map(len, map(set.difference, map(set, new), old)))
-    first = [row[0] if row else None for row in old]
-    primary_changes = sum(
-        1 for a, row in zip(first, new, strict=True) if a is not None and row and row[0] != a
-    )
-    return moves, primary_changes
+    touched = sorted(w.touched)
+    new = list(map(out.__getitem__, touched))
+    moves = sum(map(len, map(set.difference, map(set, new), map(w.original, touched))))
+    old = list(map(w.previous_heads().__getitem__, touched))  # None: no primary before
+    return moves, sum(map(and_, map(is_not, old, repeat(None)), w.new_primaries(touched)))

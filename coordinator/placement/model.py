@@ -259,6 +259,7 @@ class Work:
         self.previous: Sequence[Sequence[str]] = ()
         self.should_stop: Callable[[], bool] | None = None
         self.cut_short = False
+        self._heads: list[str | None] | None = None  # see previous_heads
 
     def out_of_time(self) -> bool:
         """Whether the caller's `should_stop` asked to stop; once it has, it stays so.
@@ -271,13 +272,17 @@ class Work:
         """The agents that held shard s in `previous` (moves are counted against them)."""
         return self.previous[s] if s < len(self.previous) else ()
 
+    def previous_heads(self) -> list[str | None]:
+        """Each shard's primary in `previous` (None: it had none), made once per call."""
+        if self._heads is None:
+            heads = list(map(next, map(iter, self.previous[: self.cl.shards]), repeat(None)))
+            self._heads = heads + [None] * (self.cl.shards - len(heads))
+        return self._heads
+
     def new_primaries(self, shards: Sequence[int]) -> list[bool]:
         """For each of these shards, whether its primary differs from `previous`' (or it had
         none): C-level passes, as a change can touch every row."""
-        previous = self.previous
-        if len(previous) < self.cl.shards:
-            previous = [*previous, *[()] * (self.cl.shards - len(previous))]
-        old = map(next, map(iter, map(previous.__getitem__, shards)), repeat(None))
+        old = map(self.previous_heads().__getitem__, shards)
         return list(map(ne, old, map(itemgetter(0), map(self.rows.__getitem__, shards))))
 
     def writable(self, s: int) -> list[str]:

@@ -98,6 +98,7 @@ class PrimaryIndex:
 
     def __init__(self, w: Work):
         self.w, self.rows, self.agents = w, w.rows, w.cl.agents
+        self.heads = w.previous_heads()
         self.led: tuple[dict[str, set[int]], dict[str, set[int]]] = (
             {a: set() for a in self.agents},
             {a: set() for a in self.agents},
@@ -120,15 +121,15 @@ class PrimaryIndex:
         self.whole: set[tuple[str, int]] = set()  # pools sorted by every co-replica at once
 
     def _kind(self, s: int) -> int:
-        old = self.w.original(s)
-        return ORIGINAL if old and old[0] == self.rows[s][0] else FRESH
+        return ORIGINAL if self.heads[s] == self.rows[s][0] else FRESH
 
     def _expand(self, a: str, kind: int) -> Counter[str]:
         peers = self.peers.get((a, kind))
         if peers is None:
             rows = self.rows
             led = self.led[kind][a]
-            peers = self.peers[a, kind] = Counter(chain.from_iterable(rows[s][1:] for s in led))
+            others = map(itemgetter(slice(1, None)), map(rows.__getitem__, led))
+            peers = self.peers[a, kind] = Counter(chain.from_iterable(others))
         return peers
 
     def promote(self, s: int, b: str) -> None:
