@@ -415,9 +415,19 @@ class LoadIndex(ReplicaIndex):
             if b in gone[s]:  # b came back
                 self._gone(s, b, False)
         if track and kind == ORIGINAL:  # a held these in `previous`: it may come back
-            for s in shards:
+            for s in pending:
                 self._gone(s, a, True)
-            pending = shards
+            # The others offer a's return alone: in b's place if b took a's zone, else in
+            # anyone's (zone cap 1: a's zone has left the shard).
+            first = list(filterfalse(set(pending).__contains__, shards))
+            gone.update(zip(first, map(dict.fromkeys, repeat((a,), len(first))), strict=True))
+            if self.zone[a] == self.zone[b]:
+                self.returns.setdefault(b, {}).setdefault(a, set()).update(first)
+            else:
+                returns, rows = self.returns, self.rows
+                for s in first:
+                    for p in rows[s]:
+                        returns.setdefault(p, {}).setdefault(a, set()).add(s)
         for s in pending:
             if s in gone:
                 self._note_returns(s, True)
