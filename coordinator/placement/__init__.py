@@ -33,13 +33,14 @@ Guarantees (docs/placement.md has the reasoning and the measured figures):
 
 Deadline hook. ``place(..., should_stop=f)`` calls ``f()`` (no arguments, no clock read
 here) between steps that leave the plan valid: before levelling, before every augmenting
-search and after every path pushed, before balancing primaries and between their
-searches. Once ``f()`` returns True, the remaining balancing is skipped and the result has
-``complete=False``. What is never skipped: the previous plan's valid replicas are kept,
-orphaned replicas are re-homed (every shard has min(R, eligible) replicas, zone rule, no
-duplicates, no draining or departed agent) and a shard whose primary left gets a survivor
-as primary. Only balance (replica and primary counts) may then be off; calling ``place``
-again from that result finishes the job. A leader with a deadline::
+search and after every path pushed (a bulk push: after every chunk of up to 512 moves),
+before balancing primaries and between their searches. Once ``f()`` returns True, the
+remaining balancing is skipped and the result has ``complete=False``. What is never
+skipped: the previous plan's valid replicas are kept, orphaned replicas are re-homed
+(every shard has min(R, eligible) replicas, zone rule, no duplicates, no draining or
+departed agent) and a shard whose primary left gets a survivor as primary. Only balance
+(replica and primary counts) may then be off; calling ``place`` again from that result
+finishes the job. A leader with a deadline::
 
     deadline = time.monotonic() + budget
     plan = place(previous, members, shards, replicas,
@@ -48,9 +49,9 @@ again from that result finishes the job. A leader with a deadline::
     if not plan.complete:
         schedule_another_pass() # from plan.replicas, to improve balance
 
-``f`` is called often (up to a few times per replica moved), so it should be cheap; the
-time between two calls is that of one search and one path: O(N * R + S * R) in the
-worst case (the first index build), milliseconds in practice.
+``f`` is called often (up to a few times per path, or per chunk of moves), so it should
+be cheap; the time between two calls is that of one search and one path or chunk:
+O(N * R + S * R) in the worst case (the first index build), milliseconds in practice.
 """
 
 from __future__ import annotations
