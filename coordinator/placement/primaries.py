@@ -133,17 +133,25 @@ class PrimaryIndex:
         return peers
 
     def promote(self, s: int, b: str) -> None:
-        row = self.rows[s]
+        """Make b primary of shard s (Work.promote), keeping the led sets, the co-replica
+        counts and the pools up to date. Runs once per primary handed over (tens of
+        thousands after one weight change): plain loops, no helper calls."""
+        w = self.w
+        row = w.writable(s)
         a = row[0]
-        kind = self._kind(s)
+        head = self.heads[s]
+        kind = ORIGINAL if head == a else FRESH
         peers = self.peers.get((a, kind))
         if peers is not None:  # plain loops: Counter.subtract checks types on every call
             for x in row[1:]:
                 peers[x] -= 1
         self.led[kind][a].discard(s)
-        self.w.promote(s, b)
-        row = self.rows[s]
-        kind = self._kind(s)
+        row.remove(b)
+        row.insert(0, b)
+        pc = w.pc
+        pc[a] -= 1
+        pc[b] = pc.get(b, 0) + 1
+        kind = ORIGINAL if head == b else FRESH
         self.led[kind][b].add(s)
         peers = self.peers.get((b, kind))
         if peers is not None:
@@ -151,12 +159,13 @@ class PrimaryIndex:
                 peers[x] += 1
         pools = self.pools.get((b, kind))
         if pools is not None:
-            whole = (b, kind) in self.whole
-            for x in row[1:]:
-                if whole:
+            if (b, kind) in self.whole:
+                for x in row[1:]:
                     pools.setdefault(x, deque()).append(s)
-                elif x in pools:
-                    pools[x].append(s)
+            else:
+                for x in row[1:]:
+                    if x in pools:
+                        pools[x].append(s)
 
     def search(
         self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
