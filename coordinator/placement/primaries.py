@@ -112,10 +112,10 @@ class PrimaryIndex:
             shards = range(len(heads))
         deque(map(set.add, map(original.__getitem__, heads), shards), 0)  # C-level
         touched = sorted(w.touched)  # the other rows are `previous`' own: same primary
-        for s in compress(touched, w.new_primaries(touched)):
-            a = w.rows[s][0]
-            original[a].discard(s)
-            fresh[a].add(s)
+        moved = list(compress(touched, w.new_primaries(touched)))
+        leaders = list(map(itemgetter(0), map(w.rows.__getitem__, moved)))
+        deque(map(set.discard, map(original.__getitem__, leaders), moved), 0)  # C-level
+        deque(map(set.add, map(fresh.__getitem__, leaders), moved), 0)
         self.peers: dict[tuple[str, int], Counter[str]] = {}
         self.pools: dict[tuple[str, int], dict[str, deque[int]]] = {}  # see _pool
         self.whole: set[tuple[str, int]] = set()  # pools sorted by every co-replica at once
