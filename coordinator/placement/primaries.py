@@ -291,14 +291,19 @@ class PrimaryIndex:
         if pool is None:
             led = self.led[kind][a]
             if key not in self.whole and (len(led) > self.WHOLE or len(by_peer) >= 4):
-                # Every co-replica's at once (those already made are complete).
+                # Every co-replica's at once (those already made are complete): the
+                # (co-replica, shard) pairs row by row, dealt out with C-level passes.
                 self.whole.add(key)
-                made = set(by_peer)
-                rows = self.rows
-                for s in sorted(led):
-                    for x in rows[s][1:]:
-                        if x not in made:
-                            by_peer.setdefault(x, deque()).append(s)
+                order = sorted(led)
+                others = list(map(itemgetter(slice(1, None)), map(self.rows.__getitem__, order)))
+                peers = list(chain.from_iterable(others))
+                shards = list(chain.from_iterable(map(repeat, order, map(len, others))))
+                if by_peer:
+                    new = list(map(not_, map(by_peer.__contains__, peers)))
+                    peers, shards = list(compress(peers, new)), list(compress(shards, new))
+                for x in dict.fromkeys(peers):
+                    by_peer[x] = deque()
+                deque(map(deque.append, map(by_peer.__getitem__, peers), shards), 0)
                 pool = by_peer.setdefault(b, deque())
             else:
                 pool = by_peer[b] = deque()
