@@ -37,7 +37,7 @@ class LoadIndex(ReplicaIndex):
         reached is dropped: an expansion costs the zones it cannot reach (at most R - 1 with
         a zone cap of 1, since a zone blocked in every shard of a is in the first one), the
         agents it reaches and the sinks already found."""
-        self.pools.clear()
+        self.returning.clear()  # the other pools outlive the search (see _open)
         self.refilled.clear()
         reached: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
         todo = {
@@ -240,11 +240,13 @@ class LoadIndex(ReplicaIndex):
     def _pool(self, a: str, kind: int, b: str) -> deque[int]:
         """The shards where a's replica of this kind may go to b, those a does not lead
         first (a primary that moves is a primary change as well). Pushes take them in turn,
-        checking each again when its turn comes; the paths of one search share them."""
+        checking each again when its turn comes; paths and searches share them (a pool of
+        free returns is made again in each search: returns come and go with every move)."""
         key = self._key(a, kind, b)
-        pool = self.pools.get(key)
+        pools = self.returning if kind == RETURN else self.pools
+        pool = pools.get(key)
         if pool is None:
-            pool = self.pools[key] = deque()
+            pool = pools[key] = deque()
             self._fill(pool, a, kind, b)
         return pool
 
@@ -257,9 +259,9 @@ class LoadIndex(ReplicaIndex):
 
     def _open(self, a: str, kind: int, b: str) -> bool:
         """Whether the pool still holds a shard where a's replica of this kind may go to b
-        now. A pool is made once per search, but moves can open shards to b after that
-        (its zone leaves them): when the pool runs dry while a's counts say such a shard
-        exists, it is made again, once per search."""
+        now. Moves can open shards to b after the pool was made (its zone leaves them):
+        when the pool runs dry while a's counts say such a shard exists, it is made again,
+        at most once per search."""
         pool, rows = self._pool(a, kind, b), self.rows
         while pool and not (a in rows[pool[0]] and self._fits(rows[pool[0]], a, b)):
             pool.popleft()
@@ -289,7 +291,7 @@ class LoadIndex(ReplicaIndex):
                     return s
         if not self._open(a, kind, b):
             return None
-        pool = self.pools[self._key(a, kind, b)]
+        pool = self._pool(a, kind, b)
         for i, s in enumerate(islice(pool, len(used) + 1)):
             if s not in used and a in rows[s] and self._fits(rows[s], a, b):
                 del pool[i]

@@ -65,7 +65,8 @@ class ReplicaIndex:
         self.expanded: set[str] = set()  # agents with an entry in `stats`
         self.direct = 0  # moves made by _push_direct
         self.full: dict[str, set[int]] = {}  # see _full
-        self.pools: dict[tuple[str, int, str], deque[int]] = {}  # see _pool; reset per search
+        self.pools: dict[tuple[str, int, str], deque[int]] = {}  # see _pool and _open
+        self.returning: dict[tuple[str, int, str], deque[int]] = {}  # RETURN's: per search
         self.refilled: set[tuple[str, int, str]] = set()  # see _open; reset per search
 
     def _blockers(self, row: Sequence[str], x: str) -> tuple[list[str], list[str]]:
