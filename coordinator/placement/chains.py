@@ -15,6 +15,8 @@ from operator import eq, itemgetter, not_
 from coordinator.placement.index import ReplicaIndex
 from coordinator.placement.paths import FRESH, ORIGINAL, RETURN, Move, Step, augment, unwind
 
+NO_COUNTS: Counter[str] = Counter()  # what an agent's expansion yields without counts
+
 
 class LoadIndex(ReplicaIndex):
     """Levelling's searches and pushes over the replica index."""
@@ -114,7 +116,7 @@ class LoadIndex(ReplicaIndex):
                         found.append((a, RETURN, b))
                 if not self.held[kind][a]:
                     continue
-                present = self._expand(a, kind)[1]
+                present = self._expand(a, kind)[1] if self.counted else NO_COUNTS
                 while len(expanded) <= level:
                     expanded.append([])
                 expanded[level].append((a, kind))
@@ -219,7 +221,7 @@ class LoadIndex(ReplicaIndex):
                 if (
                     x in self.returns.get(a, ())
                     if akind == RETURN
-                    else self._room(a, akind, zx) - self._expand(a, akind)[1][x] > 0
+                    else self._room(a, akind, zx) - self._present(a, akind, x) > 0
                 ):
                     yield [(a, akind, x), (x, kind, b)]
                     if not is_sink(b):
@@ -265,12 +267,12 @@ class LoadIndex(ReplicaIndex):
         pool, rows = self._pool(a, kind, b), self.rows
         while pool and not (a in rows[pool[0]] and self._fits(rows[pool[0]], a, b)):
             pool.popleft()
-        if pool or kind == RETURN or (a, kind) not in self.stats:
+        if pool or kind == RETURN or (self.counted and (a, kind) not in self.stats):
             return bool(pool)
         key = self._key(a, kind, b)
         if (
             key in self.refilled
-            or self._room(a, kind, self.zone[b]) - self.stats[a, kind][1][b] <= 0
+            or self._room(a, kind, self.zone[b]) - self._present(a, kind, b) <= 0
         ):
             return False
         self.refilled.add(key)

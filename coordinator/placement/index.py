@@ -32,6 +32,9 @@ class ReplicaIndex:
         self.w, self.cl, self.rows, self.agents = w, cl, w.rows, cl.agents
         self.zone, self.cap = cl.zone, cl.zone_cap
         self.fresh_only = fresh_only
+        # Per-agent zone counts for the searches, or (zone cap 1, every replica indexed,
+        # so each zone's set of shards is exact) subset tests against the zones' sets.
+        self.counted = cl.zone_cap > 1 or fresh_only
         # Zone members by hash rank: the first one found is not always the lowest id.
         self.by_zone = {z: sorted(m, key=cl.rank.__getitem__) for z, m in cl.by_zone.items()}
         held: tuple[dict[str, set[int]], dict[str, set[int]]] = (
@@ -276,8 +279,21 @@ class ReplicaIndex:
                         del self.returns[a][b]
 
     def _room(self, a: str, kind: int, z: str) -> int:
-        """How many of a's replicas of this kind sit in shards where zone z is not full."""
-        return len(self.held[kind][a]) - self.stats[a, kind][0][z]
+        """How many of a's replicas of this kind sit in shards where zone z is not full.
+        With a zone cap of 1 and every replica indexed, only whether there is one matters:
+        a C-level subset test against the zone's shards (stopping at the first shard it
+        lacks) tells, so no counts are kept for those searches (`counted`)."""
+        if self.counted:
+            return len(self.held[kind][a]) - self._expand(a, kind)[0][z]
+        held = self.held[kind][a]
+        if not held or z == self.zone[a]:  # a's own zone: a leaving makes room
+            return len(held)
+        return 0 if held.issubset(self._full(z)) else 1
+
+    def _present(self, a: str, kind: int, x: str) -> int:
+        """In how many of a's shards with a replica of this kind x sits already, in a zone
+        with room (zone cap above 1 only: with a cap of 1 x's zone is full there)."""
+        return self._expand(a, kind)[1][x] if self.cap > 1 else 0
 
     def _returns(self, a: str, b: str) -> Iterable[int]:
         """Shards b held in `previous` and left, that a holds now and b may take back."""
