@@ -550,6 +550,26 @@ def test_bad_input_is_refused_with_a_reason():
         place(None, [Member("a")], 4, 0)
 
 
+def test_the_garbage_collector_is_left_as_it_was():
+    """place() suspends the cyclic collector while it runs; whatever happens it must leave
+    it as it found it, enabled or not, and a plan must not depend on it."""
+    import gc
+
+    members = [Member(f"n{i}", zone="ab"[i % 2]) for i in range(6)]
+    assert gc.isenabled()
+    p = place(None, members, 64, 2)
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        place(None, [Member("a"), Member("a")], 4, 1)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert place(None, members, 64, 2) == p
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_a_crashed_primary_is_replaced_by_a_surviving_replica():
     members = [Member(f"n{i}") for i in range(6)]
     p = balanced_cluster(members, 60, 3)

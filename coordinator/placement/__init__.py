@@ -56,6 +56,7 @@ O(N * R + S * R) in the worst case (the first index build), milliseconds in prac
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Callable, Sequence
 from itertools import repeat
@@ -85,7 +86,28 @@ def place(
     """The target placement: for each shard 0..shards-1, its replicas' agent ids, primary
     first. `previous` is the last placement (or None for a new cluster); it may name agents
     that are gone and may be shorter or longer than `shards`. `should_stop`: the deadline
-    hook described in the module docstring."""
+    hook described in the module docstring.
+
+    Python's cyclic garbage collector is suspended while it runs (and left as it was): the
+    plan being built is made of acyclic containers, which reference counting frees, and
+    after a large change the collector would walk them hundreds of times (0.1 s of 0.9 at
+    S = 100,000)."""
+    suspended = gc.isenabled()
+    gc.disable()
+    try:
+        return _place(previous, members, shards, replicas, should_stop)
+    finally:
+        if suspended:
+            gc.enable()
+
+
+def _place(
+    previous: Sequence[Sequence[str]] | None,
+    members: Sequence[Member],
+    shards: int,
+    replicas: int,
+    should_stop: Callable[[], bool] | None,
+) -> Placement:
     cl = cluster_model(members, shards, replicas)
     shortfall = shards * (replicas - cl.per_shard)
     if not cl.agents:
