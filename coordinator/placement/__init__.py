@@ -129,7 +129,7 @@ def _place(
 
 def _changes(w: Work, out: Sequence[tuple[str, ...]]) -> tuple[int, int]:
     # C-level: one weight change can touch every row.
-    touched = sorted(w.touched)
+    touched = w.sorted_touched()
     new = list(map(out.__getitem__, touched))
     moves = sum(map(len, map(set.difference, map(set, new), map(w.original, touched))))
     old = list(map(w.previous_heads().__getitem__, touched))  # None: no primary before

@@ -50,7 +50,7 @@ class ReplicaIndex:
         self.gone: dict[int, dict[str, None]] = {}
         # a -> b -> shards where b could come back in a's place (kept exact on every move)
         self.returns: dict[str, dict[str, set[int]]] = {}
-        for s in sorted(w.touched):
+        for s in w.sorted_touched():
             old, row = w.original(s), w.rows[s]
             for a in row:
                 if a not in old:

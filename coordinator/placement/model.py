@@ -260,6 +260,7 @@ class Work:
         self.should_stop: Callable[[], bool] | None = None
         self.cut_short = False
         self._heads: list[str | None] | None = None  # see previous_heads
+        self._sorted: list[int] | None = None  # see sorted_touched
 
     def out_of_time(self) -> bool:
         """Whether the caller's `should_stop` asked to stop; once it has, it stays so.
@@ -271,6 +272,13 @@ class Work:
     def original(self, s: int) -> Sequence[str]:
         """The agents that held shard s in `previous` (moves are counted against them)."""
         return self.previous[s] if s < len(self.previous) else ()
+
+    def sorted_touched(self) -> list[int]:
+        """The touched shards in order (made again only when more were touched since:
+        `touched` only grows)."""
+        if self._sorted is None or len(self._sorted) != len(self.touched):
+            self._sorted = sorted(self.touched)
+        return self._sorted
 
     def previous_heads(self) -> list[str | None]:
         """Each shard's primary in `previous` (None: it had none), made once per call."""

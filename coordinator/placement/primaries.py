@@ -111,7 +111,7 @@ class PrimaryIndex:
         else:
             shards = range(len(heads))
         deque(map(set.add, map(original.__getitem__, heads), shards), 0)  # C-level
-        touched = sorted(w.touched)  # the other rows are `previous`' own: same primary
+        touched = w.sorted_touched()  # the other rows are `previous`' own: same primary
         moved = list(compress(touched, w.new_primaries(touched)))
         leaders = list(map(itemgetter(0), map(w.rows.__getitem__, moved)))
         deque(map(set.discard, map(original.__getitem__, leaders), moved), 0)  # C-level
@@ -359,7 +359,7 @@ def balance_primaries(w: Work, headless: Mapping[int, int]) -> bool:
         return False
     reached = True
     # Shards whose primary is new in this round (or that had none) change it for free.
-    touched = sorted(w.touched)
+    touched = w.sorted_touched()
     fresh = list(compress(touched, w.new_primaries(touched)))
     if todo := [a for a in cl.agents if b.over(a)]:
         hand_over(w, set(todo), hi, share, fresh)
