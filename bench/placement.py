@@ -5,6 +5,8 @@ against its own engine from before issue 11 under churn.
     python -m bench.placement --json   # {"machine": ..., "hash": [rows], "churn": [rows]}
     python -m bench.placement --quick  # without the S=100,000 scenarios
     python -m bench.placement --part churn --baseline none   # churn, this engine only
+    python -m bench.placement --part mass   # the largest single changes, S=100,000 (see
+                                            # bench/placement_mass.py), against an earlier engine
 
 Hash part. For each scenario and algorithm: a full plan from scratch (timed), then the
 plan after removing one node and the plan after adding one, each from the full plan.
@@ -55,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from bench import baselines
+from bench import baselines, placement_mass
 from coordinator.placement import Member, fair_shares, place
 
 Rows = Sequence[Sequence[str]]
@@ -443,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="skip the S=100,000 / N=1,000 scenarios"
     )
-    parser.add_argument("--part", choices=["all", "hash", "churn"], default="all")
+    parser.add_argument("--part", choices=["all", "hash", "churn", "mass"], default="all")
     parser.add_argument(
         "--baseline",
         default=baselines.ENGINE_BEFORE_ISSUE_11,
@@ -451,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--cap", type=float, default=5.0, help="CPU seconds a baseline call may take"
+    )
+    parser.add_argument(
+        "--mass-baseline",
+        default=placement_mass.BEFORE,
+        help="git revision whose coordinator/placement runs the mass part beside this one "
+        "('none': skip)",
     )
     args = parser.parse_args(argv)
     load_start = load_average()
@@ -472,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
             churn_rows.append(churn_run(sc, engine, args.cap))
             if not args.json:
                 print(f"  done: {sc.name} / {churn_rows[-1]['engine']}", file=sys.stderr)
+    mass_rows = []
+    if args.part in ("all", "mass") and not args.quick:
+        baseline_rev = None if args.mass_baseline == "none" else args.mass_baseline
+        mass_rows = placement_mass.run(baseline_rev, progress=not args.json)
     load_end = load_average()
     if args.json:
         doc = {
@@ -479,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average": [load_start, load_end],
             "hash": [{k: v for k, v in r.items() if not k.startswith("_")} for r in hash_rows],
             "churn": churn_rows,
+            "mass": mass_rows,
         }
         print(json.dumps(doc))
         return 0
@@ -502,6 +515,15 @@ def main(argv: list[str] | None = None) -> int:
             f"capped = baseline calls stopped at {args.cap:g} CPU s"
         )
         print(churn_table(churn_rows))
+    if mass_rows:
+        if hash_rows or churn_rows:
+            print()
+        print(
+            "mass: the largest single changes, one place() call each; CPU s = best of up to 3 "
+            "runs,\neach engine in a child process of its own, alternating; outside = most "
+            "replicas outside floor/ceil"
+        )
+        print(placement_mass.table(mass_rows))
     return 0
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from itertools import chain
+from itertools import chain, compress, filterfalse, repeat
+from operator import contains
 
 from coordinator.placement.model import Work
 from coordinator.placement.paths import FRESH, ORIGINAL, RETURN
@@ -31,6 +32,9 @@ class ReplicaIndex:
         self.w, self.cl, self.rows, self.agents = w, cl, w.rows, cl.agents
         self.zone, self.cap = cl.zone, cl.zone_cap
         self.fresh_only = fresh_only
+        # Per-agent zone counts for the searches, or (zone cap 1, every replica indexed,
+        # so each zone's set of shards is exact) subset tests against the zones' sets.
+        self.counted = cl.zone_cap > 1 or fresh_only
         # Zone members by hash rank: the first one found is not always the lowest id.
         self.by_zone = {z: sorted(m, key=cl.rank.__getitem__) for z, m in cl.by_zone.items()}
         held: tuple[dict[str, set[int]], dict[str, set[int]]] = (
@@ -38,16 +42,15 @@ class ReplicaIndex:
             {a: set() for a in cl.agents},
         )
         self.held = held
-        if not fresh_only:
-            original = held[ORIGINAL]
-            for s, row in enumerate(w.rows):
-                for a in row:
-                    original[a].add(s)
+        if not fresh_only:  # every (agent, shard) pair, C-level: S * R of them
+            shards = chain.from_iterable(map(repeat, range(cl.shards), map(len, w.rows)))
+            owners = map(held[ORIGINAL].__getitem__, chain.from_iterable(w.rows))
+            deque(map(set.add, owners, shards), 0)
         # shard -> agents that held it in `previous` and left it in this round
         self.gone: dict[int, dict[str, None]] = {}
         # a -> b -> shards where b could come back in a's place (kept exact on every move)
         self.returns: dict[str, dict[str, set[int]]] = {}
-        for s in sorted(w.touched):
+        for s in w.sorted_touched():
             old, row = w.original(s), w.rows[s]
             for a in row:
                 if a not in old:
@@ -65,8 +68,9 @@ class ReplicaIndex:
         self.expanded: set[str] = set()  # agents with an entry in `stats`
         self.direct = 0  # moves made by _push_direct
         self.full: dict[str, set[int]] = {}  # see _full
-        self.pools: dict[tuple[str, int, str], deque[int]] = {}  # see _pool; reset per search
-        self.led: dict[str, set[int]] = {}  # see _led
+        self.pools: dict[tuple[str, int, str], deque[int]] = {}  # see _pool and _open
+        self.returning: dict[tuple[str, int, str], deque[int]] = {}  # RETURN's: per search
+        self.refilled: set[tuple[str, int, str]] = set()  # see _open; reset per search
 
     def _blockers(self, row: Sequence[str], x: str) -> tuple[list[str], list[str]]:
         """What keeps another agent out of x's place in `row`: the zones that are full
@@ -139,11 +143,6 @@ class ReplicaIndex:
         self.held[FRESH if s in fresh[a] else ORIGINAL][a].discard(s)
         self.w.replace(s, i, b)
         row = self.rows[s]
-        if i == 0 and self.led:
-            if a in self.led:
-                self.led[a].discard(s)
-            if b in self.led:
-                self.led[b].add(s)
         if simple:  # a's zone leaves the shard, b's enters
             if za in self.full:
                 self.full[za].discard(s)
@@ -176,6 +175,82 @@ class ReplicaIndex:
         if s in self.gone:
             self._note_returns(s, True)
 
+    def move_many(self, shards: list[int], a: str, kind: int, b: str) -> None:
+        """Move a's replicas of `shards` (all of this kind, each valid for b) to b, as
+        `move` would one by one, for a zone cap of 1, but for the free returns (`gone`,
+        `returns`), which are the caller's (LoadIndex._move_chunk). A bulk push runs this
+        once per chunk: the rows are edited with C-level passes and the sets and counts
+        updated per chunk, per zone and per co-replica, not per replica."""
+        rows, zone, w = self.rows, self.zone, self.w
+        touched, previous = w.touched, w.previous
+        za, zb = zone[a], zone[b]
+        # C-level passes (map over the rows' own methods): a chunk can be 512 rows.
+        first = list(filterfalse(touched.__contains__, shards))  # copied on first change
+        if first:
+            touched.update(first)
+            copies = map(list, map(rows.__getitem__, first))
+            deque(map(rows.__setitem__, first, copies), 0)
+        edited = list(map(rows.__getitem__, shards))
+        at = list(map(list.index, edited, repeat(a)))
+        deque(map(list.__setitem__, edited, at, repeat(b)), 0)
+        led = at.count(0)
+        # The shards b held in `previous`: its replica there is ORIGINAL.
+        if len(previous) >= self.cl.shards:
+            old = map(previous.__getitem__, shards)
+            back = list(compress(shards, map(contains, old, repeat(b))))
+        else:
+            back = [s for s in shards if s < len(previous) and b in previous[s]]
+        n = len(shards)
+        load = w.load
+        load[a] -= n
+        load[b] = load.get(b, 0) + n
+        if led and w.pc:
+            w.pc[a] -= led
+            w.pc[b] = w.pc.get(b, 0) + led
+        moved = set(shards)
+        new = moved.difference(back) if back else moved  # b's FRESH replicas
+        self.held[kind][a].difference_update(moved)
+        self.held[ORIGINAL][b].update(back)
+        self.held[FRESH][b].update(new)
+        if za != zb:
+            if za in self.full:
+                self.full[za].difference_update(moved)
+            if zb in self.full:
+                self.full[zb].update(moved)
+        if not self.expanded:
+            return
+        # The zones around a's and b's replicas, and what a's zone leaving and b's entering
+        # each shard does to its other agents' counts.
+        together = Counter(chain.from_iterable(map(rows.__getitem__, shards)))
+        st = self.stats.get((a, kind))
+        if st is not None:
+            counts = st[0]
+            for y, m in together.items():
+                if y != b:
+                    counts[zone[y]] -= m
+        for bkind, part in ((ORIGINAL, back), (FRESH, new)):
+            st = self.stats.get((b, bkind)) if part else None
+            if st is not None:
+                counts = st[0]
+                peers = together
+                if len(part) != n:
+                    peers = Counter(chain.from_iterable(map(rows.__getitem__, part)))
+                for y, m in peers.items():
+                    if y != b:
+                        counts[zone[y]] += m
+        if za == zb:
+            return
+        fresh = self.held[FRESH]
+        for y, m in together.items():
+            if y == b or y not in self.expanded:
+                continue
+            f = len(fresh[y].intersection(moved)) if fresh[y] else 0
+            for ykind, k in ((FRESH, f), (ORIGINAL, m - f)):
+                st = self.stats.get((y, ykind)) if k else None
+                if st is not None:
+                    st[0][za] -= k
+                    st[0][zb] += k
+
     def _gone(self, s: int, a: str, left: bool) -> None:
         """Record that a left shard s it held in `previous`, or came back to it."""
         if left:
@@ -204,8 +279,21 @@ class ReplicaIndex:
                         del self.returns[a][b]
 
     def _room(self, a: str, kind: int, z: str) -> int:
-        """How many of a's replicas of this kind sit in shards where zone z is not full."""
-        return len(self.held[kind][a]) - self.stats[a, kind][0][z]
+        """How many of a's replicas of this kind sit in shards where zone z is not full.
+        With a zone cap of 1 and every replica indexed, only whether there is one matters:
+        a C-level subset test against the zone's shards (stopping at the first shard it
+        lacks) tells, so no counts are kept for those searches (`counted`)."""
+        if self.counted:
+            return len(self.held[kind][a]) - self._expand(a, kind)[0][z]
+        held = self.held[kind][a]
+        if not held or z == self.zone[a]:  # a's own zone: a leaving makes room
+            return len(held)
+        return 0 if held.issubset(self._full(z)) else 1
+
+    def _present(self, a: str, kind: int, x: str) -> int:
+        """In how many of a's shards with a replica of this kind x sits already, in a zone
+        with room (zone cap above 1 only: with a cap of 1 x's zone is full there)."""
+        return self._expand(a, kind)[1][x] if self.cap > 1 else 0
 
     def _returns(self, a: str, b: str) -> Iterable[int]:
         """Shards b held in `previous` and left, that a holds now and b may take back."""
@@ -223,14 +311,6 @@ class ReplicaIndex:
                 counts = Counter(chain.from_iterable(held))
                 shards = {s for s, n in counts.items() if n >= self.cap}
             self.full[z] = shards
-        return shards
-
-    def _led(self, a: str) -> set[int]:
-        """The shards a leads (built on first use, then kept up to date by `move`)."""
-        shards = self.led.get(a)
-        if shards is None:
-            rows = self.rows
-            shards = self.led[a] = {s for h in self.held for s in h[a] if rows[s][0] == a}
         return shards
 
     def _candidates(self, a: str, kind: int, b: str) -> set[int]:

@@ -8,8 +8,8 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain, islice
-from operator import itemgetter
+from itertools import chain, islice, repeat
+from operator import itemgetter, ne
 
 import xxhash
 
@@ -259,6 +259,8 @@ class Work:
         self.previous: Sequence[Sequence[str]] = ()
         self.should_stop: Callable[[], bool] | None = None
         self.cut_short = False
+        self._heads: list[str | None] | None = None  # see previous_heads
+        self._sorted: list[int] | None = None  # see sorted_touched
 
     def out_of_time(self) -> bool:
         """Whether the caller's `should_stop` asked to stop; once it has, it stays so.
@@ -270,6 +272,26 @@ class Work:
     def original(self, s: int) -> Sequence[str]:
         """The agents that held shard s in `previous` (moves are counted against them)."""
         return self.previous[s] if s < len(self.previous) else ()
+
+    def sorted_touched(self) -> list[int]:
+        """The touched shards in order (made again only when more were touched since:
+        `touched` only grows)."""
+        if self._sorted is None or len(self._sorted) != len(self.touched):
+            self._sorted = sorted(self.touched)
+        return self._sorted
+
+    def previous_heads(self) -> list[str | None]:
+        """Each shard's primary in `previous` (None: it had none), made once per call."""
+        if self._heads is None:
+            heads = list(map(next, map(iter, self.previous[: self.cl.shards]), repeat(None)))
+            self._heads = heads + [None] * (self.cl.shards - len(heads))
+        return self._heads
+
+    def new_primaries(self, shards: Sequence[int]) -> list[bool]:
+        """For each of these shards, whether its primary differs from `previous`' (or it had
+        none): C-level passes, as a change can touch every row."""
+        old = map(self.previous_heads().__getitem__, shards)
+        return list(map(ne, old, map(itemgetter(0), map(self.rows.__getitem__, shards))))
 
     def writable(self, s: int) -> list[str]:
         row = self.rows[s]

@@ -42,6 +42,8 @@ def augment(
         if graph.w.out_of_time():
             return False
         left = sum(map(sink, agents))
+        if not left:  # no sink: no path (and no search to find that out)
+            return False
         pushed = 0
         for steps in graph.search(sources, source, sink):
             if source(steps[0][0]) and sink(steps[-1][2]):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from itertools import chain
+from itertools import chain, compress, repeat
+from operator import contains, itemgetter, not_
 
 from coordinator.placement.model import Bounds, Work, primary_targets
 from coordinator.placement.paths import FRESH, ORIGINAL, Step, augment, unwind
@@ -33,12 +34,14 @@ def hand_over(
     over: set[str],
     hi: Mapping[str, int],
     share: Mapping[str, float],
-    among: Iterable[int],
+    among: Sequence[int],
 ) -> None:
     """One pass over `among`: a shard led by an agent above its ceiling passes the primary
     role to the replica furthest below its share that is below its own ceiling."""
     pc = w.pc
-    for s in (s for s in among if w.rows[s][0] in over):
+    # C-level screen, read lazily: each row as it is when reached, `over` as it shrinks.
+    leaders = map(itemgetter(0), map(w.rows.__getitem__, among))
+    for s in compress(among, map(over.__contains__, leaders)):
         row = w.rows[s]
         a = row[0]
         best = None
@@ -61,12 +64,13 @@ def take_over(
     under: set[str],
     lo: Mapping[str, int],
     share: Mapping[str, float],
-    among: Iterable[int],
+    among: Sequence[int],
 ) -> None:
     """One pass over `among`: an agent below its floor becomes primary of a shard it holds
     whose primary is above its own floor."""
     pc = w.pc
-    for s in (s for s in among if not under.isdisjoint(w.rows[s])):
+    # C-level screen, read lazily: each row as it is when reached, `under` as it shrinks.
+    for s in compress(among, map(not_, map(under.isdisjoint, map(w.rows.__getitem__, among)))):
         row = w.rows[s]
         a = row[0]
         if a in under or pc[a] <= lo[a]:
@@ -88,48 +92,80 @@ class PrimaryIndex:
     every hand-over), so a search costs O(edges among the agents it reaches), never a pass
     over the shards."""
 
+    # Leaders of more shards, or asked for a fifth co-replica, have their pools built for
+    # every co-replica at once.
+    WHOLE = 64
+
     def __init__(self, w: Work):
         self.w, self.rows, self.agents = w, w.rows, w.cl.agents
+        self.heads = w.previous_heads()
         self.led: tuple[dict[str, set[int]], dict[str, set[int]]] = (
             {a: set() for a in self.agents},
             {a: set() for a in self.agents},
         )
-        original = self.led[ORIGINAL]
-        for s, row in enumerate(w.rows):
-            if row:
-                original[row[0]].add(s)
-        for s in w.touched:  # the other rows are `previous`' own: same primary
-            if w.rows[s] and self._kind(s) == FRESH:
-                original[w.rows[s][0]].discard(s)
-                self.led[FRESH][w.rows[s][0]].add(s)
+        original, fresh = self.led
+        heads = list(map(next, map(iter, w.rows), repeat(None)))
+        if None in heads:  # rows are never empty when there are agents, but be safe
+            heads = [a for a in heads if a is not None]
+            shards: Iterable[int] = (s for s, row in enumerate(w.rows) if row)
+        else:
+            shards = range(len(heads))
+        deque(map(set.add, map(original.__getitem__, heads), shards), 0)  # C-level
+        touched = w.sorted_touched()  # the other rows are `previous`' own: same primary
+        moved = list(compress(touched, w.new_primaries(touched)))
+        leaders = list(map(itemgetter(0), map(w.rows.__getitem__, moved)))
+        deque(map(set.discard, map(original.__getitem__, leaders), moved), 0)  # C-level
+        deque(map(set.add, map(fresh.__getitem__, leaders), moved), 0)
         self.peers: dict[tuple[str, int], Counter[str]] = {}
         self.pools: dict[tuple[str, int], dict[str, deque[int]]] = {}  # see _pool
+        self.whole: set[tuple[str, int]] = set()  # pools sorted by every co-replica at once
 
     def _kind(self, s: int) -> int:
-        old = self.w.original(s)
-        return ORIGINAL if old and old[0] == self.rows[s][0] else FRESH
+        return ORIGINAL if self.heads[s] == self.rows[s][0] else FRESH
 
     def _expand(self, a: str, kind: int) -> Counter[str]:
         peers = self.peers.get((a, kind))
         if peers is None:
             rows = self.rows
             led = self.led[kind][a]
-            peers = self.peers[a, kind] = Counter(chain.from_iterable(rows[s][1:] for s in led))
+            others = map(itemgetter(slice(1, None)), map(rows.__getitem__, led))
+            peers = self.peers[a, kind] = Counter(chain.from_iterable(others))
         return peers
 
     def promote(self, s: int, b: str) -> None:
-        row = self.rows[s]
+        """Make b primary of shard s (Work.promote), keeping the led sets, the co-replica
+        counts and the pools up to date. Runs once per primary handed over (tens of
+        thousands after one weight change): plain loops, no helper calls."""
+        w = self.w
+        row = w.writable(s)
         a = row[0]
-        kind = self._kind(s)
-        if (a, kind) in self.peers:
-            self.peers[a, kind].subtract(row[1:])
+        head = self.heads[s]
+        kind = ORIGINAL if head == a else FRESH
+        peers = self.peers.get((a, kind))
+        if peers is not None:  # plain loops: Counter.subtract checks types on every call
+            for x in row[1:]:
+                peers[x] -= 1
         self.led[kind][a].discard(s)
-        self.w.promote(s, b)
-        row = self.rows[s]
-        kind = self._kind(s)
+        row.remove(b)
+        row.insert(0, b)
+        pc = w.pc
+        pc[a] -= 1
+        pc[b] = pc.get(b, 0) + 1
+        kind = ORIGINAL if head == b else FRESH
         self.led[kind][b].add(s)
-        if (b, kind) in self.peers:
-            self.peers[b, kind].update(row[1:])
+        peers = self.peers.get((b, kind))
+        if peers is not None:
+            for x in row[1:]:
+                peers[x] += 1
+        pools = self.pools.get((b, kind))
+        if pools is not None:
+            if (b, kind) in self.whole:
+                for x in row[1:]:
+                    pools.setdefault(x, deque()).append(s)
+            else:
+                for x in row[1:]:
+                    if x in pools:
+                        pools[x].append(s)
 
     def search(
         self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
@@ -142,7 +178,6 @@ class PrimaryIndex:
         An agent reached from several sources at the same level keeps them all, and a path
         is given from each through it into a sink: after a big change most sources share a
         few agents next to the sinks, and one search then serves all of them."""
-        self.pools.clear()
         parent: dict[str, tuple[str, int] | None] = dict.fromkeys(sources)
         level_of: dict[str, int] = dict.fromkeys(sources, 0)
         also: dict[str, list[tuple[str, int]]] = {}  # further parents at the same level
@@ -150,16 +185,34 @@ class PrimaryIndex:
         found: list[Step] = []
         sinks = {b: n for b in self.agents if (n := is_sink(b))}
         need = sum(sinks.values())
+        # The level is searched until there are as many paths as the sinks can take units
+        # and their sources could fill the sinks: one source with one primary to spare may
+        # reach ten sinks, and one with many through agents that share one shard with each.
+        root = dict.fromkeys(sources, "")  # "": a source is its own root
+        rooted: set[str] = set()
+        supply = 0
+        wanted = set(self.agents).difference(sources)  # not reached, or a sink
         level = 0
         while level < len(levels) and not found:
             queue = levels[level]
-            while queue and len(found) < need:
+            a, counted = "", len(found)
+            while queue:
+                if len(found) > counted:  # the last expansion found paths: count its source
+                    counted, origin = len(found), root[a] or a
+                    if origin not in rooted:
+                        rooted.add(origin)
+                        supply += is_source(origin)
+                    if supply >= need <= counted:
+                        break
                 a, kind = queue.popleft()
                 if not self.led[kind][a]:
                     continue
                 source = parent[a] is None  # only sources serve as further parents
-                for b, n in self._expand(a, kind).items():
-                    if n <= 0:
+                peers = self._expand(a, kind)
+                # Past the sources, only agents not reached yet and sinks matter: a C-level
+                # filter skips the others (most of an agent's peers, after a few levels).
+                for b in peers if source else filter(wanted.__contains__, peers):
+                    if peers[b] <= 0:
                         continue
                     if b in parent:
                         if parent[b] is None:
@@ -171,44 +224,99 @@ class PrimaryIndex:
                         continue
                     parent[b] = (a, kind)
                     level_of[b] = level
+                    root[b] = root[a] or a
                     if b in sinks:
                         found.append((a, kind, b))
                         continue
+                    wanted.discard(b)
                     queue.append((b, FRESH))
                     if len(levels) <= level + 1:
                         levels.append(deque())
                     levels[level + 1].append((b, ORIGINAL))
             level += 1
+        # Sources with nothing left to give, full sinks and steps with no shard left (a
+        # path's first steps are shared by the paths into every sink next to its last
+        # agent) are skipped with a set lookup.
+        spent: set[str] = set()
+        filled: set[str] = set()
+        dry: set[Step] = set()
         for a, kind, b in found:
-            yield [*unwind(parent, a), (a, kind, b)]
+            if b in filled or (a, kind, b) in dry:
+                continue
+            steps = [*unwind(parent, a), (a, kind, b)]
+            if steps[0][0] in spent:
+                continue
+            if not is_sink(b):
+                filled.add(b)
+            elif not is_source(steps[0][0]):
+                spent.add(steps[0][0])
+            else:
+                for step in reversed(steps):
+                    if step in dry or not self._has(*step):
+                        dry.add(step)
+                        break
+                else:
+                    yield steps
+        cursor: dict[str, int] = {}
         for a, kind, b in found:
             alternatives = also.get(a, ())
             if not (alternatives and is_sink(b) and self._has(a, kind, b)):
                 continue
-            for p, pkind in alternatives:
+            # The next sink of a resumes where this one stopped: a parent passed over had
+            # run out of primaries to give or of shards that a holds.
+            k = cursor.get(a, 0)
+            while k < len(alternatives):
+                p, pkind = alternatives[k]
                 if parent[p] is None and is_source(p) and self._has(p, pkind, a):
                     yield [(p, pkind, a), (a, kind, b)]
                     # Go on while the last step has shards left and b room.
                     if not (is_sink(b) and self._has(a, kind, b)):
                         break
+                k += 1
+            cursor[a] = k
 
     def _pool(self, a: str, kind: int, b: str) -> deque[int]:
-        """The shards of this kind that a leads and b holds, in order. For one search, all
-        of a's are sorted by co-replica in one pass (a leader of S/2 shards may give to a
-        thousand agents); pushes check each shard again when they take it."""
-        by_peer = self.pools.get((a, kind))
+        """The shards of this kind that a leads and b holds. A leader of many shards (S/2
+        of them after one weight change; it may give to a thousand agents) has all of its
+        sorted by co-replica in one pass, the first time a search needs one; for the others
+        each co-replica's are picked out when first needed (C-level, a few dozen shards). A
+        shard a comes to lead later is appended, and one it no longer leads (with this
+        kind) is dropped when its turn comes. A row's agents do not change while primaries
+        are balanced, so b still holds every shard listed."""
+        key = (a, kind)
+        by_peer = self.pools.get(key)
         if by_peer is None:
-            by_peer = self.pools[a, kind] = {}
-            rows = self.rows
-            for s in sorted(self.led[kind][a]):
-                for x in rows[s][1:]:
-                    by_peer.setdefault(x, deque()).append(s)
-        return by_peer.setdefault(b, deque())
+            by_peer = self.pools[key] = {}
+        pool = by_peer.get(b)
+        if pool is None:
+            led = self.led[kind][a]
+            if key not in self.whole and (len(led) > self.WHOLE or len(by_peer) >= 4):
+                # Every co-replica's at once (those already made are complete): the
+                # (co-replica, shard) pairs row by row, dealt out with C-level passes.
+                self.whole.add(key)
+                order = sorted(led)
+                others = list(map(itemgetter(slice(1, None)), map(self.rows.__getitem__, order)))
+                peers = list(chain.from_iterable(others))
+                shards = list(chain.from_iterable(map(repeat, order, map(len, others))))
+                if by_peer:
+                    new = list(map(not_, map(by_peer.__contains__, peers)))
+                    peers, shards = list(compress(peers, new)), list(compress(shards, new))
+                for x in dict.fromkeys(peers):
+                    by_peer[x] = deque()
+                deque(map(deque.append, map(by_peer.__getitem__, peers), shards), 0)
+                pool = by_peer.setdefault(b, deque())
+            else:
+                pool = by_peer[b] = deque()
+                if key not in self.whole:
+                    order = sorted(led)
+                    holds = map(contains, map(self.rows.__getitem__, order), repeat(b))
+                    pool.extend(compress(order, holds))
+        return pool
 
     def _has(self, a: str, kind: int, b: str) -> bool:
-        """Whether a still leads a shard of this kind that b holds, in this search's pool."""
-        pool, rows = self._pool(a, kind, b), self.rows
-        while pool and not (rows[pool[0]][0] == a and b in rows[pool[0]]):
+        """Whether a still leads a shard of this kind that b holds."""
+        pool, led = self._pool(a, kind, b), self.led[kind][a]
+        while pool and pool[0] not in led:
             pool.popleft()
         return bool(pool)
 
@@ -217,17 +325,15 @@ class PrimaryIndex:
     ) -> int:
         """Hand primaries over along the path as often as its ends and its steps allow. The
         steps' shards differ (each has one primary), so they are chosen before any moves."""
-        rows = self.rows
-        pools = [self._pool(a, k, b) for a, k, b in steps]
+        pools = [(self._pool(a, k, b), self.led[k][a], b) for a, k, b in steps]
         pushed = 0
         while True:
-            plan = []
-            for (a, _, b), pool in zip(steps, pools, strict=True):
-                while pool and not (rows[pool[0]][0] == a and b in rows[pool[0]]):
+            for pool, led, _ in pools:
+                while pool and pool[0] not in led:
                     pool.popleft()
-                if not pool:
+                if not pool:  # nothing taken: the pools outlive the search
                     return pushed
-                plan.append((pool.popleft(), b))
+            plan = [(pool.popleft(), b) for pool, _, b in pools]
             for s, b in plan:
                 self.promote(s, b)
             pushed += 1
@@ -253,7 +359,8 @@ def balance_primaries(w: Work, headless: Mapping[int, int]) -> bool:
         return False
     reached = True
     # Shards whose primary is new in this round (or that had none) change it for free.
-    fresh = [s for s in sorted(w.touched) if not w.original(s) or w.original(s)[0] != w.rows[s][0]]
+    touched = w.sorted_touched()
+    fresh = list(compress(touched, w.new_primaries(touched)))
     if todo := [a for a in cl.agents if b.over(a)]:
         hand_over(w, set(todo), hi, share, fresh)
     if todo := [a for a in cl.agents if b.under(a)]:
