@@ -235,6 +235,16 @@ def bench_bootstrap(
             node.close()
 
 
+def batch_putter(client: PeerClient, address: str, value: bytes,
+                 batch: int) -> Callable[[int], int]:
+    """The i-th call puts ``batch`` keys in one request; returns how many it put."""
+    def put_batch(i: int) -> int:
+        items = [(f"b{i:06d}-{j:05d}".encode(), value) for j in range(batch)]
+        client.batch_put(address, SHARD, items)
+        return batch
+    return put_batch
+
+
 def bench_writes(root: Path, seconds: float, batch: int, reads: int) -> dict[str, float]:
     primary, r1, r2, solo = (Node(root, n) for n in ("p", "r1", "r2", "solo"))
     try:
@@ -246,10 +256,7 @@ def bench_writes(root: Path, seconds: float, batch: int, reads: int) -> dict[str
         def put(node: Node) -> Callable[[int], int]:
             return lambda i: (client.put(node.address, SHARD, f"k{i:09d}".encode(), value), 1)[1]
 
-        def put_batch(i: int) -> int:
-            items = [(f"b{i:06d}-{j:05d}".encode(), value) for j in range(batch)]
-            client.batch_put(primary.address, SHARD, items)
-            return batch
+        put_batch = batch_putter(client, primary.address, value, batch)
 
         out = {
             "puts_per_s_r3": rate(seconds, put(primary)),
@@ -293,10 +300,7 @@ def bench_writes_procs(root: Path, seconds: float, batch: int, clients: int) -> 
                 return 1
             return op
 
-        def put_batch(i: int) -> int:
-            items = [(f"b{i:06d}-{j:05d}".encode(), value) for j in range(batch)]
-            client.batch_put(primary.address, SHARD, items)
-            return batch
+        put_batch = batch_putter(client, primary.address, value, batch)
 
         out = {
             "puts_per_s_r3_procs": rate(seconds, put(primary)),

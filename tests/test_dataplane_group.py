@@ -17,6 +17,7 @@ from tests import dataplane_support
 from tests.dataplane_support import SHARD, RecordingClient, digests, follow, lead
 
 cluster = dataplane_support.cluster
+trio = dataplane_support.trio
 
 HANG = 20.0
 
@@ -134,13 +135,8 @@ def test_concurrent_puts_are_batched_into_one_forward_and_acknowledged_each(clus
     assert len(digests(p, r1, r2)) == 1
 
 
-def test_concurrent_puts_are_not_acknowledged_when_a_replica_is_down(cluster):
-    p, r1, r2 = cluster.start("p"), cluster.start("r1"), cluster.start("r2")
-    p.store.mark_promoted()
-    r1.store, r2.store  # noqa: B018 - open the replicas' stores
-    lead(p, 1, in_sync=(r1, r2))
-    follow(r1, p, 1)
-    follow(r2, p, 1)
+def test_concurrent_puts_are_not_acknowledged_when_a_replica_is_down(cluster, trio):
+    p, _r1, r2 = trio
     r2.plane.stop()
 
     def put(i: int) -> str:
