@@ -68,6 +68,7 @@ from coordinator.placement.fill import keep_valid, rehome_orphans, seed_rows
 from coordinator.placement.level import level_load
 from coordinator.placement.model import Member, Placement, Work, cluster_model, fair_shares
 from coordinator.placement.primaries import balance_primaries
+from coordinator.placement.repair import repair_primaries
 
 __all__ = ["Member", "Placement", "fair_shares", "place"]
 
@@ -121,7 +122,9 @@ def _place(
         rehome_orphans(w, holes, rnd)
     w.should_stop = should_stop
     level_load(w)
-    balance_primaries(w, headless)
+    if not balance_primaries(w, headless) and not w.out_of_time():
+        # The replica layout leaves the primary bound out of reach: change it.
+        repair_primaries(w)
     out = tuple(map(tuple, w.rows))
     moves, primary_changes = _changes(w, out)
     return Placement(out, shortfall, moves, primary_changes, complete=not w.cut_short)
