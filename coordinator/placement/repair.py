@@ -68,10 +68,11 @@ class _Swapper:
 
     def best(
         self, x: str, mine: Iterable[int], theirs: Iterable[tuple[int, int]]
-    ) -> tuple[int, int, int, int] | None:
+    ) -> tuple[tuple[int, int, int, int, int], tuple[int, int, int, int]] | None:
         """The cheapest swap of x's replica at (s1, position i1) over `mine` (shards x holds,
         not as primary) with another agent's at (s2, position i2) over `theirs`, valid under
-        the zone rule both ways: (s1, i1, s2, i2), or None."""
+        the zone rule both ways: (its sort key, (s1, i1, s2, i2)), or None. The key starts
+        with the moves the swap adds (-2 to 2)."""
         rows, cost = self.rows, self.cost
         found: tuple[tuple[int, int, int, int, int], tuple[int, int, int, int]] | None = None
         looked = 0
@@ -89,15 +90,15 @@ class _Swapper:
                 if x in row2 or z in row1:
                     continue
                 looked += 1
+                if found is not None and looked > SCAN:
+                    return found
                 if not (self.fits(row2, z, x) and self.fits(row1, x, z)):
                     continue
                 extra = cost(x, s2) + cost(z, s1) - cost(x, s1) - cost(z, s2)
                 key = (extra, i2 != 0, s1, s2, i2)
                 if found is None or key < found[0]:
                     found = (key, (s1, i1, s2, i2))
-            if found is not None and looked > SCAN:
-                break
-        return None if found is None else found[1]
+        return found
 
     def swap(self, s1: int, i1: int, s2: int, i2: int) -> None:
         """Exchange the replica at (s1, i1) with the one at (s2, i2); each keeps the other's
@@ -146,36 +147,37 @@ def repair_primaries(w: Work) -> bool:
             ]
             for x in short:
                 for _ in range(b.short(x)):
+                    if w.out_of_time():
+                        return False
                     mine = [s for s, row in enumerate(rows) if x in row[1:]]
-                    move = sw.best(x, mine, targets)
-                    if move is None:
+                    found = sw.best(x, mine, targets)
+                    if found is None:
                         break
-                    sw.swap(*move)
+                    sw.swap(*found[1])
                     swapped = True
         else:
             # Over agents lead only shards whose replicas cannot pass a primary on to an
             # agent with room: bring such a replica into one of them.
             reach = _reach(rows, [a for a in cl.agents if b.room(a)], forward=False)
+            theirs = [
+                (s, i) for s, row in enumerate(rows) for i in range(1, len(row)) if row[i] in reach
+            ]
             for a in over:
                 led = [s for s, row in enumerate(rows) if row and row[0] == a]
                 for _ in range(b.over(a)):
+                    if w.out_of_time():
+                        return False
                     # Swap a co-replica y of a shard a leads with an agent that reaches room,
                     # held elsewhere as a non-primary.
-                    move = None
+                    found = None
                     for y in sorted({c for s in led for c in rows[s][1:]}, key=cl.rank.get):
                         mine = [s for s in led if y in rows[s]]
-                        theirs = [
-                            (s, i)
-                            for s, row in enumerate(rows)
-                            for i in range(1, len(row))
-                            if row[i] in reach
-                        ]
-                        move = sw.best(y, mine, theirs)
-                        if move is not None:
-                            break
-                    if move is None:
+                        option = sw.best(y, mine, theirs)
+                        if option is not None and (found is None or option[0] < found[0]):
+                            found = option
+                    if found is None:
                         break
-                    sw.swap(*move)
+                    sw.swap(*found[1])
                     swapped = True
         if not swapped:
             return False
