@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from fractions import Fraction
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -237,3 +238,38 @@ def test_the_oracle_finds_a_plan_wherever_the_engine_did(case):
     check_plan(p, members, shards, replicas, primaries_too=False)
     if not primaries_outside(p, members, shards):
         assert primary_bound_achievable(members, shards, replicas) is not False
+
+
+FOUND = [
+    # Random hunts against the engine before the primary repair (about one case in 3,000
+    # to 5,000 of the strategies above): two heavy agents sharing five of seven shards,
+    # each with a primary share of 3 ...
+    (
+        [("agent-00", 3.0), ("agent-01", 3.0)] + [(f"agent-{i:02d}", 0.25) for i in range(2, 10)],
+        [],
+        7,
+        2,
+        [["agent-00", "agent-01"], ["agent-02", "agent-03"], ["agent-04", "agent-05"]]
+        + [["agent-06", "agent-07"], ["agent-08", "agent-09"], ["agent-00", "agent-01"]]
+        + [["agent-02", "agent-03"]],
+    ),
+    # ... and a heavy agent left holding one shard, led by another heavy one, after a drain.
+    (
+        [("agent-00", 2.0), ("agent-01", 0.5), ("agent-03", 0.5), ("agent-04", 0.5)]
+        + [("agent-05", 2.0), ("agent-06", 0.5), ("agent-07", 0.5), ("agent-08", 2.0)],
+        [("agent-02", 2.0)],
+        4,
+        2,
+        [["agent-02", "agent-00"], ["agent-06", "agent-03"], ["agent-00", "agent-02"]]
+        + [["agent-03", "agent-06"]],
+    ),
+]
+
+
+@pytest.mark.parametrize("live,drained,shards,replicas,previous", FOUND)
+def test_cases_found_by_the_hunt(live, drained, shards, replicas, previous):
+    members = [Member(a, "", w) for a, w in live]
+    members += [Member(a, "", w, draining=True) for a, w in drained]
+    assert primary_bound_achievable(members, shards, replicas) is True
+    p = place(previous, members, shards, replicas)
+    check_plan(p, members, shards, replicas)
