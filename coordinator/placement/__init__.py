@@ -22,7 +22,9 @@ Guarantees (docs/placement.md has the reasoning and the measured figures):
   :func:`fair_shares`), and its primary count within floor/ceil of its primary share
   (weight-proportional over S, capped at the replicas it holds). Levelling is a search
   (direct moves, then chains of moves); should the zone rule leave no way to the bound,
-  the zone rule wins and the plan stays valid;
+  the zone rule wins and the plan stays valid. Should the replica layout leave the primary
+  bound out of reach (tiny clusters), replicas swap shards until it is not
+  (:mod:`coordinator.placement.repair`);
 - movement: a valid replica moves only when levelling needs it. After a single change:
   when an agent leaves, exactly its replicas move whenever that is possible at all; when
   one joins, at most the ceiling of its fair share moves. The tests check both against an
