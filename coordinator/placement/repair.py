@@ -170,7 +170,9 @@ def repair_primaries(w: Work) -> bool:
                     # Swap a co-replica y of a shard a leads with an agent that reaches room,
                     # held elsewhere as a non-primary.
                     found = None
-                    for y in sorted({c for s in led for c in rows[s][1:]}, key=cl.rank.get):
+                    for y in sorted(
+                        {c for s in led for c in rows[s][1:]}, key=lambda c: (cl.rank[c], c)
+                    ):
                         mine = [s for s in led if y in rows[s]]
                         option = sw.best(y, mine, theirs)
                         if option is not None and (found is None or option[0] < found[0]):
