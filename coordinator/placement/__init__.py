@@ -22,7 +22,9 @@ Guarantees (docs/placement.md has the reasoning and the measured figures):
   :func:`fair_shares`), and its primary count within floor/ceil of its primary share
   (weight-proportional over S, capped at the replicas it holds). Levelling is a search
   (direct moves, then chains of moves); should the zone rule leave no way to the bound,
-  the zone rule wins and the plan stays valid;
+  the zone rule wins and the plan stays valid. Should the replica layout leave the primary
+  bound out of reach (tiny clusters), replicas swap shards until it is not
+  (:mod:`coordinator.placement.repair`);
 - movement: a valid replica moves only when levelling needs it. After a single change:
   when an agent leaves, exactly its replicas move whenever that is possible at all; when
   one joins, at most the ceiling of its fair share moves. The tests check both against an
@@ -68,6 +70,7 @@ from coordinator.placement.fill import keep_valid, rehome_orphans, seed_rows
 from coordinator.placement.level import level_load
 from coordinator.placement.model import Member, Placement, Work, cluster_model, fair_shares
 from coordinator.placement.primaries import balance_primaries
+from coordinator.placement.repair import repair_primaries
 
 __all__ = ["Member", "Placement", "fair_shares", "place"]
 
@@ -121,7 +124,9 @@ def _place(
         rehome_orphans(w, holes, rnd)
     w.should_stop = should_stop
     level_load(w)
-    balance_primaries(w, headless)
+    if not balance_primaries(w, headless) and not w.out_of_time():
+        # The replica layout leaves the primary bound out of reach: change it.
+        repair_primaries(w)
     out = tuple(map(tuple, w.rows))
     moves, primary_changes = _changes(w, out)
     return Placement(out, shortfall, moves, primary_changes, complete=not w.cut_short)
