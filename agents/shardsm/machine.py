@@ -41,7 +41,6 @@ from agents.shardsm.model import (
 )
 from shardkeeper.vocab import Role, ShardState
 
-
 # The record of a shard the agent holds nothing of (frozen: one instance serves all).
 _ABSENT = ShardRecord()
 
