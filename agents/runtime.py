@@ -55,7 +55,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -749,7 +749,10 @@ class Agent:
         for shard in set(self.table.routes()) - set(serving):
             self.table.remove(shard)
         for shard, serve in serving.items():
-            route = ShardRoute(**asdict(serve))
+            # Field by field, not dataclasses.asdict: this runs for every shard each turn,
+            # and asdict deep-copies (it was a third of a busy agent's turn).
+            route = ShardRoute(serve.state, serve.term, serve.primary, serve.in_sync,
+                               serve.bootstrapping)
             if route != self.table.route(shard):
                 self.table.set_route(shard, route)
 

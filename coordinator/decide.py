@@ -340,9 +340,14 @@ def caught_up(plan: PlanState, statuses: Mapping[str, AgentStatus]) -> set[tuple
         mine = plan.agents.get(agent)
         if mine is None:
             continue
-        out.update((agent, s) for s, st in status.shards.items()
-                   if st.in_sync and s in mine.replicas
-                   and status.generation >= plan.assigned_at(agent, s))
+        held = mine.replicas
+        if status.generation >= mine.generation:  # no assignment is newer than that
+            out.update((agent, s) for s, st in status.shards.items()
+                       if s in held and st.in_sync)
+        else:  # plan.assigned_at, inlined: this runs for every replica while copies run
+            aged, since, gen = plan.assigned.get, mine.generation, status.generation
+            out.update((agent, s) for s, st in status.shards.items()
+                       if s in held and st.in_sync and gen >= aged((agent, s), since))
     return out
 
 

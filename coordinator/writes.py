@@ -158,10 +158,13 @@ def plan_writes(
         if old is not None:
             # Assignments the new znode carries unchanged keep their age: the agent's
             # reports about them stay current (joins need not wait for every agent to
-            # apply every plan that changed some other shard of theirs).
+            # apply every plan that changed some other shard of theirs). Inlined
+            # prev.assigned_at: this runs for every assignment of every rewritten agent.
+            before, aged = old.replicas.get, prev.assigned.get
             for s, assignment in mine.items():
-                if old.replicas.get(s) == assignment:
-                    assigned[(agent, s)] = prev.assigned_at(agent, s)
+                was = before(s)
+                if was is assignment or was == assignment:
+                    assigned[(agent, s)] = aged((agent, s), old.generation)
     kept = {paths.plan_agent(a) for a in new_agents}
     for path in sorted(p for p in existing if p.startswith(paths.plan_agents + "/")):
         if path not in kept:  # a leftover no agent owns (damaged, or a stray name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardkeeper.config import ClusterConfig
 from shardkeeper.layout import (
@@ -163,3 +165,28 @@ def test_a_leaving_member_and_the_leaders_answer_round_trip_tolerantly() -> None
                     summary={"leaving": {"a1": 2, "bad id!": 1, "a2": -1, "a3": True}})
     assert PlanMeta.decode("/meta", meta.encode()).leaving() == {"a1": 2}
     assert PlanMeta(3, 1, "c", 8, 2, ("a1",), 1, summary={"leaving": [1]}).leaving() == {}
+
+
+_NAMES = st.sampled_from(["a1", "a-2", "b_3", "x.y", "agent-10"])
+_ASSIGNMENTS = st.one_of(
+    st.builds(lambda peers, copying, term: Assignment(
+        Role.PRIMARY, peers=tuple(peers), bootstrapping=tuple(copying), term=term),
+        st.lists(_NAMES, max_size=3), st.lists(_NAMES, max_size=2), st.integers(1, 10**12)),
+    st.builds(lambda primary, source, term: Assignment(
+        Role.REPLICA, primary=primary, source=source, term=term),
+        _NAMES, st.one_of(st.none(), _NAMES), st.integers(1, 10**12)),
+)
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 10**12), st.integers(0, 10**9),
+       st.dictionaries(st.integers(0, 999_999), _ASSIGNMENTS, max_size=30))
+def test_an_agent_plan_encodes_to_the_bytes_of_the_generic_encoder(
+        generation: int, epoch: int, replicas: dict[int, Assignment]) -> None:
+    """AgentPlan.encode builds its JSON from cached per-assignment pieces (the leader
+    rewrites plans of thousands of assignments): the same bytes as encoding the whole."""
+    plan = AgentPlan(generation, epoch, replicas)
+    whole = encode({"generation": generation, "epoch": epoch,
+                    "replicas": {str(s): a.to_json() for s, a in replicas.items()}})
+    assert plan.encode() == whole
+    assert AgentPlan.decode("/p", plan.encode()) == plan

@@ -636,3 +636,14 @@ def test_only_finished_work_is_served(history, limits):
                 assert demoted or any(isinstance(e, Synced) and e.shard == shard for e in evs)
             if record.served is not None:
                 assert record.state not in (S.OFFLINE, S.DROPPING, S.ERROR)
+
+
+def test_what_the_machine_serves_is_the_data_planes_route_field_for_field():
+    """The runtime copies a Serve into a ShardRoute field by field (per shard, per turn):
+    a field added to one must be added to the other."""
+    from dataclasses import fields
+
+    from agents.dataplane.table import ShardRoute
+    from agents.shardsm import Serve
+
+    assert [f.name for f in fields(Serve)] == [f.name for f in fields(ShardRoute)]

@@ -41,6 +41,9 @@ from agents.shardsm.model import (
 )
 from shardkeeper.vocab import Role, ShardState
 
+# The record of a shard the agent holds nothing of (frozen: one instance serves all).
+_ABSENT = ShardRecord()
+
 
 class _Step:
     """Accumulates one reconcile's records, actions and transitions."""
@@ -56,7 +59,7 @@ class _Step:
         self.issued: set[int] = set()
 
     def record(self, shard: int) -> ShardRecord:
-        return self.shards.get(shard, ShardRecord())
+        return self.shards.get(shard, _ABSENT)
 
     def move(self, shard: int, record: ShardRecord, *actions: ShardAction) -> None:
         """Set the shard's record and issue ``actions`` for it, numbering their work."""
