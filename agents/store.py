@@ -35,6 +35,17 @@ primary) issues LSNs above ``t << 32``, hence above every LSN of a primary of an
 Rows, their limits and checks are the wire's (``shardkeeper.wire``): what a client may send
 is what the store keeps.
 
+**Open connections.** SQLite accounts ~130 KiB per open connection, and its WAL index
+(``-shm``, 32 KiB) is mapped while one is open: an agent holding 600 replicas would spend
+most of its memory on connections that sit idle. A ``StoreSet`` keeps at most
+``max_open`` of them open, least recently used first to close (``OpenStores``); a store
+whose connection was closed so is *idle*, not closed: its next call opens it again under
+the store lock, transparently. Its markers (the ``meta`` table), ``max_lsn`` and row
+count are kept in memory, so reading them (the compactor's markers, every round) needs no
+connection. Only ``close()`` (the shard dropped, the agent stopping) makes a store answer
+StoreClosed. Closing the last connection checkpoints the WAL into the file and removes
+it: every committed transaction is in the file by then, so nothing is lost.
+
 Durability: WAL mode with ``synchronous=NORMAL`` survives a process crash (SIGKILL) without
 losing a committed transaction; a power loss may lose the last ones. Replication to R
 replicas, not fsync, is what protects acknowledged writes.
@@ -45,6 +56,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,16 +206,31 @@ def digest_rows(rows: Iterable[Row]) -> str:
 
 
 class ShardStore:
-    """One shard replica's rows in one SQLite file. Thread-safe (one connection, one lock)."""
+    """One shard replica's rows in one SQLite file. Thread-safe (at most one connection,
+    one lock). ``open_stores``: the bound on open connections it counts against."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], open_stores: OpenStores | None = None):
         self.path = Path(path)
         self._lock = threading.RLock()
         self._images = 0  # file images handed out and not yet closed
-        # The one connection; None once closed. Only ever read or replaced under _lock:
-        # install_image swaps it and StoreSet.drop closes it while requests are in flight.
+        # The connection; None while idle or once closed. Only ever read or replaced under
+        # _lock: install_image swaps it, StoreSet.drop and OpenStores close it while
+        # requests are in flight.
         self._conn: sqlite3.Connection | None = None
+        self._closed = False  # for good: every later call raises StoreClosed
+        self._open_stores = open_stores
+        # The meta table as committed (loaded on every connect, updated on commit), and
+        # what the transaction in progress set; None outside a transaction.
+        self._meta: dict[str, int] = {}
+        self._pending: dict[str, int] | None = None
+        # MAX(lsn) and COUNT(*) of the rows; None until read after a change.
+        self._max_row_lsn: int | None = None
+        self._rows: int | None = None
+        self.connects = 0  # times the file was opened (for tests and logs)
+        self.writes = 0  # committed transactions that changed something
         self._connect()
+        if open_stores is not None:
+            open_stores.opened(self)  # StoreSet.open sheds the ones beyond the bound
 
     def _connect(self) -> None:
         """Open the file (creating it) as the store's connection. A file that cannot be
@@ -222,20 +249,41 @@ class ShardStore:
             db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._conn = db
             self._create_or_migrate()
+            self._meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
         except BaseException as exc:
             self._conn = None
             db.close()
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot open {self.path.name}: {exc}") from exc
             raise
+        self.connects += 1
+
+    def _reopen(self) -> sqlite3.Connection:
+        """Open an idle store's file again (under ``_lock``) and count it as open; close
+        the least recently used ones beyond the bound."""
+        self._connect()
+        db = self._conn
+        assert db is not None
+        if self._open_stores is not None:
+            self._open_stores.opened(self)
+            self._open_stores.shed(keep=self)
+        return db
 
     @property
     def _db(self) -> sqlite3.Connection:
-        """The open connection; callers hold ``_lock``. Raises StoreClosed after close()."""
+        """The connection, opened again if it was idle; callers hold ``_lock``. Raises
+        StoreClosed after close()."""
+        self._check_open()
         db = self._conn
         if db is None:
-            raise StoreClosed(f"{self.path.name} is closed")
+            return self._reopen()
+        if self._open_stores is not None:
+            self._open_stores.used(self)
         return db
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"{self.path.name} is closed")
 
     def _create_or_migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -253,13 +301,37 @@ class ShardStore:
         """Close the connection; every later call raises StoreClosed. Waits for the call
         in progress (they hold the lock), so none of them meets a closed connection."""
         with self._lock:
-            db, self._conn = self._conn, None
-            if db is not None:
-                db.close()
+            self._closed = True
+            self._drop_connection()
+
+    def close_idle(self) -> bool:
+        """Close the connection but keep the store usable: its next call opens the file
+        again. Callers hold ``_lock``. Returns whether a connection was closed (not in the
+        middle of a transaction)."""
+        db = self._conn
+        if db is None or self._pending is not None:
+            return False
+        if self._max_row_lsn is None:  # keep it known while idle: writes read it first
+            self._max_row_lsn = db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+        self._drop_connection()
+        return True
+
+    def _drop_connection(self) -> None:
+        db, self._conn = self._conn, None
+        if self._open_stores is not None:
+            self._open_stores.closed(self)
+        if db is not None:
+            db.close()  # the last one checkpoints the WAL into the file and removes it
 
     @property
     def closed(self) -> bool:
-        return self._conn is None
+        """Closed for good (not merely idle)."""
+        return self._closed
+
+    @property
+    def connected(self) -> bool:
+        """Whether the store holds an open connection now."""
+        return self._conn is not None
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self)
@@ -347,7 +419,13 @@ class ShardStore:
             return self._max_lsn()
 
     def _max_lsn(self) -> int:
-        found = self._db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+        found = self._max_row_lsn
+        if found is None or self._pending is not None:  # a transaction may have written
+            found = self._db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+            if self._pending is None:
+                self._max_row_lsn = found
+        else:
+            self._check_open()
         return max(found, self._get_meta(META_HORIZON))
 
     def _check_horizon(self, after: int) -> None:
@@ -431,7 +509,12 @@ class ShardStore:
 
         The caller vouches that every in-sync replica has passed ``upto``: each of them
         then holds every delete up to there, and needs no tombstone to learn it again.
+        A horizon that would not move is seen from the markers in memory, without a
+        connection: an idle store, compacted once, is not opened again by every round.
         """
+        with self._lock:
+            if min(upto, self.sync_lsn()) <= self.horizon():
+                return 0
         with self._transaction():
             sync = self._get_meta(META_SYNC_LSN)
             horizon = min(upto, sync)
@@ -448,9 +531,13 @@ class ShardStore:
             return self._db.execute("SELECT COUNT(*) FROM rows WHERE tombstone = 1").fetchone()[0]
 
     def count(self) -> int:
-        """Number of rows, tombstones included."""
+        """Number of rows, tombstones included (kept from the last count until a write)."""
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+            if self._rows is None:
+                self._rows = self._db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+            else:
+                self._check_open()
+            return self._rows
 
     def iter_by_key(self) -> Iterator[Row]:
         """All rows in key order; materialised under the lock so writers are not blocked long."""
@@ -471,19 +558,25 @@ class ShardStore:
             return self._get_meta(name, default)
 
     def _get_meta(self, name: str, default: int = 0) -> int:
-        found = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-        return found[0] if found else default
+        """From memory: the committed value, or the one the transaction in progress set."""
+        self._check_open()
+        if self._pending is not None and name in self._pending:
+            return self._pending[name]
+        return self._meta.get(name, default)
 
     def set_meta(self, name: str, value: int) -> None:
         with self._transaction():
             self._set_meta(name, value)
 
     def _set_meta(self, name: str, value: int) -> None:
+        """Within a transaction; the value is kept in memory once it commits."""
+        assert self._pending is not None, "meta is set within a transaction"
         self._db.execute(
             "INSERT INTO meta (name, value) VALUES (?, ?)"
             " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
             (name, value),
         )
+        self._pending[name] = value
 
     # -- file images (snapshot copies) ---------------------------------------------------
 
@@ -541,8 +634,8 @@ class ShardStore:
                 "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ?",
                 (max(sync, keep_after),),
             ).fetchall()
-            db, self._conn = self._conn, None
-            db.close()  # the last connection: its WAL is checkpointed and removed
+            self._drop_connection()  # the last connection: its WAL is checkpointed, removed
+            self._max_row_lsn = self._rows = None  # the file's rows are the image's now
             try:
                 for suffix in ("-wal", "-shm"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
@@ -550,7 +643,11 @@ class ShardStore:
             finally:
                 # The image, or the old file if the swap failed; if even that cannot be
                 # opened (a full disk), the store stays closed and says so (StoreClosed).
-                self._connect()
+                try:
+                    self._reopen()
+                except StoreError:
+                    self._closed = True
+                    raise
             with self._transaction():
                 self._db.executemany(_UPSERT_NEWER, mine)
                 if synced:
@@ -622,40 +719,132 @@ class _Transaction:
     """``BEGIN IMMEDIATE`` .. ``COMMIT`` under the store lock; rolls back on error.
 
     The connection is looked up only once the lock is held: an image swap or a close
-    replaces it under that lock, and one taken before would be a closed connection."""
+    replaces it under that lock, and one taken before would be a closed connection.
+    What the store keeps in memory (markers, ``max_lsn``, row count) changes only once
+    the transaction commits."""
 
     def __init__(self, store: ShardStore):
         self._store = store
         self._db: sqlite3.Connection | None = None
+        self._before = 0
 
     def __enter__(self) -> None:
-        self._store._lock.acquire()
+        store = self._store
+        store._lock.acquire()
         try:
-            self._db = self._store._db
+            self._db = store._db
             self._db.execute("BEGIN IMMEDIATE")
+            self._before = self._db.total_changes
+            store._pending = {}
         except BaseException:
-            self._store._lock.release()
+            store._lock.release()
             raise
 
     def __exit__(self, exc_type: object, *_rest: object) -> None:
+        store = self._store
         try:
-            assert self._db is not None
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            assert self._db is not None and store._pending is not None
+            if exc_type:
+                self._db.execute("ROLLBACK")
+                return
+            changed = self._db.total_changes != self._before
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                # Whether it committed is unknown: reading the file again will tell.
+                store._max_row_lsn = store._rows = None
+                store._drop_connection()
+                raise
+            if changed or store._pending:
+                store._meta.update(store._pending)
+                store._max_row_lsn = store._rows = None
+                store.writes += 1
         finally:
-            self._store._lock.release()
+            store._pending = None
+            store._lock.release()
+
+
+DEFAULT_OPEN_STORES = 64
+MAX_OPEN_STORES = 100_000
+
+
+class OpenStores:
+    """The stores holding an open connection, least recently used first: at most
+    ``limit`` of them (see "Open connections" above).
+
+    A store reports each use under its own lock (``used``; ``opened`` and ``shed`` when it
+    opened its file again), and the thread that went over the bound closes the least
+    recently used stores idle. Lock order: a store's lock, then this one's. Another
+    store's lock is only ever tried, never waited for, so two threads shedding at once
+    cannot deadlock; a store in use (its lock held) is passed over, which lets the bound
+    be exceeded only while more than ``limit`` stores are in use at once.
+    """
+
+    def __init__(self, limit: int = DEFAULT_OPEN_STORES):
+        if not 1 <= limit <= MAX_OPEN_STORES:
+            raise ValueError(f"open stores must be between 1 and {MAX_OPEN_STORES}, not {limit}")
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._order: OrderedDict[ShardStore, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def used(self, store: ShardStore) -> None:
+        with self._lock:
+            if store in self._order:
+                self._order.move_to_end(store)
+            over = len(self._order) > self.limit
+        if over:  # stores passed over while in use earlier
+            self.shed(keep=store)
+
+    def opened(self, store: ShardStore) -> None:
+        with self._lock:
+            self._order[store] = None
+            self._order.move_to_end(store)
+
+    def closed(self, store: ShardStore) -> None:
+        with self._lock:
+            self._order.pop(store, None)
+
+    def shed(self, keep: ShardStore | None = None) -> int:
+        """Close the least recently used stores idle (not ``keep``, nor one in use) until
+        at most ``limit`` are open; returns how many were closed."""
+        with self._lock:
+            if len(self._order) <= self.limit:
+                return 0
+            candidates = list(self._order)
+        shed = 0
+        for store in candidates:
+            if len(self._order) <= self.limit:
+                break
+            # _is_owned: this thread may itself be inside that store's call further up
+            # the stack, where a reentrant acquire would succeed.
+            if store is keep or store._lock._is_owned():  # type: ignore[attr-defined]
+                continue
+            if not store._lock.acquire(blocking=False):
+                continue  # in use now: the most recently used, in effect
+            try:
+                shed += store.close_idle()
+            finally:
+                store._lock.release()
+        return shed
 
 
 class StoreSet:
     """The shard stores of one agent, one file each under ``data_dir``. Thread-safe.
 
     A dropped store is not deleted but put in ``trash`` (if given), so that no single
-    plan, right or wrong, destroys a shard's data at once (see agents.trash).
+    plan, right or wrong, destroys a shard's data at once (see agents.trash). At most
+    ``max_open`` of the stores hold an open SQLite connection at once (``OpenStores``).
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], trash: Trash | None = None):
+    def __init__(self, data_dir: str | os.PathLike[str], trash: Trash | None = None, *,
+                 max_open: int = DEFAULT_OPEN_STORES):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.trash = trash
+        self.open_stores = OpenStores(max_open)
         self._lock = threading.Lock()
         self._open: dict[int, ShardStore] = {}
 
@@ -679,9 +868,12 @@ class StoreSet:
         """The shard's store, created empty if it has none yet."""
         with self._lock:
             store = self._open.get(shard)
-            if store is None:
-                store = self._open[shard] = ShardStore(self.path_for(shard))
-            return store
+            if store is not None:
+                return store
+            store = self._open[shard] = ShardStore(self.path_for(shard), self.open_stores)
+        # Outside the set's lock: closing another store may checkpoint its WAL.
+        self.open_stores.shed(keep=store)
+        return store
 
     def get(self, shard: int) -> ShardStore | None:
         """The shard's store if it is open, else None (the shard is not held here)."""
