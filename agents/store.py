@@ -227,10 +227,9 @@ class ShardStore:
         self._max_row_lsn: int | None = None
         self._rows: int | None = None
         self.connects = 0  # times the file was opened (for tests and logs)
-        self.writes = 0  # committed transactions that changed something
         self._connect()
         if open_stores is not None:
-            open_stores.opened(self)  # StoreSet.open sheds the ones beyond the bound
+            open_stores.opened(self)
 
     def _connect(self) -> None:
         """Open the file (creating it) as the store's connection. A file that cannot be
@@ -758,7 +757,6 @@ class _Transaction:
             if changed or store._pending:
                 store._meta.update(store._pending)
                 store._max_row_lsn = store._rows = None
-                store.writes += 1
         finally:
             store._pending = None
             store._lock.release()
@@ -772,12 +770,12 @@ class OpenStores:
     """The stores holding an open connection, least recently used first: at most
     ``limit`` of them (see "Open connections" above).
 
-    A store reports each use under its own lock (``used``; ``opened`` and ``shed`` when it
-    opened its file again), and the thread that went over the bound closes the least
-    recently used stores idle. Lock order: a store's lock, then this one's. Another
-    store's lock is only ever tried, never waited for, so two threads shedding at once
-    cannot deadlock; a store in use (its lock held) is passed over, which lets the bound
-    be exceeded only while more than ``limit`` stores are in use at once.
+    A store reports each use under its own lock (``used``, ``opened``), and the thread
+    whose store call finds the bound exceeded closes the least recently used stores idle.
+    Lock order: a store's lock, then this one's. Another store's lock is only ever tried,
+    never waited for, so two threads shedding at once cannot deadlock; a store in use (its
+    lock held) is passed over, which lets the bound be exceeded only while more than
+    ``limit`` stores are in use at once, and until the next store call.
     """
 
     def __init__(self, limit: int = DEFAULT_OPEN_STORES):
@@ -795,7 +793,7 @@ class OpenStores:
             if store in self._order:
                 self._order.move_to_end(store)
             over = len(self._order) > self.limit
-        if over:  # stores passed over while in use earlier
+        if over:  # stores newly opened, or passed over while in use
             self.shed(keep=store)
 
     def opened(self, store: ShardStore) -> None:
@@ -870,9 +868,10 @@ class StoreSet:
             store = self._open.get(shard)
             if store is not None:
                 return store
+            # Counted as open; the ones beyond the bound are closed at the next store
+            # call, not here: the agent's main loop opens stores, and must not wait for
+            # another store's WAL checkpoint.
             store = self._open[shard] = ShardStore(self.path_for(shard), self.open_stores)
-        # Outside the set's lock: closing another store may checkpoint its WAL.
-        self.open_stores.shed(keep=store)
         return store
 
     def get(self, shard: int) -> ShardStore | None:
