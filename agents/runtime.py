@@ -95,7 +95,8 @@ from agents.shardsm import (
     ShardEvent,
 )
 from agents.shardsm.views import referenced_agents, target_of
-from agents.store import DEFAULT_OPEN_STORES, StoreError, StoreSet
+from agents.store import StoreError
+from agents.storeset import DEFAULT_OPEN_STORES, StoreSet
 from agents.trash import DEFAULT_KEEP_SECONDS, Trash
 from agents.work import Job, ShardWork
 from shardkeeper import __version__

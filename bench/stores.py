@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from agents.store import StoreSet
+from agents.storeset import StoreSet
 from shardkeeper.wire import Row
 
 

@@ -10,14 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.store import (
-    META_SYNC_LSN,
-    OpenStores,
-    ShardStore,
-    StoreClosed,
-    StoreSet,
-    prepare_image,
-)
+from agents.store import META_SYNC_LSN, ShardStore, StoreClosed, prepare_image
+from agents.storeset import OpenStores, StoreSet
 from shardkeeper.wire import Row
 
 

@@ -153,7 +153,7 @@ def trash_restore(data_dir: Path, entry: str) -> None:
     """Put ENTRY's shard files back. On its next start the agent uses them if its plan
     places the shard here (move a replica here with `shardkeeper move` if needed)."""
     from agents.runtime import DataDirLock
-    from agents.store import StoreSet
+    from agents.storeset import StoreSet
     from agents.trash import Trash, TrashError
 
     lock = DataDirLock(data_dir)
