@@ -61,7 +61,7 @@ from agents.shardsm import (
     StartBootstrap,
     Synced,
 )
-from agents.store import StoreSet
+from agents.storeset import StoreSet
 from shardkeeper.peer import PeerClient
 from shardkeeper.wire import DEFAULT_PAGE_ROWS
 

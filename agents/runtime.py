@@ -95,7 +95,8 @@ from agents.shardsm import (
     ShardEvent,
 )
 from agents.shardsm.views import referenced_agents, target_of
-from agents.store import StoreError, StoreSet
+from agents.store import StoreError
+from agents.storeset import DEFAULT_OPEN_STORES, StoreSet
 from agents.trash import DEFAULT_KEEP_SECONDS, Trash
 from agents.work import Job, ShardWork
 from shardkeeper import __version__
@@ -165,6 +166,7 @@ class Agent:
         handler: ShardHandler | None = None,
         trash_keep: float = DEFAULT_KEEP_SECONDS,
         handoff_timeout: float = HANDOFF_TIMEOUT,
+        open_stores: int = DEFAULT_OPEN_STORES,
     ):
         self.zk = zk
         self.paths = Paths(cluster)
@@ -181,7 +183,7 @@ class Agent:
         self.session_timeout = session_timeout
         self.limits = limits
         self.trash = Trash(Path(data_dir) / "trash", trash_keep)
-        self.stores = StoreSet(Path(data_dir) / "shards", self.trash)
+        self.stores = StoreSet(Path(data_dir) / "shards", self.trash, max_open=open_stores)
         # Nothing is served until the first connected reconcile says so.
         self.table = LookupTable(writable=False, serving=False)
         self.plane: DataPlane | None = None

@@ -35,6 +35,17 @@ primary) issues LSNs above ``t << 32``, hence above every LSN of a primary of an
 Rows, their limits and checks are the wire's (``shardkeeper.wire``): what a client may send
 is what the store keeps.
 
+**Open connections.** SQLite accounts ~130 KiB per open connection, and its WAL index
+(``-shm``, 32 KiB) is mapped while one is open: an agent holding 600 replicas would spend
+most of its memory on connections that sit idle. A ``StoreSet`` keeps at most
+``max_open`` of them open, least recently used first to close (``agents.storeset``); a store
+whose connection was closed so is *idle*, not closed: its next call opens it again under
+the store lock, transparently. Its markers (the ``meta`` table), ``max_lsn`` and row
+count are kept in memory, so reading them (the compactor's markers, every round) needs no
+connection. Only ``close()`` (the shard dropped, the agent stopping) makes a store answer
+StoreClosed. Closing the last connection checkpoints the WAL into the file and removes
+it: every committed transaction is in the file by then, so nothing is lost.
+
 Durability: WAL mode with ``synchronous=NORMAL`` survives a process crash (SIGKILL) without
 losing a committed transaction; a power loss may lose the last ones. Replication to R
 replicas, not fsync, is what protects acknowledged writes.
@@ -48,11 +59,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import xxhash
 
-from agents.trash import Trash
 from shardkeeper.wire import Entry, Row, entry_to_row
+
+if TYPE_CHECKING:
+    from agents.storeset import OpenStores
 
 TERM_SHIFT = 32
 SEQ_MASK = (1 << TERM_SHIFT) - 1
@@ -194,16 +208,30 @@ def digest_rows(rows: Iterable[Row]) -> str:
 
 
 class ShardStore:
-    """One shard replica's rows in one SQLite file. Thread-safe (one connection, one lock)."""
+    """One shard replica's rows in one SQLite file. Thread-safe (at most one connection,
+    one lock). ``open_stores``: the bound on open connections it counts against."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], open_stores: OpenStores | None = None):
         self.path = Path(path)
         self._lock = threading.RLock()
         self._images = 0  # file images handed out and not yet closed
-        # The one connection; None once closed. Only ever read or replaced under _lock:
-        # install_image swaps it and StoreSet.drop closes it while requests are in flight.
+        # The connection; None while idle or once closed. Only ever read or replaced under
+        # _lock: install_image swaps it, StoreSet.drop and OpenStores close it while
+        # requests are in flight.
         self._conn: sqlite3.Connection | None = None
+        self._closed = False  # for good: every later call raises StoreClosed
+        self._open_stores = open_stores
+        # The meta table as committed (loaded on every connect, updated on commit), and
+        # what the transaction in progress set; None outside a transaction.
+        self._meta: dict[str, int] = {}
+        self._pending: dict[str, int] | None = None
+        # MAX(lsn) and COUNT(*) of the rows; None until read after a change.
+        self._max_row_lsn: int | None = None
+        self._rows: int | None = None
+        self.connects = 0  # times the file was opened (for tests and logs)
         self._connect()
+        if open_stores is not None:
+            open_stores.opened(self)
 
     def _connect(self) -> None:
         """Open the file (creating it) as the store's connection. A file that cannot be
@@ -222,20 +250,41 @@ class ShardStore:
             db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._conn = db
             self._create_or_migrate()
+            self._meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
         except BaseException as exc:
             self._conn = None
             db.close()
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"cannot open {self.path.name}: {exc}") from exc
             raise
+        self.connects += 1
+
+    def _reopen(self) -> sqlite3.Connection:
+        """Open an idle store's file again (under ``_lock``) and count it as open; close
+        the least recently used ones beyond the bound."""
+        self._connect()
+        db = self._conn
+        assert db is not None
+        if self._open_stores is not None:
+            self._open_stores.opened(self)
+            self._open_stores.shed(keep=self)
+        return db
 
     @property
     def _db(self) -> sqlite3.Connection:
-        """The open connection; callers hold ``_lock``. Raises StoreClosed after close()."""
+        """The connection, opened again if it was idle; callers hold ``_lock``. Raises
+        StoreClosed after close()."""
+        self._check_open()
         db = self._conn
         if db is None:
-            raise StoreClosed(f"{self.path.name} is closed")
+            return self._reopen()
+        if self._open_stores is not None:
+            self._open_stores.used(self)
         return db
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"{self.path.name} is closed")
 
     def _create_or_migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -253,13 +302,37 @@ class ShardStore:
         """Close the connection; every later call raises StoreClosed. Waits for the call
         in progress (they hold the lock), so none of them meets a closed connection."""
         with self._lock:
-            db, self._conn = self._conn, None
-            if db is not None:
-                db.close()
+            self._closed = True
+            self._drop_connection()
+
+    def close_idle(self) -> bool:
+        """Close the connection but keep the store usable: its next call opens the file
+        again. Callers hold ``_lock``. Returns whether a connection was closed (not in the
+        middle of a transaction)."""
+        db = self._conn
+        if db is None or self._pending is not None:
+            return False
+        if self._max_row_lsn is None:  # keep it known while idle: writes read it first
+            self._max_row_lsn = db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+        self._drop_connection()
+        return True
+
+    def _drop_connection(self) -> None:
+        db, self._conn = self._conn, None
+        if self._open_stores is not None:
+            self._open_stores.closed(self)
+        if db is not None:
+            db.close()  # the last one checkpoints the WAL into the file and removes it
 
     @property
     def closed(self) -> bool:
-        return self._conn is None
+        """Closed for good (not merely idle)."""
+        return self._closed
+
+    @property
+    def connected(self) -> bool:
+        """Whether the store holds an open connection now."""
+        return self._conn is not None
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self)
@@ -347,7 +420,13 @@ class ShardStore:
             return self._max_lsn()
 
     def _max_lsn(self) -> int:
-        found = self._db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+        found = self._max_row_lsn
+        if found is None or self._pending is not None:  # a transaction may have written
+            found = self._db.execute("SELECT COALESCE(MAX(lsn), 0) FROM rows").fetchone()[0]
+            if self._pending is None:
+                self._max_row_lsn = found
+        else:
+            self._check_open()
         return max(found, self._get_meta(META_HORIZON))
 
     def _check_horizon(self, after: int) -> None:
@@ -431,7 +510,12 @@ class ShardStore:
 
         The caller vouches that every in-sync replica has passed ``upto``: each of them
         then holds every delete up to there, and needs no tombstone to learn it again.
+        A horizon that would not move is seen from the markers in memory, without a
+        connection: an idle store, compacted once, is not opened again by every round.
         """
+        with self._lock:
+            if min(upto, self.sync_lsn()) <= self.horizon():
+                return 0
         with self._transaction():
             sync = self._get_meta(META_SYNC_LSN)
             horizon = min(upto, sync)
@@ -448,9 +532,13 @@ class ShardStore:
             return self._db.execute("SELECT COUNT(*) FROM rows WHERE tombstone = 1").fetchone()[0]
 
     def count(self) -> int:
-        """Number of rows, tombstones included."""
+        """Number of rows, tombstones included (kept from the last count until a write)."""
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+            if self._rows is None:
+                self._rows = self._db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+            else:
+                self._check_open()
+            return self._rows
 
     def iter_by_key(self) -> Iterator[Row]:
         """All rows in key order; materialised under the lock so writers are not blocked long."""
@@ -471,19 +559,25 @@ class ShardStore:
             return self._get_meta(name, default)
 
     def _get_meta(self, name: str, default: int = 0) -> int:
-        found = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-        return found[0] if found else default
+        """From memory: the committed value, or the one the transaction in progress set."""
+        self._check_open()
+        if self._pending is not None and name in self._pending:
+            return self._pending[name]
+        return self._meta.get(name, default)
 
     def set_meta(self, name: str, value: int) -> None:
         with self._transaction():
             self._set_meta(name, value)
 
     def _set_meta(self, name: str, value: int) -> None:
+        """Within a transaction; the value is kept in memory once it commits."""
+        assert self._pending is not None, "meta is set within a transaction"
         self._db.execute(
             "INSERT INTO meta (name, value) VALUES (?, ?)"
             " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
             (name, value),
         )
+        self._pending[name] = value
 
     # -- file images (snapshot copies) ---------------------------------------------------
 
@@ -541,8 +635,8 @@ class ShardStore:
                 "SELECT key, value, lsn, tombstone FROM rows WHERE lsn > ?",
                 (max(sync, keep_after),),
             ).fetchall()
-            db, self._conn = self._conn, None
-            db.close()  # the last connection: its WAL is checkpointed and removed
+            self._drop_connection()  # the last connection: its WAL is checkpointed, removed
+            self._max_row_lsn = self._rows = None  # the file's rows are the image's now
             try:
                 for suffix in ("-wal", "-shm"):
                     Path(f"{self.path}{suffix}").unlink(missing_ok=True)
@@ -550,7 +644,11 @@ class ShardStore:
             finally:
                 # The image, or the old file if the swap failed; if even that cannot be
                 # opened (a full disk), the store stays closed and says so (StoreClosed).
-                self._connect()
+                try:
+                    self._reopen()
+                except StoreError:
+                    self._closed = True
+                    raise
             with self._transaction():
                 self._db.executemany(_UPSERT_NEWER, mine)
                 if synced:
@@ -622,90 +720,45 @@ class _Transaction:
     """``BEGIN IMMEDIATE`` .. ``COMMIT`` under the store lock; rolls back on error.
 
     The connection is looked up only once the lock is held: an image swap or a close
-    replaces it under that lock, and one taken before would be a closed connection."""
+    replaces it under that lock, and one taken before would be a closed connection.
+    What the store keeps in memory (markers, ``max_lsn``, row count) changes only once
+    the transaction commits."""
 
     def __init__(self, store: ShardStore):
         self._store = store
         self._db: sqlite3.Connection | None = None
+        self._before = 0
 
     def __enter__(self) -> None:
-        self._store._lock.acquire()
+        store = self._store
+        store._lock.acquire()
         try:
-            self._db = self._store._db
+            self._db = store._db
             self._db.execute("BEGIN IMMEDIATE")
+            self._before = self._db.total_changes
+            store._pending = {}
         except BaseException:
-            self._store._lock.release()
+            store._lock.release()
             raise
 
     def __exit__(self, exc_type: object, *_rest: object) -> None:
+        store = self._store
         try:
-            assert self._db is not None
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            assert self._db is not None and store._pending is not None
+            if exc_type:
+                self._db.execute("ROLLBACK")
+                return
+            changed = self._db.total_changes != self._before
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                # Whether it committed is unknown: reading the file again will tell.
+                store._max_row_lsn = store._rows = None
+                store._drop_connection()
+                raise
+            if changed or store._pending:
+                store._meta.update(store._pending)
+                store._max_row_lsn = store._rows = None
         finally:
-            self._store._lock.release()
-
-
-class StoreSet:
-    """The shard stores of one agent, one file each under ``data_dir``. Thread-safe.
-
-    A dropped store is not deleted but put in ``trash`` (if given), so that no single
-    plan, right or wrong, destroys a shard's data at once (see agents.trash).
-    """
-
-    def __init__(self, data_dir: str | os.PathLike[str], trash: Trash | None = None):
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.trash = trash
-        self._lock = threading.Lock()
-        self._open: dict[int, ShardStore] = {}
-
-    def path_for(self, shard: int) -> Path:
-        return self.data_dir / f"shard-{shard:06d}.sqlite3"
-
-    def incoming_path(self, shard: int) -> Path:
-        """Where a file image being copied in lands (not a store until installed)."""
-        return self.data_dir / f"shard-{shard:06d}.sqlite3.incoming"
-
-    def on_disk(self) -> set[int]:
-        """Shards with a store file, open or not (what survives an agent restart)."""
-        found = set()
-        for path in self.data_dir.glob("shard-*.sqlite3"):
-            digits = path.stem.removeprefix("shard-")
-            if digits.isdigit():
-                found.add(int(digits))
-        return found
-
-    def open(self, shard: int) -> ShardStore:
-        """The shard's store, created empty if it has none yet."""
-        with self._lock:
-            store = self._open.get(shard)
-            if store is None:
-                store = self._open[shard] = ShardStore(self.path_for(shard))
-            return store
-
-    def get(self, shard: int) -> ShardStore | None:
-        """The shard's store if it is open, else None (the shard is not held here)."""
-        with self._lock:
-            return self._open.get(shard)
-
-    def drop(self, shard: int, reason: str = "dropped") -> None:
-        """Close the shard's store and put its files in the trash (delete them if there is
-        no trash). A partial image being copied in is deleted: it holds nothing yet."""
-        with self._lock:
-            store = self._open.pop(shard, None)
-        if store is not None:
-            store.close()
-        base = self.path_for(shard)
-        for suffix in (".incoming", ".incoming-wal", ".incoming-shm"):
-            Path(f"{base}{suffix}").unlink(missing_ok=True)
-        files = [Path(f"{base}{suffix}") for suffix in ("", "-wal", "-shm")]
-        if self.trash is not None:
-            self.trash.keep(shard, files, reason)
-        for f in files:
-            f.unlink(missing_ok=True)
-
-    def close_all(self) -> None:
-        with self._lock:
-            stores, self._open = list(self._open.values()), {}
-        for store in stores:
-            store.close()
+            store._pending = None
+            store._lock.release()

@@ -56,7 +56,8 @@ import click
 
 from agents.dataplane import DataPlane, ShardRoute, ShardTable, copy_shard
 from agents.shardsm import ShardState
-from agents.store import StoreSet, make_lsn
+from agents.store import make_lsn
+from agents.storeset import StoreSet
 from shardkeeper.peer import PeerClient
 from shardkeeper.wire import Row
 

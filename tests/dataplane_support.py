@@ -14,7 +14,7 @@ import pytest
 
 from agents.dataplane import DataPlane, ShardRoute, ShardTable
 from agents.shardsm import ShardState
-from agents.store import StoreSet
+from agents.storeset import StoreSet
 from shardkeeper.peer import PeerClient, Reply
 
 TOKEN = "test-cluster-token"  # what clients hold

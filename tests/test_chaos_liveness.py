@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.store import StoreSet
+from agents.storeset import StoreSet
 from bench.chaos import disk
 from bench.common import unsettled
 from shardkeeper import admin

@@ -166,6 +166,45 @@ def test_primary_and_replicas_purge_deletes_all_of_them_had(cluster, trio):
     assert cluster.client.get(p.address, SHARD, b"k000001").value == b"v1"
 
 
+def test_rounds_over_idle_shards_open_no_store_until_a_write(cluster, trio):
+    """Issue 14: an agent keeps few stores open, and compaction visits every shard every
+    round; a shard compacted to its horizon with nothing written since needs no work, and
+    its markers come from memory, so a round opens none of its stores again."""
+    p, r1, r2 = trio
+    load(cluster.client, p, 30)
+    for i in range(0, 30, 3):
+        cluster.client.delete(p.address, SHARD, f"k{i:06d}".encode())
+    clock = Clock()
+    compactors = [compactor(n, clock) for n in trio]
+
+    def rounds() -> None:
+        for c in compactors:
+            c.round()
+
+    rounds()
+    clock.now = 11
+    rounds()
+    rounds()  # the row counts changed by the purge are read once more
+    assert {n.store.horizon() for n in trio} == {p.store.sync_lsn()}
+    for n in trio:
+        with n.store._lock:
+            n.store.close_idle()
+    connects = [n.store.connects for n in trio]
+    for _ in range(3):
+        clock.now += 11
+        rounds()
+    assert [n.store.connects for n in trio] == connects, "a round opened an idle store"
+    assert not any(n.store.connected for n in trio)
+    # A new delete: the stores are written (opened), and the next rounds purge it.
+    cluster.client.delete(p.address, SHARD, b"k000001")
+    rounds()
+    clock.now += 11
+    rounds()
+    assert {n.store.horizon() for n in trio} == {p.store.sync_lsn()}
+    assert all(n.store.tombstones() == 0 for n in trio)
+    assert compactors[0].purged == 11
+
+
 def test_no_horizon_while_a_copy_is_in_flight_or_a_replica_is_silent(cluster, trio):
     p, r1, r2 = trio
     load(cluster.client, p, 10)

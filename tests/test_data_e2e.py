@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from agents.store import StoreSet
+from agents.storeset import StoreSet
 from shardkeeper.cli.data import load_key, load_value
 from shardkeeper.client import DataClient, DataError
 from shardkeeper.poll import poll_until

@@ -21,7 +21,8 @@ from agents.shardsm import (
     StartBootstrap,
     Synced,
 )
-from agents.store import StoreSet, make_lsn
+from agents.store import make_lsn
+from agents.storeset import StoreSet
 from shardkeeper.peer import PeerClient, PeerError, PeerUnavailable
 from shardkeeper.poll import poll_until
 from tests import dataplane_support

@@ -14,7 +14,7 @@ from agents.dataplane import transfer
 from agents.dataplane.repair import copy_shard
 from agents.dataplane.transfer import CopyCancelled, fetch_snapshot
 from agents.shardsm import ShardState
-from agents.store import StoreSet
+from agents.storeset import StoreSet
 from shardkeeper.peer import PeerClient, PeerError, PeerUnavailable
 from shardkeeper.poll import poll_until
 from tests import dataplane_support

@@ -6,7 +6,7 @@ import time
 
 from kazoo.exceptions import BadVersionError
 
-from agents.store import StoreSet
+from agents.storeset import StoreSet
 from shardkeeper.layout import AgentPlan, PlanMeta, decode_epoch
 from shardkeeper.poll import poll_until
 from tests.harness import Cluster

@@ -10,11 +10,11 @@ from agents.store import (
     ShardStore,
     StoreBusy,
     StoreError,
-    StoreSet,
     lsn_term,
     make_lsn,
     next_lsn,
 )
+from agents.storeset import StoreSet
 from shardkeeper.wire import Row
 
 

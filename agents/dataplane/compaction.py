@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 from agents.dataplane.table import ShardRoute, ShardTable
 from agents.shardsm import ShardState
-from agents.store import StoreError, StoreSet
+from agents.store import StoreError
+from agents.storeset import StoreSet
 from shardkeeper.peer import PeerClient, PeerError
 from shardkeeper.wire import shard_path
 

@@ -65,9 +65,9 @@ from agents.store import (
     StoreBusy,
     StoreClosed,
     StoreError,
-    StoreSet,
     next_lsn,
 )
+from agents.storeset import StoreSet
 from shardkeeper.peer import PeerClient
 from shardkeeper.token import Tokens, accepted
 from shardkeeper.wire import (

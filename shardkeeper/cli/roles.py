@@ -72,11 +72,17 @@ def agent() -> None:
               help="On SIGTERM, wait at most this many seconds for the leader to move the"
               " agent's primaries to in-sync replicas before closing its session (0: close"
               " it at once). Env: SHARDKEEPER_HANDOFF_TIMEOUT.")
+@click.option("--open-stores", type=click.IntRange(1, 100_000), default=64,
+              show_default=True, envvar="SHARDKEEPER_OPEN_STORES",
+              help="Most shard stores kept open at once (one SQLite connection, ~150 KiB,"
+              " each); the least recently used beyond it are closed and reopened on their"
+              " next use. Env: SHARDKEEPER_OPEN_STORES.")
 @log_options
 @operator_errors
 def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: float,
               listen: str, data_dir: Path, session_timeout: float, trash_keep: float,
-              handoff_timeout: float, log_level: str, log_format: str) -> None:
+              handoff_timeout: float, open_stores: int, log_level: str,
+              log_format: str) -> None:
     """Register with the cluster and hold the replicas the plan gives this agent."""
     from agents.runtime import Agent, HealthServer
     from shardkeeper.process import run_until_signal, setup_logging
@@ -91,7 +97,7 @@ def agent_run(target: ZkTarget, paths: Paths, agent_id: str, zone: str, weight: 
     setup_logging(log_level, log_format.lower(), "agent", agent_id)
     a = Agent(target, paths.cluster, agent_id, address=f"{host}:{port}", zone=zone,
               weight=weight, data_dir=data_dir, session_timeout=session_timeout,
-              trash_keep=trash_keep, handoff_timeout=handoff_timeout)
+              trash_keep=trash_keep, handoff_timeout=handoff_timeout, open_stores=open_stores)
     try:
         health = HealthServer(a, host, port)
     except OSError as e:
@@ -147,7 +153,7 @@ def trash_restore(data_dir: Path, entry: str) -> None:
     """Put ENTRY's shard files back. On its next start the agent uses them if its plan
     places the shard here (move a replica here with `shardkeeper move` if needed)."""
     from agents.runtime import DataDirLock
-    from agents.store import StoreSet
+    from agents.storeset import StoreSet
     from agents.trash import Trash, TrashError
 
     lock = DataDirLock(data_dir)
