@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.placement_mass import uneven_members
 from coordinator.placement import Member, Placement, fair_shares, place
 from tests.test_placement import SOAK, check_plan, eligible, expected_zone_cap, loads, zone_of
 
@@ -250,13 +251,8 @@ def check_valid(p: Placement, members: list[Member], shards: int, replicas: int)
 
 def uneven_thousand(seed: int) -> list[Member]:
     """1,000 members, weights 0.001 to 100, five zones of about 180, a tenth zone-less and a
-    zone of one: the class of bench.placement's mass changes."""
-    rnd = random.Random(seed)
-    members = [Member("m0000", "solo", round(10 ** rnd.uniform(-3, 2), 3))]
-    for i in range(1, 1000):
-        zone = "" if rnd.random() < 0.1 else f"z{rnd.randrange(1, 6)}"
-        members.append(Member(f"m{i:04d}", zone, round(10 ** rnd.uniform(-3, 2), 3)))
-    return members
+    zone of one: the cluster of bench.placement's mass changes, built by the bench itself."""
+    return uneven_members(Member, seed)
 
 
 def test_merging_two_zones_of_a_thousand_members():
