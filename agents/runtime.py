@@ -77,7 +77,7 @@ from tenacity import (
 )
 
 from agents import shardsm
-from agents.dataplane import DataPlane, ShardRoute
+from agents.dataplane import DataPlane
 from agents.handler import KVShardHandler, ShardHandler
 from agents.host import DataDirInUse, DataDirLock, HealthServer  # noqa: F401 - for the CLI
 from agents.leaderlink import LeaderLink
@@ -94,10 +94,11 @@ from agents.shardsm import (
     SetWritable,
     ShardEvent,
 )
-from agents.shardsm.views import referenced_agents, target_of
+from agents.shardsm.views import referenced_agents
 from agents.store import StoreError
 from agents.storeset import DEFAULT_OPEN_STORES, StoreSet
 from agents.trash import DEFAULT_KEEP_SECONDS, Trash
+from agents.turnwork import Routes, Statuses, Targets
 from agents.work import Job, ShardWork
 from shardkeeper import __version__
 from shardkeeper.layout import (
@@ -106,7 +107,6 @@ from shardkeeper.layout import (
     MemberInfo,
     Paths,
     PlanMeta,
-    ShardStatus,
     decode_liveness,
 )
 from shardkeeper.peer import PeerClient
@@ -195,6 +195,15 @@ class Agent:
         self.stop_event = threading.Event()
         self.state = AgentState()
         self.addresses: dict[str, str] = {}
+        # The plan znode as last decoded (its unchanged assignments are taken over), and
+        # what the turn builds from the state, each redone only where it changed.
+        self._stored: AgentPlan | None = None
+        self.targets = Targets()
+        self.routes = Routes(self.table, address)
+        self.statuses = Statuses()
+        # Bumped by the members watch; per agent, its value when its address was read.
+        self._members_seen = 0
+        self._checked: dict[str, int] = {}
         self.client: KazooClient | None = None
         self._session = Session.CONNECTED
         self._must_register = False
@@ -230,6 +239,7 @@ class Agent:
     def set_address(self, address: str) -> None:
         """The data plane's real address, once bound (``--listen HOST:0``); before run()."""
         self.address = address
+        self.routes.me = address
         self.info = dataclasses.replace(self.info, address=address)
 
     @property
@@ -440,6 +450,7 @@ class Agent:
             if not watching:
                 for path in (self.paths.token, self.paths.peer_token):  # rotations
                     self.client.DataWatch(path, lambda *_: self.inbox.put(("tokens",)))
+                self.client.ChildrenWatch(self.paths.members, self._on_members)
                 self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
                 # A plan written ahead of its commit is acted on once plan/meta catches up.
                 self.client.DataWatch(self.paths.plan_meta, self._on_plan)
@@ -653,7 +664,7 @@ class Agent:
                          " writes one (keeping %d shards' data)", len(self.state.shards))
             return None
         try:
-            stored = AgentPlan.decode(path, data)
+            stored = AgentPlan.decode(path, data, self._stored)
         except CorruptZnode as e:
             self._refuse(f"damaged: {e}")
             return None
@@ -665,8 +676,9 @@ class Agent:
             return None
         self._refusal = ""
         self._plan_current = True
+        self._stored = stored
         self._read_addresses(referenced_agents(stored.replicas))
-        targets = {s: target_of(a, self.address_of) for s, a in stored.replicas.items()}
+        targets = self.targets.build(stored.replicas, self.addresses, self.address_of)
         level = logging.INFO if stored.generation != self.applied_generation else logging.DEBUG
         log.log(level, "read plan generation %d: %d replicas", stored.generation, len(targets))
         return shardsm.Plan(stored.generation, targets, stored.epoch)
@@ -693,18 +705,32 @@ class Agent:
         except (NoNodeError, CorruptZnode):
             return None
 
+    def _on_members(self, _children: list[str]) -> bool:
+        """Members came or went: a new incarnation may listen at a new address, so every
+        address known is read again before it is used, and the targets built anew."""
+        self._members_seen += 1
+        self.inbox.put(("plan",))
+        return not self.stop_event.is_set()
+
     def _read_addresses(self, ids: Iterable[str]) -> None:
+        """The addresses of the agents ``ids`` that are not known yet, or were read before
+        members last changed (a plan step names the same agents again and again, and an
+        agent's address changes only with its member znode, which the watch sees)."""
+        seen, checked = self._members_seen, self._checked
         pending = {
-            i: self.client.get_async(self.paths.member(i)) for i in sorted(ids) if i != self.id
+            i: self.client.get_async(self.paths.member(i)) for i in sorted(ids)
+            if i != self.id and checked.get(i, -1) < seen
         }
         for agent, result in pending.items():
             try:
                 data, _ = result.get()
                 self.addresses[agent] = MemberInfo.decode(self.paths.member(agent), data).address
             except NoNodeError:
-                continue  # departed: keep the last known address, the plan will move on
+                pass  # departed: keep the last known address, the plan will move on
             except CorruptZnode as e:
                 log.error("ignoring member: %s", e)
+                continue  # read again next time
+            checked[agent] = seen
 
     def address_of(self, agent: str) -> str:
         if agent == self.id:
@@ -747,23 +773,12 @@ class Agent:
 
     # -- the data plane's table ---------------------------------------------------------
     def _refresh_table(self) -> None:
-        serving = shardsm.serving(self.state, self.address)
-        for shard in set(self.table.routes()) - set(serving):
-            self.table.remove(shard)
-        for shard, serve in serving.items():
-            # Field by field, not dataclasses.asdict: this runs for every shard each turn,
-            # and asdict deep-copies (it was a third of a busy agent's turn).
-            route = ShardRoute(serve.state, serve.term, serve.primary, serve.in_sync,
-                               serve.bootstrapping)
-            if route != self.table.route(shard):
-                self.table.set_route(shard, route)
+        self.routes.refresh(self.state)
 
     # -- status -------------------------------------------------------------------------
     def status(self) -> AgentStatus:
         """status/<id> as the state machine last reported it."""
-        shards = {e.shard: ShardStatus(str(e.state), e.lsn, e.catching_up, e.reason)
-                  for e in self._report.shards}
-        return AgentStatus(self.id, self._report.generation, shards, self._refusal)
+        return self.statuses.status(self.id, self._report, self._refusal)
 
     def report(self) -> None:
         """Write status/<id>; if ZooKeeper is unavailable, try again shortly."""

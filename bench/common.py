@@ -545,7 +545,8 @@ class ClusterWatch:
                 self._changed()
                 return False
             with contextlib.suppress(CorruptZnode):
-                self.statuses[agent] = AgentStatus.decode(self.paths.agent_status(agent), data)
+                self.statuses[agent] = AgentStatus.decode(self.paths.agent_status(agent), data,
+                                                          self.statuses.get(agent))
             self._changed()
             return True
 

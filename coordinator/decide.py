@@ -11,7 +11,7 @@ de-duplication of audit events. No ZooKeeper, no clock: ``now`` comes in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from coordinator import policy
@@ -203,7 +203,7 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
         audit.add("copy-failed", f"{agent}'s copy of shard {shard} from {source} failed"
                   f" ({why}): {then}", gen)
     down = track_down(memory.down, memory.live_before, live, now,
-                      holding={a for p in memory.plan.shards for a in p.holders})
+                      holds=lambda a: any(a in p.holders for p in memory.plan.shards))
     # The acknowledgement a leaving agent waits for: the primaries it must keep (no other
     # in-sync replica to take them), so that it leaves as soon as nothing more can move.
     kept = {a: sum(1 for p in step.plan if p.primary == a) for a in sorted(leaving)}
@@ -260,11 +260,12 @@ def decide(memory: Memory, inputs: Inputs, *, paths: Paths, leader: str, epoch: 
 
 
 def track_down(down: Mapping[str, float], before: frozenset[str], live: frozenset[str],
-               now: float, holding: set[str]) -> dict[str, float]:
+               now: float, holds: Callable[[str], bool]) -> dict[str, float]:
     """Departed members -> since when, for `status`: kept for DOWN_VISIBLE after they
-    left, or as long as they still hold replicas; a returning member is up again."""
+    left, or as long as they still hold replicas (``holds``, asked only past that); a
+    returning member is up again."""
     out = {a: t for a, t in down.items()
-           if a not in live and (now - t < DOWN_VISIBLE or a in holding)}
+           if a not in live and (now - t < DOWN_VISIBLE or holds(a))}
     for agent in before - live:
         out.setdefault(agent, now)
     return out
@@ -330,25 +331,45 @@ def steer_maintenance(
     return wanted
 
 
-def caught_up(plan: PlanState, statuses: Mapping[str, AgentStatus]) -> set[tuple[str, int]]:
+class CaughtUp:
     """(agent, shard) pairs reported in sync by an agent that applied a plan at least as
     new as its assignment for that shard (``PlanState.assigned_at``): a later change to
     its other shards does not make the report stale. Requiring its latest plan instead
-    held joins back while re-replication rewrote every agent's plan at each step."""
-    out = set()
-    for agent, status in statuses.items():
-        mine = plan.agents.get(agent)
-        if mine is None:
-            continue
-        held = mine.replicas
-        if status.generation >= mine.generation:  # no assignment is newer than that
-            out.update((agent, s) for s, st in status.shards.items()
-                       if s in held and st.in_sync)
-        else:  # plan.assigned_at, inlined: this runs for every replica while copies run
-            aged, since, gen = plan.assigned.get, mine.generation, status.generation
-            out.update((agent, s) for s, st in status.shards.items()
-                       if s in held and st.in_sync and gen >= aged((agent, s), since))
-    return out
+    held joins back while re-replication rewrote every agent's plan at each step.
+
+    A view, answered one pair at a time from the reports: a pass asks only about the
+    copies in flight, and building the set of every replica in the cluster was a fifth
+    of a leader pass while copies ran (4,096 shards at R=3). Iterating it lists them all.
+    """
+
+    __slots__ = ("plan", "statuses")
+
+    def __init__(self, plan: PlanState, statuses: Mapping[str, AgentStatus]):
+        self.plan, self.statuses = plan, statuses
+
+    def __contains__(self, pair: object) -> bool:
+        agent, shard = pair  # type: ignore[misc]
+        mine = self.plan.agents.get(agent)
+        status = self.statuses.get(agent)
+        if mine is None or status is None or shard not in mine.replicas:
+            return False
+        reported = status.shards.get(shard)
+        if reported is None or not reported.in_sync:
+            return False
+        # No assignment is newer than the agent's plan znode; else its own age counts.
+        return (status.generation >= mine.generation
+                or status.generation >= self.plan.assigned.get((agent, shard),
+                                                               mine.generation))
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        for agent, status in self.statuses.items():
+            for shard in status.shards:
+                if (agent, shard) in self:
+                    yield agent, shard
+
+
+def caught_up(plan: PlanState, statuses: Mapping[str, AgentStatus]) -> CaughtUp:
+    return CaughtUp(plan, statuses)
 
 
 def failed_copies(plan: PlanState, statuses: Mapping[str, AgentStatus]
@@ -360,31 +381,52 @@ def failed_copies(plan: PlanState, statuses: Mapping[str, AgentStatus]
         mine = plan.agents.get(agent)
         if mine is None:
             continue
-        for shard, st in status.shards.items():
-            if st.state == "ERROR" and shard in mine.replicas and (
-                    status.generation >= plan.assigned_at(agent, shard)):
-                out[(agent, shard)] = st.reason
+        for shard, reason in status.errors().items():
+            if shard in mine.replicas and status.generation >= plan.assigned_at(agent, shard):
+                out[(agent, shard)] = reason
     return out
 
 
-def fenced_successors(plan: PlanState, statuses: Mapping[str, AgentStatus]
-                      ) -> set[tuple[str, int]]:
+class Fenced:
     """(agent, shard): the replicas each shard's primary knows in sync, per the latest plan
     znode it was written and has applied (its status says so). The primary forwards to
     them with must-ack; once one takes a new term it refuses those forwards, so a handover
     to it leaves the old primary nothing it could still acknowledge. A replica that joined
     in a plan the primary has not applied yet gets its writes only best effort: promoted
     then, it could miss writes the old primary acknowledged after its catch-up (found by
-    bench.chaos; issue 13)."""
-    out = set()
-    for agent, mine in plan.agents.items():
-        status = statuses.get(agent)
-        if status is None or status.generation < mine.generation:
-            continue
-        for shard, assignment in mine.replicas.items():
-            if assignment.role == Role.PRIMARY:
-                out.update((peer, shard) for peer in assignment.peers)
-    return out
+    bench.chaos; issue 13).
+
+    A view like :class:`CaughtUp`: the shard's primary is the one its shard plan names.
+    """
+
+    __slots__ = ("plan", "statuses")
+
+    def __init__(self, plan: PlanState, statuses: Mapping[str, AgentStatus]):
+        self.plan, self.statuses = plan, statuses
+
+    def __contains__(self, pair: object) -> bool:
+        agent, shard = pair  # type: ignore[misc]
+        shards = self.plan.shards
+        if not isinstance(shard, int) or not 0 <= shard < len(shards):
+            return False
+        primary = shards[shard].primary
+        mine = self.plan.agents.get(primary) if primary is not None else None
+        status = self.statuses.get(primary) if primary is not None else None
+        if mine is None or status is None or status.generation < mine.generation:
+            return False
+        assignment = mine.replicas.get(shard)
+        return (assignment is not None and assignment.role == Role.PRIMARY
+                and agent in assignment.peers)
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        for shard, shard_plan in enumerate(self.plan.shards):
+            for agent in shard_plan.replicas[1:]:
+                if (agent, shard) in self:
+                    yield agent, shard
+
+
+def fenced_successors(plan: PlanState, statuses: Mapping[str, AgentStatus]) -> Fenced:
+    return Fenced(plan, statuses)
 
 
 def describe_step(step: Step, generation: int, audit: _Audit) -> None:

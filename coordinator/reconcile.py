@@ -40,7 +40,7 @@ shard that was never placed is created empty on its target.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Container, Sequence
 from dataclasses import dataclass, field, replace
 
 from shardkeeper.plan import ShardPlan
@@ -117,7 +117,7 @@ class _Tally:
 def fail_over(
     shard: ShardPlan, target: Sequence[str], live: Collection[str],
     caught_up: Collection[str], tally: _Tally, failed: Collection[str] = (), index: int = -1,
-    fenced: Collection[str] | None = None,
+    fenced: Container[str] | None = None,
 ) -> tuple[list[str], list[tuple[str, str]]] | None:
     """Steps 1 and 2: drop departed replicas, re-point or join bootstraps; re-point or
     withdraw the copies in ``failed`` (agents whose copy of this shard failed).
@@ -186,7 +186,7 @@ def start_copies(
 
 
 def hand_off(in_sync: list[str], target: Sequence[str], tally: _Tally,
-             fenced: Collection[str] | None = None) -> bool:
+             fenced: Container[str] | None = None) -> bool:
     """A leaving agent holds no primary: give it to an in-sync replica that stays and that
     it knows in sync (``fenced``; the target's primary if it is one, else the first such
     replica of the target, else any). In sync means it applied every acknowledged write,
@@ -213,7 +213,7 @@ def hand_off(in_sync: list[str], target: Sequence[str], tally: _Tally,
 def settle(
     in_sync: list[str], boot: list[tuple[str, str]], target: Sequence[str],
     paused: bool, tally: _Tally, min_in_sync: int = 0,
-    fenced: Collection[str] | None = None, primary_before: str | None = None,
+    fenced: Container[str] | None = None, primary_before: str | None = None,
     primary_settled: bool = True,
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Steps 4 and 5: promote the target's primary, then drop what the target no longer has.
@@ -274,13 +274,13 @@ def next_step(
     current: Sequence[ShardPlan],
     target: Sequence[Sequence[str]],
     live: Collection[str],
-    caught_up: Collection[tuple[str, int]],
+    caught_up: Container[tuple[str, int]],
     throttle: Throttle = DEFAULT_THROTTLE,
     min_in_sync: int = 0,
     failed: Collection[tuple[str, int]] = (),
     leaving: Collection[str] = (),
-    fenced: Collection[tuple[str, int]] | None = None,
-    settled: Collection[tuple[str, int]] | None = None,
+    fenced: Container[tuple[str, int]] | None = None,
+    settled: Container[tuple[str, int]] | None = None,
 ) -> Step:
     """One step toward ``target`` (shard -> agents, primary first, as placement returns).
 
@@ -295,11 +295,13 @@ def next_step(
     ``settled`` are the (agent, shard) primaries that report their promotion finished
     under their latest plan: a shard drops replicas only while its primary is one of them
     and stays primary (None: no such check; a step that changes the primary never drops).
+
+    ``caught_up``, ``fenced`` and ``settled`` are only asked about the shards off their
+    target, one pair at a time: the leader passes views that answer from the agents'
+    reports (``coordinator.decide``) instead of sets of every replica in the cluster.
     """
     live = set(live)
-    caught = set(caught_up)
     leaving = frozenset(leaving)
-    settled_set = set(settled or ())
     broken: dict[int, set[str]] = {}
     for agent, s in failed:
         broken.setdefault(s, set()).add(agent)
@@ -308,19 +310,14 @@ def next_step(
     tally = _Tally(throttle, leaving=leaving)
     staged: dict[int, tuple[list[str], list[tuple[str, str]]]] = {}
     unavailable: list[int] = []
-    successors: dict[int, set[str]] | None = None
-    if fenced is not None:
-        successors = {}
-        for agent, s in fenced:
-            successors.setdefault(s, set()).add(agent)
     for s, shard in enumerate(shards):
         if shard.replicas == tuple(target[s]) and not shard.bootstrapping and all(
             a in live for a in shard.replicas
         ) and not (shard.replicas and shard.replicas[0] in leaving):
             continue  # already at its target: the common case, kept cheap at 100k shards
-        joined = {a for a, _ in shard.bootstrapping if (a, s) in caught}
+        joined = {a for a, _ in shard.bootstrapping if (a, s) in caught_up}
         result = fail_over(shard, target[s], live, joined, tally, broken.get(s, ()), s,
-                           None if successors is None else successors.get(s, set()))
+                           None if fenced is None else _OfShard(fenced, s))
         if result is None:
             unavailable.append(s)
         else:
@@ -333,8 +330,8 @@ def next_step(
     for s, (in_sync, boot) in staged.items():
         primary = shards[s].primary
         in_sync, boot = settle(in_sync, boot, target[s], throttle.paused, tally, min_in_sync,
-                               None if successors is None else successors.get(s, set()),
-                               primary, settled is None or (primary, s) in settled_set)
+                               None if fenced is None else _OfShard(fenced, s),
+                               primary, settled is None or (primary, s) in settled)
         # The term stays the shard's own until with_terms stamps a changed primary.
         plan[s] = ShardPlan(tuple(in_sync), tuple(boot), shards[s].term)
     in_flight = sum(len(p.bootstrapping) for p in plan)
@@ -352,6 +349,18 @@ def next_step(
         retried=tuple(tally.retried),
         handovers_waiting=tally.handovers_waiting,
     )
+
+
+class _OfShard:
+    """The agents ``pairs`` names for one shard, as a container of agent ids."""
+
+    __slots__ = ("pairs", "shard")
+
+    def __init__(self, pairs: Container[tuple[str, int]], shard: int):
+        self.pairs, self.shard = pairs, shard
+
+    def __contains__(self, agent: object) -> bool:
+        return (agent, self.shard) in self.pairs
 
 
 def with_terms(

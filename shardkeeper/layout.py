@@ -26,12 +26,24 @@ Layout under ``/shardkeeper/<cluster>`` (docs/architecture.md has the contracts)
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardkeeper.vocab import HOLDING, CorruptZnode, Role, ShardState
+from shardkeeper.znodejson import (  # noqa: F401 - the codecs' helpers, used by many
+    MAX_SHARD,
+    decode_object,
+    encode,
+)
+from shardkeeper.znodejson import count as _count
+from shardkeeper.znodejson import encode_with as _encode_with
+from shardkeeper.znodejson import entries as _entries
+from shardkeeper.znodejson import field as _field
+from shardkeeper.znodejson import number as _number
+from shardkeeper.znodejson import shard as _shard
+from shardkeeper.znodejson import show as _show
+from shardkeeper.znodejson import text as _text
 
 STATES = frozenset(str(s) for s in ShardState)
 
@@ -185,88 +197,10 @@ class Paths:
         ]
 
 
-def encode(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
-
-
-# Bounds on what a decoder accepts: a damaged or forged znode must not become a huge or
-# non-finite number that later code trusts (an LSN, a generation, a shard index).
-MAX_COUNT = (1 << 63) - 1  # fits SQLite's INTEGER and ZooKeeper's versions
-MAX_SHARD = 999_999  # shard numbers are below config.MAX_SHARDS
-
-
-def decode_object(path: str, data: bytes | None) -> dict[str, Any]:
-    """The znode's JSON object, or CorruptZnode: never another exception, whatever the
-    bytes (invalid UTF-8, deep nesting, numbers past Python's int-string limit, ...)."""
-    if not data:
-        raise CorruptZnode(f"{path}: empty znode")
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeError included
-        raise CorruptZnode(f"{path}: not valid JSON ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise CorruptZnode(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _field(path: str, obj: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in obj:
-        raise CorruptZnode(f"{path}: missing field {key!r}")
-    value = obj[key]
-    # bool is an int subclass: a JSON true must not pass as a count.
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise CorruptZnode(f"{path}: field {key!r} must be a number, got {value!r}")
-    if not isinstance(value, kind):
-        raise CorruptZnode(f"{path}: field {key!r} has the wrong type ({_show(value)})")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise CorruptZnode(f"{path}: field {key!r} must be finite, got {value!r}")
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_COUNT:
-        raise CorruptZnode(f"{path}: field {key!r} is out of range")
-    return value
-
-
-def _count(path: str, obj: dict[str, Any], key: str, default: int | None = None) -> int:
-    """A non-negative integer field (a generation, an epoch, an LSN, a count)."""
-    if key not in obj and default is not None:
-        return default
-    value = _field(path, obj, key, int)
-    if value < 0:
-        raise CorruptZnode(f"{path}: field {key!r} must be >= 0, got {value}")
-    return value
-
-
-def _number(path: str, obj: dict[str, Any], key: str, default: float | None = None) -> float:
-    if key not in obj and default is not None:
-        return default
-    return float(_field(path, obj, key, (int, float)))
-
-
-def _text(path: str, obj: dict[str, Any], key: str, default: str | None = None,
-          limit: int = 4096) -> str:
-    if key not in obj and default is not None:
-        return default
-    value = _field(path, obj, key, str)
-    if len(value) > limit:
-        raise CorruptZnode(f"{path}: field {key!r} is longer than {limit} characters")
-    return value
-
-
-def _shard(path: str, key: Any) -> int:
-    """A shard number used as a JSON object key: ASCII digits, within range."""
-    if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 6):
-        raise CorruptZnode(f"{path}: bad shard number {_show(key)}")
-    return int(key)
-
-
 def _names(path: str, value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(valid_name(a) for a in value):
         raise CorruptZnode(f"{path}: {what} must be a list of agent ids, got {_show(value)}")
     return tuple(value)
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -401,24 +335,25 @@ class AgentPlan:
         """The same bytes as :func:`encode` of the whole object, built from each
         assignment's cached JSON: the leader rewrites an agent's plan of thousands of
         assignments when one of them changes, and most are the same objects as before."""
-        entries = sorted((str(s), a.json_text()) for s, a in self.replicas.items())
-        body = ",".join(f'"{s}":{a}' for s, a in entries)
-        return (f'{{"epoch":{int(self.epoch)},"generation":{int(self.generation)},'
-                f'"replicas":{{{body}}}}}').encode()
+        fields = {"epoch": int(self.epoch), "generation": int(self.generation)}
+        return _encode_with(fields, "replicas", self.replicas)
 
     @classmethod
-    def decode(cls, path: str, data: bytes | None) -> AgentPlan:
+    def decode(cls, path: str, data: bytes | None, previous: AgentPlan | None = None
+               ) -> AgentPlan:
+        """``previous``: the plan last decoded from the same znode; its unchanged
+        assignments are taken over, the very objects (see :func:`_entries`)."""
         obj = decode_object(path, data)
-        raw = _field(path, obj, "replicas", dict)
-        replicas: dict[int, Assignment] = {}
-        for key, entry in raw.items():
-            shard = _shard(path, key)
-            replicas[shard] = Assignment.from_json(path, key, entry)
-        return cls(
+        replicas, seen = _entries(
+            path, _field(path, obj, "replicas", dict), previous,
+            lambda shard, entry: Assignment.from_json(path, str(shard), entry))
+        plan = cls(
             generation=_count(path, obj, "generation"),
             epoch=_count(path, obj, "epoch"),
             replicas=replicas,
         )
+        object.__setattr__(plan, "_entries", seen)
+        return plan
 
 
 @dataclass(frozen=True)
@@ -568,6 +503,14 @@ class ShardStatus:
             entry["reason"] = self.reason[:300]
         return entry
 
+    def json_text(self) -> str:
+        """``encode`` as JSON text, made once per instance (see Assignment.json_text)."""
+        text = self.__dict__.get("_text")
+        if text is None:
+            text = encode(self.encode()).decode()
+            object.__setattr__(self, "_text", text)
+        return text
+
 
 @dataclass(frozen=True)
 class AgentStatus:
@@ -580,38 +523,51 @@ class AgentStatus:
     # then writes that agent's plan afresh.
     refused: str = ""
 
+    def errors(self) -> dict[int, str]:
+        """shard -> reason, for the shards reported in ERROR; worked out once per
+        instance (it is frozen), since the leader asks each pass and most report none."""
+        found = self.__dict__.get("_errors")
+        if found is None:
+            found = {s: st.reason for s, st in self.shards.items() if st.state == "ERROR"}
+            object.__setattr__(self, "_errors", found)
+        return found
+
     def encode(self) -> bytes:
-        obj: dict[str, Any] = {
-            "agent": self.agent,
-            "generation": self.generation,
-            "shards": {str(s): st.encode() for s, st in sorted(self.shards.items())},
-        }
+        """The same bytes as :func:`encode` of the whole object, from each entry's cached
+        JSON: an agent reports hundreds of shards and most entries are the same objects
+        as in its previous report."""
+        fields: dict[str, Any] = {"agent": self.agent, "generation": self.generation}
         if self.refused:
-            obj["refused"] = self.refused
-        return encode(obj)
+            fields["refused"] = self.refused
+        return _encode_with(fields, "shards", self.shards)
 
     @classmethod
-    def decode(cls, path: str, data: bytes | None) -> AgentStatus:
+    def decode(cls, path: str, data: bytes | None, previous: AgentStatus | None = None
+               ) -> AgentStatus:
+        """``previous``: the status last decoded from the same znode, whose unchanged
+        entries are taken over instead of decoded again (see :func:`_entries`)."""
         obj = decode_object(path, data)
-        raw = _field(path, obj, "shards", dict)
-        shards: dict[int, ShardStatus] = {}
-        for key, entry in raw.items():
-            shard = _shard(path, key)
+
+        def entry_of(shard: int, entry: Any) -> ShardStatus:
             state = entry.get("state") if isinstance(entry, dict) else None
             if not isinstance(state, str) or state not in STATES:
                 raise CorruptZnode(f"{path}: bad entry for shard {shard}: {_show(entry)}")
-            shards[shard] = ShardStatus(
+            return ShardStatus(
                 state=entry["state"],
                 lsn=_count(path, entry, "lsn", 0),
                 catching_up=entry.get("catching_up") is True,
                 reason=_text(path, entry, "reason", "", limit=300),
             )
-        return cls(
+
+        shards, seen = _entries(path, _field(path, obj, "shards", dict), previous, entry_of)
+        status = cls(
             agent=_text(path, obj, "agent", limit=64),
             generation=_count(path, obj, "generation"),
             shards=shards,
             refused=_text(path, obj, "refused", "", limit=1024),
         )
+        object.__setattr__(status, "_entries", seen)
+        return status
 
 
 def encode_epoch(leader: str, liveness: str = "") -> bytes:

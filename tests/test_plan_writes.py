@@ -141,7 +141,7 @@ def test_an_assignment_keeps_its_age_while_the_agents_other_shards_change() -> N
     assert second.assigned_at("b", 0) == 1 and second.assigned_at("b", 1) == 2
     done = {"b": AgentStatus("b", 1, {0: ShardStatus("REPLICA"), 1: ShardStatus("PRIMARY")}),
             "a": AgentStatus("a", 2, {0: ShardStatus("PRIMARY")})}
-    assert caught_up(second, done) == {("b", 0), ("a", 0)}, "b's copy of 0 is current"
+    assert set(caught_up(second, done)) == {("b", 0), ("a", 0)}, "b's copy of 0 is current"
     # Once shard 0's own assignment changes, the old report no longer counts.
     _, third = write(second, (ShardPlan(("a",), (("b", "c"),), term=1), changed[1]),
                      ["a", "b", "c"])
@@ -149,3 +149,65 @@ def test_an_assignment_keeps_its_age_while_the_agents_other_shards_change() -> N
     # A new term of the leader knows no ages: the agent's plan generation, never older.
     fresh = PlanState(meta=third.meta, agents=third.agents, shards=third.shards)
     assert fresh.assigned_at("b", 0) == third.agents["b"].generation
+
+
+def caught_up_in_full(plan: PlanState, statuses) -> set[tuple[str, int]]:
+    """The oracle: every reported replica checked, as the leader did before the views."""
+    out = set()
+    for agent, status in statuses.items():
+        mine = plan.agents.get(agent)
+        if mine is None:
+            continue
+        for s, st_ in status.shards.items():
+            if s in mine.replicas and st_.in_sync and (
+                    status.generation >= plan.assigned_at(agent, s)):
+                out.add((agent, s))
+    return out
+
+
+def fenced_in_full(plan: PlanState, statuses) -> set[tuple[str, int]]:
+    out = set()
+    for agent, mine in plan.agents.items():
+        status = statuses.get(agent)
+        if status is None or status.generation < mine.generation:
+            continue
+        for shard, a in mine.replicas.items():
+            if a.role == Role.PRIMARY:
+                out.update((peer, shard) for peer in a.peers)
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(shard_plans, min_size=1, max_size=12), min_size=1, max_size=5),
+       st.randoms(use_true_random=False))
+def test_the_leaders_report_views_answer_as_the_full_sets_would(history, rnd) -> None:
+    """CaughtUp and Fenced answer pair by pair what scanning every report gave, along
+    plan histories with reports of every age, state and staleness."""
+    from coordinator.decide import caught_up, failed_copies, fenced_successors
+    from shardkeeper.layout import AgentStatus, ShardStatus
+
+    state = PlanState()
+    members = ["a", "b", "c", "d", "e"]
+    for rows in history:
+        _, state = write(state, tuple(rows), members)
+        statuses = {}
+        for agent in members:
+            if rnd.random() < 0.2:
+                continue  # no report from this one
+            shards = {s: ShardStatus(rnd.choice(["REPLICA", "PRIMARY", "BOOTSTRAPPING",
+                                                 "ERROR"]), catching_up=rnd.random() < 0.3,
+                                     reason="boom")
+                      for s in range(14) if rnd.random() < 0.6}
+            statuses[agent] = AgentStatus(agent, rnd.randint(0, state.generation), shards)
+        caught, fenced = caught_up(state, statuses), fenced_successors(state, statuses)
+        want_caught, want_fenced = caught_up_in_full(state, statuses), fenced_in_full(
+            state, statuses)
+        assert set(caught) == want_caught and set(fenced) == want_fenced
+        for agent in [*members, "zz"]:
+            for s in range(-1, 15):
+                assert ((agent, s) in caught) == ((agent, s) in want_caught)
+                assert ((agent, s) in fenced) == ((agent, s) in want_fenced)
+        assert failed_copies(state, statuses) == {
+            (a, s): "boom" for a, status in statuses.items() for s, st_ in status.shards.items()
+            if st_.state == "ERROR" and a in state.agents and s in state.agents[a].replicas
+            and status.generation >= state.assigned_at(a, s)}

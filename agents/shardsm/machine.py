@@ -401,9 +401,16 @@ def worth_reporting(step: _Step) -> bool:
 
 
 def status_report(shards: Mapping[int, ShardRecord], generation: int) -> ReportStatus:
-    entries = tuple(
-        ShardReport(shard, record.state, record.lsn, record.unsettled,
-                    (record.reason or "") if record.state == ShardState.ERROR else "")
-        for shard, record in sorted(shards.items())
-    )
-    return ReportStatus(generation, entries)
+    return ReportStatus(generation, tuple(report_of(shard, record)
+                                          for shard, record in sorted(shards.items())))
+
+
+def report_of(shard: int, record: ShardRecord) -> ShardReport:
+    """The status entry of one shard, made once per record (records are frozen, and a
+    report repeats hundreds of unchanged ones): the same object while the record is."""
+    made = record.__dict__.get("_report")
+    if made is None or made.shard != shard:
+        made = ShardReport(shard, record.state, record.lsn, record.unsettled,
+                           (record.reason or "") if record.state == ShardState.ERROR else "")
+        object.__setattr__(record, "_report", made)
+    return made

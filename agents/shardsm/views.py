@@ -54,23 +54,29 @@ def serving(agent: AgentState, me: str) -> dict[int, Serve]:
     targets = agent.plan.targets if agent.plan else {}
     out: dict[int, Serve] = {}
     for shard, record in agent.shards.items():
-        if record.served is None:
-            continue
-        if record.served == ShardState.PRIMARY:
-            target = targets.get(shard)
-            if target is not None and target.role == Role.PRIMARY:
-                in_sync, copying = target.peers, target.bootstrapping
-            else:
-                in_sync, copying = (), ()
-            out[shard] = Serve(ShardState.PRIMARY, record.term, me, in_sync, copying)
-        elif record.state == ShardState.PRIMARY:
-            # Being promoted: it serves as a replica until Promoted, and names no primary,
-            # so clients are told to retry (503) rather than sent back to the old primary,
-            # which has been demoted and would send them here again.
-            out[shard] = Serve(record.served, record.term, None)
-        else:
-            out[shard] = Serve(record.served, record.term, record.primary)
+        serve = serve_of(record, targets.get(shard), me)
+        if serve is not None:
+            out[shard] = serve
     return out
+
+
+def serve_of(record: ShardRecord, target: Target | None, me: str) -> Serve | None:
+    """What the data plane serves for one shard (None: nothing), from its record and its
+    target alone: the shell rebuilds only the routes whose record or target changed."""
+    if record.served is None:
+        return None
+    if record.served == ShardState.PRIMARY:
+        if target is not None and target.role == Role.PRIMARY:
+            in_sync, copying = target.peers, target.bootstrapping
+        else:
+            in_sync, copying = (), ()
+        return Serve(ShardState.PRIMARY, record.term, me, in_sync, copying)
+    if record.state == ShardState.PRIMARY:
+        # Being promoted: it serves as a replica until Promoted, and names no primary,
+        # so clients are told to retry (503) rather than sent back to the old primary,
+        # which has been demoted and would send them here again.
+        return Serve(record.served, record.term, None)
+    return Serve(record.served, record.term, record.primary)
 
 
 def cancels(new: ShardAction, running: ShardAction) -> bool:
