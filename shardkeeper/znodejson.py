@@ -93,11 +93,25 @@ def show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _text_key(fragment: tuple[int, str, str]) -> str:
+    return fragment[1]
+
+
 def encode_with(fields: dict[str, Any], name: str, items: dict[int, Any]) -> bytes:
     """:func:`encode` of ``fields`` plus ``name``: an object of shard -> entry, built
     from each entry's ``json_text()`` (keys sorted as text, as ``sort_keys`` does)."""
-    body = ",".join(f'"{s}":{made}' for s, made in
-                    sorted((str(s), e.json_text()) for s, e in items.items()))
+    made = []
+    for s, e in items.items():
+        # Each entry keeps its '"shard":json' text (entries are frozen, and most are the
+        # same objects as in the agent's previous plan or status).
+        fragment = e.__dict__.get("_fragment")
+        if fragment is None or fragment[0] != s:
+            key = str(s)
+            fragment = (s, key, f'"{key}":{e.json_text()}')
+            object.__setattr__(e, "_fragment", fragment)
+        made.append(fragment)
+    made.sort(key=_text_key)
+    body = ",".join([f[2] for f in made])
     parts = {key: json.dumps(value, separators=(",", ":"), sort_keys=True)
              for key, value in fields.items()}
     parts[name] = f"{{{body}}}"

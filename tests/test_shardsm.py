@@ -159,6 +159,21 @@ def test_failed_copies_retry_then_error_then_recover_on_a_newer_plan():
     assert shard_actions(d) == [StartBootstrap(0, "b:1")]
 
 
+def test_a_failed_copy_is_retried_by_a_newer_generation_with_the_very_same_target():
+    """The shell carries unchanged targets over as the same objects; ERROR still resets
+    under a newer generation (reconcile must not skip it as already followed)."""
+    limits = Limits(max_bootstraps=2, max_copy_retries=0)
+    target = Target(R, 1, source="a:1")
+    d = connected(plan=Plan(1, {0: target}), limits=limits)
+    d = reconcile(d.agent, events=[done(d, CopyFailed, 0, "timeout")], limits=limits)
+    assert states(d.agent) == {0: S.ERROR}
+    d = reconcile(d.agent, plan=Plan(1, {0: target}), limits=limits)
+    assert states(d.agent) == {0: S.ERROR}, "the same generation does not retry"
+    d = reconcile(d.agent, plan=Plan(2, {0: target}), limits=limits)
+    assert states(d.agent) == {0: S.BOOTSTRAPPING}
+    assert shard_actions(d) == [StartBootstrap(0, "a:1")]
+
+
 def test_primary_change_during_a_copy_starts_it_over():
     d = connected(plan=Plan(1, {0: Target(R, 1, source="a:1", primary="a:1")}))
     d = reconcile(d.agent, plan=Plan(2, {0: Target(R, 2, source="b:1", primary="b:1")}))
@@ -647,3 +662,34 @@ def test_what_the_machine_serves_is_the_data_planes_route_field_for_field():
     from agents.shardsm import Serve
 
     assert [f.name for f in fields(Serve)] == [f.name for f in fields(ShardRoute)]
+
+
+# Histories whose plans carry some of the previous plan's Target objects over (as the
+# shell does: an unchanged assignment keeps its target), under new generations too.
+reused_steps = st.lists(
+    st.tuples(st.none() | plans, st.lists(st.sampled_from(SHARDS), max_size=3),
+              st.lists(events, max_size=4), st.sampled_from(list(Session))),
+    min_size=1, max_size=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(reused_steps, limit_sets)
+def test_skipping_what_was_followed_before_decides_as_following_everything(steps, limits):
+    """reconcile skips shards whose record and target are the objects it followed last
+    time; run in lockstep with a machine that forgets that (follows every shard), it
+    must take the same decisions, including ERROR shards under a newer generation."""
+    quick = full = AgentState()
+    last_plan = None
+    for drawn_plan, keep, drawn, session in steps:
+        plan = drawn_plan
+        if plan is not None and last_plan is not None:
+            carried = {s: t for s, t in last_plan.targets.items() if s in keep}
+            plan = Plan(plan.generation, {**plan.targets, **carried})
+        evs = [bind(quick, e) for e in drawn]
+        a = reconcile(quick, plan=plan, events=evs, session=session, limits=limits)
+        b = reconcile(replace(full, followed={}), plan=plan, events=evs, session=session,
+                      limits=limits)
+        assert a.actions == b.actions and a.transitions == b.transitions
+        assert a.agent == b.agent
+        quick, full = a.agent, b.agent
+        last_plan = plan if plan is not None else last_plan

@@ -97,9 +97,9 @@ def reconcile(
         forget_sources(step)
     for event in events:
         apply_event(step, event, targets, generation, limits)
+    followed: dict[int, tuple[ShardRecord, Target]] = {}
     if session != Session.LOST:
-        for shard in sorted(set(step.shards) | set(targets)):
-            follow_target(step, shard, targets.get(shard), generation)
+        follow_targets(step, targets, generation, agent.followed, followed)
         start_waiting_bootstraps(step, targets, limits)
 
     forget_idle(step, targets)
@@ -107,7 +107,8 @@ def reconcile(
     step.actions.extend(unfence_actions)
     if worth_reporting(step) or step.synced or generation != agent.applied_generation:
         step.actions.append(status_report(step.shards, generation))
-    new_agent = AgentState(shards=step.shards, plan=applied, session=session, work=step.work)
+    new_agent = AgentState(shards=step.shards, plan=applied, session=session, work=step.work,
+                           followed=followed)
     return Decision(new_agent, tuple(step.actions), tuple(step.transitions))
 
 
@@ -247,6 +248,31 @@ def copy_failed(step: _Step, shard: int, reason: str, generation: int, limits: L
     step.move(shard, retry, StartBootstrap(shard, record.source, attempts))
 
 
+def follow_targets(step: _Step, targets: Mapping[int, Target], generation: int,
+                   before: Mapping[int, tuple[ShardRecord, Target]],
+                   followed: dict[int, tuple[ShardRecord, Target]]) -> None:
+    """``follow_target`` for every shard held or targeted, in shard order, except those
+    whose record and target are the very objects a previous reconcile followed to (same
+    decision: following is idempotent, tests/test_shardsm.py checks the two agree). A
+    plan step changes a few of an agent's hundreds of targets, so this is most of a
+    turn saved. ``followed`` receives the pairs as this reconcile leaves them."""
+    record_of = step.record
+    todo = [shard for shard in step.shards if shard not in targets]
+    for shard, target in targets.items():
+        record = record_of(shard)
+        last = before.get(shard)
+        if (last is not None and last[0] is record and last[1] is target
+                and record.state != ShardState.ERROR):
+            followed[shard] = last
+        else:
+            todo.append(shard)
+    for shard in sorted(todo):
+        target = targets.get(shard)
+        follow_target(step, shard, target, generation)
+        if target is not None:
+            followed[shard] = (record_of(shard), target)
+
+
 def follow_target(step: _Step, shard: int, target: Target | None, generation: int) -> None:
     """Move one shard toward its target, except starting copies (that is rationed later)."""
     record = step.record(shard)
@@ -328,11 +354,13 @@ def follow_as_replica(step: _Step, shard: int, record: ShardRecord, target: Targ
 def start_waiting_bootstraps(step: _Step, targets: Mapping[int, Target], limits: Limits) -> None:
     """Start copies for OFFLINE shards with a source, in shard order, while slots remain."""
     free = limits.max_bootstraps - step.bootstrapping()
-    for shard in sorted(targets):
+    if free <= 0:
+        return
+    for shard in sorted(s for s, t in targets.items() if t.source is not None):
         if free <= 0:
             return
         target = targets[shard]
-        if step.record(shard).state != ShardState.OFFLINE or target.source is None:
+        if step.record(shard).state != ShardState.OFFLINE:
             continue
         record = ShardRecord(
             state=ShardState.BOOTSTRAPPING,

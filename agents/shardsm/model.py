@@ -180,6 +180,11 @@ class AgentState:
     plan: Plan | None = None
     session: Session = Session.LOST
     work: int = 0  # the last work number issued
+    # shard -> (record, target) as the last reconcile left them after following the
+    # target: following the very same pair again changes nothing (unless in ERROR, which a
+    # newer generation resets), so the next reconcile skips it. Not part of the state.
+    followed: Mapping[int, tuple[ShardRecord, Target]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @property
     def applied_generation(self) -> int:
