@@ -31,7 +31,7 @@ from kazoo.exceptions import (
     SessionExpiredError,
 )
 
-from coordinator.decide import Inputs, Memory, decide
+from coordinator.decide import Inputs, Memory, decide, still_dead
 from coordinator.liveness import LivenessServer
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.recover import rebuild
@@ -152,6 +152,7 @@ class LeaderTerm:
         self.liveness: LivenessServer | None = None
         # (agent, started) of member incarnations whose process is known dead.
         self.dead: set[tuple[str, float]] = set()
+        self.dead_lock = threading.Lock()  # _died runs on the liveness server's thread
         self.paths = paths
         self.leader_id = leader_id
         self.lost = lost
@@ -378,25 +379,27 @@ class LeaderTerm:
         return info.address if info else None
 
     def _died(self, agent: str, started: float) -> None:
-        self.dead.add((agent, started))
+        with self.dead_lock:
+            self.dead.add((agent, started))
         self.wake.set()
 
     def read_inputs(self, now: float) -> Inputs:
         config, config_error = self.read_config()
         members = self.members.snapshot()
-        # A dead incarnation's member znode goes when its session expires: forget it then.
-        self.dead &= {(a, info.started) for a, info in members.items()}
+        statuses = self.statuses.snapshot()
+        with self.dead_lock:
+            self.dead, dead = still_dead(self.dead, members, statuses)
         return Inputs(
             now=now,
             config=config,
             config_error=config_error,
             members=members,
-            statuses=self.statuses.snapshot(),
+            statuses=statuses,
             maintenance=self.read_maintenance(),
             draining=frozenset(self.client.get_children(self.paths.drains)),
             moves=tuple(self.read_moves()),
             rebalance=self.rebalance_requested(),
-            dead=frozenset(a for a, info in members.items() if (a, info.started) in self.dead),
+            dead=dead,
         )
 
     def reconcile(self, now: float) -> None:

@@ -307,3 +307,29 @@ def test_only_replicas_the_primary_applied_as_peers_are_fenced_successors() -> N
     assert set(fenced_successors(plan, statuses)) == {("b", 0), ("a", 1), ("c", 1)}
     del statuses["a"]
     assert set(fenced_successors(plan, statuses)) == {("a", 1), ("c", 1)}
+
+
+def test_a_dead_agent_stays_departed_while_its_session_s_znodes_go_one_by_one() -> None:
+    """ZooKeeper deletes an expired session's member and status znodes one at a time; in
+    between, the dead agent must not come back (a spurious join doubled the copies)."""
+    from coordinator.decide import still_dead
+
+    live = members("a1", "a2", "a3", "a4")
+    memory, now, _ = settle(Memory(), 100.0, live)
+    statuses = in_sync_statuses(memory, live)
+    gone = {a: m for a, m in live.items() if a != "a4"}
+    dead = {("a4", live["a4"].started)}
+    kept, agents = still_dead(dead, live, statuses)  # killed: both znodes still there
+    assert agents == {"a4"}
+    out = run(memory, now, live, statuses=statuses, dead=agents)
+    assert "member-left" in [e.kind for e in out.audit]
+    memory = out.memory
+    kept, agents = still_dead(kept, gone, statuses)  # member znode gone, status not yet
+    assert agents == {"a4"}, "its status alone must not make it live again"
+    out = run(memory, now + 0.1, gone, statuses=statuses, dead=agents)
+    assert "member-joined" not in [e.kind for e in out.audit]
+    assert "a4" not in out.memory.live_before
+    without = {a: s for a, s in statuses.items() if a != "a4"}
+    assert still_dead(kept, gone, without) == (set(), frozenset()), "session over: forgotten"
+    again = {**gone, "a4": replace(live["a4"], started=live["a4"].started + 5)}
+    assert still_dead(kept, again, statuses) == (set(), frozenset()), "a new incarnation"
