@@ -120,6 +120,11 @@ log = logging.getLogger(__name__)
 # so that a copy from it fails (and is retried) instead of looking like a new, empty shard.
 UNREACHABLE = "127.0.0.1:1"
 RETRY_DELAY = 0.2  # before re-trying a failed ZooKeeper read or status write
+# How long a report that only acknowledges a new plan generation may wait for one that
+# carries it anyway (a finished copy, a promotion): re-replication rewrites every agent's
+# plan at each step, and each acknowledgement was a whole status write. The leader reads
+# a late acknowledgement only as "not applied yet", the cautious side.
+ACK_DELAY = 0.25
 # Other agents' addresses are read, not watched: read again this often when idle (an
 # agent that restarts at a new address without a plan change is found this way).
 REFRESH_SECONDS = 5.0
@@ -148,6 +153,7 @@ class _Inputs:
     stop: bool = False
     leave: bool = False  # SIGTERM: hand off, then stop
     tokens: bool = False  # a token znode changed (a rotation step): read both again
+    ack: bool = False  # ACK_DELAY passed: write a deferred acknowledgement
 
 
 class Agent:
@@ -211,6 +217,8 @@ class Agent:
         self._plan_current = False
         self._pruned = False
         self._report = ReportStatus(0, ())  # the status the machine last asked for
+        self._ack_due = False  # a deferred acknowledgement waits for its ACK_DELAY
+        self._reported = False  # status written in this turn
         self._written: dict[str, bytes] = {}  # path -> what we last wrote to our znodes
         # ... and what we wrote before that: a watch callback may read the previous write
         # and run only after the next one was recorded.
@@ -495,6 +503,8 @@ class Agent:
             inputs.status = True
         elif kind == "tokens":
             inputs.tokens = True
+        elif kind == "ack":
+            inputs.ack = True
         elif kind == "register":
             self._must_register = True
         elif kind == "session":
@@ -540,12 +550,10 @@ class Agent:
         self.state = decision.agent
         for t in decision.transitions:
             log.info("shard %d: %s -> %s", t.shard, t.before, t.after)
-        reported = False
+        self._reported = False
         for action in decision.actions:
-            if isinstance(action, ReportStatus):
-                reported = True
             self._carry_out(action)
-        if inputs.status and not reported:
+        if (inputs.status or (inputs.ack and self._ack_due)) and not self._reported:
             self.report()
         if plan is not None and not self._pruned:
             self._prune_unowned()
@@ -760,7 +768,13 @@ class Agent:
             self.table.set_serving(action.serving)
         elif isinstance(action, ReportStatus):
             self._report = action
-            self.report()
+            if action.urgent:
+                self.report()
+            elif not self._ack_due:  # at most one acknowledgement waits
+                self._ack_due = True
+                timer = threading.Timer(ACK_DELAY, self.inbox.put, args=(("ack",),))
+                timer.daemon = True
+                timer.start()
         else:
             if isinstance(action, shardsm.StartBootstrap):
                 try:
@@ -782,6 +796,7 @@ class Agent:
 
     def report(self) -> None:
         """Write status/<id>; if ZooKeeper is unavailable, try again shortly."""
+        self._reported, self._ack_due = True, False
         path = self.paths.agent_status(self.id)
         data = self.status().encode()
         self._remember(path, data)

@@ -29,6 +29,7 @@ from agents.shardsm import (
     Session,
     SetServing,
     SetWritable,
+    ShardRecord,
     ShardReport,
     StartBootstrap,
     StartDrop,
@@ -137,8 +138,9 @@ def test_replica_repairs_when_its_primary_changes():
     d = connected(plan=Plan(1, {0: Target(R, 1, primary="a:1")}))
     d = reconcile(d.agent, plan=Plan(2, {0: Target(R, 2, primary="b:1")}))
     assert shard_actions(d) == [Repair(0, "b:1", 2)]
+    # Nothing but the generation changed: a report that may wait (ACK_DELAY).
     assert reconcile(d.agent, plan=Plan(3, {0: Target(R, 2, primary="b:1")})).actions == (
-        ReportStatus(3, d.actions[-1].shards),
+        ReportStatus(3, d.actions[-1].shards, urgent=False),
     )
 
 
@@ -693,3 +695,21 @@ def test_skipping_what_was_followed_before_decides_as_following_everything(steps
         assert a.agent == b.agent
         quick, full = a.agent, b.agent
         last_plan = plan if plan is not None else last_plan
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories, limit_sets)
+def test_a_change_the_leader_acts_on_is_reported_at_once(history, limits):
+    """Only a report that acknowledges nothing but a new generation (or a replica that
+    still catches up) may wait; a state change the leader counts, or a finished sync, is
+    reported urgently in the same decision."""
+    for _before, _inputs, decision in run(history, limits):
+        reports = [a for a in decision.actions if isinstance(a, ReportStatus)]
+        counted = [t for t in decision.transitions
+                   if not (t.after == S.REPLICA and decision.agent.shards.get(
+                       t.shard, ShardRecord()).catching_up)]
+        if counted:
+            assert reports and all(r.urgent for r in reports), (counted, reports)
+        if reports and not reports[-1].urgent:
+            assert not counted and decision.agent.plan is not None
+            assert reports[-1].generation == decision.agent.plan.generation

@@ -105,8 +105,9 @@ def reconcile(
     forget_idle(step, targets)
     prune_superseded_copies(step)
     step.actions.extend(unfence_actions)
-    if worth_reporting(step) or step.synced or generation != agent.applied_generation:
-        step.actions.append(status_report(step.shards, generation))
+    urgent = worth_reporting(step) or step.synced
+    if urgent or generation != agent.applied_generation:
+        step.actions.append(status_report(step.shards, generation, urgent))
     new_agent = AgentState(shards=step.shards, plan=applied, session=session, work=step.work,
                            followed=followed)
     return Decision(new_agent, tuple(step.actions), tuple(step.transitions))
@@ -428,9 +429,11 @@ def worth_reporting(step: _Step) -> bool:
     )
 
 
-def status_report(shards: Mapping[int, ShardRecord], generation: int) -> ReportStatus:
+def status_report(shards: Mapping[int, ShardRecord], generation: int,
+                  urgent: bool = True) -> ReportStatus:
     return ReportStatus(generation, tuple(report_of(shard, record)
-                                          for shard, record in sorted(shards.items())))
+                                          for shard, record in sorted(shards.items())),
+                        urgent)
 
 
 def report_of(shard: int, record: ShardRecord) -> ShardReport:

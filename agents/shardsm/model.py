@@ -300,10 +300,16 @@ class ShardReport:
 
 @dataclass(frozen=True)
 class ReportStatus:
-    """Write ``status/<agent>``: the applied generation and every shard's state."""
+    """Write ``status/<agent>``: the applied generation and every shard's state.
+
+    ``urgent`` is False when only the applied generation changed: the shell may then
+    wait a moment (``agents.runtime.ACK_DELAY``) for a report that carries it anyway.
+    While shards are re-replicated nearly every plan step rewrites every agent's plan,
+    and each such acknowledgement rewrote the agent's whole status."""
 
     generation: int
     shards: tuple[ShardReport, ...]
+    urgent: bool = True
 
 
 # Actions after which a replica is in sync only once the handler reports Synced.
