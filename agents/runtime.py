@@ -218,6 +218,8 @@ class Agent:
         self._pruned = False
         self._report = ReportStatus(0, ())  # the status the machine last asked for
         self._ack_due = False  # a deferred acknowledgement waits for its ACK_DELAY
+        self._transitions = 0  # shard state transitions so far, and the metric's count of
+        self._counted: tuple[int, int] | None = None  # them and of shards when published
         self._reported = False  # status written in this turn
         self._written: dict[str, bytes] = {}  # path -> what we last wrote to our znodes
         # ... and what we wrote before that: a watch callback may read the previous write
@@ -328,6 +330,10 @@ class Agent:
 
     def _on_plan(self, _data: bytes | None, _stat: object) -> bool:
         self.inbox.put(("plan",))
+        return not self.stop_event.is_set()
+
+    def _on_meta(self, _data: bytes | None, _stat: object) -> bool:
+        self.inbox.put(("meta",))
         return not self.stop_event.is_set()
 
     def _watch_own(self, path: str, kind: str):
@@ -461,7 +467,7 @@ class Agent:
                 self.client.ChildrenWatch(self.paths.members, self._on_members)
                 self.client.DataWatch(self.paths.plan_agent(self.id), self._on_plan)
                 # A plan written ahead of its commit is acted on once plan/meta catches up.
-                self.client.DataWatch(self.paths.plan_meta, self._on_plan)
+                self.client.DataWatch(self.paths.plan_meta, self._on_meta)
                 self.client.DataWatch(self.paths.epoch, self._on_epoch)
                 for path, kind in ((self.paths.member(self.id), "register"),
                                    (self.paths.agent_status(self.id), "status")):
@@ -505,6 +511,11 @@ class Agent:
             inputs.tokens = True
         elif kind == "ack":
             inputs.ack = True
+        elif kind == "meta":
+            # A new commit point: it matters only to a plan znode refused so far (written
+            # ahead of its commit); our own plan znode's watch reports its changes. Every
+            # plan step commits a new plan/meta, most without touching our plan znode.
+            inputs.plan = inputs.plan or bool(self._refusal)
         elif kind == "register":
             self._must_register = True
         elif kind == "session":
@@ -550,6 +561,7 @@ class Agent:
         self.state = decision.agent
         for t in decision.transitions:
             log.info("shard %d: %s -> %s", t.shard, t.before, t.after)
+        self._transitions += len(decision.transitions)
         self._reported = False
         for action in decision.actions:
             self._carry_out(action)
@@ -613,7 +625,11 @@ class Agent:
         if self.plane is None:
             return
         metrics = self.plane.metrics
-        metrics.replicas(Counter(str(r.state) for r in self.state.shards.values()))
+        shards = self.state.shards
+        # Counted again only when a turn moved a shard or the set of shards changed.
+        if self._counted != (self._transitions, len(shards)):
+            self._counted = (self._transitions, len(shards))
+            metrics.replicas(Counter(str(r.state) for r in shards.values()))
         metrics.zk_connected(self.client is not None and self.client.connected)
         if not self._plan_current:
             metrics.ready(False, "no plan read in this ZooKeeper session yet")
