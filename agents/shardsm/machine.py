@@ -105,8 +105,8 @@ def reconcile(
     forget_idle(step, targets)
     prune_superseded_copies(step)
     step.actions.extend(unfence_actions)
-    urgent = worth_reporting(step) or step.synced
-    if urgent or generation != agent.applied_generation:
+    if worth_reporting(step) or step.synced or generation != agent.applied_generation:
+        urgent = step.synced or leader_acts_on(step)
         step.actions.append(status_report(step.shards, generation, urgent))
     new_agent = AgentState(shards=step.shards, plan=applied, session=session, work=step.work,
                            followed=followed)
@@ -420,11 +420,22 @@ def forget_idle(step: _Step, targets: Mapping[int, Target]) -> None:
 
 
 def worth_reporting(step: _Step) -> bool:
-    """A state change the leader can act on. A shard that became a replica still catching
+    """A state change worth a status write. A shard that became a replica still catching
     up is not one (the leader does not count it yet): its report waits for Synced, which
     halves the status writes while shards copy, each of them a whole status znode."""
     return any(
         not (t.after == ShardState.REPLICA and step.record(t.shard).catching_up)
+        for t in step.transitions
+    )
+
+
+def leader_acts_on(step: _Step) -> bool:
+    """A state change the leader acts on, to report at once: not a copy starting
+    (BOOTSTRAPPING), which it learns all it needs of when the copy ends (in sync, or
+    ERROR); that report may wait a moment for one that carries it anyway."""
+    return any(
+        t.after != ShardState.BOOTSTRAPPING
+        and not (t.after == ShardState.REPLICA and step.record(t.shard).catching_up)
         for t in step.transitions
     )
 

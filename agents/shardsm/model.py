@@ -302,10 +302,11 @@ class ShardReport:
 class ReportStatus:
     """Write ``status/<agent>``: the applied generation and every shard's state.
 
-    ``urgent`` is False when only the applied generation changed: the shell may then
-    wait a moment (``agents.runtime.ACK_DELAY``) for a report that carries it anyway.
-    While shards are re-replicated nearly every plan step rewrites every agent's plan,
-    and each such acknowledgement rewrote the agent's whole status."""
+    ``urgent`` is False when nothing the leader acts on changed (only the applied
+    generation, or a copy started): the shell may then wait a moment
+    (``agents.runtime.ACK_DELAY``) for a report that carries it anyway. While shards are
+    re-replicated nearly every plan step rewrites every agent's plan, and each such
+    acknowledgement rewrote the agent's whole status."""
 
     generation: int
     shards: tuple[ShardReport, ...]
