@@ -54,7 +54,6 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +76,7 @@ from tenacity import (
 )
 
 from agents import shardsm
+from agents.addresses import AddressBook
 from agents.dataplane import DataPlane
 from agents.handler import KVShardHandler, ShardHandler
 from agents.host import DataDirInUse, DataDirLock, HealthServer  # noqa: F401 - for the CLI
@@ -125,8 +125,8 @@ RETRY_DELAY = 0.2  # before re-trying a failed ZooKeeper read or status write
 # plan at each step, and each acknowledgement was a whole status write. The leader reads
 # a late acknowledgement only as "not applied yet", the cautious side.
 ACK_DELAY = 0.25
-# Other agents' addresses are read, not watched: read again this often when idle (an
-# agent that restarts at a new address without a plan change is found this way).
+# When idle, the plan and other agents' addresses are read again this often (see
+# agents/addresses.py: a members watch event may be lost with a session).
 REFRESH_SECONDS = 5.0
 # ZooKeeper errors that a new attempt on the same client may not meet again.
 ZK_TRANSIENT = (ConnectionLoss, SessionExpiredError, OperationTimeoutError)
@@ -200,16 +200,13 @@ class Agent:
         self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.stop_event = threading.Event()
         self.state = AgentState()
-        self.addresses: dict[str, str] = {}
+        self.book = AddressBook(self.paths, agent_id)
         # The plan znode as last decoded (its unchanged assignments are taken over), and
         # what the turn builds from the state, each redone only where it changed.
         self._stored: AgentPlan | None = None
         self.targets = Targets()
         self.routes = Routes(self.table, address)
         self.statuses = Statuses()
-        # Bumped by the members watch; per agent, its value when its address was read.
-        self._members_seen = 0
-        self._checked: dict[str, int] = {}
         self.client: KazooClient | None = None
         self._session = Session.CONNECTED
         self._must_register = False
@@ -359,8 +356,8 @@ class Agent:
             self._before[path] = self._written[path]
         self._written[path] = data
 
-    def _later(self, *item: Any) -> None:
-        timer = threading.Timer(RETRY_DELAY, self.inbox.put, args=(item,))
+    def _later(self, *item: Any, delay: float = RETRY_DELAY) -> None:
+        timer = threading.Timer(delay, self.inbox.put, args=(item,))
         timer.daemon = True
         timer.start()
 
@@ -420,6 +417,7 @@ class Agent:
                 try:
                     first = self.inbox.get(timeout=self._idle_wait())
                 except queue.Empty:
+                    self.book.stale()  # idle: read the plan and the addresses again
                     first = ("plan",)
                 inputs = self._collect(first)
                 if inputs.stop:
@@ -625,8 +623,7 @@ class Agent:
         if self.plane is None:
             return
         metrics = self.plane.metrics
-        shards = self.state.shards
-        # Counted again only when a turn moved a shard or the set of shards changed.
+        shards = self.state.shards  # counted again only if a shard moved, came or went
         if self._counted != (self._transitions, len(shards)):
             self._counted = (self._transitions, len(shards))
             metrics.replicas(Counter(str(r.state) for r in shards.values()))
@@ -701,8 +698,8 @@ class Agent:
         self._refusal = ""
         self._plan_current = True
         self._stored = stored
-        self._read_addresses(referenced_agents(stored.replicas))
-        targets = self.targets.build(stored.replicas, self.addresses, self.address_of)
+        self.book.read(self.client, referenced_agents(stored.replicas))
+        targets = self.targets.build(stored.replicas, self.book.known, self.address_of)
         level = logging.INFO if stored.generation != self.applied_generation else logging.DEBUG
         log.log(level, "read plan generation %d: %d replicas", stored.generation, len(targets))
         return shardsm.Plan(stored.generation, targets, stored.epoch)
@@ -730,36 +727,15 @@ class Agent:
             return None
 
     def _on_members(self, _children: list[str]) -> bool:
-        """Members came or went: a new incarnation may listen at a new address, so every
-        address known is read again before it is used, and the targets built anew."""
-        self._members_seen += 1
+        """Members came or went: a new incarnation may listen at a new address."""
+        self.book.stale()
         self.inbox.put(("plan",))
         return not self.stop_event.is_set()
-
-    def _read_addresses(self, ids: Iterable[str]) -> None:
-        """The addresses of the agents ``ids`` that are not known yet, or were read before
-        members last changed (a plan step names the same agents again and again, and an
-        agent's address changes only with its member znode, which the watch sees)."""
-        seen, checked = self._members_seen, self._checked
-        pending = {
-            i: self.client.get_async(self.paths.member(i)) for i in sorted(ids)
-            if i != self.id and checked.get(i, -1) < seen
-        }
-        for agent, result in pending.items():
-            try:
-                data, _ = result.get()
-                self.addresses[agent] = MemberInfo.decode(self.paths.member(agent), data).address
-            except NoNodeError:
-                pass  # departed: keep the last known address, the plan will move on
-            except CorruptZnode as e:
-                log.error("ignoring member: %s", e)
-                continue  # read again next time
-            checked[agent] = seen
 
     def address_of(self, agent: str) -> str:
         if agent == self.id:
             return self.address
-        return self.addresses.get(agent, UNREACHABLE)
+        return self.book.known.get(agent, UNREACHABLE)
 
     def _prune_unowned(self) -> None:
         """Put aside store files left from an earlier run for shards the plan does not
@@ -788,9 +764,7 @@ class Agent:
                 self.report()
             elif not self._ack_due:  # at most one acknowledgement waits
                 self._ack_due = True
-                timer = threading.Timer(ACK_DELAY, self.inbox.put, args=(("ack",),))
-                timer.daemon = True
-                timer.start()
+                self._later("ack", delay=ACK_DELAY)
         else:
             if isinstance(action, shardsm.StartBootstrap):
                 try:

@@ -88,8 +88,8 @@ def test_targets_taken_over_from_the_last_plan_equal_targets_built_afresh(
     for replicas, addresses, keep in steps:
         if keep:  # the next znode carries some of the same assignment objects over
             replicas = {**replicas, **{s: a for s, a in last.items() if s % 2}}
-        agent.addresses.update(addresses)
-        got = agent.targets.build(replicas, agent.addresses, agent.address_of)
+        agent.book.known.update(addresses)
+        got = agent.targets.build(replicas, agent.book.known, agent.address_of)
         assert got == {s: target_of(a, agent.address_of) for s, a in replicas.items()}
         last = replicas
 
