@@ -145,13 +145,20 @@ def compactor(node, clock: Clock, grace: float = 10.0) -> Compactor:
     return Compactor(node.stores, node.table, lambda: PEER_TOKEN, grace, clock=clock)
 
 
+def with_every_third_deleted(cluster, trio, keys: int) -> tuple[Clock, list[Compactor]]:
+    """``keys`` written through the primary, every third deleted; a clock and a
+    compactor per node of ``trio``."""
+    primary = trio[0]
+    load(cluster.client, primary, keys)
+    for i in range(0, keys, 3):
+        cluster.client.delete(primary.address, SHARD, f"k{i:06d}".encode())
+    clock = Clock()
+    return clock, [compactor(n, clock) for n in trio]
+
+
 def test_primary_and_replicas_purge_deletes_all_of_them_had(cluster, trio):
     p, r1, r2 = trio
-    load(cluster.client, p, 300)
-    for i in range(0, 300, 3):
-        cluster.client.delete(p.address, SHARD, f"k{i:06d}".encode())
-    clock = Clock()
-    compactors = [compactor(n, clock) for n in trio]
+    clock, compactors = with_every_third_deleted(cluster, trio, 300)
     compactors[0].round()  # measures: every replica acked every write
     assert p.store.horizon() == 0, "not before the grace"
     clock.now = 11
@@ -171,11 +178,7 @@ def test_rounds_over_idle_shards_open_no_store_until_a_write(cluster, trio):
     round; a shard compacted to its horizon with nothing written since needs no work, and
     its markers come from memory, so a round opens none of its stores again."""
     p, r1, r2 = trio
-    load(cluster.client, p, 30)
-    for i in range(0, 30, 3):
-        cluster.client.delete(p.address, SHARD, f"k{i:06d}".encode())
-    clock = Clock()
-    compactors = [compactor(n, clock) for n in trio]
+    clock, compactors = with_every_third_deleted(cluster, trio, 30)
 
     def rounds() -> None:
         for c in compactors:
