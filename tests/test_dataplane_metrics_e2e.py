@@ -8,7 +8,9 @@ import signal
 import threading
 from pathlib import Path
 
+from agents.dataplane.repair import PROBE_ROWS
 from agents.runtime import Agent, HealthServer
+from shardkeeper.client import DataClient
 from shardkeeper.cluster import read_members
 from shardkeeper.dev.zkserver import standalone
 from shardkeeper.poll import poll_until
@@ -54,6 +56,13 @@ def test_the_runtime_feeds_readiness_replicas_zookeeper_and_bootstrap_bytes(tmp_
         cluster.start_coordinator("coord-1", session_timeout=1.0)
         poll_until(lambda: raw(first, "GET", "/readyz", token=None)[0] == 200, 30,
                    "agent-1 ready")
+        # More rows per shard than a copy's first page: agent-2 copies the store files (a
+        # shard of one small page is copied by that page, tested elsewhere).
+        kv = DataClient(cluster.client, cluster.paths, deadline=20.0)
+        items = [(f"k{i:04d}".encode(), b"v") for i in range(4 * 4 * PROBE_ROWS)]
+        for shard, some in kv.by_shard(items).items():
+            assert len(some) > PROBE_ROWS
+            kv.put_batch(shard, some)
         cluster.start_agent("agent-2", session_timeout=1.0)
         second = address_of(cluster, "agent-2")
         poll_until(lambda: cluster.settled({"agent-1", "agent-2"}), 30, "both hold all shards")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from agents.dataplane import transfer
-from agents.dataplane.repair import copy_shard
+from agents.dataplane.repair import PROBE_ROWS, copy_shard
 from agents.dataplane.transfer import CopyCancelled, fetch_snapshot
 from agents.shardsm import ShardState
 from agents.storeset import StoreSet
@@ -64,6 +64,25 @@ def test_bootstrap_from_a_file_image_while_writes_continue(cluster, trio):
     assert result.image_bytes > 0 and not new.stores.incoming_path(SHARD).exists()
     assert len(digests(p, r1, r2, new)) == 1
     assert new.store.count() == p.store.count() >= 5_000
+
+
+@pytest.mark.parametrize("rows", [0, PROBE_ROWS - 1, PROBE_ROWS])
+def test_a_shard_of_one_small_page_is_copied_by_that_page_a_larger_one_by_its_image(
+        cluster, trio, rows):
+    p, *_ = trio
+    if rows:
+        load(cluster.client, p, rows)
+    stores = StoreSet(cluster.tmp_path / f"fresh{rows}")
+    store = stores.open(SHARD)
+    result = copy_shard(store, SHARD, p.address, cluster.peer,
+                        image_path=stores.incoming_path(SHARD))
+    if rows < PROBE_ROWS:
+        assert (result.image_bytes, result.rows_fetched, result.pages) == (0, rows, 1)
+    else:  # the probe's page is set aside: the image holds those rows
+        assert result.image_bytes > 0 and result.rows_fetched == 0
+    assert store.count() == rows and store.digest() == p.store.digest()
+    assert store.sync_lsn() == p.store.sync_lsn()
+    stores.close_all()
 
 
 def test_a_busy_or_failed_image_falls_back_to_the_rows_stream(cluster, trio):

@@ -1,7 +1,8 @@
 """Copying and repairing a shard replica from its peers: what the KV handler's callbacks do.
 
-- ``copy_shard``: bootstrap (a new replica copies the shard from a source: the store file
-  image first, if it can have it, then the rows stream) and its resumption.
+- ``copy_shard``: bootstrap (a new replica copies the shard from a source: a shard of one
+  small page by that page, a larger one by the store file image first, if it can have
+  it, then the rows stream) and its resumption.
 - ``repair_shard``: a replica brought into line with a new primary (after a failover, a
   demotion, or a catch-up), then caught up by streaming.
 - ``catch_up_from_peers``: a replica about to be promoted pulls what it may have missed.
@@ -39,6 +40,12 @@ SCAN_ROWS = 2_000  # rows per query while a repair lists its suspects
 # Copies of a whole store one copy may start over with, when its source compacts deletes
 # past its cursor meanwhile (the horizon moves once per grace period: rarely twice).
 MAX_RECOPIES = 2
+# A fresh copy first asks for this many rows: a shard that fits (most shards of a new or
+# lightly used cluster) is copied by that one page, without the file image's fixed cost
+# (a checkpoint and a second connection at the source; a file written, prepared, swapped
+# in and opened again at the copier). A larger shard costs this one page more than
+# before, then goes the image's way.
+PROBE_ROWS = 64
 
 
 def behind_horizon(exc: PeerError) -> bool:
@@ -69,12 +76,14 @@ def copy_shard(
     """Copy a shard's rows from ``source`` into ``store``, resuming from the stored cursor.
 
     With ``image_path`` (where a download may land), a copy that has not started yet
-    (cursor 0) first fetches the source's store file as a consistent image and installs it
-    (``ShardStore.install_image``): the bytes of the file, not rows one by one. The cursor
-    is then the source's ``sync_lsn`` at the image, and the rows stream below carries on
-    from there. If the image cannot be had (the source is busy or older, the download
-    fails) the copy streams rows instead; a failed download is not tried again, so a
-    retried copy resumes from its cursor rather than starting over.
+    (cursor 0) first asks for ``PROBE_ROWS`` rows; if that page holds the whole shard, it
+    is the copy. Otherwise the page is set aside and the copy fetches the source's store
+    file as a consistent image and installs it (``ShardStore.install_image``): the bytes
+    of the file, not rows one by one. The cursor is then the source's ``sync_lsn`` at the
+    image, and the rows stream below carries on from there. If the image cannot be had
+    (the source is busy or older, the download fails) the copy streams rows instead; a
+    failed download is not tried again, so a retried copy resumes from its cursor rather
+    than starting over.
 
     Pages of rows after the cursor are applied last-writer-wins (so writes forwarded to this
     replica meanwhile interleave safely) together with the new cursor, in one transaction.
@@ -85,16 +94,17 @@ def copy_shard(
     """
     cursor = store.bootstrap_cursor()
     fetched = pages = image_bytes = recopies = 0
-    if image_path is not None and cursor == 0 and not store.get_meta(META_IMAGE_TRIED):
-        cursor, image_bytes = _copy_image(store, shard, source, client, image_path, stop)
+    probe = image_path is not None and cursor == 0 and not store.get_meta(META_IMAGE_TRIED)
     while True:
         if stop is not None and stop.is_set():
             raise CopyCancelled(f"shard {shard} copy stopped at LSN {cursor}")
         try:
-            page = client.rows_after(source, shard, cursor, page_size)
+            page = client.rows_after(source, shard, cursor,
+                                     min(PROBE_ROWS, page_size) if probe else page_size)
         except PeerError as exc:
             if not behind_horizon(exc) or image_path is None or recopies >= MAX_RECOPIES:
                 raise
+            probe = False
             recopies += 1
             log.info("shard %s: %s compacted deletes past LSN %d: copying its store again",
                      shard, source, cursor)
@@ -102,6 +112,12 @@ def copy_shard(
             image_bytes += size
             continue
         client.downloaded("rows", page.size)
+        if probe and not page.complete:  # more than one page: the file image is cheaper
+            assert image_path is not None
+            probe = False
+            cursor, image_bytes = _copy_image(store, shard, source, client, image_path, stop)
+            continue
+        probe = False
         if page.complete:
             # Every synced row up to max_lsn is here (LSNs of overwritten rows are gone).
             top = max(cursor, page.max_lsn)
