@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain, compress, filterfalse, islice, repeat
 from operator import eq, itemgetter, not_
 
+import xxhash
+
 from coordinator.placement.index import ReplicaIndex
 from coordinator.placement.paths import FRESH, ORIGINAL, RETURN, Move, Step, augment, unwind
 
@@ -253,11 +255,19 @@ class LoadIndex(ReplicaIndex):
         return pool
 
     def _fill(self, pool: deque[int], a: str, kind: int, b: str) -> None:
+        """Those a does not lead first, each part in shard order rotated to a point of its
+        own for this giver and receiver (pool key): were every giver to hand its lowest
+        shards first, each agent that joins would take the shards the one before it took,
+        and hold most of them with it; when one of the two left, the other would be the
+        source of most of its copies, at the throttle's few at a time (issue 14)."""
         shards = sorted(self._candidates(a, kind, b))
         heads = list(map(itemgetter(0), map(self.rows.__getitem__, shards)))
         led = list(map(eq, heads, repeat(a)))
-        pool.extend(compress(shards, map(not_, led)))
-        pool.extend(compress(shards, led))
+        salt = xxhash.xxh64_intdigest("/".join(map(str, self._key(a, kind, b))).encode())
+        for part in (list(compress(shards, map(not_, led))), list(compress(shards, led))):
+            turn = salt % len(part) if part else 0
+            pool.extend(islice(part, turn, None))
+            pool.extend(islice(part, turn))
 
     def _open(self, a: str, kind: int, b: str) -> bool:
         """Whether the pool still holds a shard where a's replica of this kind may go to b
