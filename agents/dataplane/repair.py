@@ -102,12 +102,16 @@ def copy_shard(
             page = client.rows_after(source, shard, cursor,
                                      min(PROBE_ROWS, page_size) if probe else page_size)
         except PeerError as exc:
-            if not behind_horizon(exc) or image_path is None or recopies >= MAX_RECOPIES:
+            if not behind_horizon(exc) or image_path is None:
                 raise
-            probe = False
-            recopies += 1
-            log.info("shard %s: %s compacted deletes past LSN %d: copying its store again",
-                     shard, source, cursor)
+            if probe:  # a source that purged deletes: its rows lack them, its image not
+                probe = False
+            elif recopies >= MAX_RECOPIES:
+                raise
+            else:
+                recopies += 1
+                log.info("shard %s: %s compacted deletes past LSN %d: copying its store"
+                         " again", shard, source, cursor)
             cursor, size = _copy_image(store, shard, source, client, image_path, stop)
             image_bytes += size
             continue
