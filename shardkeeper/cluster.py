@@ -220,14 +220,15 @@ def current_leader(client: KazooClient, paths: Paths) -> str | None:
     return contenders[0] if contenders else None
 
 
-def settled(client: KazooClient, paths: Paths, agents: set[str]) -> bool:
+def settled(client: KazooClient, paths: Paths, agents: set[str], members: bool = True) -> bool:
     """True when ``agents`` are exactly the members and the plan's, nothing is copying, and
     every agent reports holding in sync (REPLICA or PRIMARY, not catching up) exactly what
-    its latest plan says."""
+    its latest plan says. ``members=False``: the plan's members only (a killed agent's
+    member znode stays until its session expires, long after the plan left it out)."""
     plan = read_plan(client, paths)
     if plan.meta is None or set(plan.meta.members) != agents:
         return False
-    if set(read_members(client, paths, skip_corrupt=True)) != agents:
+    if members and set(read_members(client, paths, skip_corrupt=True)) != agents:
         return False
     if any(p.bootstrapping for p in plan.shards):
         return False

@@ -340,7 +340,8 @@ def kill_and_watch(root: Path, name: str, sig: signal.Signals, timeout: float = 
             return meta if meta is not None and name not in meta.members else None
 
         def replicated() -> bool:
-            return "plan" in seen and clusterstate.settled(client, paths, survivors)
+            return "plan" in seen and clusterstate.settled(client, paths, survivors,
+                                                           members=False)
 
         def all_seen() -> bool:
             """the member znode to vanish, a plan without the agent and every shard to be
