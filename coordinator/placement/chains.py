@@ -263,9 +263,11 @@ class LoadIndex(ReplicaIndex):
         shards = sorted(self._candidates(a, kind, b))
         heads = list(map(itemgetter(0), map(self.rows.__getitem__, shards)))
         led = list(map(eq, heads, repeat(a)))
-        salt = xxhash.xxh64_intdigest("/".join(map(str, self._key(a, kind, b))).encode())
+        key = "/".join(map(str, self._key(a, kind, b)))
         for part in (list(compress(shards, map(not_, led))), list(compress(shards, led))):
-            turn = salt % len(part) if part else 0
+            # With the part's length: a pool per receiving zone serves every agent joining
+            # that zone, and each join leaves the giver a list of another length.
+            turn = xxhash.xxh64_intdigest(f"{key}/{len(part)}".encode()) % max(1, len(part))
             pool.extend(islice(part, turn, None))
             pool.extend(islice(part, turn))
 
