@@ -7,6 +7,7 @@ docs/placement.md for the argument and the complexity."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain, compress, filterfalse, islice, repeat
@@ -24,6 +25,7 @@ class LoadIndex(ReplicaIndex):
     """Levelling's searches and pushes over the replica index."""
 
     CHUNK = 512  # most replicas a bulk push moves between two questions to should_stop
+    WALK_MAX = 4096  # a pool part walked with a stride up to this size, rotated beyond
 
     def search(
         self, sources: Sequence[str], is_source: Callable[[str], int], is_sink: Callable[[str], int]
@@ -255,21 +257,37 @@ class LoadIndex(ReplicaIndex):
         return pool
 
     def _fill(self, pool: deque[int], a: str, kind: int, b: str) -> None:
-        """Those a does not lead first, each part in shard order rotated to a point of its
-        own for this giver and receiver (pool key): were every giver to hand its lowest
-        shards first, each agent that joins would take the shards the one before it took,
-        and hold most of them with it; when one of the two left, the other would be the
-        source of most of its copies, at the throttle's few at a time (issue 14)."""
+        """Those a does not lead first, each part in an order of its own for this giver and
+        receiver (pool key) and the part's length (which each join changes): a walk in
+        shard order with a stride and from an offset drawn from those, by C-level passes;
+        past WALK_MAX shards (a giver with a large share, emptied in bulk) the part is
+        rotated to that offset only, which keeps its shards in order.
+
+        In plain shard order every agent that joins took the shards the one before it
+        took, and held most of them with it; when one of the two left, the other was the
+        source of most of its copies, at the throttle's few at a time (issue 14). Windows
+        of consecutive shards were not enough with R zones: they met a later departure's
+        orphans, re-homed in runs of shard numbers, and paired agents again."""
         shards = sorted(self._candidates(a, kind, b))
         heads = list(map(itemgetter(0), map(self.rows.__getitem__, shards)))
         led = list(map(eq, heads, repeat(a)))
         key = "/".join(map(str, self._key(a, kind, b)))
         for part in (list(compress(shards, map(not_, led))), list(compress(shards, led))):
-            # With the part's length: a pool per receiving zone serves every agent joining
-            # that zone, and each join leaves the giver a list of another length.
-            turn = xxhash.xxh64_intdigest(f"{key}/{len(part)}".encode()) % max(1, len(part))
-            pool.extend(islice(part, turn, None))
-            pool.extend(islice(part, turn))
+            n = len(part)
+            if n < 3:
+                pool.extend(part)
+                continue
+            h = xxhash.xxh64_intdigest(f"{key}/{n}".encode())
+            start = (h >> 32) % n
+            if n > self.WALK_MAX:
+                pool.extend(islice(part, start, None))
+                pool.extend(islice(part, start))
+                continue
+            stride = h % (n - 1) + 1
+            while math.gcd(stride, n) != 1:  # every shard once: a stride prime to n
+                stride += 1
+            steps = range(start, start + n * stride, stride)
+            pool.extend(map(part.__getitem__, map(n.__rmod__, steps)))
 
     def _open(self, a: str, kind: int, b: str) -> bool:
         """Whether the pool still holds a shard where a's replica of this kind may go to b
