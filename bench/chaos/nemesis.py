@@ -309,6 +309,10 @@ KINDS = tuple(FAULTS)
 SKIP_RETRIES = 8  # a planned fault that finds no target is tried again this often
 SKIP_DELAY = 2.0
 SETTLE_WAIT = 30.0  # at most this long an exclusive fault waits for the cluster to settle
+# An exclusive fault waits this long after any fault ended: the cluster looks settled for a
+# moment after an undo (an undrain, say) until the leader has planned its consequences,
+# whose copies the exclusive fault would otherwise be charged with.
+REACT_WAIT = 3.0
 
 
 @dataclass(frozen=True)
@@ -391,6 +395,7 @@ class Nemesis(threading.Thread):
         # after the faults before it, so that the churn measured after it is its own.
         self.settled = settled
         self._waiting_since: dict[Planned, float] = {}
+        self._last_end = float("-inf")  # when a fault last ended (the nemesis's clock)
 
     def now(self) -> float:
         return time.monotonic() - self.clock
@@ -433,10 +438,13 @@ class Nemesis(threading.Thread):
             return len(self._active) < self.max_active
 
     def _quiet(self, planned: Planned) -> bool:
-        """For a fault that runs alone: the cluster settled, or SETTLE_WAIT has passed."""
+        """For a fault that runs alone: REACT_WAIT after the last fault ended, the cluster
+        settled, or SETTLE_WAIT has passed."""
+        since = self._waiting_since.setdefault(planned, self.now())
+        if self.now() - self._last_end < REACT_WAIT:
+            return False
         if self.settled is None or self.settled():
             return True
-        since = self._waiting_since.setdefault(planned, self.now())
         return self.now() - since >= SETTLE_WAIT
 
     def _begin(self, planned: Planned) -> bool:
@@ -481,7 +489,7 @@ class Nemesis(threading.Thread):
                     fault.stop(self.fleet)
                 except Exception as again:  # noqa: BLE001
                     record.error = f"stop: {again!r}"
-            record.end = self.now()
+            record.end = self._last_end = self.now()
             record.wall_end = time.time()
             log.info("+%.1fs %s ended", record.end, record.kind)
 
