@@ -274,18 +274,14 @@ class LoadIndex(ReplicaIndex):
         key = "/".join(map(str, self._key(a, kind, b)))
         for part in (list(compress(shards, map(not_, led))), list(compress(shards, led))):
             n = len(part)
-            if n < 3:
-                pool.extend(part)
-                continue
-            h = xxhash.xxh64_intdigest(f"{key}/{n}".encode())
-            start = (h >> 32) % n
-            if n > self.WALK_MAX:
-                pool.extend(islice(part, start, None))
-                pool.extend(islice(part, start))
-                continue
-            stride = h % (n - 1) + 1
-            while math.gcd(stride, n) != 1:  # every shard once: a stride prime to n
-                stride += 1
+            start, stride = 0, 1  # two or fewer: in order
+            if n >= 3:
+                h = xxhash.xxh64_intdigest(f"{key}/{n}".encode())
+                start = (h >> 32) % n
+                if n <= self.WALK_MAX:  # beyond, stride 1: the part rotated to start
+                    stride = h % (n - 1) + 1
+                    while math.gcd(stride, n) != 1:  # every shard once: prime to n
+                        stride += 1
             steps = range(start, start + n * stride, stride)
             pool.extend(map(part.__getitem__, map(n.__rmod__, steps)))
 
