@@ -34,6 +34,14 @@ run; the figures ending in ``_procs``). Measured in one run:
   those R=3 puts the primary wrote per batch (one transaction, one forward per replica:
   group commit). Afterwards the R=3 primary and replicas must hold the same rows (digest),
   or the run fails. ``load_avg_1m_end`` is the load average at the end.
+* the floor (``bench.dataplane_floor``): the same one-client puts through the least code
+  that does what an acknowledged put must (a process per node, one thread, blocking
+  sockets, length-prefixed bytes, one SQLite transaction per node per put, forwards sent
+  to both replicas before either answer is read): ``floor_puts_per_s_r3``,
+  ``floor_puts_per_s_r1``, ``floor_put_ratio``; and with the primary's commit after its
+  forwards went out, the order the data plane refuses (``floor_puts_per_s_r3_overlap``,
+  ``floor_put_ratio_overlap``). ``put_ratio_procs`` over ``floor_put_ratio`` is how far the
+  data plane is from what this machine allows.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from agents.dataplane import DataPlane, ShardRoute, ShardTable, copy_shard
 from agents.shardsm import ShardState
 from agents.store import make_lsn
 from agents.storeset import StoreSet
+from bench.dataplane_floor import floor_rate
 from shardkeeper.peer import PeerClient
 from shardkeeper.wire import Row
 
@@ -325,6 +334,14 @@ def bench_writes_procs(root: Path, seconds: float, batch: int, clients: int) -> 
             node.close()
 
 
+def bench_floor(root: Path, seconds: float) -> dict[str, float]:
+    """One client's puts/s through ``bench.dataplane_floor``: R=3, R=1, R=3 overlapped."""
+    runs = {"floor_puts_per_s_r3": (3, False), "floor_puts_per_s_r1": (1, False),
+            "floor_puts_per_s_r3_overlap": (3, True)}
+    return {key: floor_rate(root, key, replicas, overlap, lambda op: rate(seconds, op))
+            for key, (replicas, overlap) in runs.items()}
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--rows", default=20_000, show_default=True, help="Rows in the bootstrapped shard.")
@@ -345,11 +362,15 @@ def main(as_json: bool, rows: int, value_size: int, page: int, seconds: float, b
         result = bench_bootstrap(root, rows, value_size, page, rows_stream, runs)
         result.update(bench_writes(root, seconds, batch, reads))
         result.update(bench_writes_procs(root, seconds, batch, clients))
+        result.update(bench_floor(root, seconds))
     result["bootstrap_ratio"] = result["bootstrap_mb_s"] / result["raw_copy_mb_s"]
     result["put_ratio"] = result["puts_per_s_r3"] / result["puts_per_s_r1"]
     result["put_ratio_procs"] = result["puts_per_s_r3_procs"] / result["puts_per_s_r1_procs"]
     result["concurrent_put_ratio_procs"] = (result["concurrent_puts_per_s_r3_procs"]
                                             / result["concurrent_puts_per_s_r1_procs"])
+    result["floor_put_ratio"] = result["floor_puts_per_s_r3"] / result["floor_puts_per_s_r1"]
+    result["floor_put_ratio_overlap"] = (result["floor_puts_per_s_r3_overlap"]
+                                         / result["floor_puts_per_s_r1"])
     result["clients"] = clients
     result["load_avg_1m_end"] = os.getloadavg()[0]
     keys = ["bootstrap_mb_s", "raw_copy_mb_s", "bootstrap_ratio", "puts_per_s_r3",
@@ -357,7 +378,9 @@ def main(as_json: bool, rows: int, value_size: int, page: int, seconds: float, b
             "put_ratio", "puts_per_s_r3_procs", "puts_per_s_r1_procs", "put_ratio_procs",
             "batched_keys_per_s_r3_procs", "concurrent_puts_per_s_r3_procs",
             "concurrent_puts_per_s_r1_procs", "concurrent_put_ratio_procs", "clients",
-            "concurrent_puts_per_batch_r3_procs", "load_avg_1m_end"]
+            "concurrent_puts_per_batch_r3_procs", "floor_puts_per_s_r3", "floor_puts_per_s_r1",
+            "floor_put_ratio", "floor_puts_per_s_r3_overlap", "floor_put_ratio_overlap",
+            "load_avg_1m_end"]
     if as_json:
         click.echo(json.dumps({k: round(result[k], 3) for k in keys}))
         return
