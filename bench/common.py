@@ -340,6 +340,35 @@ def _interrupt(*_args: object) -> None:
 
 
 @contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while a cleanup runs, and raise KeyboardInterrupt after it.
+
+    A Ctrl-C reaches the whole foreground process group, and ``timeout -s INT`` signals the
+    child and then the group: the bench often gets a second SIGINT while its ``finally``
+    block is still killing processes, and that one used to end the cleanup halfway, leaving
+    the temp dir (tens of MB) or, in bench.chaos, network namespaces and a tmpfs mount.
+    The block must be bounded in time (each of its waits is). Only the main thread can
+    set signal handlers; elsewhere the block runs unshielded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        held.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            raise KeyboardInterrupt(f"{signal.Signals(held[0]).name} during the cleanup")
+
+
+@contextlib.contextmanager
 def workspace(
     name: str, tick_ms: int = 250, heap_mb: int = 256, keep: bool = False
 ) -> Iterator[Workspace]:
@@ -358,13 +387,16 @@ def workspace(
         zk.wait_ready()
         yield Workspace(root, zk, procs)
     finally:
-        procs.close()
-        zk.stop()
-        signal.signal(signal.SIGTERM, previous)
-        if keep:
-            print(f"kept {root}", file=sys.stderr, flush=True)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        try:
+            with shielded():
+                procs.close()
+                zk.stop()
+                if keep:
+                    print(f"kept {root}", file=sys.stderr, flush=True)
+                else:
+                    shutil.rmtree(root, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def agent_argv(

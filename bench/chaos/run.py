@@ -26,7 +26,7 @@ from bench.chaos.checker import UNREADABLE, Op, Verdict, check, write_gaps
 from bench.chaos.fleet import Fleet, FleetOptions, start_fleet, tail
 from bench.chaos.nemesis import FAULTS, KINDS, Nemesis, Record, schedule
 from bench.chaos.workload import Workload, WorkloadOptions, final_values
-from bench.common import machine, unsettled
+from bench.common import machine, shielded, unsettled
 from shardkeeper import admin
 from shardkeeper import cluster as clusterstate
 from shardkeeper.cli.data import load_key, load_value
@@ -285,13 +285,14 @@ def run(opts: RunOptions) -> dict[str, Any]:
         fleet = start_fleet(root, opts.fleet, network, progress)
         return _run(fleet, opts, root)
     finally:
-        if fleet is not None:
-            fleet.close()
-        network.down()
-        if opts.keep:
-            progress(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        with shielded():  # a second Ctrl-C must not leave namespaces or mounts behind
+            if fleet is not None:
+                fleet.close()
+            network.down()
+            if opts.keep:
+                progress(f"kept {root}")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(fleet: Fleet, opts: RunOptions, root: Path) -> dict[str, Any]:
