@@ -10,6 +10,11 @@ recorded beside it (``token_rotation`` / ``peer_token_rotation``, ``layout.Rotat
    and still accepts ``old`` from whoever has not switched yet.
 3. ``finish``: ``new old`` -> ``new``. ``old`` is refused from now on.
 
+``abort`` walks back before ``finish``: from ``switched`` it writes ``old new`` (the step
+is ``begun`` again: both still accepted, ``old`` sent) and waits until every agent sends
+``old``; from ``begun`` it checks that every agent sends ``old``, then writes ``old``
+alone. Each write is the mirror of a forward step, with the same wait before the next.
+
 No request is refused on the way, provided each step has reached every agent before the
 next is written: ``begin`` and ``switch`` wait until every live member answers
 ``GET /v1/auth`` with the new token (for ``switch``: as the token it sends), and each step
@@ -182,6 +187,37 @@ def finish(client: KazooClient, paths: Paths, kind: Kind,
     check(new)
     _write(client, kind, state, [new], None)
     return new
+
+
+def step_back(client: KazooClient, paths: Paths, kind: Kind) -> str:
+    """Undo ``switch``: ``new old`` -> ``old new``, the rotation ``begun`` again; both are
+    still accepted everywhere, and ``old`` is sent again. Returns the old token."""
+    state = read_state(client, paths, kind)
+    _expect(state, kind, "switched")
+    new, old = state.tokens
+    _write(client, kind, state, [old, new],
+           RotationStep("begun", state.step.new, state.step.since))
+    return old
+
+
+def abort(client: KazooClient, paths: Paths, kind: Kind,
+          check: Callable[[str], None]) -> str:
+    """Undo ``begin``: ``old new`` -> ``old``; the new token is refused from now on.
+    ``check(old)`` runs before writing (every agent must send the old token). Returns it."""
+    state = read_state(client, paths, kind)
+    if state.step is None:
+        raise OutOfOrder(f"no rotation of the {kind.name} is under way: nothing to abort")
+    _expect(state, kind, "begun")
+    old = state.tokens[0]
+    check(old)
+    _write(client, kind, state, [old], None)
+    return old
+
+
+def step_of(client: KazooClient, paths: Paths, kind: Kind) -> str | None:
+    """The rotation's step ("begun", "switched"), or None if none is under way."""
+    step = read_state(client, paths, kind).step
+    return step.step if step else None
 
 
 def lagging(client: KazooClient, paths: Paths, kind: Kind, token: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from shardkeeper.cluster import read_members
 from shardkeeper.peer import PeerClient
 from shardkeeper.poll import poll_until
 from shardkeeper.token import fingerprint, read_peer_token, read_token
@@ -94,9 +95,12 @@ def test_both_tokens_rotate_under_a_write_load_with_no_failed_write(cluster) -> 
     assert kv.get(b"after") == b"1"
 
 
-def test_a_step_waits_for_an_agent_that_does_not_follow_and_names_it(cluster) -> None:
+def test_a_step_waits_for_an_agent_that_does_not_follow_names_it_and_can_be_aborted(
+    cluster,
+) -> None:
     """An agent whose token comes from SHARDKEEPER_TOKEN does not follow the znode: `begin`
-    times out naming it, and `switch` refuses to write while it lags."""
+    times out naming it, and `switch` refuses to write while it lags; `abort` drops the new
+    token (every agent still sends the old one) and ends the rotation."""
     cluster.init(2, 2)
     token = read_token(cluster.client, cluster.paths)
     cluster.start_coordinator("coord-1")
@@ -113,3 +117,51 @@ def test_a_step_waits_for_an_agent_that_does_not_follow_and_names_it(cluster) ->
     assert cluster.client.get(cluster.paths.token)[0] == before, "switch wrote nothing"
     assert "rotation begun, next: `shardkeeper token rotate switch`" in cli_ok(
         cluster, "token", "status")
+    listed = before.decode().split()
+    assert listed[0] == token and len(listed) == 2
+    new = listed[1]
+    address = read_members(cluster.client, cluster.paths)["agent-1"].address
+    assert PeerClient(new, attempts=1).call(address, "GET", "/v1/auth").status == 200
+    out = cli_ok(cluster, "token", "rotate", "abort", "--timeout", "5")
+    assert f"aborted: {fingerprint(token)} alone is accepted" in out
+    assert read_token(cluster.client, cluster.paths) == token
+    assert "rotation" not in cli_ok(cluster, "token", "status")
+    poll_until(lambda: PeerClient(new, attempts=1).call(address, "GET", "/v1/auth").status
+               == 401, 10, "agent-1 to refuse the dropped token")
+
+
+def test_a_rotation_aborted_after_switch_goes_back_to_the_old_token_with_no_failed_write(
+    cluster,
+) -> None:
+    """`abort` after `switch` of the peer token (every forward carries it): the agents send
+    the old one again, then the new one is dropped; no write fails on the way."""
+    kv = start(cluster, agents=AGENTS, shards=8, replicas=3)
+    old_peer = read_peer_token(cluster.client, cluster.paths)
+    addresses = list(kv.routing().addresses.values())
+    assert "nothing to abort" in refused(cluster, "token", "rotate", "abort", "--peer")
+    writer = Writer(kv, "abort-")
+    writer.start()
+    try:
+        writer.wait_acks(50)
+        cli_ok(cluster, "token", "rotate", "begin", "--peer")
+        cli_ok(cluster, "token", "rotate", "switch", "--peer")
+        new_peer = read_peer_token(cluster.client, cluster.paths)
+        assert new_peer != old_peer
+        writer.wait_acks(len(writer.acked) + 30)
+        out = cli_ok(cluster, "token", "rotate", "abort", "--peer")
+        assert f"peer token {fingerprint(old_peer)} is sent again" in out
+        assert f"aborted: {fingerprint(old_peer)} alone is accepted" in out
+        writer.wait_acks(len(writer.acked) + 30)
+    finally:
+        writer.stop()
+    assert writer.failed == 0, f"{writer.failed} writes failed during the abort"
+    assert_all_readable(kv, writer.acked)
+    assert read_peer_token(cluster.client, cluster.paths) == old_peer
+    assert not cluster.client.exists(cluster.paths.rotation(cluster.paths.peer_token))
+    for address in addresses:
+        assert PeerClient(new_peer, attempts=1).call(address, "GET", "/v1/auth").status == 401
+        reply = PeerClient(old_peer, attempts=1).call(address, "GET", "/v1/auth")
+        assert (reply.status, reply.body) == (200, {"credential": "peer", "current": True})
+    assert "nothing to abort" in refused(cluster, "token", "rotate", "abort", "--peer")
+    kv.put(b"after", b"1")
+    assert kv.get(b"after") == b"1"

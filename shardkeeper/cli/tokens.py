@@ -56,7 +56,7 @@ def token_status(target: ZkTarget, paths: Paths, as_json: bool) -> None:
 
 @token.group()
 def rotate() -> None:
-    """Rotate a token in three steps: begin, switch, finish."""
+    """Rotate a token in three steps: begin, switch, finish (or abort before finish)."""
 
 
 def step_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -128,6 +128,26 @@ def rotate_finish(target: ZkTarget, paths: Paths, peer: bool, timeout: float) ->
         new = rotation.finish(client, paths, kind, lambda t: rotation.wait_for_agents(
             client, paths, kind, t, sent=True, timeout=timeout))
     click.echo(f"{kind.name} rotated: {fingerprint(new)} alone is accepted")
+
+
+@rotate.command("abort")
+@zk_options
+@step_options
+@operator_errors
+@_out_of_order
+def rotate_abort(target: ZkTarget, paths: Paths, peer: bool, timeout: float) -> None:
+    """Give up a rotation before `finish`: the old token alone again, with no failed request.
+    After `switch`, first send the old token again and wait until every agent does; then
+    check that every agent sends it, and drop the new one (refused from then on)."""
+    kind = Kind.of(paths, peer)
+    with zk_session(target, paths) as client:
+        if rotation.step_of(client, paths, kind) == "switched":
+            old = rotation.step_back(client, paths, kind)
+            click.echo(f"{kind.name} {fingerprint(old)} is sent again (both still accepted)")
+            rotation.wait_for_agents(client, paths, kind, old, sent=True, timeout=timeout)
+        old = rotation.abort(client, paths, kind, lambda t: rotation.wait_for_agents(
+            client, paths, kind, t, sent=True, timeout=timeout))
+    click.echo(f"rotation of the {kind.name} aborted: {fingerprint(old)} alone is accepted")
 
 
 COMMANDS = (token,)
