@@ -24,13 +24,15 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 
-from shardkeeper.liveness import MAX_HELLO, parse_hello
+from shardkeeper.liveness import MAX_HELLO, HelloRefused, check_hello
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 0.5  # a port that neither accepts nor refuses by then proves nothing
+REFUSAL_LOG_SECONDS = 60.0  # a refused link is logged at most this often per agent
 # A dying process's kernel closes its sockets one by one: the link may close while the
 # data-plane port still accepts. Probe again this often, this many times, before taking
 # the closed link for a live agent's (a live agent's port keeps accepting throughout).
@@ -77,6 +79,7 @@ class LivenessServer:
         self.thread = threading.Thread(target=self._run, name="liveness", daemon=True)
         self._buffers: dict[socket.socket, bytes] = {}
         self._agents: dict[socket.socket, tuple[str, float]] = {}
+        self._refusals_logged: dict[str, float] = {}  # who -> when last logged
 
     @property
     def address(self) -> str:
@@ -126,11 +129,11 @@ class LivenessServer:
             buffered = self._buffers[conn] + data
             if b"\n" in buffered:
                 del self._buffers[conn]
-                who = parse_hello(buffered.split(b"\n", 1)[0], self.tokens)
-                if who is None:
+                try:
+                    self._agents[conn] = check_hello(buffered.split(b"\n", 1)[0], self.tokens)
+                except HelloRefused as refusal:
+                    self._refused(conn, refusal)
                     self._close(conn)
-                else:
-                    self._agents[conn] = who
             elif len(buffered) > MAX_HELLO:
                 self._close(conn)
             else:
@@ -143,6 +146,26 @@ class LivenessServer:
         if who is not None:
             # Probing may take PROBE_TIMEOUT: not on this thread, which serves them all.
             threading.Thread(target=self._probe, args=who, daemon=True).start()
+
+    def _refused(self, conn: socket.socket, refusal: HelloRefused) -> None:
+        """Say so, at most once per REFUSAL_LOG_SECONDS per agent (or peer host): an agent
+        retries every second, and one refused for good (a peer token the leader does not
+        accept: a host left out of a rotation) is only seen dead at its session's expiry."""
+        try:
+            host = conn.getpeername()[0]
+        except OSError:
+            host = "?"
+        who = refusal.agent or host
+        now = time.monotonic()
+        if now - self._refusals_logged.get(who, -REFUSAL_LOG_SECONDS) < REFUSAL_LOG_SECONDS:
+            return
+        if len(self._refusals_logged) >= 4096:  # bounded, whatever connects
+            self._refusals_logged.clear()
+        self._refusals_logged[who] = now
+        log.warning("liveness: refused a link from %s (%s): %s; its crash will be seen only"
+                    " when its session expires", host,
+                    f"agent {refusal.agent}" if refusal.agent else "no agent named",
+                    refusal.reason)
 
     def _probe(self, agent: str, started: float) -> None:
         address = self.address_of(agent)

@@ -18,15 +18,35 @@ def hello(agent: str, started: float, token: str) -> bytes:
     return b" ".join([HELLO, agent.encode(), repr(started).encode(), token.encode()]) + b"\n"
 
 
-def parse_hello(line: bytes, tokens: Iterable[str]) -> tuple[str, float] | None:
+class HelloRefused(Exception):
+    """A hello the leader does not take: ``reason``, and the agent it names if it names one
+    (printable ASCII, at most 64 characters: the line may be anyone's)."""
+
+    def __init__(self, reason: str, agent: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.agent = agent
+
+
+def check_hello(line: bytes, tokens: Iterable[str]) -> tuple[str, float]:
     """(agent, started) from a hello line carrying one of the peer ``tokens`` (two during a
-    rotation), else None."""
+    rotation); raises HelloRefused otherwise."""
     parts = line.strip().split(b" ")
     if len(parts) != 5 or b" ".join(parts[:2]) != HELLO:
-        return None
+        raise HelloRefused("not a liveness hello")
+    name = parts[2].decode("ascii", "replace")
+    agent = name if name.isprintable() and len(name) <= 64 else None
     if not accepted(parts[4], tokens):
-        return None
+        raise HelloRefused("its peer token is not one this leader accepts", agent)
     try:
         return parts[2].decode("ascii"), float(parts[3])
     except (UnicodeDecodeError, ValueError):
+        raise HelloRefused("a malformed hello", agent) from None
+
+
+def parse_hello(line: bytes, tokens: Iterable[str]) -> tuple[str, float] | None:
+    """``check_hello``, with None for a refused hello."""
+    try:
+        return check_hello(line, tokens)
+    except HelloRefused:
         return None

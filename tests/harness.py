@@ -163,14 +163,15 @@ class Cluster:
         return self.procs[name]
 
     def start_coordinator(self, name: str, session_timeout: float = 1.0,
-                          http: str | None = None) -> RoleProcess:
+                          http: str | None = None,
+                          env: dict[str, str] | None = None) -> RoleProcess:
         """``http``: serve --http there (``127.0.0.1:0``: any port; see ``http_url``)."""
         argv = cli_command(
             "coordinator", "run", *self.zk_args(), "--id", name,
             "--session-timeout", str(session_timeout), "--log-level", "debug",
             *(["--http", http] if http is not None else []),
         )
-        self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log", self.env())
+        self.procs[name] = RoleProcess(name, argv, self.workdir / f"{name}.log", self.env(env))
         return self.procs[name]
 
     # -- reads ---------------------------------------------------------------------

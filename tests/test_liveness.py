@@ -62,3 +62,27 @@ def test_a_closed_link_whose_port_keeps_accepting_is_no_death(linked, caplog) ->
     poll_until(lambda: "still accepts" in caplog.text, 10, "the probes given up")
     assert dead == []
     agent.plane.close()
+
+
+def test_a_refused_link_is_logged_once_naming_the_agent_never_the_token(linked, caplog) -> None:
+    """A host left out of a peer-token rotation keeps reconnecting with a token the leader
+    does not accept: one warning per agent per REFUSAL_LOG_SECONDS, not one per attempt."""
+    caplog.set_level(logging.WARNING, logger="coordinator.liveness")
+    server, _, _ = linked
+    host, _, port = server.address.rpartition(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port))) as link:
+            link.sendall(hello("a2", 1.0, "stale-token"))
+            link.settimeout(10)
+            assert link.recv(16) == b"", "the leader closes a refused link"
+    with socket.create_connection((host, int(port))) as link:
+        link.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        link.settimeout(10)
+        assert link.recv(16) == b""
+    refusals = [r.getMessage() for r in caplog.records if "refused a link" in r.getMessage()]
+    assert len(refusals) == 2, refusals
+    assert "agent a2" in refusals[0] and "peer token is not one this leader accepts" in (
+        refusals[0])
+    assert "no agent named" in refusals[1] and "not a liveness hello" in refusals[1]
+    assert all("stale-token" not in r for r in refusals)
+    assert server.connected() == {"a1"}

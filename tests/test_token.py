@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardkeeper.liveness import hello, parse_hello
+from shardkeeper.liveness import HELLO, HelloRefused, check_hello, hello, parse_hello
 from shardkeeper.token import BadTokens, Tokens, accepted, fingerprint, split_tokens
 from shardkeeper.wire import shard_path
 from tests import dataplane_support
@@ -89,3 +89,17 @@ def test_the_plane_accepts_every_listed_token_and_auth_says_which(cluster) -> No
         assert raw(node.address, "GET", auth, token=old)[0] == 401
         assert raw(node.address, "GET", shard_path(SHARD, "digest"), token=old)[0] == 401
     assert raw(node.address, "POST", auth, token="next")[0] == 405
+
+
+def test_a_refused_hello_says_why_and_names_its_agent_only_if_printable() -> None:
+    with pytest.raises(HelloRefused, match="peer token") as refused:
+        check_hello(hello("agent-1", 12.5, "stale"), ("old", "new"))
+    assert refused.value.agent == "agent-1"
+    with pytest.raises(HelloRefused, match="not a liveness hello"):
+        check_hello(b"GET / HTTP/1.1", ("old",))
+    with pytest.raises(HelloRefused) as refused:
+        check_hello(HELLO + b" a\x1bgent 1.0 stale", ("old",))
+    assert refused.value.agent is None
+    with pytest.raises(HelloRefused, match="malformed") as refused:
+        check_hello(HELLO + b" agent-1 soon old", ("old",))
+    assert refused.value.agent == "agent-1"
