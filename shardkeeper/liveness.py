@@ -35,7 +35,7 @@ def check_hello(line: bytes, tokens: Iterable[str]) -> tuple[str, float]:
     if len(parts) != 5 or b" ".join(parts[:2]) != HELLO:
         raise HelloRefused("not a liveness hello")
     name = parts[2].decode("ascii", "replace")
-    agent = name if name.isprintable() and len(name) <= 64 else None
+    agent = name if name.isascii() and name.isprintable() and len(name) <= 64 else None
     if not accepted(parts[4], tokens):
         raise HelloRefused("its peer token is not one this leader accepts", agent)
     try:
